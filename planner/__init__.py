@@ -1,0 +1,1 @@
+"""Planning and simulation for SpecOffload: pure Python, never imports torch."""

@@ -1,0 +1,1 @@
+"""Hardware profiles shipped with SpecOffload (spec-sheet presets and measured profiles)."""

@@ -1,0 +1,1 @@
+"""SpecOffload runtime: checkpoint loading, model layers, the offload engine (torch)."""
