@@ -1,0 +1,180 @@
+"""Model arguments: the one adapter from a Hugging Face ``config.json`` to what our layers need.
+
+Scope: decoder-only Llama, Mistral and Mixtral checkpoints (the families whose layers live in
+``specoffload.runtime.layers``). Everything else is refused with an error naming the families we
+support, so that a checkpoint we would silently compute wrongly never loads.
+
+Both config spellings are read: transformers 5 writes ``rope_parameters`` (theta and scaling in one
+dict); older files (and most real checkpoints on the hub) have a top-level ``rope_theta`` and an
+optional ``rope_scaling`` dict.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+#: architecture name in config.json -> our family name
+SUPPORTED_ARCHITECTURES: dict[str, str] = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "MixtralForCausalLM": "mixtral",
+}
+#: model_type in config.json -> our family name (used when "architectures" is absent)
+SUPPORTED_MODEL_TYPES: dict[str, str] = {"llama": "llama", "mistral": "mistral", "mixtral": "mixtral"}
+
+
+class ConfigError(ValueError):
+    """A config.json we cannot (or must not) run."""
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Llama 3 frequency-dependent RoPE scaling (the only scaling type we implement)."""
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position_embeddings: int
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    """Shapes and constants of one decoder-only model. ``n_experts == 0`` means a dense FFN."""
+
+    family: str  # "llama" | "mistral" | "mixtral"
+    vocab_size: int
+    dim: int  # hidden size D
+    n_layers: int
+    n_heads: int  # query heads H
+    n_kv_heads: int  # key/value heads Hkv (GQA: H = Hkv * groups)
+    head_dim: int  # Dh
+    ffn_dim: int  # intermediate size F (per expert for MoE)
+    norm_eps: float
+    rope_theta: float
+    rope_scaling: RopeScaling | None = None
+    n_experts: int = 0
+    top_k: int = 0
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 4096
+    sliding_window: int | None = None  # Mistral: a query at p sees keys at (p - window, p]
+    bos_token_id: int | None = None
+    eos_token_id: tuple[int, ...] = field(default_factory=tuple)
+    pad_token_id: int | None = None
+
+    @property
+    def gqa_groups(self) -> int:
+        """Query heads per key/value head."""
+        return self.n_heads // self.n_kv_heads
+
+    @property
+    def is_moe(self) -> bool:
+        return self.n_experts > 0
+
+    def __post_init__(self) -> None:
+        if self.n_heads % self.n_kv_heads:
+            raise ConfigError(
+                f"num_attention_heads={self.n_heads} is not a multiple of num_key_value_heads={self.n_kv_heads}"
+            )
+        if self.head_dim % 2:
+            raise ConfigError(f"head_dim={self.head_dim} must be even for RoPE")
+        if self.is_moe and not 0 < self.top_k <= self.n_experts:
+            raise ConfigError(f"num_experts_per_tok={self.top_k} must be in 1..num_local_experts={self.n_experts}")
+
+
+def _supported_list() -> str:
+    return ", ".join(f"{a} ({f})" for a, f in SUPPORTED_ARCHITECTURES.items())
+
+
+def _family(cfg: Mapping[str, Any]) -> str:
+    archs = cfg.get("architectures") or []
+    for a in archs:
+        if a in SUPPORTED_ARCHITECTURES:
+            return SUPPORTED_ARCHITECTURES[a]
+    if archs:
+        raise ConfigError(f"unsupported architecture {archs}; supported: {_supported_list()}")
+    mt = cfg.get("model_type")
+    if mt in SUPPORTED_MODEL_TYPES:
+        return SUPPORTED_MODEL_TYPES[mt]
+    raise ConfigError(f"unsupported model_type {mt!r} (no 'architectures' in config); supported: {_supported_list()}")
+
+
+def _rope(cfg: Mapping[str, Any]) -> tuple[float, RopeScaling | None]:
+    """(theta, scaling) from either the transformers-5 or the older config spelling."""
+    params = dict(cfg.get("rope_parameters") or {})
+    legacy = cfg.get("rope_scaling") or {}
+    if legacy and not params.get("rope_type"):
+        params.update(legacy)
+    theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
+    # Old configs call the type "type"; "default" (or no dict at all) means plain RoPE.
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type in (None, "default"):
+        return float(theta), None
+    if rope_type != "llama3":
+        raise ConfigError(f"unsupported RoPE scaling type {rope_type!r}; supported: default, llama3")
+    try:
+        scaling = RopeScaling(
+            factor=float(params["factor"]),
+            low_freq_factor=float(params["low_freq_factor"]),
+            high_freq_factor=float(params["high_freq_factor"]),
+            original_max_position_embeddings=int(params["original_max_position_embeddings"]),
+        )
+    except KeyError as e:
+        raise ConfigError(f"llama3 RoPE scaling lacks {e.args[0]!r}") from None
+    return float(theta), scaling
+
+
+def args_from_hf_config(cfg: Mapping[str, Any]) -> ModelArgs:
+    """Translate a parsed HF config.json (dict) into :class:`ModelArgs`; refuse what we cannot run."""
+    family = _family(cfg)
+    act = cfg.get("hidden_act", cfg.get("hidden_activation", "silu"))
+    if act != "silu":
+        raise ConfigError(f"hidden_act={act!r} is not supported (SwiGLU with silu only)")
+    for flag in ("attention_bias", "mlp_bias"):
+        if cfg.get(flag):
+            raise ConfigError(f"{flag}=true is not supported (bias-free projections only)")
+    dim = int(cfg["hidden_size"])
+    n_heads = int(cfg["num_attention_heads"])
+    n_kv = int(cfg.get("num_key_value_heads") or n_heads)
+    head_dim = int(cfg.get("head_dim") or dim // n_heads)
+    theta, scaling = _rope(cfg)
+    if family == "mixtral":
+        n_experts, top_k = int(cfg["num_local_experts"]), int(cfg["num_experts_per_tok"])
+    else:
+        n_experts, top_k = 0, 0
+    # Llama has no sliding window; Mistral/Mixtral may (None or absent = full attention).
+    window = cfg.get("sliding_window") if family != "llama" else None
+    eos = cfg.get("eos_token_id")
+    eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (int(eos),))
+    return ModelArgs(
+        family=family,
+        vocab_size=int(cfg["vocab_size"]),
+        dim=dim,
+        n_layers=int(cfg["num_hidden_layers"]),
+        n_heads=n_heads,
+        n_kv_heads=n_kv,
+        head_dim=head_dim,
+        ffn_dim=int(cfg["intermediate_size"]),
+        norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        n_experts=n_experts,
+        top_k=top_k,
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
+        sliding_window=None if window is None else int(window),
+        bos_token_id=cfg.get("bos_token_id"),
+        eos_token_id=eos_ids,
+        pad_token_id=cfg.get("pad_token_id"),
+    )
+
+
+def load_args(model_dir: str | Path) -> ModelArgs:
+    """Read ``model_dir/config.json`` and adapt it; a missing file is a clear error."""
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"no config.json in {Path(model_dir)} (a Hugging Face model folder needs one)")
+    with open(path) as f:
+        return args_from_hf_config(json.load(f))
+
