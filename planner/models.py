@@ -1,0 +1,259 @@
+"""ModelSpec: the one adapter from an HF config.json to byte, FLOP and KV counts.
+
+Nothing else in the project reads config.json for sizes. Presets are HF configs written out here
+(from the models' published config.json files), so they go through the same adapter.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .schema import fingerprint
+from .strict import SchemaError
+
+FAMILIES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "MixtralForCausalLM": "mixtral"}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    family: str  # llama | mistral | mixtral
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int  # dense MLP width, or one expert's width
+    num_experts: int  # 0 for dense models
+    experts_per_token: int  # top-k; 0 for dense
+    vocab_size: int
+    tie_word_embeddings: bool
+    max_position_embeddings: int
+    weight_bytes_per_param: int = 2  # bf16 checkpoints
+    source: str = ""  # preset name or config path
+
+    def __post_init__(self):
+        if self.family not in FAMILIES.values():
+            raise ValueError(f"unknown family {self.family!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError("num_heads must be a multiple of num_kv_heads")
+        if self.num_experts and not (0 < self.experts_per_token <= self.num_experts):
+            raise ValueError("experts_per_token must be in 1..num_experts")
+
+    # --- bytes --------------------------------------------------------------------------------
+    @property
+    def kv_dim(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    @property
+    def q_dim(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def attn_params_per_layer(self) -> int:
+        h = self.hidden_size
+        return h * self.q_dim + 2 * h * self.kv_dim + self.q_dim * h
+
+    @property
+    def expert_params(self) -> int:
+        """One expert (or the dense MLP): gate, up, down."""
+        return 3 * self.hidden_size * self.intermediate_size
+
+    @property
+    def router_params_per_layer(self) -> int:
+        return self.hidden_size * self.num_experts
+
+    @property
+    def ffn_params_per_layer(self) -> int:
+        return self.expert_params * max(1, self.num_experts)
+
+    @property
+    def norm_params_per_layer(self) -> int:
+        return 2 * self.hidden_size
+
+    @property
+    def layer_params(self) -> int:
+        return (self.attn_params_per_layer + self.router_params_per_layer + self.ffn_params_per_layer
+                + self.norm_params_per_layer)
+
+    @property
+    def embed_params(self) -> int:
+        return self.vocab_size * self.hidden_size
+
+    @property
+    def lm_head_params(self) -> int:
+        return 0 if self.tie_word_embeddings else self.vocab_size * self.hidden_size
+
+    @property
+    def total_params(self) -> int:
+        return self.num_layers * self.layer_params + self.embed_params + self.lm_head_params + self.hidden_size
+
+    def b(self, params: float) -> float:
+        """Parameters to bytes."""
+        return params * self.weight_bytes_per_param
+
+    @property
+    def attn_bytes_per_layer(self) -> float:
+        return self.b(self.attn_params_per_layer + self.norm_params_per_layer)
+
+    @property
+    def ffn_bytes_per_layer(self) -> float:
+        """All experts (or the MLP) plus the router: the part a plan may stream."""
+        return self.b(self.ffn_params_per_layer + self.router_params_per_layer)
+
+    @property
+    def expert_bytes(self) -> float:
+        return self.b(self.expert_params)
+
+    @property
+    def total_bytes(self) -> float:
+        return self.b(self.total_params)
+
+    @property
+    def outer_bytes(self) -> float:
+        """Embedding, final norm and LM head: always resident on the compute device."""
+        return self.b(self.embed_params + self.lm_head_params + self.hidden_size)
+
+    @property
+    def kv_bytes_per_token_per_layer(self) -> float:
+        return 2 * self.kv_dim * self.weight_bytes_per_param
+
+    @property
+    def kv_bytes_per_token(self) -> float:
+        return self.num_layers * self.kv_bytes_per_token_per_layer
+
+    # --- FLOPs --------------------------------------------------------------------------------
+    def expected_experts(self, tokens: float) -> float:
+        """Expected number of distinct experts a layer's `tokens` routed tokens touch.
+
+        With uniform routing, each token picks top_k of E experts; an expert is missed by one
+        token with probability (1 - top_k/E), by all with that to the power `tokens`.
+        """
+        if not self.num_experts:
+            return 1.0
+        e, k = self.num_experts, self.experts_per_token
+        return e * (1.0 - (1.0 - k / e) ** max(tokens, 0.0))
+
+    @property
+    def linear_flops_per_token_per_layer(self) -> float:
+        """Projection, router and (active) FFN FLOPs for one token in one layer (2 per MAC)."""
+        active_experts = self.experts_per_token if self.num_experts else 1
+        return 2.0 * (self.attn_params_per_layer + self.router_params_per_layer
+                      + active_experts * self.expert_params)
+
+    def attention_flops(self, query_tokens: float, context: float) -> float:
+        """q·K and p·V for `query_tokens` queries over `context` keys, one layer, one sequence."""
+        return 4.0 * query_tokens * context * self.q_dim
+
+    @property
+    def lm_head_flops_per_token(self) -> float:
+        return 2.0 * self.vocab_size * self.hidden_size
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint(self)
+
+    def describe(self) -> str:
+        experts = f", {self.num_experts} experts top-{self.experts_per_token}" if self.num_experts else ""
+        return (f"{self.name}: {self.family}, {self.num_layers} layers, hidden {self.hidden_size}{experts}, "
+                f"{self.total_params / 1e9:.2f} B params, {self.total_bytes / 2**30:.1f} GiB in bf16")
+
+
+def from_hf_config(config: dict[str, Any], name: str, source: str = "") -> ModelSpec:
+    """Adapt an HF config.json dict (Llama, Mistral or Mixtral architecture)."""
+    where = source or name
+    archs = config.get("architectures") or []
+    family = next((FAMILIES[a] for a in archs if a in FAMILIES), None)
+    if family is None:
+        family = {"llama": "llama", "mistral": "mistral", "mixtral": "mixtral"}.get(config.get("model_type", ""))
+    if family is None:
+        raise SchemaError(f"{where}: unsupported architecture {archs or config.get('model_type')!r}; "
+                          f"supported: {', '.join(FAMILIES)}")
+    try:
+        hidden = int(config["hidden_size"])
+        heads = int(config["num_attention_heads"])
+        spec = ModelSpec(
+            name=name,
+            family=family,
+            num_layers=int(config["num_hidden_layers"]),
+            hidden_size=hidden,
+            num_heads=heads,
+            num_kv_heads=int(config.get("num_key_value_heads") or heads),
+            head_dim=int(config.get("head_dim") or hidden // heads),
+            intermediate_size=int(config["intermediate_size"]),
+            num_experts=int(config.get("num_local_experts", 0)) if family == "mixtral" else 0,
+            experts_per_token=int(config.get("num_experts_per_tok", 0)) if family == "mixtral" else 0,
+            vocab_size=int(config["vocab_size"]),
+            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+            max_position_embeddings=int(config.get("max_position_embeddings", 4096)),
+            weight_bytes_per_param=2,
+            source=source or name,
+        )
+    except KeyError as exc:
+        raise SchemaError(f"{where}: config.json lacks key {exc.args[0]!r}") from None
+    except ValueError as exc:
+        raise SchemaError(f"{where}: {exc}") from None
+    return spec
+
+
+def _mixtral(layers, hidden, heads, ffn, ctx):
+    return {"architectures": ["MixtralForCausalLM"], "hidden_size": hidden, "num_attention_heads": heads,
+            "num_key_value_heads": 8, "num_hidden_layers": layers, "intermediate_size": ffn,
+            "num_local_experts": 8, "num_experts_per_tok": 2, "vocab_size": 32000,
+            "max_position_embeddings": ctx, "tie_word_embeddings": False}
+
+
+# Published config.json values (head_dim = hidden / heads unless given).
+PRESETS: dict[str, dict[str, Any]] = {
+    "mixtral-8x7b": _mixtral(32, 4096, 32, 14336, 32768),
+    "mixtral-8x22b": _mixtral(56, 6144, 48, 16384, 65536),
+    "mistral-7b": {"architectures": ["MistralForCausalLM"], "hidden_size": 4096, "num_attention_heads": 32,
+                   "num_key_value_heads": 8, "num_hidden_layers": 32, "intermediate_size": 14336,
+                   "vocab_size": 32000, "max_position_embeddings": 32768, "tie_word_embeddings": False},
+    "llama-3-70b": {"architectures": ["LlamaForCausalLM"], "hidden_size": 8192, "num_attention_heads": 64,
+                    "num_key_value_heads": 8, "num_hidden_layers": 80, "intermediate_size": 28672,
+                    "vocab_size": 128256, "max_position_embeddings": 131072, "tie_word_embeddings": False},
+    "llama-3.2-1b": {"architectures": ["LlamaForCausalLM"], "hidden_size": 2048, "num_attention_heads": 32,
+                     "num_key_value_heads": 8, "num_hidden_layers": 16, "intermediate_size": 8192,
+                     "vocab_size": 128256, "max_position_embeddings": 131072, "tie_word_embeddings": True},
+}
+ALIASES = {"mixtral": "mixtral-8x7b", "mistral": "mistral-7b", "llama-3.3-70b": "llama-3-70b",
+           "llama3-70b": "llama-3-70b"}
+# The tiny pair shipped inside the package (runtime/assets), read from its config.json.
+TINY_PAIR = {"tiny-target": "target", "tiny-draft": "draft"}
+
+
+def tiny_pair_dir(which: str) -> Path:
+    """Folder of the shipped tiny model (`target` or `draft`), found without importing torch."""
+    spec = importlib.util.find_spec("specoffload.runtime")
+    if spec is None or not spec.submodule_search_locations:
+        raise SchemaError("the specoffload.runtime package is not installed; the tiny pair ships inside it")
+    return Path(list(spec.submodule_search_locations)[0]) / "assets" / "tiny-pair" / which
+
+
+def known_models() -> list[str]:
+    return sorted(PRESETS) + sorted(ALIASES) + sorted(TINY_PAIR)
+
+
+def load_model_spec(name_or_path: str) -> ModelSpec:
+    """A preset name, an alias, `tiny-target`/`tiny-draft`, or a config.json / model folder path."""
+    key = name_or_path.strip().lower()
+    key = ALIASES.get(key, key)
+    if key in PRESETS:
+        return from_hf_config(PRESETS[key], key, source=f"preset {key}")
+    path = tiny_pair_dir(TINY_PAIR[key]) if key in TINY_PAIR else Path(name_or_path)
+    name = key if key in TINY_PAIR else path.name
+    if path.is_dir():
+        path = path / "config.json"
+        name = path.parent.name if key not in TINY_PAIR else key
+    if not path.exists():
+        raise SchemaError(f"unknown model {name_or_path!r}: not a preset and no such file or folder. "
+                          f"Presets: {', '.join(known_models())}; or give an HF config.json or model folder")
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise SchemaError(f"{path}: not valid JSON: {exc}") from None
+    return from_hf_config(config, name, source=str(path))

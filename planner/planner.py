@@ -1,0 +1,441 @@
+"""The planner: outer enumeration of integer knobs (branch and bound), inner PuLP placement LP.
+
+For every candidate (policy, decode batch, draft length, micro-batches, draft KV mode, draft
+sub-batch, prefill batch) the placement problem is a small mixed-integer LP: whole layers of
+attention / FFN weights resident on the GPU, sequences whose KV stays on the GPU, and two epigraph
+variables (slot time, prefill chunk time) minimising the job's end-to-end time. Candidates are
+visited in order of an optimistic bound (each resource at its own best placement, memory relaxed
+to a fractional knapsack), and the search stops when no remaining bound beats the best plan: the
+result is the exact optimum over the candidate grid, without solving most of the LPs.
+"""
+from __future__ import annotations
+
+import heapq
+import math
+import time
+from dataclasses import dataclass, field, replace
+
+from .costmodel import CPU_ONLY_PLACEMENT, CostModel, Knobs, Linear, fits, streamed
+from .lp import Constraint, LpError, Variable, minimize
+from .models import ModelSpec
+from .schema import POLICIES, HardwareProfile, Plan, Prediction, Workload
+from .strict import SchemaError
+
+GiB = 2**30
+PLAN_POLICIES = POLICIES + ("specoffload",)
+MICRO_BATCHES = (1, 2, 4, 8, 16)
+DRAFT_SUB_BATCHES = (1, 2, 4, 8, 16, 32, 64)
+PREFILL_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+class PlanInfeasible(SchemaError):
+    """No plan fits: the message names the resource, the need and the capacity."""
+
+
+def batch_grid(per_stream: int) -> list[int]:
+    """Decode batch candidates: 1..16, then ~19% steps to 65536, plus even splits of the stream.
+
+    The grid does not depend on the machine, so a machine with more of anything never loses a
+    candidate (this is what makes the planner monotone in bandwidth and memory).
+    """
+    grid = set(range(1, 17))
+    x = 16.0
+    while x < 65536:
+        x *= 2 ** 0.25
+        grid.add(int(round(x)))
+    grid.update(math.ceil(per_stream / w) for w in range(1, 17))
+    return sorted(b for b in grid if b <= per_stream)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    knobs: Knobs
+    placement: dict[str, float]
+    prediction: Prediction
+
+    @property
+    def throughput(self) -> float:
+        return self.prediction.throughput_tokens_per_s
+
+
+@dataclass
+class PlanResult:
+    plan: Plan
+    best_by_policy: dict[str, Candidate]
+    alternatives: list[Candidate]  # the runners-up, best first
+    notes: list[str]
+    lp_solves: int = 0
+    candidates: int = 0
+    seconds: float = 0.0
+
+
+def knapsack_min(f: Linear, g: Linear, cap: float) -> float:
+    """min f(x) s.t. g(x) <= cap over the unit box, by fractional knapsack (exact for this LP)."""
+    gc = dict(g.coef)
+    budget = cap - g.const - sum(min(c, 0.0) for c in gc.values())
+    if budget < 0:
+        return math.inf
+    value = f.const
+    items = []
+    for v, c in f.coef:
+        if c >= 0:
+            continue
+        w = gc.get(v, 0.0)
+        if w <= 0:
+            value += c
+        else:
+            items.append((c / w, c, w))
+    for _, c, w in sorted(items):  # most time saved per byte first
+        take = min(1.0, budget / w)
+        value += c * take
+        budget -= w * take
+        if budget <= 0:
+            break
+    return value
+
+
+class Planner:
+    def __init__(self, profile: HardwareProfile, target: ModelSpec, draft: ModelSpec | None, workload: Workload,
+                 max_draft_len: int = 8):
+        self.cm = CostModel(profile, target, draft, workload)
+        self.profile, self.target, self.draft, self.workload = profile, target, draft, workload
+        self.max_draft_len = max_draft_len
+        self.caps = self.cm.capacities()
+        self.lp_solves = 0
+        self._prefill_lb: dict[tuple, float] = {}
+
+    # --- the candidate grid --------------------------------------------------------------------
+    def knob_space(self, policy: str):
+        """Decode knobs without the prefill batch (prefill_batch=1 stands in)."""
+        nb = 2 if policy == "interleaved" else 1
+        per_stream = max(1, math.ceil(self.workload.num_prompts / nb))
+        ks = [0] if policy == "offload-only" else range(1, self.max_draft_len + 1)
+        modes = [("gpu", 1)] if policy == "offload-only" else (
+            [("gpu", 1), ("host", 1)] + [("recompute", s) for s in DRAFT_SUB_BATCHES])
+        buffers = 0 if self.cm.cpu_only else 2
+        for b in batch_grid(per_stream):
+            for k in ks:
+                for m in MICRO_BATCHES:
+                    if m > b:
+                        break
+                    for mode, s in modes:
+                        if mode == "recompute" and s > b:
+                            continue
+                        yield Knobs(policy, b, 1, k, m, mode, s, buffers)
+
+    def _placement_box(self, knobs: Knobs) -> dict[str, tuple[float, float]]:
+        if self.cm.cpu_only:
+            return {v: (x, x) for v, x in CPU_ONLY_PLACEMENT.items()}
+        if knobs.weight_buffers == 0:
+            return {"attn_gpu": (1.0, 1.0), "ffn_gpu": (1.0, 1.0), "kv_gpu": (0.0, 1.0)}
+        return {"attn_gpu": (0.0, 1.0), "ffn_gpu": (0.0, 1.0), "kv_gpu": (0.0, 1.0)}
+
+    def _fixed(self, f: Linear, box: dict[str, tuple[float, float]]) -> Linear:
+        """Substitute variables whose box is a point (so bounds see only free variables)."""
+        if not any(lo == hi for lo, hi in box.values()):
+            return f
+        const, coef = f.const, {}
+        for v, c in f.coef:
+            lo, hi = box[v]
+            if lo == hi:
+                const += c * lo
+            else:
+                coef[v] = c
+        return Linear.of(const, **coef)
+
+    def _resource_lb(self, busy: dict[str, Linear], shared: bool, gpu_mem: Linear, box) -> float:
+        cap = self.caps["gpu"]
+        vals = {r: knapsack_min(self._fixed(f, box), self._fixed(gpu_mem, box), cap) for r, f in busy.items()}
+        if shared:
+            return max(vals["gpu"] + vals["cpu"], vals["h2d"], vals["d2h"])
+        return max(vals.values())
+
+    def _memory_possible(self, knobs: Knobs, box) -> bool:
+        """Necessary conditions: each tier alone, and GPU with each host tier (a weight or KV byte not
+        on the GPU is on the host, so those sums barely depend on the placement)."""
+        mem = {t: self._fixed(f, box) for t, f in self.cm.memory_terms(knobs).items()}
+        caps = self.caps
+        checks = [(f, caps[t]) for t, f in mem.items()]
+        checks += [(mem["gpu"] + mem[t], caps["gpu"] + caps[t]) for t in ("pinned", "host")]
+        return all(f.minimum() <= cap * (1 + 1e-9) for f, cap in checks)
+
+    def lower_bound(self, knobs: Knobs) -> float:
+        """Optimistic job seconds for these decode knobs over every placement and prefill batch."""
+        box = self._placement_box(knobs)
+        if not self._memory_possible(knobs, box):
+            return math.inf
+        terms = self.cm.slot_terms(knobs)
+        gpu_mem = self.cm.memory_terms(knobs)["gpu"]
+        slot = max([self._resource_lb(terms.busy, terms.shared_device, gpu_mem, box)]
+                   + [self._fixed(c, box).minimum() for c in terms.chain]) + terms.serial_seconds
+        slots, _ = self.cm.decode_slots(knobs)
+        return slots * slot + self.prefill_lb(knobs)
+
+    def prefill_seconds_lb(self, knobs: Knobs) -> float:
+        box = self._placement_box(knobs)
+        if not self._memory_possible(knobs, box):
+            return math.inf
+        terms = self.cm.prefill_terms(knobs)
+        gpu_mem = self.cm.memory_terms(knobs)["gpu"]
+        return self.cm.prefill_chunks(knobs) * self._resource_lb(terms, self.cm.cpu_only, gpu_mem, box)
+
+    def prefill_lb(self, knobs: Knobs) -> float:
+        """Optimistic prefill seconds over every prefill batch, valid for any decode batch.
+
+        Prefill work does not depend on the decode knobs; only memory does, and the smallest
+        decode footprint (batch 1, one micro-batch, sub-batch 1) relaxes it.
+        """
+        key = (knobs.policy, knobs.draft_len > 0, knobs.draft_kv, knobs.weight_buffers)
+        if key not in self._prefill_lb:
+            smallest = replace(knobs, decode_batch=1, micro_batches=1, draft_sub_batch=1)
+            self._prefill_lb[key] = min(self.prefill_seconds_lb(replace(smallest, prefill_batch=bp))
+                                        for bp in self.prefill_grid())
+        return self._prefill_lb[key]
+
+    def prefill_grid(self) -> list[int]:
+        n = self.workload.num_prompts
+        return sorted({bp for bp in PREFILL_BATCHES if bp < n} | {min(n, PREFILL_BATCHES[-1])})
+
+    # --- the placement LP ----------------------------------------------------------------------
+    def solve_placement(self, knobs: Knobs) -> Candidate:
+        """Mixed-integer LP over whole resident layers and GPU-KV sequences; minimises job seconds."""
+        cm, t = self.cm, self.target
+        L, b = t.num_layers, knobs.decode_batch
+        box = self._placement_box(knobs)
+        # Integer variables: resident layers (attention, FFN) and GPU-KV sequences; fractions = n / size.
+        size = {"attn_gpu": L, "ffn_gpu": L, "kv_gpu": b}
+        names = {"attn_gpu": "n_attn_layers", "ffn_gpu": "n_ffn_layers", "kv_gpu": "n_kv_sequences"}
+        variables = [Variable(names[v], lo * size[v], hi * size[v], integer=True) for v, (lo, hi) in box.items()]
+        variables += [Variable("slot_seconds"), Variable("chunk_seconds")]
+
+        def lhs(f: Linear, epigraph: str | None = None) -> tuple[dict[str, float], float]:
+            coef = {names[v]: c / size[v] for v, c in f.coef}
+            if epigraph:
+                coef[epigraph] = coef.get(epigraph, 0.0) - 1.0
+            return coef, f.const
+
+        cons = []
+
+        def at_most(name: str, f: Linear, epigraph: str | None, cap: float = 0.0):
+            coef, const = lhs(f, epigraph)
+            cons.append(Constraint(name, coef, "<=", cap - const))
+
+        terms = cm.slot_terms(knobs)
+        busy = dict(terms.busy)
+        pre = cm.prefill_terms(knobs)
+        if terms.shared_device:
+            busy["device"] = busy.pop("gpu") + busy.pop("cpu")
+            pre["device"] = pre.pop("gpu") + pre.pop("cpu")
+        for r, f in busy.items():
+            at_most(f"slot_{r}", f, "slot_seconds")
+        for i, f in enumerate(terms.chain):
+            at_most(f"slot_layer_chain{i}", f, "slot_seconds")
+        for r, f in pre.items():
+            at_most(f"prefill_{r}", f, "chunk_seconds")
+        for tier, f in cm.memory_terms(knobs).items():
+            if math.isfinite(self.caps[tier]):
+                at_most(f"mem_{tier}", f, None, self.caps[tier])
+        slots, _ = cm.decode_slots(knobs)
+        chunks = cm.prefill_chunks(knobs)
+        self.lp_solves += 1
+        sol = minimize("placement", variables, {"slot_seconds": slots, "chunk_seconds": chunks}, cons,
+                       objective_const=slots * terms.serial_seconds)
+        placement = {v: sol.values[names[v]] / size[v] for v in box}
+        placement = {v: min(max(round(x * size[v]) / size[v], box[v][0]), box[v][1]) for v, x in placement.items()}
+        return Candidate(knobs, placement, cm.evaluate(knobs, placement))
+
+    # --- the search ----------------------------------------------------------------------------
+    def group_bound(self, policy: str, b: int, k: int) -> float:
+        """Optimistic job seconds for every candidate sharing (policy, b, k), whatever m and draft KV mode.
+
+        Relaxations: weights get the whole GPU budget (KV, buffers' contents and working sets ignored),
+        GPU work at the peak rate, the cheapest draft mode, no dependency chain.
+        """
+        cm, t = self.cm, self.target
+        buffers = 0 if cm.cpu_only else 2
+        base = Knobs(policy, b, 1, k, 1, "gpu", 1, buffers)
+        slots, _ = cm.decode_slots(base)
+        L, tokens = t.num_layers, b * (k + 1)
+        rate, bw = cm._rate.peak, cm._gpu_bw
+        gpu = L * (tokens * t.linear_flops_per_token_per_layer / rate + cm.hw.device_op_overhead_seconds)
+        gpu = max(gpu, L * (t.attn_bytes_per_layer + t.ffn_bytes_per_layer) / bw)
+        budget = self.caps["gpu"] - t.outer_bytes - buffers * (t.attn_bytes_per_layer + t.ffn_bytes_per_layer)
+        if k and self.draft is not None:
+            budget -= self.draft.total_bytes
+        if budget < 0:
+            return math.inf
+        cpu_seq = cm.cpu_attention_seconds(t, 1, k + 1, cm.ctx_avg) - cm.hw.cpu_attn_overhead_seconds
+        kv_all = base.num_batches * b * cm.ctx_max * t.kv_bytes_per_token
+        kv_max = 1.0 if cm.cpu_only else min(1.0, budget / kv_all)
+        cpu = L * b * cpu_seq * (1.0 - kv_max)
+        h2d = 0.0
+        if not cm.cpu_only:
+            stream = L * (streamed(cm.h2d_seconds(t.attn_bytes_per_layer), "attn_gpu")
+                          + streamed(cm.h2d_seconds(cm.ffn_streamed_bytes(tokens)), "ffn_gpu"))
+            mem = Linear.of(0.0, attn_gpu=L * t.attn_bytes_per_layer, ffn_gpu=L * t.ffn_bytes_per_layer)
+            h2d = knapsack_min(stream, mem, budget)
+        serial = 0.0
+        modes = [("gpu", 1)] if not k else [("gpu", 1), ("host", 1)] + [("recompute", s) for s in DRAFT_SUB_BATCHES if s <= b]
+        drafts = [cm.draft_round(replace(base, draft_kv=mode, draft_sub_batch=s), b) for mode, s in modes]
+        if policy == "interleaved":
+            gpu += min(d["gpu"] for d in drafts)
+        elif policy == "serial-spec":
+            serial = min((sum(d.values()) if cm.cpu_only else max(d.values())) for d in drafts)
+        slot = (max(gpu + cpu, h2d) if cm.cpu_only else max(gpu, cpu, h2d)) + serial
+        pre = min(self.prefill_lb(replace(base, draft_kv=mode, draft_sub_batch=s)) for mode, s in modes)
+        return slots * slot + pre
+
+    def best_for_policy(self, policy: str, keep: int = 5) -> tuple[Candidate | None, list[Candidate], int]:
+        """Branch and bound over the knob grid; returns the best, the runners-up, and candidates seen.
+
+        The heap holds groups (policy, b, k) under a group bound, then single candidates under their
+        own bound; popping a bound no better than the best plan so far ends the search.
+        """
+        groups: dict[tuple[int, int], list[Knobs]] = {}
+        count = 0
+        for knobs in self.knob_space(policy):
+            groups.setdefault((knobs.decode_batch, knobs.draft_len), []).append(knobs)
+            count += 1
+        heap: list[tuple[float, int, object]] = []
+        seq = 0
+        for (b, k), members in groups.items():
+            lb = self.group_bound(policy, b, k)
+            if math.isfinite(lb):
+                seq += 1
+                heap.append((lb, seq, members))
+        heapq.heapify(heap)
+        solved: list[Candidate] = []
+        best_total = math.inf
+        while heap:
+            lb, _, item = heapq.heappop(heap)
+            if lb >= best_total * (1 - 1e-9):
+                break
+            if isinstance(item, list):  # a group: bound each member and push it
+                for knobs in item:
+                    clb = self.lower_bound(knobs)
+                    if clb < best_total:
+                        seq += 1
+                        heapq.heappush(heap, (clb, seq, knobs))
+                continue
+            knobs = item
+            decode_lb = lb - self.prefill_lb(knobs)
+            for bp in sorted(self.prefill_grid(), key=lambda x: self.prefill_seconds_lb(replace(knobs, prefill_batch=x))):
+                k2 = replace(knobs, prefill_batch=bp)
+                if decode_lb + self.prefill_seconds_lb(k2) >= best_total * (1 - 1e-9):
+                    continue
+                if not self._memory_possible(k2, self._placement_box(k2)):
+                    continue
+                try:
+                    cand = self.solve_placement(k2)
+                except LpError:
+                    continue
+                if not fits(cand.prediction.peak_mem_bytes, self.caps):
+                    continue
+                solved.append(cand)
+                best_total = min(best_total, cand.prediction.total_seconds)
+        ranked = sorted(solved, key=lambda c: c.prediction.total_seconds)
+        # Runners-up: the best few with distinct decode knobs (not the same plan at another prefill batch).
+        seen, rest = set(), []
+        for c in ranked[1:]:
+            key = replace(c.knobs, prefill_batch=1)
+            if key not in seen and key != (replace(ranked[0].knobs, prefill_batch=1)):
+                seen.add(key)
+                rest.append(c)
+        return (ranked[0] if ranked else None), rest[:keep], count
+
+    def plan(self, policy: str = "specoffload") -> PlanResult:
+        if policy not in PLAN_POLICIES:
+            raise SchemaError(f"unknown policy {policy!r}; choose one of {', '.join(PLAN_POLICIES)}")
+        start = time.perf_counter()
+        policies = POLICIES if policy == "specoffload" else (policy,)
+        if self.draft is None:
+            if policy in ("serial-spec", "interleaved"):
+                raise SchemaError(f"policy {policy} needs a draft model (--draft)")
+            policies = ("offload-only",)
+        best: dict[str, Candidate] = {}
+        others: list[Candidate] = []
+        count = 0
+        for p in policies:
+            cand, rest, n = self.best_for_policy(p)
+            count += n
+            if cand is not None:
+                best[p] = cand
+                others.extend(rest)
+        if not best:
+            raise PlanInfeasible(self.explain_infeasible())
+        winner = max(best.values(), key=lambda c: c.throughput)
+        notes = self.notes(policy, winner, best)
+        alternatives = sorted([c for c in best.values() if c is not winner] + others,
+                              key=lambda c: -c.throughput)[:8]
+        plan = self.to_plan(winner, notes)
+        return PlanResult(plan, best, alternatives, notes, self.lp_solves, count, time.perf_counter() - start)
+
+    def notes(self, policy: str, winner: Candidate, best: dict[str, Candidate]) -> list[str]:
+        notes = []
+        spec = [c for p, c in best.items() if p != "offload-only"]
+        if policy == "specoffload" and winner.knobs.policy == "offload-only" and spec:
+            rival = max(spec, key=lambda c: c.throughput)
+            pr = rival.prediction
+            notes.append(
+                f"declined to speculate: offload-only predicts {winner.throughput:.1f} tok/s, the best speculative "
+                f"plan ({rival.knobs.policy}, k={rival.knobs.draft_len}, batch {rival.knobs.decode_batch}) "
+                f"{rival.throughput:.1f} tok/s: at acceptance {self.workload.acceptance} a verification yields "
+                f"{pr.expected_tokens_per_round:.2f} tokens, too few to pay for the draft's "
+                f"{pr.busy_seconds_per_slot.get('draft_serial', 0) or pr.busy_seconds_per_slot['gpu']:.3f} s per slot "
+                f"and the smaller batch")
+        if self.draft is None:
+            notes.append("no draft model given: offload-only")
+        for p, c in sorted(best.items(), key=lambda kv: -kv[1].throughput):
+            notes.append(f"best {p}: {c.throughput:.2f} tok/s (batch {c.knobs.decode_batch}, k={c.knobs.draft_len}, "
+                         f"binding {c.prediction.binding})")
+        return notes
+
+    def to_plan(self, cand: Candidate, notes: list[str]) -> Plan:
+        k, t = cand.knobs, self.target
+        return Plan(
+            policy=k.policy,
+            model=t.name, model_fingerprint=t.fingerprint,
+            draft=self.draft.name if (self.draft and k.speculative) else "",
+            draft_fingerprint=self.draft.fingerprint if (self.draft and k.speculative) else "",
+            profile=self.profile.name, profile_fingerprint=profile_fingerprint(self.profile),
+            workload=self.workload,
+            decode_batch=k.decode_batch, num_batches=k.num_batches, prefill_batch=k.prefill_batch,
+            draft_sub_batch=k.draft_sub_batch if k.draft_kv == "recompute" else k.decode_batch,
+            draft_len=k.draft_len, micro_batches=k.micro_batches,
+            gpu_attn_layers=round(cand.placement["attn_gpu"] * t.num_layers),
+            gpu_ffn_layers=round(cand.placement["ffn_gpu"] * t.num_layers),
+            gpu_kv_sequences=round(cand.placement["kv_gpu"] * k.decode_batch),
+            target_attention="gpu" if self.cm.cpu_only else "cpu",
+            draft_kv=k.draft_kv, weight_buffers=k.weight_buffers,
+            prediction=cand.prediction, notes=tuple(notes))
+
+    def explain_infeasible(self) -> str:
+        """Which tier cannot hold even the smallest plan, by how much, and what to change."""
+        knobs = Knobs("offload-only", 1, 1, 0, 1, "gpu", 1, 0 if self.cm.cpu_only else 2)
+        box = self._placement_box(knobs)
+        mem = self.cm.memory_terms(knobs)
+        t = self.target
+        msgs = []
+        for tier, f in mem.items():
+            need = self._fixed(f, box).minimum()
+            if need > self.caps[tier] * (1 + 1e-9):
+                msgs.append(f"{tier} memory: {t.name} needs at least {need / GiB:.1f} GiB even at batch 1 "
+                            f"(best placement), profile '{self.profile.name}' has {self.caps[tier] / GiB:.1f} GiB")
+        if not msgs:
+            both = t.num_layers * (t.attn_bytes_per_layer + t.ffn_bytes_per_layer)
+            msgs.append(f"GPU + host memory together: {t.name}'s {both / GiB:.1f} GiB of layer weights do not fit "
+                        f"between {self.caps['gpu'] / GiB:.1f} GiB of GPU and {self.caps['pinned'] / GiB:.1f} GiB "
+                        f"of pinned host memory")
+        return ("no plan fits: " + "; ".join(msgs)
+                + ". Use a machine with more memory, a smaller model, or shorter prompts (--prompt-len/--gen-len)")
+
+
+def profile_fingerprint(profile: HardwareProfile) -> str:
+    from .schema import fingerprint
+
+    return fingerprint(profile)
+
+
+def make_plan(profile: HardwareProfile, target: ModelSpec, draft: ModelSpec | None, workload: Workload,
+              policy: str = "specoffload", max_draft_len: int = 8) -> PlanResult:
+    return Planner(profile, target, draft, workload, max_draft_len).plan(policy)
