@@ -33,7 +33,7 @@ class ModelSpec:
     tie_word_embeddings: bool
     max_position_embeddings: int
     weight_bytes_per_param: int = 2  # bf16 checkpoints
-    source: str = ""  # preset name or config path
+    source: str = ""  # what load_model_spec() takes to build this spec again (preset name or path)
 
     def __post_init__(self):
         if self.family not in FAMILIES.values():
@@ -243,9 +243,10 @@ def load_model_spec(name_or_path: str) -> ModelSpec:
     key = name_or_path.strip().lower()
     key = ALIASES.get(key, key)
     if key in PRESETS:
-        return from_hf_config(PRESETS[key], key, source=f"preset {key}")
+        return from_hf_config(PRESETS[key], key, source=key)
     path = tiny_pair_dir(TINY_PAIR[key]) if key in TINY_PAIR else Path(name_or_path)
     name = key if key in TINY_PAIR else path.name
+    ref = key if key in TINY_PAIR else str(path)
     if path.is_dir():
         path = path / "config.json"
         name = path.parent.name if key not in TINY_PAIR else key
@@ -256,4 +257,19 @@ def load_model_spec(name_or_path: str) -> ModelSpec:
         config = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise SchemaError(f"{path}: not valid JSON: {exc}") from None
-    return from_hf_config(config, name, source=str(path))
+    return from_hf_config(config, name, source=ref)
+
+
+def load_plan_models(plan) -> tuple[ModelSpec, ModelSpec | None]:
+    """The target and draft specs a plan was made for, checked against its fingerprints."""
+    specs = []
+    for role, ref, fp in (("model", plan.model, plan.model_fingerprint), ("draft", plan.draft, plan.draft_fingerprint)):
+        if not ref:
+            specs.append(None)
+            continue
+        spec = load_model_spec(ref)
+        if spec.fingerprint != fp:
+            raise SchemaError(f"plan's {role} {ref!r} has changed since the plan was made (fingerprint "
+                              f"{spec.fingerprint}, plan says {fp}); re-run specoffload-plan")
+        specs.append(spec)
+    return specs[0], specs[1]

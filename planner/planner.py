@@ -394,8 +394,8 @@ class Planner:
         k, t = cand.knobs, self.target
         return Plan(
             policy=k.policy,
-            model=t.name, model_fingerprint=t.fingerprint,
-            draft=self.draft.name if (self.draft and k.speculative) else "",
+            model=t.source or t.name, model_fingerprint=t.fingerprint,
+            draft=(self.draft.source or self.draft.name) if (self.draft and k.speculative) else "",
             draft_fingerprint=self.draft.fingerprint if (self.draft and k.speculative) else "",
             profile=self.profile.name, profile_fingerprint=profile_fingerprint(self.profile),
             workload=self.workload,
@@ -428,6 +428,18 @@ class Planner:
                         f"of pinned host memory")
         return ("no plan fits: " + "; ".join(msgs)
                 + ". Use a machine with more memory, a smaller model, or shorter prompts (--prompt-len/--gen-len)")
+
+
+def knobs_from_plan(plan: Plan) -> Knobs:
+    """The cost model's view of a plan's integer choices."""
+    return Knobs(plan.policy, plan.decode_batch, plan.prefill_batch, plan.draft_len, plan.micro_batches,
+                 plan.draft_kv, plan.draft_sub_batch, plan.weight_buffers)
+
+
+def placement_from_plan(plan: Plan, target: ModelSpec) -> dict[str, float]:
+    L = target.num_layers
+    return {"attn_gpu": plan.gpu_attn_layers / L, "ffn_gpu": plan.gpu_ffn_layers / L,
+            "kv_gpu": plan.gpu_kv_sequences / plan.decode_batch}
 
 
 def profile_fingerprint(profile: HardwareProfile) -> str:
