@@ -1,2 +1,146 @@
-def main():
-    print("hi")
+"""specoffload-plan: choose batch sizes, draft length and placement for a job; write plan.yaml."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .models import load_model_spec
+from .planner import PLAN_POLICIES, Candidate, PlanResult, make_plan
+from .schema import Workload, load_profile
+from .strict import SchemaError
+
+GiB = 2**30
+
+EXAMPLE = """example:
+  specoffload-plan --model mixtral --draft mistral-7b --profile profiles/rtx4090-pcie4.yaml \\
+      --prompt-len 512 --gen-len 128 --num-prompts 2000 --acceptance 0.7 -o plan.yaml
+
+  --model/--draft take a preset (mixtral-8x7b, mixtral-8x22b, mistral-7b, llama-3-70b, llama-3.2-1b,
+  tiny-target, tiny-draft) or an HF config.json / model folder. --profile takes a YAML path or the
+  name of a shipped profile (rtx4090-pcie3, rtx4090-pcie4, l4, t4, h200-24g, ...).
+"""
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="specoffload-plan", description=__doc__, epilog=EXAMPLE,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="target model: preset name or HF config path")
+    ap.add_argument("--draft", default=None, help="draft model (omit for offload-only)")
+    ap.add_argument("--profile", required=True, help="hardware profile YAML or shipped profile name")
+    ap.add_argument("--workload", default=None, help="workload YAML (e.g. from specoffload-profile --acceptance)")
+    ap.add_argument("--prompt-len", type=int, help="prompt length in tokens")
+    ap.add_argument("--gen-len", type=int, help="tokens to generate per prompt")
+    ap.add_argument("--num-prompts", type=int, help="number of prompts in the job")
+    ap.add_argument("--acceptance", type=float, default=None,
+                    help="assumed per-token acceptance of the draft (default 0.7 when no --workload)")
+    ap.add_argument("--policy", default="specoffload", choices=PLAN_POLICIES,
+                    help="specoffload (default) picks the best of the other three")
+    ap.add_argument("--max-draft-len", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=None, help="pin the decode batch (sequences per batch)")
+    ap.add_argument("--draft-len", type=int, default=None, help="pin the draft length k")
+    ap.add_argument("--micro-batches", type=int, default=None, help="pin the micro-batch count")
+    ap.add_argument("-o", "--output", default=None, help="where to write the plan (YAML)")
+    ap.add_argument("--explain", action="store_true", help="also show the best alternatives and why they lost")
+    return ap.parse_args(argv)
+
+
+def build_workload(args: argparse.Namespace) -> Workload:
+    if args.workload:
+        w = Workload.load(args.workload)
+        changes = {k: v for k, v in (("prompt_len_tokens", args.prompt_len), ("gen_len_tokens", args.gen_len),
+                                     ("num_prompts", args.num_prompts), ("acceptance", args.acceptance))
+                   if v is not None}
+        if changes:
+            import dataclasses
+            if "acceptance" in changes:
+                changes["acceptance_source"] = "assumed (--acceptance)"
+            w = dataclasses.replace(w, **changes)
+        return w
+    missing = [f"--{n}" for n, v in (("prompt-len", args.prompt_len), ("gen-len", args.gen_len),
+                                     ("num-prompts", args.num_prompts)) if v is None]
+    if missing:
+        raise SchemaError(f"give {', '.join(missing)} (or a --workload file)")
+    try:
+        return Workload(prompt_len_tokens=args.prompt_len, gen_len_tokens=args.gen_len, num_prompts=args.num_prompts,
+                        acceptance=0.7 if args.acceptance is None else args.acceptance,
+                        acceptance_source="assumed" if args.acceptance is None else "assumed (--acceptance)")
+    except ValueError as exc:
+        raise SchemaError(f"workload: {exc}") from None
+
+
+def gib(x: float) -> str:
+    return f"{x / GiB:.1f} GiB"
+
+
+def describe_candidate(c: Candidate) -> str:
+    k = c.knobs
+    kv = f", draft KV {k.draft_kv}" + (f" (sub-batch {k.draft_sub_batch})" if k.draft_kv == "recompute" else "") \
+        if k.speculative else ""
+    return (f"{k.policy:<12} batch {k.decode_batch}x{k.num_batches}, k={k.draft_len}, micro-batches "
+            f"{k.micro_batches}, prefill {k.prefill_batch}{kv}")
+
+
+def summary(result: PlanResult, requested: str, explain: bool) -> str:
+    plan, pr = result.plan, result.plan.prediction
+    w = plan.workload
+    acc = w.acceptance if not isinstance(w.acceptance, tuple) else "[" + ", ".join(f"{a:.2f}" for a in w.acceptance) + "]"
+    lines = [
+        f"plan: {plan.model}" + (f" + draft {plan.draft}" if plan.draft else "") + f" on profile {plan.profile}",
+        f"workload: {w.num_prompts} prompts x {w.prompt_len_tokens} tokens -> {w.gen_len_tokens} generated; "
+        f"acceptance {acc} ({w.acceptance_source})",
+        f"policy: {plan.policy}" + (f" (requested {requested})" if requested != plan.policy else ""),
+        f"knobs: decode batch {plan.decode_batch} x {plan.num_batches} batch(es) = {plan.sequences_in_flight} in flight, "
+        f"prefill batch {plan.prefill_batch}, draft length {plan.draft_len}, micro-batches {plan.micro_batches}"
+        + (f", draft KV {plan.draft_kv} (sub-batch {plan.draft_sub_batch})" if plan.draft_len else ""),
+        f"placement: attention weights resident in {plan.gpu_attn_layers} of {result.num_layers} layers, FFN/experts "
+        f"in {plan.gpu_ffn_layers}; target KV on GPU for {plan.gpu_kv_sequences} of {plan.decode_batch} sequences "
+        f"per batch; target attention on {plan.target_attention}; {plan.weight_buffers} weight buffers",
+        f"predicted throughput: {pr.throughput_tokens_per_s:.2f} tok/s end to end, {pr.decode_tokens_per_s:.2f} tok/s "
+        f"decode only (prefill {pr.prefill_seconds:.1f} s + decode {pr.decode_seconds:.1f} s = {pr.total_seconds:.1f} s)",
+        f"decode slot: {pr.slot_seconds:.4g} s for {pr.expected_tokens_per_round:.2f} tokens per sequence per "
+        f"verification; {pr.slots:.0f} slots ({pr.tail_slots:.1f} of them tail); binding: {pr.binding}",
+        "busy per slot: " + ", ".join(f"{r} {s:.4g} s ({100 * s / pr.slot_seconds:.0f}%)"
+                                      for r, s in pr.busy_seconds_per_slot.items()),
+        "memory peak / capacity: " + ", ".join(
+            f"{t} {gib(pr.peak_mem_bytes[t])} / {gib(pr.capacity_bytes[t]) if pr.capacity_bytes[t] else 'shared'}"
+            for t in pr.peak_mem_bytes),
+        f"physical bound: {pr.physical_bound_tokens_per_s:.1f} tok/s (in-flight capacity x E[tokens] per "
+        f"weight sweep at peak H2D); this plan reaches {100 * pr.bound_fraction:.1f}% of it",
+    ]
+    lines += [f"note: {n}" for n in plan.notes]
+    lines.append(f"planned in {result.seconds:.2f} s: {result.candidates} candidates, {result.lp_solves} LP solves")
+    if explain:
+        lines.append("alternatives (best first) and why they lost:")
+        best = result.best_by_policy[plan.policy]
+        for c in result.alternatives:
+            p = c.prediction
+            loss = 100 * (1 - c.throughput / best.throughput)
+            lines.append(f"  {describe_candidate(c)}: {c.throughput:.2f} tok/s ({loss:.1f}% lower); slot {p.slot_seconds:.4g} s "
+                         f"bound by {p.binding} for {p.expected_tokens_per_round:.2f} tokens/sequence, prefill "
+                         f"{p.prefill_seconds:.0f} s, tail {p.tail_slots:.1f} slots")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        profile = load_profile(args.profile)
+        target = load_model_spec(args.model)
+        draft = load_model_spec(args.draft) if args.draft else None
+        workload = build_workload(args)
+        fixed = {k: v for k, v in (("decode_batch", args.batch), ("draft_len", args.draft_len),
+                                   ("micro_batches", args.micro_batches)) if v is not None}
+        result = make_plan(profile, target, draft, workload, policy=args.policy,
+                           max_draft_len=args.max_draft_len, fixed=fixed)
+    except SchemaError as exc:
+        print(f"specoffload-plan: error: {exc}", file=sys.stderr)
+        return 2
+    print(summary(result, args.policy, args.explain))
+    if args.output:
+        result.plan.save(args.output)
+        print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -28,6 +28,7 @@ from .schema import HardwareProfile, Workload
 
 PLACEMENT_VARS = ("attn_gpu", "ffn_gpu", "kv_gpu")
 LOGIT_BYTES = 4  # logits are produced in fp32
+PREFILL_MICRO_TOKENS = 8192  # tokens the GPU holds at once during prefill (see prefill_split)
 # On a CPU-only machine every weight is "resident" in the one memory and attention runs in place.
 CPU_ONLY_PLACEMENT = {"attn_gpu": 1.0, "ffn_gpu": 1.0, "kv_gpu": 0.0}
 
@@ -190,6 +191,8 @@ class CostModel:
         # Average context over decoding (prompt + half the generation) and the maximum.
         self.ctx_avg = workload.prompt_len_tokens + workload.gen_len_tokens / 2.0
         self.ctx_max = workload.max_context_tokens
+        self._target_cache: dict[tuple, tuple] = {}
+        self._draft_cache: dict[tuple, dict[str, float]] = {}
 
     # --- primitive durations (the simulator uses these as task durations) ----------------------
     def matmul_seconds(self, flops: float, tokens: float, weight_bytes: float) -> float:
@@ -300,7 +303,32 @@ class CostModel:
 
     # --- the slot ------------------------------------------------------------------------------
     def slot_terms(self, knobs: Knobs) -> SlotTerms:
-        t, b, k, m = self.t, knobs.decode_batch, knobs.draft_len, knobs.micro_batches
+        b, k = knobs.decode_batch, knobs.draft_len
+        key = (b, k, knobs.micro_batches)
+        if key not in self._target_cache:
+            self._target_cache[key] = self._target_slot(b, k, knobs.micro_batches)
+        busy, chain = self._target_cache[key]
+        busy = dict(busy)
+        # The draft works on the other batch (interleaved) or on this one before verifying (serial).
+        # Within one batch its steps are a chain: GPU layers, and for host KV the CPU attention between them.
+        dkey = (knobs.draft_kv, knobs.draft_sub_batch if knobs.draft_kv == "recompute" else 0, k, b)
+        if dkey not in self._draft_cache:
+            self._draft_cache[dkey] = self.draft_round(knobs, b)
+        dr = self._draft_cache[dkey]
+        draft_chain = sum(dr.values())
+        serial = 0.0
+        if knobs.policy == "interleaved":
+            for r in busy:
+                busy[r] = busy[r] + dr[r]
+            chain = chain + (Linear(draft_chain),)
+        elif knobs.policy == "serial-spec":
+            serial = draft_chain
+        stats = self.rounds(k)
+        return SlotTerms(busy, chain, serial, b * stats.expected_tokens, self.cpu_only)
+
+    def _target_slot(self, b: int, k: int, m: int) -> tuple[dict[str, Linear], tuple[Linear, ...]]:
+        """The target's verification of b sequences x (k+1) tokens in m micro-batches: busy and chain."""
+        t = self.t
         L = t.num_layers
         tokens = b * (k + 1)
         mb_tokens = tokens / m
@@ -325,8 +353,7 @@ class CostModel:
         cpu = L * m * s_cpu
         d2h = L * m * s_d2h
         h2d = L * m * s_h2d
-        shared = self.cpu_only
-        if not shared:
+        if not self.cpu_only:
             h2d = h2d + L * (streamed(self.h2d_seconds(t.attn_bytes_per_layer), "attn_gpu")
                              + streamed(self.h2d_seconds(self.ffn_streamed_bytes(tokens)), "ffn_gpu"))
         # Dependency chain of one layer with m micro-batches in a pipeline:
@@ -334,18 +361,7 @@ class CostModel:
         stages = [s_qkv + s_gpu_attn, s_d2h, s_cpu, s_h2d, s_ffn]
         total = stages[0] + stages[1] + stages[2] + stages[3] + stages[4]
         chain = tuple(L * (total + (m - 1) * s) for s in stages) if m > 1 else (L * total,)
-
-        draft_batch = b  # the other batch (interleaved) or the same batch (serial)
-        dr = self.draft_round(knobs, draft_batch)
-        serial = 0.0
-        if knobs.policy == "interleaved":
-            gpu, cpu = gpu + dr["gpu"], cpu + dr["cpu"]
-            d2h, h2d = d2h + dr["d2h"], h2d + dr["h2d"]
-        elif knobs.policy == "serial-spec":
-            serial = sum(dr.values()) if shared else max(dr.values())
-        busy = {"gpu": gpu, "cpu": cpu, "h2d": h2d, "d2h": d2h}
-        stats = self.rounds(k)
-        return SlotTerms(busy, chain, serial, b * stats.expected_tokens, shared)
+        return {"gpu": gpu, "cpu": cpu, "h2d": h2d, "d2h": d2h}, chain
 
     def rounds(self, k: int) -> RoundStats:
         return round_stats(self.w.acceptance_vector(k), self.w.gen_len_tokens)
@@ -363,14 +379,31 @@ class CostModel:
         return max(cands.values()) + terms.serial_seconds, binding
 
     # --- prefill -------------------------------------------------------------------------------
+    def prefill_split(self, knobs: Knobs) -> tuple[int, int]:
+        """(micro-chunks, tokens each) that one prefill chunk is processed in, layer by layer.
+
+        A chunk of prefill_batch prompts streams the weights once; its hidden states wait in pinned
+        host memory between layers when they exceed PREFILL_MICRO_TOKENS, so the GPU working set stays small.
+        """
+        tok = knobs.prefill_batch * self.w.max_prompt_len
+        n = max(1, math.ceil(tok / PREFILL_MICRO_TOKENS))
+        return n, math.ceil(tok / n)
+
     def prefill_terms(self, knobs: Knobs) -> dict[str, Linear]:
         """Busy seconds per resource for one prefill chunk (prefill_batch prompts)."""
         t, bp, P = self.t, knobs.prefill_batch, self.w.prompt_len_tokens
         L, tok = t.num_layers, bp * P
-        gpu = L * (self.qkv_seconds(t, tok) + self.ffn_seconds(t, tok)
-                   + self.matmul_seconds(bp * t.attention_flops(P, P) / 2.0, tok, 0.0))
+        n, micro = self.prefill_split(knobs)
+        per_seq = max(1.0, micro / P)  # prompts per micro-chunk
+        gpu = L * n * (self.qkv_seconds(t, micro) + self.ffn_seconds(t, micro)
+                       + self.matmul_seconds(per_seq * t.attention_flops(P, P) / 2.0, micro, 0.0))
         gpu += self.lm_head_seconds(t, bp)
         d2h = self.d2h_seconds(tok * t.kv_bytes_per_token)  # KV written to host
+        h2d = 0.0
+        if n > 1:  # hidden states round-trip through host memory at every layer
+            hidden = micro * t.hidden_size * self.act_bytes
+            d2h += L * n * self.d2h_seconds(hidden)
+            h2d += L * n * self.h2d_seconds(hidden)
         if knobs.speculative and knobs.draft_kv != "recompute" and self.d is not None:
             d = self.d
             gpu += self.matmul_seconds(tok * d.linear_flops_per_token_per_layer * d.num_layers, tok,
@@ -378,10 +411,10 @@ class CostModel:
             gpu += self.matmul_seconds(bp * d.num_layers * d.attention_flops(P, P) / 2.0, tok, 0.0)
             if knobs.draft_kv == "host":
                 d2h += self.d2h_seconds(tok * d.kv_bytes_per_token)
-        out = {"gpu": Linear.of(gpu), "cpu": Linear.of(0.0), "d2h": Linear.of(d2h), "h2d": Linear.of(0.0)}
+        out = {"gpu": Linear.of(gpu), "cpu": Linear.of(0.0), "d2h": Linear.of(d2h), "h2d": Linear.of(h2d)}
         if not self.cpu_only:
-            out["h2d"] = L * (streamed(self.h2d_seconds(t.attn_bytes_per_layer), "attn_gpu")
-                              + streamed(self.h2d_seconds(self.ffn_streamed_bytes(tok)), "ffn_gpu"))
+            out["h2d"] = out["h2d"] + L * (streamed(self.h2d_seconds(t.attn_bytes_per_layer), "attn_gpu")
+                                           + streamed(self.h2d_seconds(self.ffn_streamed_bytes(tok)), "ffn_gpu"))
         return out
 
     def prefill_chunks(self, knobs: Knobs) -> int:
@@ -393,21 +426,24 @@ class CostModel:
         t, d, b, k = self.t, self.d, knobs.decode_batch, knobs.draft_len
         L, nb = t.num_layers, knobs.num_batches
         act = self.act_bytes
-        ffn_width = (t.experts_per_token if t.num_experts else 1) * t.intermediate_size
+        # FFN intermediates: experts run one at a time, each on its share of the routed tokens.
+        ffn_width = (t.experts_per_token / t.num_experts if t.num_experts else 1) * t.intermediate_size
         per_token_ws = act * (4 * t.hidden_size + t.q_dim + 2 * t.kv_dim + 2 * ffn_width)
         decode_tokens = b * (k + 1)
         decode_ws = decode_tokens / knobs.micro_batches * per_token_ws + decode_tokens * t.vocab_size * LOGIT_BYTES
-        P = self.w.max_prompt_len
-        prefill_tok = knobs.prefill_batch * P
-        prefill_ws = (prefill_tok * per_token_ws + prefill_tok * t.kv_bytes_per_token_per_layer
+        n_micro, micro = self.prefill_split(knobs)
+        prefill_ws = (micro * per_token_ws + micro * t.kv_bytes_per_token_per_layer
                       + knobs.prefill_batch * t.vocab_size * LOGIT_BYTES)
+        # Hidden states of a chunk split into micro-chunks wait in pinned host memory (in and out).
+        prefill_host = 2 * n_micro * micro * t.hidden_size * act if n_micro > 1 else 0.0
         kv_seq = self.ctx_max * t.kv_bytes_per_token  # one sequence at full length, all layers
         attn_all, ffn_all = L * t.attn_bytes_per_layer, L * t.ffn_bytes_per_layer
         gpu = Linear.of(t.outer_bytes + max(decode_ws, prefill_ws),
                         attn_gpu=attn_all, ffn_gpu=ffn_all, kv_gpu=nb * b * kv_seq)
         gpu += knobs.weight_buffers * (t.attn_bytes_per_layer + t.ffn_bytes_per_layer)
         host = streamed(attn_all, "attn_gpu") + streamed(ffn_all, "ffn_gpu") + streamed(nb * b * kv_seq, "kv_gpu")
-        pinned = streamed(attn_all, "attn_gpu") + streamed(ffn_all, "ffn_gpu")
+        pinned = streamed(attn_all, "attn_gpu") + streamed(ffn_all, "ffn_gpu") + prefill_host
+        host = host + prefill_host
         if knobs.speculative and d is not None:
             dkv_seq = self.ctx_max * d.kv_bytes_per_token
             gpu += d.total_bytes

@@ -5,6 +5,7 @@ so callers never touch pulp objects and tests can pose hand-solvable instances.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import pulp
@@ -49,12 +50,21 @@ class Solution:
         return [n for n, s in self.slack.items() if n.startswith(prefix) and abs(s) <= tol * (1 + abs(s))]
 
 
+def _solver():
+    """CBC as bundled with PuLP (PULP_CBC_CMD warns of its removal in PuLP 4, hence the pin below 4)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return pulp.PULP_CBC_CMD(msg=False, gapRel=1e-9)
+
+
 def minimize(name: str, variables: list[Variable], objective: dict[str, float],
              constraints: list[Constraint], objective_const: float = 0.0) -> Solution:
     """Solve min objective·x s.t. constraints with CBC; raise LpError unless the status is Optimal."""
     prob = pulp.LpProblem(name, pulp.LpMinimize)
-    xs = {v.name: pulp.LpVariable(v.name, lowBound=v.low, upBound=v.high,
-                                  cat=pulp.LpInteger if v.integer else pulp.LpContinuous)
+    # PuLP 3.x attaches variables to the problem; older releases build them free-standing.
+    make = getattr(prob, "add_variable", None) or (lambda n, **kw: pulp.LpVariable(n, **kw))
+    xs = {v.name: make(v.name, lowBound=v.low, upBound=v.high,
+                       cat=pulp.LpInteger if v.integer else pulp.LpContinuous)
           for v in variables}
     prob += pulp.lpSum(c * xs[v] for v, c in objective.items()) + objective_const, "objective"
     for c in constraints:
@@ -63,7 +73,7 @@ def minimize(name: str, variables: list[Variable], objective: dict[str, float],
             raise ValueError(f"constraint {c.name} uses unknown variables {sorted(unknown)}")
         expr = pulp.lpSum(coef * xs[v] for v, coef in c.coef.items())
         prob += pulp.LpConstraint(expr, sense=SENSES[c.sense], rhs=c.rhs, name=c.name)
-    prob.solve(pulp.PULP_CBC_CMD(msg=False, gapRel=1e-9))
+    prob.solve(_solver())
     status = pulp.LpStatus[prob.status]
     if status != "Optimal":
         raise LpError(f"LP '{name}' is {status}", status)

@@ -245,11 +245,10 @@ def load_model_spec(name_or_path: str) -> ModelSpec:
     if key in PRESETS:
         return from_hf_config(PRESETS[key], key, source=key)
     path = tiny_pair_dir(TINY_PAIR[key]) if key in TINY_PAIR else Path(name_or_path)
-    name = key if key in TINY_PAIR else path.name
     ref = key if key in TINY_PAIR else str(path)
     if path.is_dir():
         path = path / "config.json"
-        name = path.parent.name if key not in TINY_PAIR else key
+    name = key if key in TINY_PAIR else (path.parent.name if path.name == "config.json" else path.stem)
     if not path.exists():
         raise SchemaError(f"unknown model {name_or_path!r}: not a preset and no such file or folder. "
                           f"Presets: {', '.join(known_models())}; or give an HF config.json or model folder")

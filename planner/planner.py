@@ -25,7 +25,10 @@ GiB = 2**30
 PLAN_POLICIES = POLICIES + ("specoffload",)
 MICRO_BATCHES = (1, 2, 4, 8, 16)
 DRAFT_SUB_BATCHES = (1, 2, 4, 8, 16, 32, 64)
-PREFILL_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+# The search stops once no remaining candidate can beat the best plan by more than this fraction:
+# the plan is within 0.2% of the best over the candidate grid (near-ties are not worth an LP each).
+OPTIMALITY_GAP = 2e-3
+PREFILL_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 
 class PlanInfeasible(SchemaError):
@@ -67,6 +70,7 @@ class PlanResult:
     lp_solves: int = 0
     candidates: int = 0
     seconds: float = 0.0
+    num_layers: int = 0
 
 
 def knapsack_min(f: Linear, g: Linear, cap: float) -> float:
@@ -94,15 +98,48 @@ def knapsack_min(f: Linear, g: Linear, cap: float) -> float:
     return value
 
 
+def layer_knapsack_min(f: Linear, g: Linear, cap: float, layers: int) -> float:
+    """Like knapsack_min, but attention and FFN residency come in whole layers (as in the LP).
+
+    Tries every FFN layer count; attention layers fill what is left, then GPU-KV fractionally.
+    """
+    if f.a >= 0 and f.f >= 0:
+        return knapsack_min(f, g, cap)
+    budget = cap - g.const - min(g.k, 0.0)
+    if budget < 0:
+        return math.inf
+    best = math.inf
+    wa, wf = max(g.a, 0.0) / layers, max(g.f, 0.0) / layers
+    for nf in range(layers + 1) if f.f < 0 else (0,):
+        left = budget - nf * wf
+        if left < 0:
+            break
+        na = layers if (f.a < 0 and wa == 0) else (min(layers, int(left // wa)) if f.a < 0 else 0)
+        left -= na * wa
+        value = f.const + f.f * nf / layers + f.a * na / layers
+        if f.k < 0:
+            value += f.k * (1.0 if g.k <= 0 else min(1.0, left / g.k))
+        best = min(best, value)
+    return best
+
+
 class Planner:
     def __init__(self, profile: HardwareProfile, target: ModelSpec, draft: ModelSpec | None, workload: Workload,
-                 max_draft_len: int = 8):
+                 max_draft_len: int = 8, fixed: dict[str, int] | None = None):
+        """`fixed` pins knobs: decode_batch, draft_len, micro_batches, prefill_batch (e.g. to reproduce
+        a setting from a paper); the rest is still searched."""
+        self.fixed = dict(fixed or {})
+        unknown = set(self.fixed) - {"decode_batch", "draft_len", "micro_batches", "prefill_batch"}
+        if unknown:
+            raise SchemaError(f"cannot fix {sorted(unknown)}; fixable: decode_batch, draft_len, micro_batches, "
+                              f"prefill_batch")
         self.cm = CostModel(profile, target, draft, workload)
         self.profile, self.target, self.draft, self.workload = profile, target, draft, workload
         self.max_draft_len = max_draft_len
         self.caps = self.cm.capacities()
         self.lp_solves = 0
         self._prefill_lb: dict[tuple, float] = {}
+        self._prefill_cache: dict[tuple, float] = {}
 
     # --- the candidate grid --------------------------------------------------------------------
     def knob_space(self, policy: str):
@@ -110,14 +147,20 @@ class Planner:
         nb = 2 if policy == "interleaved" else 1
         per_stream = max(1, math.ceil(self.workload.num_prompts / nb))
         ks = [0] if policy == "offload-only" else range(1, self.max_draft_len + 1)
+        if "draft_len" in self.fixed and policy != "offload-only":
+            ks = [self.fixed["draft_len"]]
+        batches = batch_grid(per_stream)
+        if "decode_batch" in self.fixed:
+            batches = [self.fixed["decode_batch"]]
+        micro = [self.fixed["micro_batches"]] if "micro_batches" in self.fixed else MICRO_BATCHES
         modes = [("gpu", 1)] if policy == "offload-only" else (
             [("gpu", 1), ("host", 1)] + [("recompute", s) for s in DRAFT_SUB_BATCHES])
         buffers = 0 if self.cm.cpu_only else 2
-        for b in batch_grid(per_stream):
+        for b in batches:
             for k in ks:
-                for m in MICRO_BATCHES:
+                for m in micro:
                     if m > b:
-                        break
+                        continue
                     for mode, s in modes:
                         if mode == "recompute" and s > b:
                             continue
@@ -144,16 +187,17 @@ class Planner:
         return Linear.of(const, **coef)
 
     def _resource_lb(self, busy: dict[str, Linear], shared: bool, gpu_mem: Linear, box) -> float:
-        cap = self.caps["gpu"]
-        vals = {r: knapsack_min(self._fixed(f, box), self._fixed(gpu_mem, box), cap) for r, f in busy.items()}
+        cap, L = self.caps["gpu"], self.target.num_layers
+        g = self._fixed(gpu_mem, box)
+        vals = {r: layer_knapsack_min(self._fixed(f, box), g, cap, L) for r, f in busy.items()}
         if shared:
             return max(vals["gpu"] + vals["cpu"], vals["h2d"], vals["d2h"])
         return max(vals.values())
 
-    def _memory_possible(self, knobs: Knobs, box) -> bool:
+    def _memory_possible(self, knobs: Knobs, box, mem: dict[str, Linear] | None = None) -> bool:
         """Necessary conditions: each tier alone, and GPU with each host tier (a weight or KV byte not
         on the GPU is on the host, so those sums barely depend on the placement)."""
-        mem = {t: self._fixed(f, box) for t, f in self.cm.memory_terms(knobs).items()}
+        mem = {t: self._fixed(f, box) for t, f in (mem or self.cm.memory_terms(knobs)).items()}
         caps = self.caps
         checks = [(f, caps[t]) for t, f in mem.items()]
         checks += [(mem["gpu"] + mem[t], caps["gpu"] + caps[t]) for t in ("pinned", "host")]
@@ -162,22 +206,31 @@ class Planner:
     def lower_bound(self, knobs: Knobs) -> float:
         """Optimistic job seconds for these decode knobs over every placement and prefill batch."""
         box = self._placement_box(knobs)
-        if not self._memory_possible(knobs, box):
+        mem = self.cm.memory_terms(knobs)
+        if not self._memory_possible(knobs, box, mem):
             return math.inf
         terms = self.cm.slot_terms(knobs)
-        gpu_mem = self.cm.memory_terms(knobs)["gpu"]
+        gpu_mem = mem["gpu"]
         slot = max([self._resource_lb(terms.busy, terms.shared_device, gpu_mem, box)]
                    + [self._fixed(c, box).minimum() for c in terms.chain]) + terms.serial_seconds
         slots, _ = self.cm.decode_slots(knobs)
         return slots * slot + self.prefill_lb(knobs)
 
     def prefill_seconds_lb(self, knobs: Knobs) -> float:
+        key = (knobs.policy, knobs.draft_len > 0, knobs.draft_kv, knobs.weight_buffers, knobs.decode_batch,
+               knobs.micro_batches, knobs.draft_sub_batch, knobs.prefill_batch, knobs.draft_len)
+        if key in self._prefill_cache:
+            return self._prefill_cache[key]
         box = self._placement_box(knobs)
-        if not self._memory_possible(knobs, box):
+        mem = self.cm.memory_terms(knobs)
+        if not self._memory_possible(knobs, box, mem):
+            self._prefill_cache[key] = math.inf
             return math.inf
         terms = self.cm.prefill_terms(knobs)
-        gpu_mem = self.cm.memory_terms(knobs)["gpu"]
-        return self.cm.prefill_chunks(knobs) * self._resource_lb(terms, self.cm.cpu_only, gpu_mem, box)
+        gpu_mem = mem["gpu"]
+        value = self.cm.prefill_chunks(knobs) * self._resource_lb(terms, self.cm.cpu_only, gpu_mem, box)
+        self._prefill_cache[key] = value
+        return value
 
     def prefill_lb(self, knobs: Knobs) -> float:
         """Optimistic prefill seconds over every prefill batch, valid for any decode batch.
@@ -193,6 +246,8 @@ class Planner:
         return self._prefill_lb[key]
 
     def prefill_grid(self) -> list[int]:
+        if "prefill_batch" in self.fixed:
+            return [self.fixed["prefill_batch"]]
         n = self.workload.num_prompts
         return sorted({bp for bp in PREFILL_BATCHES if bp < n} | {min(n, PREFILL_BATCHES[-1])})
 
@@ -308,12 +363,12 @@ class Planner:
         best_total = math.inf
         while heap:
             lb, _, item = heapq.heappop(heap)
-            if lb >= best_total * (1 - 1e-9):
+            if lb >= best_total * (1 - OPTIMALITY_GAP):
                 break
             if isinstance(item, list):  # a group: bound each member and push it
                 for knobs in item:
                     clb = self.lower_bound(knobs)
-                    if clb < best_total:
+                    if clb < best_total * (1 - OPTIMALITY_GAP):
                         seq += 1
                         heapq.heappush(heap, (clb, seq, knobs))
                 continue
@@ -321,7 +376,7 @@ class Planner:
             decode_lb = lb - self.prefill_lb(knobs)
             for bp in sorted(self.prefill_grid(), key=lambda x: self.prefill_seconds_lb(replace(knobs, prefill_batch=x))):
                 k2 = replace(knobs, prefill_batch=bp)
-                if decode_lb + self.prefill_seconds_lb(k2) >= best_total * (1 - 1e-9):
+                if decode_lb + self.prefill_seconds_lb(k2) >= best_total * (1 - OPTIMALITY_GAP):
                     continue
                 if not self._memory_possible(k2, self._placement_box(k2)):
                     continue
@@ -335,11 +390,13 @@ class Planner:
                 best_total = min(best_total, cand.prediction.total_seconds)
         ranked = sorted(solved, key=lambda c: c.prediction.total_seconds)
         # Runners-up: the best few with distinct decode knobs (not the same plan at another prefill batch).
-        seen, rest = set(), []
+        def shape(c: Candidate) -> tuple:
+            return c.knobs.decode_batch, c.knobs.draft_len, c.knobs.draft_kv
+
+        seen, rest = {shape(ranked[0])} if ranked else set(), []
         for c in ranked[1:]:
-            key = replace(c.knobs, prefill_batch=1)
-            if key not in seen and key != (replace(ranked[0].knobs, prefill_batch=1)):
-                seen.add(key)
+            if shape(c) not in seen:
+                seen.add(shape(c))
                 rest.append(c)
         return (ranked[0] if ranked else None), rest[:keep], count
 
@@ -368,7 +425,8 @@ class Planner:
         alternatives = sorted([c for c in best.values() if c is not winner] + others,
                               key=lambda c: -c.throughput)[:8]
         plan = self.to_plan(winner, notes)
-        return PlanResult(plan, best, alternatives, notes, self.lp_solves, count, time.perf_counter() - start)
+        return PlanResult(plan, best, alternatives, notes, self.lp_solves, count, time.perf_counter() - start,
+                          self.target.num_layers)
 
     def notes(self, policy: str, winner: Candidate, best: dict[str, Candidate]) -> list[str]:
         notes = []
@@ -449,5 +507,5 @@ def profile_fingerprint(profile: HardwareProfile) -> str:
 
 
 def make_plan(profile: HardwareProfile, target: ModelSpec, draft: ModelSpec | None, workload: Workload,
-              policy: str = "specoffload", max_draft_len: int = 8) -> PlanResult:
-    return Planner(profile, target, draft, workload, max_draft_len).plan(policy)
+              policy: str = "specoffload", max_draft_len: int = 8, fixed: dict[str, int] | None = None) -> PlanResult:
+    return Planner(profile, target, draft, workload, max_draft_len, fixed).plan(policy)

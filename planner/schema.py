@@ -201,8 +201,12 @@ class HardwareProfile:
                 raise SchemaError(f"{source}: unknown profile field '{key}'; fields: "
                                   f"{', '.join(sorted(set(data) - {'schema_version'}))}")
             data[key] = value
-            if value is not None and key in data.get("missing", []):
-                data["missing"] = [m for m in data["missing"] if m != key]
+            missing = list(data.get("missing", []))
+            if value is not None and key in missing:
+                missing.remove(key)
+            elif value is None and key in OPTIONAL_FIGURES and key not in missing:
+                missing.append(key)
+            data["missing"] = missing
         return HardwareProfile.from_dict(data, source)
 
 
@@ -363,3 +367,25 @@ class Plan:
 
     def replace(self, **changes: Any) -> "Plan":
         return dataclasses.replace(self, **changes)
+
+
+def profiles_dir() -> Path:
+    """The shipped profiles/ folder (spec-sheet presets and measured profiles)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("specoffload.profiles")
+    if spec is None or not spec.submodule_search_locations:
+        raise SchemaError("the specoffload.profiles package is not installed")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def load_profile(ref: str | Path) -> HardwareProfile:
+    """A profile YAML path, or the name of one shipped under profiles/ (e.g. `rtx4090-pcie4`)."""
+    path = Path(ref)
+    if path.exists():
+        return HardwareProfile.load(path)
+    shipped = profiles_dir() / f"{ref}.yaml"
+    if shipped.exists():
+        return HardwareProfile.load(shipped)
+    names = sorted(p.stem for p in profiles_dir().glob("*.yaml"))
+    raise SchemaError(f"profile {str(ref)!r}: no such file, and not a shipped profile ({', '.join(names)})")

@@ -1,0 +1,81 @@
+"""Exhaustive grid search over the planner's knobs and a placement grid: the yardstick for the planner.
+
+Every candidate of the planner's grid (no bounds, no pruning) at every prefill batch, evaluated by the
+same cost model in closed form on a placement grid (whole resident layers of attention and FFN,
+GPU-KV fractions in steps), vectorised with numpy. Used by tools/bench_planner.py and the tests.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from .costmodel import Knobs, Linear
+from .planner import POLICIES, Planner
+
+KV_LEVELS = (0.0, 0.125, 0.25, 0.5, 0.75, 1.0)
+
+
+@dataclass(frozen=True)
+class GridBest:
+    knobs: Knobs
+    placement: dict[str, float]
+    total_seconds: float
+    throughput: float
+    evaluated: int  # (candidate, prefill batch, placement) points
+
+
+def _eval(f: Linear, grid: dict[str, np.ndarray]) -> np.ndarray:
+    return f.const + f.a * grid["attn_gpu"] + f.f * grid["ffn_gpu"] + f.k * grid["kv_gpu"]
+
+
+def grid_search(planner: Planner, policies: tuple[str, ...] = POLICIES) -> GridBest | None:
+    cm = planner.cm
+    L = planner.target.num_layers
+    best: GridBest | None = None
+    evaluated = 0
+    tokens = planner.workload.num_prompts * planner.workload.gen_len_tokens
+    for policy in policies:
+        if policy != "offload-only" and planner.draft is None:
+            continue
+        for knobs in planner.knob_space(policy):
+            box = planner._placement_box(knobs)
+            # Skip only what no placement can fit (a necessary memory condition, not an objective bound).
+            if not planner._memory_possible(knobs, box):
+                continue
+            axes = {v: np.array(sorted({min(max(x, lo), hi) for x in
+                                        ([i / L for i in range(L + 1)] if v != "kv_gpu" else KV_LEVELS)}))
+                    for v, (lo, hi) in box.items()}
+            a, f, k = np.meshgrid(axes["attn_gpu"], axes["ffn_gpu"], axes["kv_gpu"], indexing="ij")
+            grid = {"attn_gpu": a.ravel(), "ffn_gpu": f.ravel(), "kv_gpu": k.ravel()}
+            terms = cm.slot_terms(knobs)
+            busy = {r: _eval(x, grid) for r, x in terms.busy.items()}
+            if terms.shared_device:
+                busy = {"device": busy["gpu"] + busy["cpu"], "h2d": busy["h2d"], "d2h": busy["d2h"]}
+            slot = np.max(np.stack(list(busy.values()) + [_eval(c, grid) for c in terms.chain]), axis=0)
+            slot = slot + terms.serial_seconds
+            slots, _ = cm.decode_slots(knobs)
+            for bp in planner.prefill_grid():
+                kb = replace(knobs, prefill_batch=bp)
+                mem_ok = np.ones_like(slot, dtype=bool)
+                for tier, form in cm.memory_terms(kb).items():
+                    cap = planner.caps[tier]
+                    if math.isfinite(cap):
+                        mem_ok &= _eval(form, grid) <= cap * (1 + 1e-9) + 1.0
+                evaluated += slot.size
+                if not mem_ok.any():
+                    continue
+                pre = {r: _eval(x, grid) for r, x in cm.prefill_terms(kb).items()}
+                if cm.cpu_only:
+                    pre = {"device": pre["gpu"] + pre["cpu"], "h2d": pre["h2d"], "d2h": pre["d2h"]}
+                chunk = np.max(np.stack(list(pre.values())), axis=0)
+                total = slots * slot + cm.prefill_chunks(kb) * chunk
+                total = np.where(mem_ok, total, np.inf)
+                i = int(np.argmin(total))
+                if best is None or total[i] < best.total_seconds:
+                    placement = {v: float(grid[v][i]) for v in grid}
+                    best = GridBest(kb, placement, float(total[i]), tokens / float(total[i]), 0)
+    if best is not None:
+        best = replace(best, evaluated=evaluated)
+    return best

@@ -1,0 +1,344 @@
+"""Planner: contracts, presets, cost model formulas, the LP, the search and its properties, the CLI."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from specoffload.planner import lp
+from specoffload.planner.cli import main as plan_main
+from specoffload.planner.costmodel import CostModel, Knobs, expected_tokens, round_stats
+from specoffload.planner.gridsearch import grid_search
+from specoffload.planner.models import load_model_spec
+from specoffload.planner.planner import PlanInfeasible, Planner, make_plan
+from specoffload.planner.schema import Curve, HardwareProfile, Plan, Workload, load_profile, profiles_dir
+from specoffload.planner.strict import SchemaError
+
+PROFILES = ["rtx4090-pcie3", "rtx4090-pcie4", "l4", "t4", "h200-24g"]
+SMALL = Workload(prompt_len_tokens=256, gen_len_tokens=32, num_prompts=64, acceptance=0.8)
+FAST = settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def small_plan(profile="rtx4090-pcie4", workload=SMALL, **kw):
+    profile = profile if isinstance(profile, HardwareProfile) else load_profile(profile)
+    return make_plan(profile, load_model_spec("mixtral-8x7b"), load_model_spec("mistral-7b"),
+                     workload, **kw)
+
+
+# --- package boundaries -------------------------------------------------------------------------
+def test_planner_never_imports_torch():
+    code = ("import sys, specoffload.planner.cli, specoffload.planner.planner, specoffload.planner.gridsearch;"
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_no_top_level_planner_or_runtime_module():
+    code = "import importlib.util as u; print(u.find_spec('planner'), u.find_spec('runtime'))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd="/")
+    assert out.stdout.strip() == "None None"
+
+
+# --- presets --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name,published", [("mixtral-8x7b", 46.7e9), ("mixtral-8x22b", 141e9),
+                                            ("mistral-7b", 7.2e9), ("llama-3-70b", 70.6e9),
+                                            ("llama-3.2-1b", 1.24e9)])
+def test_preset_parameter_counts_match_published(name, published):
+    assert load_model_spec(name).total_params == pytest.approx(published, rel=0.01)
+
+
+def test_model_alias_and_config_path(tmp_path):
+    assert load_model_spec("mixtral").name == "mixtral-8x7b"
+    cfg = {"architectures": ["MistralForCausalLM"], "hidden_size": 64, "num_attention_heads": 4,
+           "num_key_value_heads": 2, "num_hidden_layers": 2, "intermediate_size": 128, "vocab_size": 100}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    spec = load_model_spec(str(tmp_path))
+    assert spec.family == "mistral" and spec.head_dim == 16 and spec.kv_bytes_per_token == 2 * 2 * 2 * 16 * 2
+    again = load_model_spec(str(tmp_path / "config.json"))
+    assert again.name == spec.name == tmp_path.name and again.total_params == spec.total_params
+
+
+def test_model_errors_name_the_problem(tmp_path):
+    with pytest.raises(SchemaError, match="unknown model 'gpt-9'.*mixtral-8x7b"):
+        load_model_spec("gpt-9")
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
+    with pytest.raises(SchemaError, match="unsupported architecture.*supported: LlamaForCausalLM"):
+        load_model_spec(str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "hidden_size": 8}))
+    with pytest.raises(SchemaError, match="lacks key 'num_attention_heads'"):
+        load_model_spec(str(tmp_path))
+
+
+def test_moe_expected_experts():
+    spec = load_model_spec("mixtral-8x7b")
+    assert spec.expected_experts(1) == pytest.approx(2.0)
+    assert spec.expected_experts(1000) == pytest.approx(8.0)
+    assert 2.0 < spec.expected_experts(3) < 8.0
+    # one layer's experts: 8 x 3 x 4096 x 14336 x 2 bytes = 2.8 GB (reference figures)
+    assert 8 * spec.expert_bytes == pytest.approx(2.82e9, rel=0.01)
+    assert spec.kv_bytes_per_token == 128 * 1024
+
+
+@pytest.mark.parametrize("name", PROFILES)
+def test_shipped_presets_load_and_say_where_figures_come_from(name):
+    p = load_profile(name)
+    assert p.source == "spec-sheet" and "sources" in p.provenance and "estimated" in p.provenance["cpu_attention"]
+
+
+# --- contracts: strict YAML --------------------------------------------------------------------
+def test_profile_yaml_round_trip(tmp_path):
+    p = load_profile("rtx4090-pcie3")
+    p.save(tmp_path / "p.yaml")
+    assert HardwareProfile.load(tmp_path / "p.yaml") == p
+
+
+def test_plan_yaml_round_trip(tmp_path):
+    plan = small_plan().plan
+    plan.save(tmp_path / "plan.yaml")
+    assert Plan.load(tmp_path / "plan.yaml") == plan
+
+
+@FAST
+@given(prompt=st.integers(1, 4096), gen=st.integers(1, 2048), n=st.integers(1, 10**5),
+       acc=st.one_of(st.floats(0, 1), st.lists(st.floats(0, 1), min_size=1, max_size=8).map(tuple)))
+def test_workload_yaml_round_trip_property(tmp_path_factory, prompt, gen, n, acc):
+    w = Workload(prompt_len_tokens=prompt, gen_len_tokens=gen, num_prompts=n, acceptance=acc)
+    path = tmp_path_factory.mktemp("w") / "w.yaml"
+    w.save(path)
+    assert Workload.load(path) == w
+
+
+def _write(tmp_path, data):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_strict_loading_errors_name_file_key_expected_found(tmp_path):
+    good = yaml.safe_load(open(profiles_dir() / "t4.yaml"))
+    bad = dict(good, h2d_pinned_bytes_per_s="fast")
+    path = _write(tmp_path, bad)
+    with pytest.raises(SchemaError) as e:
+        HardwareProfile.load(path)
+    msg = str(e.value)
+    assert str(path) in msg and "h2d_pinned_bytes_per_s" in msg and "'fast'" in msg and "expected" in msg
+    with pytest.raises(SchemaError, match="unknown key 'pcie_gen'"):
+        HardwareProfile.load(_write(tmp_path, dict(good, pcie_gen=4)))
+    missing = dict(good)
+    del missing["gpu_mem_bytes"]
+    with pytest.raises(SchemaError, match="missing key 'gpu_mem_bytes'"):
+        HardwareProfile.load(_write(tmp_path, missing))
+    with pytest.raises(SchemaError, match="gpu_mem_bytes must be positive"):
+        HardwareProfile.load(_write(tmp_path, dict(good, gpu_mem_bytes=-1)))
+    with pytest.raises(SchemaError, match="schema 1, found 7"):
+        HardwareProfile.load(_write(tmp_path, dict(good, schema_version=7)))
+    (tmp_path / "broken.yaml").write_text("name: [unclosed\n")
+    with pytest.raises(SchemaError, match="not valid YAML"):
+        HardwareProfile.load(tmp_path / "broken.yaml")
+    with pytest.raises(SchemaError, match="file not found"):
+        HardwareProfile.load(tmp_path / "nope.yaml")
+
+
+def test_missing_figure_is_refused_by_name():
+    p = load_profile("t4").with_overrides({"cpu_attn_flops_per_s": None})
+    assert "cpu_attn_flops_per_s" in p.missing
+    with pytest.raises(SchemaError, match="figure 'cpu_attn_flops_per_s' is missing"):
+        make_plan(p, load_model_spec("mixtral-8x7b"), None, SMALL)
+
+
+def test_curve_interpolates_in_log_size():
+    c = Curve(((1e3, 1.0), (1e5, 3.0)))
+    assert c(1e2) == 1.0 and c(1e6) == 3.0 and c(1e4) == pytest.approx(2.0)
+
+
+# --- cost model formulas ---------------------------------------------------------------------
+def test_expected_tokens_closed_form():
+    for p in (0.0, 0.3, 0.7, 0.95):
+        for k in range(0, 9):
+            closed = (1 - p ** (k + 1)) / (1 - p)
+            assert expected_tokens((p,) * k) == pytest.approx(closed)
+    assert expected_tokens((0.7,) * 4) == pytest.approx(2.7731)  # not the public planner's 2.10
+    assert expected_tokens((0.9, 0.5)) == pytest.approx(1 + 0.9 + 0.45)
+
+
+def test_round_stats_extremes():
+    assert round_stats((), 50).mean_rounds == pytest.approx(50)  # no draft: one token a round
+    assert round_stats((1.0,) * 4, 50).mean_rounds == pytest.approx(10)  # all accepted: 5 a round
+    assert round_stats((1.0,) * 4, 52).mean_rounds == pytest.approx(11)  # capped, never overshoots
+    st_ = round_stats((0.7,) * 4, 128)
+    assert st_.expected_max(256) > st_.mean_rounds > 128 / 2.7731 - 1
+
+
+def test_slot_is_h2d_bound_for_large_moe_on_pcie3():
+    cm = CostModel(load_profile("rtx4090-pcie3"), load_model_spec("mixtral-8x7b"), None, SMALL)
+    k = Knobs("offload-only", 64, 8, 0, 1)
+    t = cm.slot_terms(k)
+    place = {"attn_gpu": 0.0, "ffn_gpu": 0.0, "kv_gpu": 0.0}
+    slot, binding = cm.slot_seconds(t, place)
+    assert binding == "h2d"
+    # all 32 layers' weights over ~12.6 GB/s: ~7 s (the design's "one weight sweep takes ~7 s")
+    assert 6.0 < slot < 8.5
+
+
+# --- the LP -------------------------------------------------------------------------------------
+def test_lp_hand_solvable_instance():
+    # min T s.t. T >= 3 - 2a, T >= 1 + a, 5a + 3b <= 4, 0 <= a, b <= 1  ->  a = 2/3, T = 5/3
+    sol = lp.minimize("hand", [lp.Variable("a", 0, 1), lp.Variable("b", 0, 1), lp.Variable("T")], {"T": 1.0},
+                      [lp.Constraint("h2d", {"T": 1, "a": 2}, ">=", 3), lp.Constraint("gpu", {"T": 1, "a": -1}, ">=", 1),
+                       lp.Constraint("mem", {"a": 5, "b": 3}, "<=", 4)])
+    assert sol.status == "Optimal"
+    assert sol.objective == pytest.approx(5 / 3) and sol.values["a"] == pytest.approx(2 / 3)
+    assert set(sol.binding()) >= {"h2d", "gpu"}
+
+
+def test_lp_infeasible_status_is_named():
+    with pytest.raises(lp.LpError) as e:
+        lp.minimize("bad", [lp.Variable("x", 0, 1)], {"x": 1.0}, [lp.Constraint("need", {"x": 1}, ">=", 2)])
+    assert e.value.status == "Infeasible"
+
+
+def test_placement_lp_matches_closed_form():
+    pl = Planner(load_profile("rtx4090-pcie4"), load_model_spec("mixtral-8x7b"), load_model_spec("mistral-7b"), SMALL)
+    cand = pl.solve_placement(Knobs("interleaved", 32, 64, 3, 2, "gpu", 1))
+    # the LP's optimum and the cost model's closed form at its placement are the same number
+    assert cand.prediction.total_seconds > 0
+    pred = pl.cm.evaluate(cand.knobs, cand.placement)
+    assert pred.total_seconds == pytest.approx(cand.prediction.total_seconds)
+
+
+# --- the planner -----------------------------------------------------------------------------
+def test_plan_fits_memory_and_reports_everything():
+    res = small_plan()
+    pr = res.plan.prediction
+    for tier, peak in pr.peak_mem_bytes.items():
+        assert peak <= pr.capacity_bytes[tier] * (1 + 1e-9) + 1
+    assert set(pr.busy_seconds_per_slot) >= {"gpu", "cpu", "h2d", "d2h"}
+    assert 0 < pr.bound_fraction <= 1
+    assert pr.throughput_tokens_per_s <= pr.decode_tokens_per_s
+
+
+def test_specoffload_is_best_of_three():
+    res = small_plan()
+    best = max(res.best_by_policy.values(), key=lambda c: c.throughput)
+    assert res.plan.policy == best.knobs.policy
+    assert set(res.best_by_policy) == {"offload-only", "serial-spec", "interleaved"}
+
+
+def test_declines_to_speculate_when_acceptance_is_zero():
+    res = small_plan(workload=dataclasses.replace(SMALL, acceptance=0.0))
+    assert res.plan.policy == "offload-only" and res.plan.draft_len == 0 and res.plan.draft == ""
+    assert any(n.startswith("declined to speculate") for n in res.plan.notes)
+
+
+def test_policy_can_be_forced_and_knobs_pinned():
+    res = small_plan(policy="interleaved", fixed={"decode_batch": 16, "draft_len": 3})
+    assert res.plan.policy == "interleaved" and res.plan.num_batches == 2
+    assert res.plan.decode_batch == 16 and res.plan.draft_len == 3
+
+
+def test_model_that_does_not_fit_names_resource_need_capacity():
+    with pytest.raises(PlanInfeasible) as e:
+        make_plan(load_profile("rtx4090-pcie3"), load_model_spec("mixtral-8x22b"), None,
+                  Workload(prompt_len_tokens=512, gen_len_tokens=128, num_prompts=100))
+    msg = str(e.value)
+    assert "mixtral-8x22b" in msg and "GiB" in msg and "memory" in msg
+
+
+def test_batches_range_into_thousands():
+    w = Workload(prompt_len_tokens=512, gen_len_tokens=128, num_prompts=4000, acceptance=0.0)
+    res = make_plan(load_profile("rtx4090-pcie4"), load_model_spec("mixtral-8x7b"), None, w)
+    assert res.plan.sequences_in_flight >= 1000
+
+
+def test_planner_matches_exhaustive_grid_search():
+    w = Workload(prompt_len_tokens=128, gen_len_tokens=16, num_prompts=24, acceptance=0.75)
+    args = (load_profile("l4"), load_model_spec("mixtral-8x7b"), load_model_spec("mistral-7b"), w)
+    planned = Planner(*args, max_draft_len=3).plan()
+    grid = grid_search(Planner(*args, max_draft_len=3))
+    # the LP places GPU-KV sequences one by one, the grid in steps: the planner may only be better
+    assert planned.plan.prediction.throughput_tokens_per_s >= grid.throughput * 0.99
+
+
+# --- properties -------------------------------------------------------------------------------
+TOL = 2e-3  # the search's optimality gap (OPTIMALITY_GAP) plus solver tolerance
+
+
+@FAST
+@given(profile=st.sampled_from(PROFILES), factor=st.floats(1.0, 4.0))
+def test_more_h2d_bandwidth_never_lowers_throughput(profile, factor):
+    p = load_profile(profile)
+    more = p.with_overrides({"h2d_pinned_bytes_per_s": p.h2d_pinned_bytes_per_s.scaled(factor).to_yaml_value()})
+    base = small_plan(p).plan.prediction.throughput_tokens_per_s
+    assert small_plan(more).plan.prediction.throughput_tokens_per_s >= base * (1 - TOL)
+
+
+@FAST
+@given(profile=st.sampled_from(PROFILES), factor=st.floats(1.0, 3.0))
+def test_more_host_memory_never_lowers_throughput(profile, factor):
+    p = load_profile(profile)
+    more = p.with_overrides({"host_mem_bytes": p.host_mem_bytes * factor, "pinned_mem_bytes": p.pinned_mem_bytes * factor})
+    w = Workload(prompt_len_tokens=2048, gen_len_tokens=32, num_prompts=64, acceptance=0.8)
+    base = small_plan(p, w).plan.prediction.throughput_tokens_per_s
+    assert small_plan(more, w).plan.prediction.throughput_tokens_per_s >= base * (1 - TOL)
+
+
+@FAST
+@given(profile=st.sampled_from(PROFILES), p0=st.floats(0.0, 0.95), dp=st.floats(0.0, 0.3))
+def test_higher_acceptance_never_lowers_throughput(profile, p0, dp):
+    lo = dataclasses.replace(SMALL, acceptance=p0)
+    hi = dataclasses.replace(SMALL, acceptance=min(1.0, p0 + dp))
+    assert small_plan(profile, hi).plan.prediction.throughput_tokens_per_s >= \
+        small_plan(profile, lo).plan.prediction.throughput_tokens_per_s * (1 - TOL)
+
+
+@FAST
+@given(profile=st.sampled_from(PROFILES), n=st.integers(1, 300), gen=st.integers(1, 96),
+       acc=st.floats(0.0, 1.0), policy=st.sampled_from(["specoffload", "offload-only", "serial-spec", "interleaved"]))
+def test_every_plan_fits_its_memory_when_rechecked(profile, n, gen, acc, policy):
+    w = Workload(prompt_len_tokens=300, gen_len_tokens=gen, num_prompts=n, acceptance=acc)
+    res = small_plan(profile, w, policy=policy)
+    plan = res.plan
+    from specoffload.planner.planner import knobs_from_plan, placement_from_plan
+    cm = CostModel(load_profile(profile), load_model_spec("mixtral-8x7b"), load_model_spec("mistral-7b"), w)
+    pred = cm.evaluate(knobs_from_plan(plan), placement_from_plan(plan, cm.t))
+    caps = cm.capacities()
+    for tier, peak in pred.peak_mem_bytes.items():
+        assert peak <= caps[tier] * (1 + 1e-9) + 1
+    assert pred.throughput_tokens_per_s == pytest.approx(plan.prediction.throughput_tokens_per_s, rel=1e-6)
+    assert not math.isnan(pred.throughput_tokens_per_s)
+
+
+# --- the command ------------------------------------------------------------------------------
+def test_cli_writes_plan_and_prints_summary(tmp_path, capsys):
+    out = tmp_path / "plan.yaml"
+    rc = plan_main(["--model", "mixtral", "--draft", "mistral-7b", "--profile", "rtx4090-pcie4", "--prompt-len", "256",
+                    "--gen-len", "32", "--num-prompts", "64", "--acceptance", "0.8", "-o", str(out), "--explain"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    for needle in ("predicted throughput", "decode only", "busy per slot", "memory peak / capacity", "binding",
+                   "physical bound", "alternatives", "why they lost"):
+        assert needle in text
+    assert Plan.load(out).model == "mixtral-8x7b"
+
+
+def test_cli_errors_are_one_line_and_exit_2(capsys):
+    rc = plan_main(["--model", "mixtral-8x22b", "--profile", "rtx4090-pcie3", "--prompt-len", "512",
+                    "--gen-len", "128", "--num-prompts", "100"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "no plan fits" in err and "GiB" in err and "Traceback" not in err
+    rc = plan_main(["--model", "mixtral", "--profile", "nope", "--prompt-len", "5", "--gen-len", "5", "--num-prompts", "5"])
+    assert rc == 2 and "profile 'nope'" in capsys.readouterr().err
+    rc = plan_main(["--model", "mixtral", "--profile", "t4"])
+    assert rc == 2 and "--prompt-len" in capsys.readouterr().err
+
+
+def test_cli_help_shows_an_example():
+    out = subprocess.run([sys.executable, "-m", "specoffload.planner.cli", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "example:" in out.stdout and "specoffload-plan --model mixtral" in out.stdout
