@@ -125,14 +125,14 @@ def layer_knapsack_min(f: Linear, g: Linear, cap: float, layers: int) -> float:
 
 class Planner:
     def __init__(self, profile: HardwareProfile, target: ModelSpec, draft: ModelSpec | None, workload: Workload,
-                 max_draft_len: int = 8, fixed: dict[str, int] | None = None):
+                 max_draft_len: int = 8, fixed: dict[str, int | str] | None = None):
         """`fixed` pins knobs: decode_batch, draft_len, micro_batches, prefill_batch (e.g. to reproduce
         a setting from a paper); the rest is still searched."""
         self.fixed = dict(fixed or {})
-        unknown = set(self.fixed) - {"decode_batch", "draft_len", "micro_batches", "prefill_batch"}
+        fixable = ("decode_batch", "draft_len", "micro_batches", "prefill_batch", "draft_kv", "draft_sub_batch")
+        unknown = set(self.fixed) - set(fixable)
         if unknown:
-            raise SchemaError(f"cannot fix {sorted(unknown)}; fixable: decode_batch, draft_len, micro_batches, "
-                              f"prefill_batch")
+            raise SchemaError(f"cannot fix {sorted(unknown)}; fixable: {', '.join(fixable)}")
         self.cm = CostModel(profile, target, draft, workload)
         self.profile, self.target, self.draft, self.workload = profile, target, draft, workload
         self.max_draft_len = max_draft_len
@@ -155,6 +155,10 @@ class Planner:
         micro = [self.fixed["micro_batches"]] if "micro_batches" in self.fixed else MICRO_BATCHES
         modes = [("gpu", 1)] if policy == "offload-only" else (
             [("gpu", 1), ("host", 1)] + [("recompute", s) for s in DRAFT_SUB_BATCHES])
+        if policy != "offload-only" and "draft_kv" in self.fixed:
+            mode = self.fixed["draft_kv"]
+            subs = [self.fixed.get("draft_sub_batch", 1)] if mode == "recompute" else [1]
+            modes = [(mode, s) for s in subs]
         buffers = 0 if self.cm.cpu_only else 2
         for b in batches:
             for k in ks:
@@ -507,5 +511,6 @@ def profile_fingerprint(profile: HardwareProfile) -> str:
 
 
 def make_plan(profile: HardwareProfile, target: ModelSpec, draft: ModelSpec | None, workload: Workload,
-              policy: str = "specoffload", max_draft_len: int = 8, fixed: dict[str, int] | None = None) -> PlanResult:
+              policy: str = "specoffload", max_draft_len: int = 8,
+              fixed: dict[str, int | str] | None = None) -> PlanResult:
     return Planner(profile, target, draft, workload, max_draft_len, fixed).plan(policy)
