@@ -323,8 +323,11 @@ class Planner:
             budget -= self.draft.total_bytes
         if budget < 0:
             return math.inf
-        cpu_seq = cm.cpu_attention_seconds(t, 1, k + 1, cm.ctx_avg) - cm.hw.cpu_attn_overhead_seconds
         kv_all = base.num_batches * b * cm.ctx_max * t.kv_bytes_per_token
+        weights = L * (t.attn_bytes_per_layer + t.ffn_bytes_per_layer)
+        if not cm.cpu_only and kv_all + weights > budget + self.caps["host"]:
+            return math.inf  # every weight and KV byte lives on the GPU or the host: no room for this batch
+        cpu_seq = cm.cpu_attention_seconds(t, 1, k + 1, cm.ctx_avg) - cm.hw.cpu_attn_overhead_seconds
         kv_max = 1.0 if cm.cpu_only else min(1.0, budget / kv_all)
         cpu = L * b * cpu_seq * (1.0 - kv_max)
         h2d = 0.0

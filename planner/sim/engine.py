@@ -202,7 +202,11 @@ class MemoryPool:
 
 
 class Engine:
-    """The heap loop and the dependency bookkeeping (the only code that touches waiting counts)."""
+    """The heap loop and the dependency bookkeeping (the only code that touches waiting counts).
+
+    Everything a handler causes (tasks made ready, cascaded completions) is collected as new events
+    and returned to the loop; setup code run outside the loop queues its events for the first pop.
+    """
 
     def __init__(self):
         self._counter = itertools.count()
@@ -210,7 +214,9 @@ class Engine:
         self.resources: list[Resource] = []
         self.now = 0.0
         self.events = 0
+        self.stopped = False
         self._heap: list[Event] = []
+        self._out: list[Event] = []  # where _ready/_complete put new events (setup: queued for the loop)
 
     def resource(self, name: str, record=None) -> Resource:
         res = Resource(name, len(self.resources), self.seq, record)
@@ -227,7 +233,7 @@ class Engine:
 
     @staticmethod
     def hold(task: Task) -> None:
-        """An extra wait released later by `release` (a dependency on something not created yet)."""
+        """An extra wait, turned into a dependency later by `attach` (its predecessor does not exist yet)."""
         task.waiting += 1
 
     def arm(self, task: Task) -> None:
@@ -240,7 +246,7 @@ class Engine:
             self._ready(task)
 
     def attach(self, pred: Task, succ: Task) -> None:
-        """Convert a `hold` on succ into a dependency on pred (pred created after the hold)."""
+        """Convert a `hold` on succ into a dependency on pred."""
         if pred.done:
             self.release(succ)
         else:
@@ -252,9 +258,10 @@ class Engine:
             return
         ev = task.resource.submit(task, self.now)
         if ev is not None:
-            heapq.heappush(self._heap, ev)
+            self._out.append(ev)
 
     def _complete(self, task: Task) -> None:
+        out = self._out
         stack = [task]
         while stack:
             t = stack.pop()
@@ -271,12 +278,12 @@ class Engine:
                     else:
                         ev = s.resource.submit(s, self.now)
                         if ev is not None:
-                            heapq.heappush(self._heap, ev)
+                            out.append(ev)
             t.successors = []
 
     # --- the loop ----------------------------------------------------------------------------------
     def handle(self, ev: Event) -> list[Event]:
-        """Apply one event; returns the new events (the loop pushes them)."""
+        """Apply one event; returns the new events."""
         res = self.resources[ev.resource]
         if ev.kind == PREEMPT:
             nxt = res.cut(ev.token, ev.time)
@@ -285,18 +292,23 @@ class Engine:
         if task is None:
             return []
         out = [nxt] if nxt is not None else []
-        # Completion cascades push straight onto the heap (same instant, ordered by seq).
-        self._complete(task)
+        self._out = out
+        try:
+            self._complete(task)
+        finally:
+            self._out = []
         return out
 
-    def run(self, stop: Callable[[], bool], check: Callable[[float, int], None] | None = None,
-            check_every: int = 8192) -> bool:
-        """Pop events until `stop()` or the heap is empty. Returns False when events ran out first."""
+    def run(self, check: Callable[[float, int], None] | None = None, check_every: int = 8192) -> bool:
+        """Pop events until a handler sets `stopped` or none are left. Returns `stopped`."""
         heap = self._heap
+        for ev in self._out:
+            heapq.heappush(heap, ev)
+        self._out = []
         pop, push = heapq.heappop, heapq.heappush
         handle = self.handle
         n = self.events
-        while heap:
+        while heap and not self.stopped:
             ev = pop(heap)
             self.now = ev.time
             for new in handle(ev):
@@ -305,11 +317,8 @@ class Engine:
             if check is not None and n % check_every == 0:
                 self.events = n
                 check(self.now, n)
-            if stop():
-                self.events = n
-                return True
         self.events = n
-        return stop()
+        return self.stopped
 
     def pending(self) -> int:
         return len(self._heap)

@@ -1,0 +1,119 @@
+"""What the simulator allocates in each memory pool, derived from the cost model's memory terms.
+
+The cost model gives one peak per tier (`CostModel.memory_terms`). The simulator needs the same
+bytes split by *when* they are held: static allocations made at setup (resident weights, weight
+buffers, the draft's weights, pinned streamed weights) and per-sequence KV caches that are held from
+a sequence's prefill until it finishes. Named parts come from ModelSpec byte counts; what the cost
+model adds on top (activation and logit working sets, prefill staging, the draft's recompute
+buffers) is kept as one static "workspace" per pool, the residual, so that at full occupancy the
+simulated total equals the cost model's peak exactly (tests check this).
+
+Pools: `gpu`, `pinned` (page-locked host memory, a part of host memory) and `host`. Pinned bytes are
+allocated in both `pinned` and `host`. On a CPU-only profile everything lives in `host`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from ..costmodel import CPU_ONLY_PLACEMENT, CostModel, Knobs
+from ..schema import Plan
+
+POOLS = ("gpu", "pinned", "host")
+
+
+@dataclass(frozen=True)
+class StaticAlloc:
+    pool: str
+    name: str
+    nbytes: float
+
+
+@dataclass(frozen=True)
+class MemoryLayout:
+    static: tuple[StaticAlloc, ...]
+    kv_per_sequence: dict[str, float]  # pool -> bytes one sequence holds when its slot keeps KV on the host
+    kv_per_gpu_sequence: dict[str, float]  # same for a slot whose target KV lives on the GPU
+    capacity: dict[str, float]  # pool -> bytes (inf: no limit)
+    predicted_peak: dict[str, float]  # the cost model's peak per pool at this plan's placement
+    residual_error: dict[str, float]  # negative residuals clamped to 0 (should all be 0)
+
+
+def _add(d: dict[str, float], pool: str, nbytes: float) -> None:
+    d[pool] = d.get(pool, 0.0) + nbytes
+
+
+def memory_layout(cm: CostModel, knobs: Knobs, placement: dict[str, float], plan: Plan) -> MemoryLayout:
+    t, d = cm.t, cm.d
+    L = t.num_layers
+    terms = cm.memory_terms(knobs)
+    peak = {pool: terms[pool].at(placement) for pool in POOLS}
+    caps = cm.capacities()
+    kv_seq = cm.ctx_max * t.kv_bytes_per_token
+    spec = knobs.speculative and d is not None
+    dkv_seq = cm.ctx_max * d.kv_bytes_per_token if spec else 0.0
+    nb, b = knobs.num_batches, knobs.decode_batch
+
+    static: list[tuple[str, str, float]] = []
+    kv_host: dict[str, float] = {}
+    kv_gpu: dict[str, float] = {}
+    if cm.cpu_only:
+        # One memory: weights, KV and working sets all in host memory; attention in place.
+        static.append(("host", "target weights", t.outer_bytes + L * (t.attn_bytes_per_layer + t.ffn_bytes_per_layer)))
+        if spec:
+            static.append(("host", "draft weights", d.total_bytes))
+        _add(kv_host, "host", kv_seq)
+        _add(kv_gpu, "host", kv_seq)
+        if spec and knobs.draft_kv in ("gpu", "host"):
+            _add(kv_host, "host", dkv_seq)
+            _add(kv_gpu, "host", dkv_seq)
+        gpu_kv_slots = 0
+        placement = CPU_ONLY_PLACEMENT
+    else:
+        A, F = plan.gpu_attn_layers, plan.gpu_ffn_layers
+        static.append(("gpu", "target embeddings, final norm and LM head", t.outer_bytes))
+        static.append(("gpu", f"resident attention weights ({A} layers)", A * t.attn_bytes_per_layer))
+        static.append(("gpu", f"resident FFN weights ({F} layers)", F * t.ffn_bytes_per_layer))
+        static.append(("gpu", f"weight buffers ({knobs.weight_buffers} x one layer)",
+                       knobs.weight_buffers * (t.attn_bytes_per_layer + t.ffn_bytes_per_layer)))
+        streamed = (L - A) * t.attn_bytes_per_layer + (L - F) * t.ffn_bytes_per_layer
+        static.append(("pinned", f"streamed weights ({L - A} attention, {L - F} FFN layers)", streamed))
+        static.append(("host", "streamed weights (pinned)", streamed))
+        if spec:
+            static.append(("gpu", "draft weights", d.total_bytes))
+        _add(kv_host, "host", kv_seq)
+        _add(kv_gpu, "gpu", kv_seq)
+        if spec and knobs.draft_kv in ("gpu", "host"):
+            pool = "gpu" if knobs.draft_kv == "gpu" else "host"
+            _add(kv_host, pool, dkv_seq)
+            _add(kv_gpu, pool, dkv_seq)
+        gpu_kv_slots = plan.gpu_kv_sequences
+    # KV at full occupancy: every slot of every batch holds a sequence.
+    full: dict[str, float] = {}
+    for pool, v in kv_host.items():
+        _add(full, pool, v * nb * (b - gpu_kv_slots))
+    for pool, v in kv_gpu.items():
+        _add(full, pool, v * nb * gpu_kv_slots)
+    named: dict[str, float] = {}
+    for pool, _, v in static:
+        _add(named, pool, v)
+    errors = {}
+    for pool in POOLS:
+        residual = peak[pool] - named.get(pool, 0.0) - full.get(pool, 0.0)
+        if residual < -max(1.0, 1e-9 * peak[pool]):
+            errors[pool] = residual
+        if residual > 0:
+            label = {"gpu": "workspace (activations, logits, prefill, draft buffers)",
+                     "pinned": "pinned staging (prefill hidden states)",
+                     "host": "host staging (prefill hidden states)"}[pool]
+            static.append((pool, label, residual))
+    return MemoryLayout(
+        static=tuple(StaticAlloc(p, n, v) for p, n, v in static if v > 0),
+        kv_per_sequence=kv_host, kv_per_gpu_sequence=kv_gpu,
+        capacity={p: caps[p] for p in POOLS},
+        predicted_peak=peak, residual_error=errors)
+
+
+def finite_capacity(capacity: float) -> float:
+    """Capacity as reports write it: 0 for an unlimited pool (as Prediction.capacity_bytes does)."""
+    return capacity if math.isfinite(capacity) else 0.0
