@@ -1,0 +1,120 @@
+"""Speculative verification: which draft tokens the target keeps, and the token it adds.
+
+Scope: pure tensor functions over one verification of a batch; no model, no cache.
+
+Greedy: keep the longest prefix of draft tokens equal to the target's own argmax at each position,
+then append the target's argmax after it. The result is exactly what greedy decoding of the target
+alone produces.
+
+Sampling (standard speculative sampling): draft token x_i, drawn from q_i, is kept with probability
+min(1, p_i(x_i) / q_i(x_i)); at the first rejection the target's token is drawn from the normalised
+residual max(0, p_i - q_i); if all k are kept, a bonus token is drawn from p_{k+1}. Each kept token
+and the replacement are then distributed exactly as the target's p (Leviathan et al., Chen et al.).
+p and q are the *processed* distributions (temperature and top-p applied to both the same way).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class AcceptanceStats:
+    """Per-position counts: tried[i] verifications reached draft position i+1, accepted[i] kept it."""
+
+    tried: list[int] = field(default_factory=list)
+    accepted: list[int] = field(default_factory=list)
+    rounds: int = 0
+    tokens: int = 0  # tokens committed by verification rounds (before capping at a sequence's length)
+
+    def record(self, n_accepted: Tensor, k: int) -> None:
+        while len(self.tried) < k:
+            self.tried.append(0)
+            self.accepted.append(0)
+        for n in n_accepted.tolist():
+            # positions 1..n accepted, position n+1 tried and rejected (if n < k)
+            for i in range(min(n + 1, k)):
+                self.tried[i] += 1
+            for i in range(n):
+                self.accepted[i] += 1
+            self.rounds += 1
+            self.tokens += n + 1
+
+    def per_position(self) -> list[float]:
+        """Conditional acceptance a_i = P(position i kept | 1..i-1 kept) (the Workload's definition)."""
+        return [a / t if t else 0.0 for a, t in zip(self.accepted, self.tried)]
+
+    @property
+    def mean_tokens_per_round(self) -> float:
+        return self.tokens / self.rounds if self.rounds else 0.0
+
+
+def processed_probs(logits: Tensor, temperature: Tensor, top_p: Tensor) -> Tensor:
+    """softmax(logits / T) restricted to the top-p nucleus and renormalised, row by row.
+
+    logits [B, ..., V]; temperature, top_p [B] (temperature > 0) -> probs [B, ..., V] (fp32)
+    """
+    shape = logits.shape
+    t = temperature.to(logits.device, torch.float32).view(-1, *([1] * (len(shape) - 1)))
+    probs = torch.softmax(logits.float() / t, dim=-1)
+    tp = top_p.to(logits.device, torch.float32).view(-1, *([1] * (len(shape) - 1)))
+    if bool((tp < 1.0).any()):
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        mass_above = sorted_p.cumsum(-1) - sorted_p
+        keep = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, order, mass_above < tp)
+        probs = probs * keep
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
+def draw(probs: Tensor, generators: list[torch.Generator]) -> Tensor:
+    """One draw per row from probs [B, V], each row from its own generator (per-request randomness
+    makes a request's output independent of which batch it shared).  -> [B] int64"""
+    out = torch.empty(probs.shape[0], dtype=torch.long)
+    for b, g in enumerate(generators):
+        out[b] = torch.multinomial(probs[b].cpu(), 1, generator=g)[0]
+    return out.to(probs.device)
+
+
+def greedy_accept(draft: Tensor, target_logits: Tensor) -> tuple[Tensor, Tensor]:
+    """draft [B, k] (int64); target_logits [B, k+1, V] (position i scores the token after draft[:i]).
+
+    -> (n_accepted [B], next_token [B]): the matching prefix length and the target's own next token.
+    """
+    B, k = draft.shape
+    best = target_logits.argmax(-1)  # [B, k+1]
+    if k == 0:
+        return torch.zeros(B, dtype=torch.long, device=draft.device), best[:, 0]
+    match = (best[:, :k] == draft).long()  # [B, k]
+    n_acc = match.cumprod(dim=1).sum(dim=1)  # length of the all-ones prefix
+    return n_acc, best.gather(1, n_acc[:, None])[:, 0]
+
+
+def sampling_accept(draft: Tensor, q: Tensor, p: Tensor, generators: list[torch.Generator]
+                    ) -> tuple[Tensor, Tensor]:
+    """draft [B, k]; q [B, k, V] draft probs; p [B, k+1, V] target probs; -> (n_accepted [B], next_token [B])."""
+    B, k = draft.shape
+    n_acc = torch.zeros(B, dtype=torch.long)
+    nxt = torch.empty(B, dtype=torch.long)
+    for b in range(B):
+        g = generators[b]
+        i = 0
+        while i < k:
+            x = int(draft[b, i])
+            px, qx = float(p[b, i, x]), float(q[b, i, x])
+            u = float(torch.rand((), generator=g))
+            if qx > 0 and u * qx <= px:  # accept with probability min(1, px / qx)
+                i += 1
+                continue
+            break
+        n_acc[b] = i
+        if i == k:
+            dist = p[b, k]
+        else:
+            residual = (p[b, i] - q[b, i]).clamp(min=0)
+            total = float(residual.sum())
+            dist = residual / total if total > 0 else p[b, i]
+        nxt[b] = torch.multinomial(dist.cpu().float(), 1, generator=g)[0]
+    return n_acc.to(draft.device), nxt.to(draft.device)
