@@ -154,7 +154,11 @@ class ModelSpec:
 
     @property
     def fingerprint(self) -> str:
-        return fingerprint(self)
+        """Hash of the shapes only: the same config under another name or path matches."""
+        import dataclasses
+
+        return fingerprint({f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                            if f.name not in ("name", "source")})
 
     def describe(self) -> str:
         experts = f", {self.num_experts} experts top-{self.experts_per_token}" if self.num_experts else ""

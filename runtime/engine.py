@@ -170,6 +170,15 @@ class LayerStreamer:
     def streamed(self, j: int) -> bool:
         return j in self.buffer_of
 
+    def pinned_bytes(self) -> int:
+        """Bytes of streamed weights held in pinned host memory."""
+        total = 0
+        for j in self.buffer_of:
+            lw = self.w.layers[j]
+            parts = ([] if self.attn_res[j] else [lw.attn]) + ([] if self.ffn_res[j] else [lw.ffn, *lw.experts])
+            total += sum(t.nbytes for d in parts for t in d.values())
+        return total
+
     def prefetch(self, j: int, experts: list[int] | None = None) -> None:
         """Start copying layer j's streamed tensors (all experts, or only `experts`)."""
         if j >= self.n or not self.streamed(j) or j in self.ready:
@@ -567,7 +576,10 @@ class Draft:
 class EngineStats:
     generated_tokens: int = 0  # committed tokens, each sequence capped at its max_tokens
     prefill_tokens: int = 0
-    slots: int = 0
+    sequences: int = 0  # finished sequences
+    slots: int = 0  # verifications of one batch
+    prefill_passes: int = 0  # prefill chunks (weight sweeps for prompts)
+    slot_times: list[float] = field(default_factory=list)
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     acceptance: AcceptanceStats = field(default_factory=AcceptanceStats)
@@ -635,6 +647,7 @@ class Engine:
             if self.draft is not None:
                 self.draft.prefill(chunk, [s.req.prompt for s in chunk])
             self.stats.prefill_tokens += int(n_new.sum())
+            self.stats.prefill_passes += 1
             self.stats.prefill_seconds += time.perf_counter() - t0
             for s, tok in zip(chunk, first):
                 if self._commit(s, [tok]):
@@ -666,6 +679,7 @@ class Engine:
     def _verify(self, seqs: list[Seq], between: Callable[[int], None] | None = None) -> list[Seq]:
         """Target pass over [last, d1..dk] for each sequence; accept; roll caches back. Returns the unfinished."""
         k = self.k if self.draft is not None else 0
+        t_start = time.perf_counter()
         slots = [s.slot for s in seqs]
         base = self.target.kv.lengths(slots)
         tokens = torch.zeros(len(seqs), k + 1, dtype=torch.long)
@@ -706,6 +720,7 @@ class Engine:
                 running.append(s)
         self.target.kv.rollback(slots, keep)
         self.stats.slots += 1
+        self.stats.slot_times.append(time.perf_counter() - t_start)
         return running
 
     # -- the schedules --------------------------------------------------------------------------
@@ -724,6 +739,7 @@ class Engine:
             if self.draft is not None:
                 self.draft.release([s.slot])
             free[s.slot // self.batch].append(s.slot)
+            self.stats.sequences += 1
             on_finish(Finished(s.req, list(s.out), reason))
             if progress:
                 progress(len(s.out))

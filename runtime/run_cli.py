@@ -1,0 +1,355 @@
+"""specoffload-run: execute a plan on real checkpoints; JSONL in, JSONL out (resumable), a measured report.
+
+    specoffload-run plan.yaml --prompts in.jsonl --output out.jsonl [--report report.yaml] [--trace trace.json]
+
+Input lines: {"id": ..., "prompt": "...", "max_tokens": N, "temperature": T, "top_p": P, "seed": S}
+(all but id and prompt optional; max_tokens defaults to the plan's generation length). Output lines,
+written and flushed as each sequence finishes: {"id", "text", "tokens", "num_tokens", "prompt_tokens",
+"finish_reason"}. Rerunning with the same output file skips the ids already there (a line cut short
+by a crash is dropped and redone), so nothing is duplicated or lost.
+
+Before starting, the plan is simulated on its profile and refused if the simulator rejects it
+(--force runs it anyway). The report has the simulator's fields, measured, next to the plan's
+prediction.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+EXAMPLE = """example:
+  specoffload-plan --model tiny-target --draft tiny-draft --profile cpu-2core --prompt-len 24 \\
+      --gen-len 32 --num-prompts 64 -o plan.yaml
+  specoffload-run plan.yaml --prompts prompts.jsonl --output out.jsonl --report report.yaml
+
+  A plan made for a preset (e.g. mixtral-8x7b) needs the checkpoint folder: --target DIR [--draft DIR].
+"""
+
+
+class RunError(ValueError):
+    """Bad input: names the file, line or field, and the fix."""
+
+
+@dataclass
+class Prompt:
+    id: str
+    text: str
+    max_tokens: int | None
+    temperature: float
+    top_p: float
+    seed: int
+    line: int
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs and outputs
+# ----------------------------------------------------------------------------------------------
+
+def read_prompts(path: str | Path) -> list[Prompt]:
+    """Parse and validate the JSONL input; every problem names the line."""
+    path = Path(path)
+    if not path.is_file():
+        raise RunError(f"{path}: prompts file not found")
+    out, seen = [], {}
+    allowed = {"id", "prompt", "max_tokens", "temperature", "top_p", "seed"}
+    with path.open() as fh:
+        for n, raw in enumerate(fh, 1):
+            if not raw.strip():
+                continue
+            try:
+                obj = json.loads(raw)
+            except json.JSONDecodeError as exc:
+                raise RunError(f"{path}:{n}: not valid JSON ({exc.msg}); each line must be one JSON object") from None
+            if not isinstance(obj, dict):
+                raise RunError(f"{path}:{n}: expected a JSON object, found {type(obj).__name__}")
+            unknown = set(obj) - allowed
+            if unknown:
+                raise RunError(f"{path}:{n}: unknown field(s) {sorted(unknown)}; allowed: {sorted(allowed)}")
+            for key in ("id", "prompt"):
+                if key not in obj:
+                    raise RunError(f"{path}:{n}: missing field '{key}'")
+            if not isinstance(obj["prompt"], str):
+                raise RunError(f"{path}:{n}: 'prompt' must be a string")
+            pid = str(obj["id"])
+            if pid in seen:
+                raise RunError(f"{path}:{n}: duplicate id {pid!r} (first on line {seen[pid]})")
+            seen[pid] = n
+            try:
+                mt = obj.get("max_tokens")
+                p = Prompt(pid, obj["prompt"], None if mt is None else int(mt), float(obj.get("temperature", 0.0)),
+                           float(obj.get("top_p", 1.0)), int(obj.get("seed", 0)), n)
+            except (TypeError, ValueError) as exc:
+                raise RunError(f"{path}:{n}: bad value ({exc})") from None
+            if p.max_tokens is not None and p.max_tokens < 1:
+                raise RunError(f"{path}:{n}: max_tokens must be >= 1")
+            if p.temperature < 0 or not 0 < p.top_p <= 1:
+                raise RunError(f"{path}:{n}: temperature must be >= 0 and top_p in (0, 1]")
+            out.append(p)
+    if not out:
+        raise RunError(f"{path}: no prompts")
+    return out
+
+
+def finished_ids(path: Path) -> set[str]:
+    """Ids already in an output file; a last line cut short by a crash is removed (it will be redone)."""
+    if not path.exists():
+        return set()
+    data = path.read_bytes()
+    done, keep = set(), 0
+    pos = 0
+    while pos < len(data):
+        end = data.find(b"\n", pos)
+        if end < 0:
+            break  # no newline: an interrupted write
+        line = data[pos:end]
+        try:
+            obj = json.loads(line)
+            done.add(str(obj["id"]))
+        except (json.JSONDecodeError, KeyError, TypeError):
+            break  # a corrupt line: keep what precedes it
+        pos = end + 1
+        keep = pos
+    if keep < len(data):
+        with path.open("r+b") as fh:
+            fh.truncate(keep)
+    return done
+
+
+def resolve_models(plan, target: str | None, draft: str | None) -> tuple[Path, Path | None]:
+    """Checkpoint folders for the plan's target and draft, checked against the plan's fingerprints."""
+    from specoffload.planner.models import load_model_spec
+
+    from .tiny_pair import ASSETS
+
+    def folder(ref: str, given: str | None, role: str) -> Path:
+        if given:
+            return Path(given)
+        if ref in ("tiny-target", "tiny-draft"):
+            return ASSETS / ref.split("-")[1]
+        p = Path(ref)
+        if p.name == "config.json":
+            p = p.parent
+        if p.is_dir():
+            return p
+        raise RunError(f"the plan's {role} is {ref!r}, a preset without weights here; pass its checkpoint folder "
+                       f"with --{'target' if role == 'model' else 'draft'} DIR")
+
+    dirs = []
+    for role, ref, fp, given in (("model", plan.model, plan.model_fingerprint, target),
+                                 ("draft", plan.draft, plan.draft_fingerprint, draft)):
+        if not ref:
+            dirs.append(None)
+            continue
+        d = folder(ref, given, role)
+        if not (d / "config.json").is_file():
+            raise RunError(f"{d}: no config.json; a checkpoint folder in Hugging Face format is needed")
+        spec = load_model_spec(str(d))
+        if fp and spec.fingerprint != fp:
+            raise RunError(f"plan was made for {role} {ref!r} but {d} holds a different model ({spec.describe()}); "
+                           f"re-plan with --{'model' if role == 'model' else 'draft'} {d}")
+        dirs.append(d)
+    return dirs[0], dirs[1]
+
+
+# ----------------------------------------------------------------------------------------------
+# The run
+# ----------------------------------------------------------------------------------------------
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="specoffload-run", description=__doc__.split("\n\n")[0], epilog=EXAMPLE,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("plan", help="plan.yaml from specoffload-plan")
+    ap.add_argument("--prompts", required=True, help="JSONL input (id, prompt, optional max_tokens/temperature/top_p/seed)")
+    ap.add_argument("--output", required=True, help="JSONL output; rerunning with the same file resumes")
+    ap.add_argument("--report", default=None, help="write the measured report (YAML)")
+    ap.add_argument("--trace", default=None, help="write a Chrome trace (open in Perfetto)")
+    ap.add_argument("--target", default=None, help="target checkpoint folder (when the plan names a preset)")
+    ap.add_argument("--draft", default=None, help="draft checkpoint folder")
+    ap.add_argument("--profile", default=None, help="profile for the pre-run simulation (default: the plan's)")
+    ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    ap.add_argument("--force", action="store_true", help="run even if the simulator rejects the plan")
+    ap.add_argument("--no-simulate", action="store_true", help="skip the pre-run simulation")
+    ap.add_argument("--quiet", action="store_true", help="no progress bar")
+    return ap.parse_args(argv)
+
+
+def simulate_first(plan, profile_ref: str | None, force: bool) -> tuple[object | None, list[str]]:
+    """Simulate the plan; refuse it (RunError) if the simulator rejects it, unless forced."""
+    from specoffload.planner.sim import simulate
+    from specoffload.planner.strict import SchemaError
+
+    notes = []
+    try:
+        result = simulate(plan, profile_ref)
+    except SchemaError as exc:
+        notes.append(f"pre-run simulation skipped: {exc}")
+        return None, notes
+    if not result.ok:
+        why = "; ".join(p.message for p in result.problems)
+        if not force:
+            raise RunError(f"the simulator rejects this plan: {why} (re-plan, or --force to run anyway)")
+        notes.append(f"simulator rejected the plan, run forced: {why}")
+    return result, notes
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from specoffload.planner.strict import SchemaError
+
+    try:
+        return _run(args)
+    except (RunError, SchemaError) as exc:
+        print(f"specoffload-run: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"specoffload-run: interrupted; finished sequences are in {args.output} (rerun to resume)",
+              file=sys.stderr)
+        return 130
+
+
+def _run(args: argparse.Namespace) -> int:
+    import torch
+    from tokenizers import Tokenizer
+    from tqdm import tqdm
+
+    from specoffload.planner.schema import Plan
+
+    from .config import ConfigError
+    from .engine import Engine, EngineError, Request
+    from .loader import CheckpointError
+
+    plan = Plan.load(args.plan)
+    prompts = read_prompts(args.prompts)
+    target_dir, draft_dir = resolve_models(plan, args.target, args.draft)
+    tok_path = target_dir / "tokenizer.json"
+    if not tok_path.is_file():
+        raise RunError(f"{target_dir}: no tokenizer.json (the run needs the target's tokenizer)")
+    tokenizer = Tokenizer.from_file(str(tok_path))
+    out_path = Path(args.output)
+    done = finished_ids(out_path)
+    todo = [p for p in prompts if p.id not in done]
+
+    sim, notes = (None, ["pre-run simulation skipped (--no-simulate)"]) if args.no_simulate else \
+        simulate_first(plan, args.profile, args.force)
+    try:
+        engine = Engine(plan, target_dir, draft_dir, device=args.device, trace=bool(args.trace))
+    except (ConfigError, CheckpointError, EngineError) as exc:
+        raise RunError(str(exc)) from None
+    gen_len = plan.workload.gen_len_tokens
+    requests = []
+    for p in todo:
+        ids = tokenizer.encode(p.text).ids
+        req = Request(p.id, ids, p.max_tokens or gen_len, p.temperature, p.top_p, p.seed)
+        try:
+            engine.check(req)
+        except EngineError as exc:
+            raise RunError(f"{args.prompts}:{p.line}: {exc}") from None
+        requests.append(req)
+    print(f"specoffload-run: {len(prompts)} prompts, {len(done)} already in {out_path}, {len(requests)} to run; "
+          f"policy {plan.policy}, batch {plan.decode_batch}x{plan.num_batches}, k={plan.draft_len}, "
+          f"device {engine.device}", file=sys.stderr)
+    total_tokens = sum(r.max_tokens for r in requests)
+    bar = tqdm(total=total_tokens, unit="tok", disable=args.quiet or not requests, file=sys.stderr, dynamic_ncols=True)
+    t0 = time.perf_counter()
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with out_path.open("a") as fh:
+        def on_finish(f) -> None:
+            line = {"id": f.request.id, "text": tokenizer.decode(f.tokens), "tokens": f.tokens,
+                    "num_tokens": len(f.tokens), "prompt_tokens": len(f.request.prompt),
+                    "finish_reason": f.finish_reason}
+            fh.write(json.dumps(line) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+            bar.update(f.request.max_tokens)  # a sequence done early frees its remaining budget
+            acc = engine.stats.acceptance
+            elapsed = time.perf_counter() - t0
+            bar.set_postfix_str(f"{engine.stats.generated_tokens / max(elapsed, 1e-9):.1f} tok/s"
+                                + (f", {acc.mean_tokens_per_round:.2f} tok/round" if acc.rounds else ""))
+
+        stats = engine.run(requests, on_finish)
+    bar.close()
+    wall = time.perf_counter() - t0
+    report = measured_report(plan, engine, stats, wall, sim, notes, args.profile)
+    from specoffload.planner.sim import format_report
+
+    print(format_report(report))
+    if args.report:
+        report.save(args.report)
+        print(f"wrote {args.report}", file=sys.stderr)
+    if args.trace:
+        write_trace(engine.timeline, args.trace)
+        print(f"wrote {args.trace}", file=sys.stderr)
+    return 0
+
+
+def measured_report(plan, engine, stats, wall: float, sim, notes: list[str], profile_ref: str | None):
+    """The run as a Report(kind="measured"), with the plan's closed-form prediction alongside."""
+    import torch
+
+    from specoffload.planner.schema import fingerprint
+    from specoffload.planner.sim import AcceptanceStats, Report
+    from specoffload.planner.sim.predict import plan_cost_model, predicted_figures
+    from specoffload.planner.sim.simulator import resolve_profile
+    from specoffload.planner.strict import SchemaError
+
+    predicted, bound, caps, prof_name, prof_fp = {}, 0.0, {}, plan.profile, plan.profile_fingerprint
+    try:
+        profile = resolve_profile(plan, profile_ref)
+        cm, knobs, placement = plan_cost_model(plan, profile)
+        predicted = predicted_figures(cm, knobs, placement)
+        bound = cm.physical_bound(knobs)
+        caps = {k: (v if math.isfinite(v) else 0.0) for k, v in cm.capacities().items()}
+        prof_name, prof_fp = profile.name, fingerprint(profile)
+    except SchemaError as exc:
+        notes = notes + [f"no prediction: {exc}"]
+    tokens = stats.generated_tokens
+    decode = max(wall - stats.prefill_seconds, 1e-9)
+    busy = {"gpu": engine.timeline.busy.get("gpu", 0.0), "cpu": engine.timeline.busy.get("cpu-attn", 0.0),
+            "h2d": engine.timeline.busy.get("h2d", 0.0), "d2h": engine.timeline.busy.get("d2h", 0.0)}
+    host_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0
+    if engine.device.type == "cuda":
+        peak = {"gpu": float(torch.cuda.max_memory_allocated(engine.device)),
+                "pinned": float(engine.target.streamer.pinned_bytes()), "host": host_peak}
+    else:
+        peak = {"gpu": 0.0, "pinned": 0.0, "host": host_peak}
+    acc = stats.acceptance
+    rounds = acc.rounds
+    useful = (tokens - stats.sequences) / rounds if rounds else 0.0
+    slot_times = sorted(stats.slot_times)
+    return Report(
+        kind="measured", policy=plan.policy, model=plan.model, draft=plan.draft, profile=prof_name,
+        profile_fingerprint=prof_fp, plan_fingerprint=fingerprint(plan), seed=0, sequences=stats.sequences,
+        generated_tokens=tokens, total_seconds=wall, prefill_seconds=stats.prefill_seconds, decode_seconds=decode,
+        throughput_tokens_per_s=tokens / wall if wall > 0 else 0.0,
+        decode_tokens_per_s=(tokens - stats.sequences) / decode,
+        slots=stats.slots, slot_seconds=decode / stats.slots if stats.slots else 0.0,
+        slot_seconds_median=slot_times[len(slot_times) // 2] if slot_times else 0.0,
+        prefill_passes=stats.prefill_passes,
+        busy_fraction={r: v / wall for r, v in busy.items()},
+        peak_mem_bytes=peak, capacity_bytes=caps or {"gpu": 0.0, "pinned": 0.0, "host": 0.0},
+        acceptance=AcceptanceStats(plan.draft_len, rounds, acc.mean_tokens_per_round, useful,
+                                   tuple(acc.per_position())),
+        physical_bound_tokens_per_s=bound if math.isfinite(bound) else 0.0,
+        bound_fraction=(tokens / wall) / bound if bound and math.isfinite(bound) else 0.0,
+        predicted=predicted, notes=tuple(notes) + (f"device {engine.device}, compute dtype {engine.dtype}",))
+
+
+def write_trace(timeline, path: str) -> None:
+    from specoffload.planner.sim.trace import ChromeTrace
+
+    trace = ChromeTrace(process="specoffload-run")
+    names = {"cpu-attn": "cpu"}
+    for track, name, start, end in timeline.spans:
+        trace.slice(names.get(track, track), name, start, end - start)
+    Path(path).write_text(json.dumps(trace.to_json()))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
