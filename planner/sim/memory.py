@@ -1,9 +1,9 @@
 """What the simulator allocates in each memory pool, derived from the cost model's memory terms.
 
-The cost model gives one peak per tier (`CostModel.memory_terms`). The simulator needs the same
-bytes split by *when* they are held: static allocations made at setup (resident weights, weight
-buffers, the draft's weights, pinned streamed weights) and per-sequence KV caches that are held from
-a sequence's prefill until it finishes. Named parts come from ModelSpec byte counts; what the cost
+The cost model gives one peak per tier (`CostModel.memory_terms`). The simulator allocates the same
+bytes as named parts at setup (resident weights, weight buffers, the draft's weights, pinned streamed
+weights, and the KV caches of every slot at full length, which the runtime preallocates), so an
+overflow names the part that does not fit. Named parts come from ModelSpec byte counts; what the cost
 model adds on top (activation and logit working sets, prefill staging, the draft's recompute
 buffers) is kept as one static "workspace" per pool, the residual, so that at full occupancy the
 simulated total equals the cost model's peak exactly (tests check this).

@@ -30,16 +30,18 @@ Model (what the runtime is expected to do; durations all come from the CostModel
   chain of pieces gpu -> d2h -> cpu -> h2d. Interleaved: the draft for batch X runs after X's
   verification, concurrently with the other batch's, at lower priority than target work on every
   resource (CUDA stream priorities). Serial-spec: the draft runs before each verification.
-- Prefill and refill: prompts are prefilled in chunks of plan.prefill_batch, each chunk its own weight
-  sweep (`CostModel.prefill_terms` for the chunk's size, spread over layers and over up to
-  `prefill_groups` groups of its micro-chunks: h2d hidden in -> gpu -> d2h out). The initial fill
-  admits min(prompts, batches x decode_batch) prompts, split evenly over the batches. After a
-  verification of X, finished sequences free their slots; when X has at least min(prefill_batch,
-  decode_batch, prompts left) free slots, a chunk of min(prefill_batch, free, left) prompts is
-  prefilled (its pass goes after the passes already scheduled) and joins X's next verification;
-  under the interleaved policy the chunk's own first draft round runs right after its prefill.
-- Memory (see memory.py): static allocations at t=0; each sequence's KV at full length from its
-  prefill until it finishes (the runtime preallocates per slot).
+- Schedule and refill, as the runtime's engine loop does them (runtime/engine.py `run`): prompts are
+  prefilled in chunks of plan.prefill_batch, each chunk its own weight sweep (`CostModel.prefill_terms`
+  for the chunk's size, spread over layers and over up to `prefill_groups` groups of its micro-chunks:
+  h2d hidden in -> gpu -> d2h out); the prefill's logits give each sequence its first token. The
+  initial fill gives batch 0 min(decode_batch, prompts), then batch 1 the next ones. After a
+  verification of batch X its finished sequences free their slots and X is refilled right away
+  (before the next verification) when the free slots can take min(prefill_batch, prompts left) or X is
+  idle: all min(free, left) waiting prompts, in chunks of prefill_batch. Then X's draft round (its
+  survivors and newcomers, after their prefill) is issued; interleaved: it runs while the other batch
+  verifies; serial-spec: right before X's next verification.
+- Memory (see memory.py): static allocations at setup, including the KV caches of every slot at full
+  length (the runtime preallocates them); a plan that does not fit fails at t=0 naming the part.
 """
 from __future__ import annotations
 
@@ -141,7 +143,6 @@ class _Batch:
         self.gen = np.zeros(size, dtype=np.int64)
         self.active = np.zeros(size, dtype=bool)
         self.pending: list[Task] = []  # what the next verification (serial: the next draft) waits for
-        self.retired = False
 
     def free_slots(self) -> np.ndarray:
         return np.flatnonzero(~self.active)
@@ -424,34 +425,21 @@ class Simulation:
         return end
 
     # --- prefill -------------------------------------------------------------------------------
-    def _admit(self, batch: _Batch, slots: np.ndarray, what: str) -> None:
-        """Put the next prompts from the queue into `slots` of `batch` and allocate their KV."""
-        n = len(slots)
-        batch.seq[slots] = np.arange(self.queue_next, self.queue_next + n)
-        batch.gen[slots] = 0
-        batch.active[slots] = True
-        self.queue_next += n
-        on_gpu = int((slots < self.gpu_kv).sum())
-        for pool, v in self.layout.kv_per_sequence.items():
-            self._alloc(pool, v * (n - on_gpu), f"{what}: KV for {n - on_gpu} sequences (batch {batch.index})")
-        for pool, v in self.layout.kv_per_gpu_sequence.items():
-            self._alloc(pool, v * on_gpu, f"{what}: GPU-resident KV for {on_gpu} sequences (batch {batch.index})")
+    def _prefill_pass(self, batch: _Batch, slots: np.ndarray) -> _Pass:
+        """Admit the next len(slots) prompts into `slots` and prefill them as one chunk (one sweep).
 
-    def _prefill_pass(self, members: list[tuple[_Batch, np.ndarray]]) -> _Pass:
+        The prefill's logits give each sequence its first token; one asking for a single token is done
+        when the chunk is."""
         p = self._new_pass("prefill")
-        n = sum(len(s) for _, s in members)
-        p.n_prompts = n
+        n = len(slots)
+        p.batch, p.slots, p.n_prompts = batch.index, slots, n
         p.tokens = float(n * self.P)
-        what = f"prefill chunk (pass {p.index}, {n} prompts)"
-        for batch, slots in members:
-            self._admit(batch, slots, what)
+        batch.seq[slots] = np.arange(self.queue_next, self.queue_next + n)
+        batch.gen[slots] = 1
+        batch.active[slots] = self.G > 1
+        self.queue_next += n
         self._build_prefill(p)
-        for batch, slots in members:
-            if self.plan.policy == "interleaved":
-                dj = self._draft_round(batch.index, len(slots), [p.gate], p.index)
-                batch.pending.append(dj if dj is not None else p.gate)
-            else:
-                batch.pending.append(p.gate)
+        batch.pending.append(p.gate)
         return p
 
     def _build_prefill(self, p: _Pass) -> None:
@@ -504,8 +492,16 @@ class Simulation:
 
     def _prefill_done(self, p: _Pass, now: float) -> None:
         p.done = True
+        self.generated += p.n_prompts  # the first token of each sequence
+        if self.G <= 1:
+            self.finished += p.n_prompts
+            self.batches[p.batch].seq[p.slots] = -1
+        start = self.last_end
         self._segment("prefill", now)
-        self.prefill_log.append((p.index, p.start if p.start >= 0 else now, now, p.n_prompts))
+        self.prefill_log.append((p.index, start, now, p.n_prompts))
+        if self.finished >= self.N:
+            self.makespan = now
+            self.eng.stopped = True
 
     def _segment(self, phase: str, now: float) -> float:
         seg = max(0.0, now - self.last_end)
@@ -514,35 +510,42 @@ class Simulation:
         return seg
 
     def _refill(self, batch: _Batch) -> None:
-        """Prefill chunks for the batch's free slots while the queue has prompts (the threshold rule)."""
+        """Admit waiting prompts into the batch's free slots, in prefill chunks (the runtime's rule:
+        only when a whole chunk's worth can go in, or the batch is idle)."""
         bp = self.plan.prefill_batch
-        while self.queue_next < self.N:
-            left = self.N - self.queue_next
-            free = batch.free_slots()
-            if len(free) < min(bp, self.b, left):
-                return
-            take = min(bp, len(free), left)
-            self._prefill_pass([(batch, free[:take])])
+        left = self.N - self.queue_next
+        free = batch.free_slots()
+        want = min(len(free), left)
+        if want == 0 or (want < min(bp, left) and batch.active.any()):
+            return
+        for start in range(0, want, bp):
+            self._prefill_pass(batch, free[start:min(want, start + bp)])
 
     # --- verification --------------------------------------------------------------------------
-    def _schedule(self, batch: _Batch, first: bool = False) -> None:
-        """After a verification of `batch` (or at start): refill, draft, and the next verification."""
-        survivors = int(batch.active.sum())
-        if not first:
-            self._refill(batch)
-        live = np.flatnonzero(batch.active)
-        if not len(live):
-            batch.retired = True
-            return
-        policy = self.plan.policy
-        if policy == "interleaved" and not first and survivors:
-            dj = self._draft_round(batch.index, survivors, [], len(self.passes))
+    def _draft_for(self, batch: _Batch) -> None:
+        """Issue the batch's draft round (after its pending prefills); the next verification waits for it."""
+        live = int(batch.active.sum())
+        if self.k and live:
+            dj = self._draft_round(batch.index, live, batch.pending, len(self.passes))
             if dj is not None:
-                batch.pending.append(dj)
-        elif policy == "serial-spec":
-            dj = self._draft_round(batch.index, len(live), batch.pending, len(self.passes))
-            batch.pending = [dj] if dj is not None else batch.pending
-        self._verify_pass(batch, live)
+                batch.pending = [dj]
+
+    def _next_verification(self, after: _Batch) -> None:
+        """After a verification of `after`: refill it, issue its draft, and start the next verification
+        (the other batch under the interleaved policy, unless that one has nothing to verify)."""
+        self._refill(after)
+        self._draft_for(after)
+        nxt = after
+        if self.nb == 2:
+            other = self.batches[1 - after.index]
+            if not other.active.any() and self.queue_next < self.N:  # an idle batch is refilled on its turn
+                self._refill(other)
+                self._draft_for(other)
+            if other.active.any():
+                nxt = other
+        live = np.flatnonzero(nxt.active)
+        if len(live):
+            self._verify_pass(nxt, live)
 
     def _verify_pass(self, batch: _Batch, live: np.ndarray) -> None:
         eng, cm, t = self.eng, self.cm, self.t
@@ -651,11 +654,6 @@ class Simulation:
             batch.active[done] = False
             batch.seq[done] = -1
             self.finished += len(done)
-            on_gpu = int((done < self.gpu_kv).sum())
-            for pool, v in self.layout.kv_per_sequence.items():
-                self.pools[pool].free(v * (len(done) - on_gpu), now)
-            for pool, v in self.layout.kv_per_gpu_sequence.items():
-                self.pools[pool].free(v * on_gpu, now)
         start = self.last_end
         self._segment("decode", now)
         self.slot_log.append((p.index, p.batch, start, now, n))
@@ -663,7 +661,7 @@ class Simulation:
             self.makespan = now
             self.eng.stopped = True
             return
-        self._schedule(batch)
+        self._next_verification(batch)
         self._pump()
 
     # --- the run -------------------------------------------------------------------------------
@@ -672,23 +670,30 @@ class Simulation:
             self._alloc(a.pool, a.nbytes, f"setup: {a.name}")
             if self.eng.stopped:
                 return
-        # Initial fill: min(prompts, in-flight) split evenly over the batches, prefilled in chunks.
-        total = min(self.N, self.nb * self.b)
-        counts = [total // self.nb + (1 if x < total % self.nb else 0) for x in range(self.nb)]
-        order = [(batch, s) for batch, c in zip(self.batches, counts) for s in range(c)]
-        bp = self.plan.prefill_batch
-        for start in range(0, len(order), bp):
-            chunk = order[start:start + bp]
-            members = []
-            for batch in self.batches:
-                slots = np.array([s for b_, s in chunk if b_ is batch], dtype=np.int64)
-                if len(slots):
-                    members.append((batch, slots))
-            self._prefill_pass(members)
+        slots = self.nb * self.b
+        for pool, v in self.layout.kv_per_sequence.items():
+            self._alloc(pool, v * self.nb * (self.b - self.gpu_kv),
+                        f"setup: KV caches of {self.nb * (self.b - self.gpu_kv)} of {slots} slots at full length")
             if self.eng.stopped:
                 return
+        for pool, v in self.layout.kv_per_gpu_sequence.items():
+            self._alloc(pool, v * self.nb * self.gpu_kv,
+                        f"setup: GPU-resident KV caches of {self.nb * self.gpu_kv} of {slots} slots at full length")
+            if self.eng.stopped:
+                return
+        need = self.P + self.G + self.k + 1
+        if need > self.t.max_position_embeddings:
+            self.problems.append(Problem("unfinished", (
+                f"no sequence can finish: prompt {self.P} + generation {self.G} + {self.k + 1} verification tokens "
+                f"= {need} exceeds {self.t.name}'s context of {self.t.max_position_embeddings} tokens")))
+            self.eng.stopped = True
+            return
+        # Initial fill as the runtime does it: batch 0 first, then batch 1, each in prefill chunks.
         for batch in self.batches:
-            self._schedule(batch, first=True)
+            self._refill(batch)
+            self._draft_for(batch)
+        if self.batches[0].active.any():
+            self._verify_pass(self.batches[0], np.flatnonzero(self.batches[0].active))
 
     def _check(self, now: float, events: int) -> None:
         if now > self.time_limit:
