@@ -1,0 +1,96 @@
+"""Speculative sampling preserves the target's distribution: a statistical test on a tiny vocabulary.
+
+A random Mixtral-architecture target and a different random Mistral-architecture draft with an
+8-token vocabulary; thousands of requests of one prompt, each with its own seed, through the engine
+with speculation; the empirical joint distribution of the generated tokens is compared (chi-square)
+with the target's exact distribution, computed by enumeration.
+"""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from specoffload.planner.schema import Plan, Prediction, Workload
+from specoffload.runtime.engine import Engine, Request
+from specoffload.runtime.model import Transformer
+from specoffload.runtime.verify import processed_probs
+
+V = 8
+PROMPT = [0, 3, 5]
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    from transformers import MistralConfig, MistralForCausalLM, MixtralConfig, MixtralForCausalLM
+
+    root = tmp_path_factory.mktemp("tinyvocab")
+    torch.manual_seed(0)
+    tcfg = MixtralConfig(vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, num_local_experts=4, num_experts_per_tok=2,
+                         max_position_embeddings=64, initializer_range=0.6, eos_token_id=None, bos_token_id=0)
+    MixtralForCausalLM(tcfg).save_pretrained(root / "target", safe_serialization=True)
+    torch.manual_seed(1)
+    dcfg = MistralConfig(vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                         initializer_range=0.6, eos_token_id=None, bos_token_id=0)
+    MistralForCausalLM(dcfg).save_pretrained(root / "draft", safe_serialization=True)
+    return root / "target", root / "draft"
+
+
+def exact_joint(target_dir, n: int, temperature: float, top_p: float) -> dict[tuple[int, ...], float]:
+    """P(x1..xn | prompt) under the target with temperature/top-p, by enumerating every prefix."""
+    model = Transformer.from_pretrained(target_dir)
+    t, tp = torch.tensor([temperature]), torch.tensor([top_p])
+    probs = {(): 1.0}
+    for _ in range(n):
+        nxt = {}
+        for prefix, pr in probs.items():
+            logits = model.logits_full(torch.tensor([PROMPT + list(prefix)]))[:, -1]
+            dist = processed_probs(logits, t, tp)[0]
+            for x in range(V):
+                nxt[prefix + (x,)] = pr * float(dist[x])
+        probs = nxt
+    return probs
+
+
+def plan_for(policy: str, k: int, draft_kv: str) -> Plan:
+    pred = Prediction(1, 1, 1, 1, 1, 1, 1, 0, 1, {}, {}, {}, "h2d", 0, 0)
+    return Plan(policy=policy, model="t", model_fingerprint="", draft="d", draft_fingerprint="", profile="cpu",
+                profile_fingerprint="", workload=Workload(prompt_len_tokens=3, gen_len_tokens=3, num_prompts=1),
+                decode_batch=64, num_batches=2 if policy == "interleaved" else 1, prefill_batch=64,
+                draft_sub_batch=16, draft_len=k, micro_batches=1, gpu_attn_layers=0, gpu_ffn_layers=0,
+                gpu_kv_sequences=0, target_attention="cpu", draft_kv=draft_kv, weight_buffers=2, prediction=pred)
+
+
+@pytest.mark.parametrize("policy,k,draft_kv,temperature,top_p", [
+    ("serial-spec", 2, "gpu", 1.0, 1.0),
+    ("interleaved", 3, "recompute", 0.7, 0.9),
+])
+def test_speculative_sampling_follows_target_distribution(pair, policy, k, draft_kv, temperature, top_p):
+    n_tokens, n = 3, 3000
+    eng = Engine(plan_for(policy, k, draft_kv), pair[0], pair[1])
+    seen: dict[tuple[int, ...], int] = {}
+    eng.run([Request(f"s{i}", PROMPT, n_tokens, temperature, top_p, seed=7) for i in range(n)],
+            lambda f: seen.__setitem__(tuple(f.tokens), seen.get(tuple(f.tokens), 0) + 1))
+    assert sum(seen.values()) == n
+    assert eng.stats.acceptance.rounds > 0 and 0.0 < eng.stats.acceptance.per_position()[0] < 1.0
+    exact = exact_joint(pair[0], n_tokens, temperature, top_p)
+    # Marginals of the 2nd and 3rd tokens (decided by verification) and the joint of the 1st and 2nd.
+    for keep in ((1,), (2,), (0, 1)):
+        cells: dict[tuple[int, ...], list[float]] = {}
+        for seq, pr in exact.items():
+            c = cells.setdefault(tuple(seq[i] for i in keep), [0.0, 0.0])
+            c[0] += pr
+        for seq, cnt in seen.items():
+            cells[tuple(seq[i] for i in keep)][1] += cnt
+        big = [(p, o) for p, o in cells.values() if p * n >= 5]  # chi-square needs expected counts >= 5
+        small_p = sum(p for p, o in cells.values() if p * n < 5)
+        small_o = sum(o for p, o in cells.values() if p * n < 5)
+        exp = [p * n for p, _ in big] + ([small_p * n] if small_p > 0 else [])
+        obs = [o for _, o in big] + ([small_o] if small_p > 0 else [])
+        scale = sum(obs) / sum(exp)
+        pvalue = chisquare(obs, [e * scale for e in exp]).pvalue
+        assert pvalue > 1e-3, (keep, pvalue)
