@@ -1,0 +1,161 @@
+"""specoffload-profile: measure this machine into a hardware profile, or a model pair's acceptance into a workload."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+EXAMPLE = """examples:
+  specoffload-profile --quick -o profiles/cpu-2core.yaml     # this machine, under a minute
+  specoffload-profile                                         # full mode, profiles/<machine>.yaml
+  specoffload-profile --acceptance --target tiny-target --draft tiny-draft \\
+      --prompts prompts.jsonl -k 8 --max-new-tokens 64 -o workload.yaml
+  specoffload-plan --model tiny-target --draft tiny-draft --profile profiles/cpu-2core.yaml \\
+      --workload workload.yaml
+
+Hardware mode measures what the planner's cost model consumes (transfer curves, matmul rate over
+token count, memory bandwidth, the runtime's own CPU attention fitted to overhead + bytes/bandwidth
++ flops/rate, per-layer device overhead, usable memory) and writes a HardwareProfile (source:
+measured) with medians, spreads and raw points in `provenance`. On a machine without CUDA the
+device is the CPU (fp32), and the transfer curves are host memcpy rates. A probe that fails is
+reported on stderr; its figures are written as null and listed in `missing`.
+
+Acceptance mode runs the target greedily on the prompts (JSONL lines {"id": ..., "prompt": "..."})
+and counts, per draft position i, how often the draft's i-th greedy proposal is accepted given
+1..i-1 were; it writes a Workload (specoffload-plan --workload) with that vector. --target/--draft
+take an HF model folder or tiny-target / tiny-draft (the pair shipped with the package).
+"""
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    from specoffload.runtime.profiler.probes import ALL_PROBES
+
+    ap = argparse.ArgumentParser(prog="specoffload-profile", description=__doc__, epilog=EXAMPLE,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("-o", "--output", default=None,
+                    help="where to write the YAML (hardware: default profiles/<machine>.yaml; acceptance: default "
+                         "stdout)")
+    hw = ap.add_argument_group("hardware profile")
+    hw.add_argument("--quick", action="store_true", help="quick mode (under a minute), fewer and smaller points")
+    hw.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                    help="device to profile (default: cuda when available, else the CPU)")
+    hw.add_argument("--model", default="mixtral-8x7b",
+                    help="model whose shapes the matmul and attention probes use (preset or config.json; "
+                         "default mixtral-8x7b)")
+    hw.add_argument("--threads", type=int, default=None,
+                    help="torch intra-op threads while measuring (default: torch's, which the runtime uses)")
+    hw.add_argument("--name", default=None, help="profile name (default: the output file's stem)")
+    hw.add_argument("--no-progress", action="store_true", help="no progress bar")
+    hw.add_argument("--force-fail", action="append", default=[], metavar="PROBE", choices=ALL_PROBES,
+                    help=argparse.SUPPRESS)  # test hook: make a probe fail (also SPECOFFLOAD_PROFILE_FAIL)
+    acc = ap.add_argument_group("acceptance (writes a Workload)")
+    acc.add_argument("--acceptance", action="store_true", help="measure a model pair's per-position acceptance")
+    acc.add_argument("--target", help="target model folder, or tiny-target")
+    acc.add_argument("--draft", help="draft model folder, or tiny-draft")
+    acc.add_argument("--prompts", help="JSONL prompt sample: one {\"id\": ..., \"prompt\": \"...\"} per line")
+    acc.add_argument("-k", "--draft-len", type=int, default=8, help="draft tokens per round (default 8)")
+    acc.add_argument("--max-new-tokens", type=int, default=64,
+                     help="tokens the target generates per prompt; also the workload's gen_len_tokens (default 64)")
+    acc.add_argument("--sample", type=int, default=None,
+                     help="measure on the first N prompts only (lengths and num_prompts still use all)")
+    acc.add_argument("--batch", type=int, default=32, help="prompts processed together (default 32)")
+    args = ap.parse_args(argv)
+    if args.acceptance:
+        missing = [f"--{n}" for n in ("target", "draft", "prompts") if not getattr(args, n)]
+        if missing:
+            ap.error(f"--acceptance needs {', '.join(missing)}")
+    elif args.target or args.draft or args.prompts:
+        ap.error("--target/--draft/--prompts go with --acceptance")
+    return args
+
+
+def summary(profile) -> str:
+    """A short human-readable table of the figures."""
+    from specoffload.planner.schema import Curve
+
+    def fig(v, unit=""):
+        if v is None:
+            return "MISSING"
+        if isinstance(v, Curve):
+            return ", ".join(f"{_short(x)}:{y / 1e9:.3g}G" for x, y in v.points)
+        return f"{v:.4g}{unit}"
+
+    p = profile
+    lines = [f"profile {p.name} ({p.device_kind}: {p.device_name})",
+             f"  cores {p.cpu_cores}, host memory {p.host_mem_bytes / 2**30:.1f} GiB usable, device memory "
+             f"{p.gpu_mem_bytes / 2**30:.1f} GiB (reserve {p.gpu_mem_reserve_bytes / 2**30:.2f} GiB)",
+             f"  matmul flops/s by tokens   {fig(p.gpu_matmul_flops_per_s)}",
+             f"  device memory bandwidth    {fig(p.gpu_mem_bandwidth_bytes_per_s, ' B/s')}",
+             f"  host memory bandwidth      {fig(p.cpu_mem_bandwidth_bytes_per_s, ' B/s')}",
+             f"  h2d pinned by bytes        {fig(p.h2d_pinned_bytes_per_s)}",
+             f"  d2h pinned by bytes        {fig(p.d2h_pinned_bytes_per_s)}",
+             f"  cpu attention              overhead {p.cpu_attn_overhead_seconds * 1e6:.1f} us, KV read "
+             f"{fig(p.cpu_attn_kv_read_bytes_per_s, ' B/s')}, {fig(p.cpu_attn_flops_per_s, ' flop/s')}",
+             f"  device op overhead         {p.device_op_overhead_seconds * 1e6:.1f} us per layer"]
+    if "fit.cpu_attention" in p.provenance:
+        lines.append(f"  attention fit              {p.provenance['fit.cpu_attention']}")
+    if p.missing:
+        lines.append(f"  MISSING: {', '.join(p.missing)}")
+    return "\n".join(lines)
+
+
+def _short(x: float) -> str:
+    for unit, scale in (("G", 2**30), ("M", 2**20), ("K", 2**10)):
+        if x >= scale and x % scale == 0:
+            return f"{int(x // scale)}{unit}"
+    return f"{x:g}"
+
+
+def run_hardware(args) -> int:
+    from specoffload.planner.models import load_model_spec
+    from specoffload.runtime.profiler.probes import ProfileConfig, default_name, resolve_device, run_profile
+
+    spec = load_model_spec(args.model)
+    cfg = (ProfileConfig.quick if args.quick else ProfileConfig.full)(model=spec,
+                                                                        force_fail=frozenset(args.force_fail))
+    device = resolve_device(args.device)
+    out = Path(args.output) if args.output else Path("profiles") / f"{default_name(device.type)}.yaml"
+    name = args.name or out.stem
+    result = run_profile(cfg, device, name=name, progress=not args.no_progress, threads=args.threads)
+    result.profile.save(out)
+    print(summary(result.profile))
+    print(f"wrote {out} in {result.seconds:.1f} s ({cfg.mode} mode)")
+    if result.failed:
+        print(f"{len(result.failed)} probe(s) failed: {', '.join(result.failed)} (see warnings above)", file=sys.stderr)
+    return 0
+
+
+def run_acceptance(args) -> int:
+    from specoffload.planner.strict import dump_yaml
+    from specoffload.runtime.profiler.acceptance import measure_workload
+
+    res = measure_workload(args.target, args.draft, args.prompts, k=args.draft_len,
+                           max_new_tokens=args.max_new_tokens, sample=args.sample, batch=args.batch,
+                           progress=not args.no_progress)
+    w, c = res.workload, res.counts
+    print(f"acceptance per position (k={c.k}): " + " ".join(f"{a:.3f}" for a in w.acceptance), file=sys.stderr)
+    print(f"  tried {c.tried}\n  accepted {c.accepted}\n  {c.rounds} rounds over {c.target_tokens} target tokens, "
+          f"{c.target_tokens / max(c.rounds, 1):.2f} tokens per round", file=sys.stderr)
+    if args.output:
+        w.save(args.output)
+        print(f"wrote {args.output}", file=sys.stderr)
+    else:
+        sys.stdout.write(dump_yaml(w))
+    return 0
+
+
+def main(argv=None) -> int:
+    from specoffload.planner.strict import SchemaError
+    from specoffload.runtime.profiler.acceptance import AcceptanceError
+    from specoffload.runtime.profiler.probes import ProbeFailure
+
+    args = parse_args(argv)
+    try:
+        return run_acceptance(args) if args.acceptance else run_hardware(args)
+    except (AcceptanceError, SchemaError, ProbeFailure, FileNotFoundError) as exc:
+        print(f"specoffload-profile: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

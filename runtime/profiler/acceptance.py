@@ -1,0 +1,292 @@
+"""The per-position acceptance vector of a (target, draft, prompts) triple, written as a Workload.
+
+Greedy measurement: the target decodes each prompt greedily (its output is what speculative decoding
+must reproduce). Verification points follow what a greedy speculative run would do: at a point p
+(p of the target's tokens already committed) the draft proposes k tokens greedily from the prompt
+plus those p tokens; draft token i is *tried* when tokens 1..i-1 were accepted, and *accepted* when
+it equals the target's token at that position; the run then commits the n accepted tokens plus the
+target's own next token, so the next point is p + n + 1. Positions past the end of the target's
+output (its length limit or EOS) cannot be verified and are not counted.
+
+    a_i = accepted_i / tried_i   (conditional acceptance, Workload.acceptance's definition)
+
+The draft keeps its KV cache across rounds (rolled back to the accepted prefix after each round,
+as the engine does), so the cost is one draft token per proposal, not a re-read of the context.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from specoffload.planner.costmodel import expected_tokens
+from specoffload.planner.schema import Workload
+
+
+class AcceptanceError(ValueError):
+    """Bad input to the acceptance measurement (the message names the file, line or model)."""
+
+
+@dataclass
+class AcceptanceCounts:
+    """tried[i] / accepted[i]: verification rounds that reached / kept draft position i + 1."""
+
+    k: int
+    tried: list[int] = field(default_factory=list)
+    accepted: list[int] = field(default_factory=list)
+    rounds: int = 0
+    target_tokens: int = 0  # tokens the target generated in all (what the rounds verified)
+    sequences: int = 0
+
+    def __post_init__(self):
+        self.tried = self.tried or [0] * self.k
+        self.accepted = self.accepted or [0] * self.k
+
+    def record(self, n_accepted: int, verifiable: int) -> None:
+        """One round: the first `n_accepted` of `verifiable` checkable draft positions matched."""
+        for i in range(min(n_accepted + 1, verifiable, self.k)):
+            self.tried[i] += 1
+        for i in range(min(n_accepted, self.k)):
+            self.accepted[i] += 1
+        self.rounds += 1
+
+    def per_position(self) -> tuple[float, ...]:
+        """a_i for the positions that were tried at least once (a vector ends at its last tried position;
+        Workload reuses the last value beyond it)."""
+        out = []
+        for a, t in zip(self.accepted, self.tried):
+            if t == 0:
+                break
+            out.append(a / t)
+        return tuple(out)
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs
+# ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Prompt:
+    line: int
+    id: str
+    text: str
+
+
+def read_prompts(path: str | Path) -> list[Prompt]:
+    """JSONL with one {"id": ..., "prompt": "..."} object per line (blank lines skipped).
+
+    A line that is not a JSON object with a string "prompt" is an error naming the file and line.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise AcceptanceError(f"{path}: prompts file not found")
+    prompts = []
+    with path.open(encoding="utf-8") as fh:
+        for n, raw in enumerate(fh, start=1):
+            if not raw.strip():
+                continue
+            try:
+                obj = json.loads(raw)
+            except json.JSONDecodeError as exc:
+                raise AcceptanceError(f"{path}:{n}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+            if not isinstance(obj, dict):
+                raise AcceptanceError(f"{path}:{n}: expected a JSON object with a \"prompt\" key, "
+                                      f"found {type(obj).__name__}")
+            if "prompt" not in obj:
+                raise AcceptanceError(f"{path}:{n}: no \"prompt\" key (keys: {', '.join(map(str, obj)) or 'none'})")
+            if not isinstance(obj["prompt"], str):
+                raise AcceptanceError(f"{path}:{n}: \"prompt\" must be a string, found {type(obj['prompt']).__name__}")
+            prompts.append(Prompt(n, str(obj.get("id", n)), obj["prompt"]))
+    if not prompts:
+        raise AcceptanceError(f"{path}: no prompts (empty file)")
+    return prompts
+
+
+def resolve_model_dir(ref: str) -> Path:
+    """`tiny-target` / `tiny-draft` (the shipped pair) or an HF model folder."""
+    if ref in ("tiny-target", "tiny-draft"):
+        from specoffload.runtime.tiny_pair import tiny_pair_paths
+
+        target, draft = tiny_pair_paths()
+        return target if ref == "tiny-target" else draft
+    path = Path(ref)
+    if path.name == "config.json":
+        path = path.parent
+    if not (path / "config.json").is_file():
+        raise AcceptanceError(f"model {ref!r}: not tiny-target / tiny-draft and not an HF model folder "
+                              "(no config.json there)")
+    return path
+
+
+def load_tokenizer(model_dir: Path):
+    from tokenizers import Tokenizer
+
+    file = model_dir / "tokenizer.json"
+    if not file.is_file():
+        raise AcceptanceError(f"{model_dir}: no tokenizer.json (the prompts are text; a tokenizer is needed)")
+    return Tokenizer.from_file(str(file))
+
+
+# ----------------------------------------------------------------------------------------------
+# Counting
+# ----------------------------------------------------------------------------------------------
+
+def count_acceptance(target, draft, prompts: Sequence[Sequence[int]], k: int, max_new_tokens: int,
+                     batch: int | None = None, progress=None) -> AcceptanceCounts:
+    """Greedy per-position acceptance of `draft` against `target` (runtime Transformers) on token prompts.
+
+    batch: sequences processed together (default all). progress: optional callable(n_done_sequences).
+    """
+    from specoffload.runtime.generate import generate
+
+    if k < 1:
+        raise AcceptanceError(f"draft length k must be >= 1, got {k}")
+    if target.args.vocab_size != draft.args.vocab_size:
+        raise AcceptanceError(f"target and draft vocabularies differ ({target.args.vocab_size} vs "
+                              f"{draft.args.vocab_size} tokens): they must share a tokenizer")
+    counts = AcceptanceCounts(k)
+    n = len(prompts)
+    batch = max(1, min(batch or n, n))
+    for start in range(0, n, batch):
+        chunk = [list(p) for p in prompts[start:start + batch]]
+        outs = [g.tokens for g in generate(target, chunk, max_new_tokens, max_batch=batch)]
+        _draft_rounds(draft, chunk, outs, k, counts)
+        counts.target_tokens += sum(len(o) for o in outs)
+        counts.sequences += len(chunk)
+        if progress is not None:
+            progress(len(chunk))
+    return counts
+
+
+@torch.no_grad()
+def _draft_rounds(draft, prompts: list[list[int]], outs: list[list[int]], k: int, counts: AcceptanceCounts) -> None:
+    """Replay the verification points of greedy speculative decoding along the target's outputs."""
+    B = len(prompts)
+    seqs = [p + o for p, o in zip(prompts, outs)]
+    max_len = max(len(s) for s in seqs) + k + 1
+    cache = draft.new_cache(B, max_len)
+    done_p = [0] * B  # target tokens committed per sequence
+    pending = [list(p) for p in prompts]  # tokens each slot feeds at the next round's first step
+    active = [s for s in range(B) if outs[s]]
+    while active:
+        proposals = [[] for _ in active]
+        feed = [pending[s] for s in active]
+        for step in range(k):
+            n_new = torch.tensor([len(f) for f in feed])
+            tokens = torch.zeros(len(active), int(n_new.max()), dtype=torch.long)
+            for b, f in enumerate(feed):
+                tokens[b, :len(f)] = torch.tensor(f)
+            nxt = draft(tokens, cache, slots=active, n_new=n_new, logits="last").argmax(-1).tolist()
+            for b, t in enumerate(nxt):
+                proposals[b].append(t)
+            feed = [[t] for t in nxt]
+        still = []
+        for b, s in enumerate(active):
+            p, P = done_p[s], len(prompts[s])
+            truth = outs[s][p:p + k]
+            n_acc = 0
+            while n_acc < len(truth) and proposals[b][n_acc] == truth[n_acc]:
+                n_acc += 1
+            counts.record(n_acc, len(truth))
+            # The cache holds the context (P + p tokens) then d_1..d_{k-1}; keep the accepted ones.
+            keep = P + p + min(n_acc, k - 1)
+            cache.rollback([s], [keep])
+            done_p[s] = p + n_acc + 1
+            if done_p[s] < len(outs[s]):
+                pending[s] = seqs[s][keep:P + done_p[s]]
+                still.append(s)
+        active = still
+
+
+def acceptance_reference(target, draft, prompts: Sequence[Sequence[int]], k: int,
+                         max_new_tokens: int) -> AcceptanceCounts:
+    """The same counts computed naively (every proposal re-reads the whole context): for tests."""
+    from specoffload.runtime.generate import generate
+
+    counts = AcceptanceCounts(k)
+    outs = [g.tokens for g in generate(target, [list(p) for p in prompts], max_new_tokens)]
+    with torch.no_grad():
+        for prompt, out in zip(prompts, outs):
+            p = 0
+            while p < len(out):
+                ctx = list(prompt) + out[:p]
+                d = []
+                for _ in range(k):
+                    logits = draft.logits_full(torch.tensor([ctx + d]))
+                    d.append(int(logits[0, -1].argmax()))
+                truth = out[p:p + k]
+                n_acc = 0
+                while n_acc < len(truth) and d[n_acc] == truth[n_acc]:
+                    n_acc += 1
+                counts.record(n_acc, len(truth))
+                p += n_acc + 1
+            counts.target_tokens += len(out)
+            counts.sequences += 1
+    return counts
+
+
+# ----------------------------------------------------------------------------------------------
+# The whole measurement
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class AcceptanceResult:
+    workload: Workload
+    counts: AcceptanceCounts
+    prompt_lengths: list[int]
+
+
+def measure_workload(target_ref: str, draft_ref: str, prompts_path: str | Path, k: int = 8,
+                     max_new_tokens: int = 64, sample: int | None = None, batch: int = 32,
+                     progress: bool = True) -> AcceptanceResult:
+    """Load the pair (runtime loader, fp32, CPU), tokenize the prompts, count, and build the Workload."""
+    from specoffload.runtime.model import Transformer
+
+    if max_new_tokens < 1:
+        raise AcceptanceError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    prompts = read_prompts(prompts_path)
+    tdir, ddir = resolve_model_dir(target_ref), resolve_model_dir(draft_ref)
+    tok = load_tokenizer(tdir)
+    ids = [tok.encode(p.text).ids for p in prompts]
+    for p, x in zip(prompts, ids):
+        if not x:
+            raise AcceptanceError(f"{prompts_path}:{p.line}: prompt {p.id!r} encodes to no tokens")
+    target = Transformer.from_pretrained(tdir, dtype=torch.float32)
+    draft = Transformer.from_pretrained(ddir, dtype=torch.float32)
+    limit = min(target.args.max_position_embeddings, draft.args.max_position_embeddings)
+    for p, x in zip(prompts, ids):
+        if len(x) + max_new_tokens + k > limit:
+            raise AcceptanceError(
+                f"{prompts_path}:{p.line}: prompt {p.id!r} has {len(x)} tokens; with --max-new-tokens "
+                f"{max_new_tokens} and k={k} that exceeds the models' {limit} positions")
+    measured = ids[:sample] if sample else ids
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(measured), desc="acceptance", unit="prompt", dynamic_ncols=True)
+    try:
+        counts = count_acceptance(target, draft, measured, k, max_new_tokens, batch=batch,
+                                  progress=bar.update if bar is not None else None)
+    finally:
+        if bar is not None:
+            bar.close()
+    acc = counts.per_position()
+    if not acc:
+        raise AcceptanceError("no verification round happened (the target generated no tokens)")
+    lengths = [len(x) for x in ids]
+    mean_len = max(1, round(sum(lengths) / len(lengths)))
+    acc_r = tuple(round(a, 4) for a in acc)
+    date = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+    source = (f"measured {date} by specoffload-profile --acceptance: greedy; target {target_ref}, draft {draft_ref}, "
+              f"k={k}, max_new_tokens {max_new_tokens}; {len(measured)} of {len(prompts)} prompts from "
+              f"{Path(prompts_path).name}; {counts.rounds} verification rounds over {counts.target_tokens} target "
+              f"tokens; tried per position {counts.tried}, accepted {counts.accepted}; "
+              f"E[tokens/round] at k={len(acc_r)}: {expected_tokens(acc_r):.3f}")
+    workload = Workload(prompt_len_tokens=mean_len, gen_len_tokens=max_new_tokens, num_prompts=len(prompts),
+                        acceptance=acc_r, acceptance_source=source, max_prompt_len_tokens=max(lengths))
+    return AcceptanceResult(workload, counts, lengths)

@@ -1,0 +1,818 @@
+"""Measure this machine and build a HardwareProfile (source: measured) that the planner reads unchanged.
+
+Every figure is measured the way the cost model consumes it (planner/costmodel.py):
+
+=============================  ======================================================================
+figure                         probe
+=============================  ======================================================================
+h2d/d2h_{pinned,pageable}      CUDA: ``dst.copy_(src, non_blocking=True)`` between a pinned or pageable
+  _bytes_per_s (curves, x =    host tensor and a device tensor, timed with CUDA events, per transfer
+  transfer bytes)              size. CPU-only: the device *is* the CPU, so one host-to-host memcpy curve
+                               is measured and written to all four (the cost model ignores them there).
+gpu_matmul_flops_per_s         ``F.linear(x[tokens, hidden], W[ffn, hidden])`` at the reference model's
+  (curve, x = tokens)          FFN shape; 2*tokens*hidden*ffn / time. bf16 on CUDA, fp32 on the CPU
+                               (what the runtime computes in there).
+gpu_mem_bandwidth_bytes_per_s  a large copy on the device, (read + write bytes) / time (STREAM "copy").
+cpu_mem_bandwidth_bytes_per_s  the same on host memory (on a CPU-only machine: the same measurement).
+cpu_attn_kv_read_bytes_per_s,  the runtime's own attention call (:func:`attention_call`) over a grid of
+cpu_attn_flops_per_s,          (batch, query tokens, context) on the CPU, then a nonnegative relative
+cpu_attn_overhead_seconds      least-squares fit of overhead + kv_bytes / bw + flops / rate with the cost
+                               model's byte (bf16) and FLOP accounting (fit.fit_attention).
+device_op_overhead_seconds     one decoder layer's device ops (qkv, output projection, FFN) at a tiny
+                               size and one token: all fixed cost, no arithmetic to speak of.
+gpu_mem_bytes,                 CUDA: allocate chunks until the allocator refuses, then free; reserve =
+gpu_mem_reserve_bytes          allocator fragmentation and workspace seen during the probes + the chunk
+                               granularity. CPU-only: MemAvailable, and a stated margin.
+host_mem_bytes, pinned, cores  /proc/meminfo MemAvailable minus a stated margin; CPUs this process may use.
+=============================  ======================================================================
+
+Each timing: warm-up calls, then `reps` samples, each averaging enough calls to last at least
+`min_sample_s` (synchronised on CUDA); the figure uses the median, and the spread (IQR / median)
+goes into provenance with the shapes. A probe that raises is reported (a warning naming it and the
+reason), its figures are written as null and listed in `missing`; figures the schema requires get a
+fallback that provenance names.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import itertools
+import json
+import math
+import os
+import platform
+import re
+import socket
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+
+from specoffload.planner.models import ModelSpec, load_model_spec
+from specoffload.planner.schema import OPTIONAL_FIGURES, Curve, HardwareProfile
+
+from .fit import AttentionFit, AttentionPoint, Stats, curve_points, fit_attention, sig
+
+GiB, MiB, KiB = 2**30, 2**20, 2**10
+FORCE_FAIL_ENV = "SPECOFFLOAD_PROFILE_FAIL"  # comma-separated probe names: a test hook
+
+
+class ProbeFailure(RuntimeError):
+    """A probe could not produce its figures (the message says why)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration
+# ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ProfileConfig:
+    """What to measure and how hard. `quick()`, `full()` and `tiny()` (tests) are the presets."""
+
+    mode: str
+    reps: int  # samples per measurement
+    warmup: int  # calls before timing
+    min_sample_s: float  # each sample averages calls until it lasts this long
+    transfer_sizes: tuple[int, ...]  # bytes
+    bandwidth_bytes: int  # buffer size of the memory-bandwidth copy
+    matmul_tokens: tuple[int, ...]
+    attn_batches: tuple[int, ...]
+    attn_queries: tuple[int, ...]
+    attn_contexts: tuple[int, ...]
+    attn_max_kv_tokens: int  # grid points with batch * context above this are skipped
+    attn_rotate_bytes: int = 256 * MiB  # KV pool the attention calls rotate over (defeats the CPU caches)
+    model: ModelSpec | None = None  # reference shapes (matmul: FFN; attention: heads); None: mixtral-8x7b
+    op_overhead_shape: tuple[int, int, int, int, int] = (64, 4, 2, 16, 128)  # dim, heads, kv heads, Dh, ffn
+    force_fail: frozenset[str] = frozenset()  # test hook: these probes raise ProbeFailure
+    cpu_mem_margin_fraction: float = 0.05  # host memory kept free: this fraction of MemTotal ...
+    cpu_mem_margin_min_bytes: int = GiB  # ... but at least this
+    pinned_fraction: float = 0.9  # CUDA: share of usable host memory the planner may page-lock
+    gpu_alloc_chunk_bytes: int = GiB  # CUDA memory probe: first chunk size, halved down to ...
+    gpu_alloc_min_chunk_bytes: int = 64 * MiB  # ... this granularity
+
+    @classmethod
+    def quick(cls, **kw) -> "ProfileConfig":
+        base = dict(mode="quick", reps=7, warmup=2, min_sample_s=0.01,
+                    transfer_sizes=(64 * KiB, MiB, 16 * MiB, 128 * MiB), bandwidth_bytes=256 * MiB,
+                    matmul_tokens=(1, 4, 16, 64, 256), attn_batches=(1, 4, 16), attn_queries=(1, 5, 9),
+                    attn_contexts=(64, 512, 2048), attn_max_kv_tokens=16 * 2048, attn_rotate_bytes=256 * MiB)
+        base.update(kw)
+        return cls(**base)
+
+    @classmethod
+    def full(cls, **kw) -> "ProfileConfig":
+        base = dict(mode="full", reps=11, warmup=3, min_sample_s=0.02,
+                    transfer_sizes=(4 * KiB, 16 * KiB, 64 * KiB, 256 * KiB, MiB, 4 * MiB, 16 * MiB, 64 * MiB,
+                                    256 * MiB, GiB),
+                    bandwidth_bytes=GiB,
+                    matmul_tokens=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096),
+                    attn_batches=(1, 2, 4, 8, 16, 32, 64), attn_queries=(1, 2, 5, 9),
+                    attn_contexts=(32, 128, 512, 1024, 2048, 4096), attn_max_kv_tokens=64 * 1024,
+                    attn_rotate_bytes=GiB)
+        base.update(kw)
+        return cls(**base)
+
+    @classmethod
+    def tiny(cls, **kw) -> "ProfileConfig":
+        """Tests: every probe runs, on sizes that take milliseconds (figures are not meaningful)."""
+        spec = ModelSpec(name="profile-test", family="mistral", num_layers=2, hidden_size=64, num_heads=4,
+                         num_kv_heads=2, head_dim=16, intermediate_size=128, num_experts=0, experts_per_token=0,
+                         vocab_size=128, tie_word_embeddings=False, max_position_embeddings=512)
+        base = dict(mode="test", reps=3, warmup=1, min_sample_s=0.0005,
+                    transfer_sizes=(4 * KiB, 64 * KiB), bandwidth_bytes=MiB, matmul_tokens=(1, 8),
+                    attn_batches=(1, 4), attn_queries=(1, 5), attn_contexts=(16, 64), attn_max_kv_tokens=256,
+                    attn_rotate_bytes=MiB,
+                    model=spec)
+        base.update(kw)
+        return cls(**base)
+
+    @property
+    def spec(self) -> ModelSpec:
+        return self.model if self.model is not None else load_model_spec("mixtral-8x7b")
+
+
+def forced_failures(cfg: ProfileConfig) -> frozenset[str]:
+    env = {p.strip() for p in os.environ.get(FORCE_FAIL_ENV, "").split(",") if p.strip()}
+    return frozenset(cfg.force_fail) | env
+
+
+# ----------------------------------------------------------------------------------------------
+# Timing
+# ----------------------------------------------------------------------------------------------
+
+class Clock:
+    """Times `inner` back-to-back calls of a function: wall clock on the CPU, CUDA events on a GPU."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.cuda = device.type == "cuda"
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+    def time(self, fn: Callable[[], Any], inner: int) -> float:
+        """Seconds per call, averaged over `inner` calls."""
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            self.sync()
+            start.record()
+            for _ in range(inner):
+                fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3 / inner
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        return (time.perf_counter() - t0) / inner
+
+
+def measure(fn: Callable[[], Any], clock: Clock, cfg: ProfileConfig, max_inner: int = 10_000) -> Stats:
+    """Warm up, calibrate the calls per sample, then `cfg.reps` samples: median and spread."""
+    for _ in range(max(1, cfg.warmup)):
+        fn()
+    clock.sync()
+    one = clock.time(fn, 1)
+    inner = max(1, min(max_inner, math.ceil(cfg.min_sample_s / max(one, 1e-9))))
+    samples = [clock.time(fn, inner) for _ in range(max(1, cfg.reps))]
+    return Stats.of(samples, inner)
+
+
+# ----------------------------------------------------------------------------------------------
+# The runtime's CPU attention: the one place the profiler calls it
+# ----------------------------------------------------------------------------------------------
+
+def attention_call(cache, layer, slots, q, k_new, v_new):
+    """One layer's decode/verify attention exactly as the engine runs it on the host: write the new
+    keys/values into the KV cache, then attend the queries over each slot's history
+    (``KVCache.attend`` -> ``layers.attention``). Change this when the engine's call changes."""
+    return cache.attend(layer, slots, q, k_new, v_new)
+
+
+def attention_workload(spec: ModelSpec, batch: int, query: int, context: int) -> tuple[float, float]:
+    """(kv_bytes, flops) of one call in the cost model's accounting (bf16 KV, 4*q*ctx*q_dim FLOPs)."""
+    return (batch * context * spec.kv_bytes_per_token_per_layer, batch * spec.attention_flops(query, context))
+
+
+# ----------------------------------------------------------------------------------------------
+# Machine facts
+# ----------------------------------------------------------------------------------------------
+
+def meminfo() -> dict[str, int]:
+    """/proc/meminfo in bytes (empty where there is none)."""
+    out = {}
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                name, _, rest = line.partition(":")
+                parts = rest.split()
+                if parts and parts[0].isdigit():
+                    out[name] = int(parts[0]) * (1024 if len(parts) > 1 and parts[1] == "kB" else 1)
+    except OSError:
+        pass
+    return out
+
+
+def host_memory() -> tuple[int, int, str]:
+    """(available bytes, total bytes, how it was read)."""
+    info = meminfo()
+    if "MemAvailable" in info and "MemTotal" in info:
+        return info["MemAvailable"], info["MemTotal"], "/proc/meminfo MemAvailable"
+    page = os.sysconf("SC_PAGE_SIZE")
+    return (os.sysconf("SC_AVPHYS_PAGES") * page, os.sysconf("SC_PHYS_PAGES") * page,
+            "os.sysconf(SC_AVPHYS_PAGES) (free pages; no /proc/meminfo)")
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def _llc_text() -> str:
+    try:
+        with open("/sys/devices/system/cpu/cpu0/cache/index3/size") as fh:
+            return fh.read().strip() + " as reported"
+    except OSError:
+        return "size unknown"
+
+
+def cpu_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def host_tag() -> str:
+    """A short file-name-safe form of the host name."""
+    tag = re.sub(r"[^a-z0-9]+", "-", socket.gethostname().split(".")[0].lower()).strip("-")
+    return tag[:20] or "host"
+
+
+def default_name(device_kind: str) -> str:
+    if device_kind == "cuda":
+        gpu = re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(0).lower().replace("nvidia", "")).strip("-")
+        return f"{gpu[:24]}-{host_tag()}"
+    return f"cpu-{cpu_cores()}c-{host_tag()}"
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ProbeFailure("--device cuda asked for, but CUDA is not available")
+    if dev.type not in ("cuda", "cpu"):
+        raise ProbeFailure(f"device {device!r}: only cpu and cuda are profiled")
+    return dev
+
+
+# ----------------------------------------------------------------------------------------------
+# The profiler
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class Probe:
+    name: str
+    figures: tuple[str, ...]  # profile fields it sets
+    steps: int  # progress-bar ticks
+    run: Callable[[], dict[str, Any]]
+    fallback: Callable[[str], dict[str, Any]] | None = None  # for figures the schema requires
+
+
+@dataclass
+class ProfileResult:
+    profile: HardwareProfile
+    warnings: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)  # probe -> reason
+    attention_fit: AttentionFit | None = None
+    seconds: float = 0.0
+
+
+def _points_json(rows: Iterable[Iterable[float]]) -> str:
+    return json.dumps([[sig(v, 4) if isinstance(v, float) else v for v in row] for row in rows],
+                      separators=(",", ":"))
+
+
+class Profiler:
+    """Runs the probes for one device and assembles the profile."""
+
+    def __init__(self, cfg: ProfileConfig, device: str | torch.device = "auto", name: str | None = None,
+                 progress: bool = True, warn: Callable[[str], None] | None = None):
+        self.cfg = cfg
+        self.device = device if isinstance(device, torch.device) else resolve_device(device)
+        self.kind = self.device.type
+        self.cuda = self.kind == "cuda"
+        self.clock = Clock(self.device)
+        self.cpu_clock = Clock(torch.device("cpu"))
+        self.spec = cfg.spec
+        self.name = name or default_name(self.kind)
+        self.progress = progress
+        self._warn = warn or (lambda msg: print(f"specoffload-profile: warning: {msg}", file=sys.stderr))
+        self.fail = forced_failures(cfg)
+        self.prov: dict[str, str] = {}
+        self.fig: dict[str, Any] = {}
+        self.attention_fit: AttentionFit | None = None
+        self._bar = None
+        self._gpu_overhead_seen = 0  # CUDA: allocator fragmentation / workspace seen during probes
+        self.avail_bytes = 0
+
+    # --- plumbing -----------------------------------------------------------------------------
+    def tick(self, what: str = "") -> None:
+        if self._bar is not None:
+            if what:
+                self._bar.set_postfix_str(what, refresh=False)
+            self._bar.update(1)
+
+    def measure(self, fn: Callable[[], Any], clock: Clock | None = None) -> Stats:
+        return measure(fn, clock or self.clock, self.cfg)
+
+    def _check_forced(self, probe: str) -> None:
+        if probe in self.fail:
+            raise ProbeFailure(f"forced to fail (test hook: {FORCE_FAIL_ENV} / force_fail)")
+
+    def _fits(self, nbytes: float) -> bool:
+        return self.avail_bytes <= 0 or nbytes <= self.avail_bytes / 4
+
+    # --- probes -------------------------------------------------------------------------------
+    def probe_host_memory(self) -> dict[str, Any]:
+        self._check_forced("host_memory")
+        avail, total, how = host_memory()
+        if avail <= 0 or total <= 0:
+            raise ProbeFailure(f"{how} reported {avail} bytes available of {total}")
+        self.avail_bytes = avail
+        margin = max(self.cfg.cpu_mem_margin_min_bytes, int(self.cfg.cpu_mem_margin_fraction * total))
+        margin = min(margin, avail // 2)
+        usable = avail - margin
+        out = {"host_mem_bytes": float(usable), "cpu_cores": cpu_cores(), "cpu_name": cpu_name()}
+        self.prov["host_mem_bytes"] = (
+            f"{how} = {avail / GiB:.2f} GiB at profiling time (MemTotal {total / GiB:.2f} GiB) minus a stated "
+            f"margin of max({self.cfg.cpu_mem_margin_min_bytes / GiB:g} GiB, "
+            f"{self.cfg.cpu_mem_margin_fraction:.0%} of MemTotal) = {margin / GiB:.2f} GiB for the OS and other "
+            "processes")
+        self.prov["cpu_cores"] = "CPUs this process may run on (os.sched_getaffinity; logical CPUs)"
+        if self.cuda:
+            out["pinned_mem_bytes"] = float(self.cfg.pinned_fraction * usable)
+            self.prov["pinned_mem_bytes"] = (f"stated: {self.cfg.pinned_fraction:.0%} of host_mem_bytes (page-locking "
+                                             "is bounded by physical memory; the rest stays pageable for the OS)")
+        else:
+            out["pinned_mem_bytes"] = float(usable)
+            out["gpu_mem_bytes"] = float(avail)
+            out["gpu_mem_reserve_bytes"] = float(margin)
+            self.prov["pinned_mem_bytes"] = "cpu-only: no page-locking; equal to host_mem_bytes"
+            self.prov["gpu_mem_bytes"] = ("cpu-only: the device is the CPU; its memory is the host's MemAvailable "
+                                          "(the cost model then plans against host_mem_bytes only)")
+            self.prov["gpu_mem_reserve_bytes"] = "cpu-only: the stated host margin above (not measured)"
+        self.tick("host memory")
+        return out
+
+    def fallback_host_memory(self, reason: str) -> dict[str, Any]:
+        page = os.sysconf("SC_PAGE_SIZE")
+        total = os.sysconf("SC_PHYS_PAGES") * page
+        usable = 0.5 * total
+        self.prov["host_mem_bytes"] = f"fallback after probe failure ({reason}): half of physical memory"
+        out = {"host_mem_bytes": float(usable), "pinned_mem_bytes": float(0.5 * usable), "cpu_cores": cpu_cores(),
+               "cpu_name": cpu_name()}
+        if not self.cuda:
+            out.update(gpu_mem_bytes=float(usable), gpu_mem_reserve_bytes=float(0.05 * usable))
+        return out
+
+    def _transfer_curve(self, probe: str, make: Callable[[int], Callable[[], Any]]) -> tuple[Curve, str]:
+        self._check_forced(probe)
+        rows, pts, skipped = [], [], []
+        for size in self.cfg.transfer_sizes:
+            if not self._fits(2 * size):
+                skipped.append(size)
+                self.tick(probe)
+                continue
+            fn = make(size)
+            st = self.measure(fn)
+            del fn
+            rate = size / st.median
+            pts.append((size, rate))
+            rows.append((size, rate, st.spread))
+            self.tick(f"{probe} {size // KiB} KiB")
+        if not pts:
+            raise ProbeFailure(f"no transfer size fits in available memory ({self.avail_bytes / GiB:.1f} GiB)")
+        note = f"; sizes skipped (over 1/4 of available memory): {skipped}" if skipped else ""
+        return Curve(curve_points(pts)), _points_json(rows) + note
+
+    def probe_memcpy(self) -> dict[str, Any]:
+        """CPU-only: host-to-host copy rate over size, written to all four transfer curves."""
+        def make(size):
+            src = torch.ones(size, dtype=torch.uint8)
+            dst = torch.empty_like(src)
+            return lambda: dst.copy_(src)
+
+        curve, data = self._transfer_curve("memcpy", make)
+        self.prov["transfers"] = ("cpu-only: the device is the CPU, so host<->device transfers are host memcpy "
+                                  "(torch copy_ between two uint8 host tensors, transfer bytes / time); one curve "
+                                  "measured and written to h2d/d2h pinned/pageable alike (the cost model does not "
+                                  "charge transfers on a CPU-only machine)")
+        self.prov["data.memcpy"] = "[bytes, bytes_per_s, spread]: " + data
+        return {f: curve for f in ("h2d_pinned_bytes_per_s", "h2d_pageable_bytes_per_s",
+                                   "d2h_pinned_bytes_per_s", "d2h_pageable_bytes_per_s")}
+
+    def probe_transfer(self, direction: str, pinned: bool) -> dict[str, Any]:
+        """CUDA: one direction and host memory kind, over transfer size."""
+        figure = f"{direction}_{'pinned' if pinned else 'pageable'}_bytes_per_s"
+        probe = figure.replace("_bytes_per_s", "")
+        dev = self.device
+
+        def make(size):
+            host = torch.ones(size, dtype=torch.uint8, pin_memory=pinned)
+            gpu = torch.empty(size, dtype=torch.uint8, device=dev)
+            if direction == "h2d":
+                return lambda: gpu.copy_(host, non_blocking=True)
+            return lambda: host.copy_(gpu, non_blocking=True)
+
+        curve, data = self._transfer_curve(probe, make)
+        self.prov[f"data.{probe}"] = "[bytes, bytes_per_s, spread]: " + data
+        return {figure: curve}
+
+    def _copy_bandwidth(self, probe: str, device: torch.device, clock: Clock) -> tuple[float, Stats, int]:
+        self._check_forced(probe)
+        size = self.cfg.bandwidth_bytes
+        if device.type == "cpu":
+            while size > MiB and not self._fits(2 * size):
+                size //= 2
+        src = torch.ones(size, dtype=torch.uint8, device=device)
+        dst = torch.empty_like(src)
+        st = measure(lambda: dst.copy_(src), clock, self.cfg)
+        del src, dst
+        return 2 * size / st.median, st, size
+
+    def probe_bandwidth(self) -> dict[str, Any]:
+        """Device memory bandwidth (and, CPU-only, host memory bandwidth: the same memory)."""
+        rate, st, size = self._copy_bandwidth("mem_bandwidth", self.device, self.clock)
+        self.tick("memory bandwidth")
+        how = (f"STREAM-style copy of a {size / MiB:.0f} MiB buffer on the {self.kind}: (read + write bytes) / "
+               f"time; median {st.median * 1e3:.3g} ms, spread {st.spread:.3f}")
+        if self.cuda:
+            self.prov["gpu_mem_bandwidth_bytes_per_s"] = how
+            return {"gpu_mem_bandwidth_bytes_per_s": rate}
+        self.prov["gpu_mem_bandwidth_bytes_per_s"] = how + ("; cpu-only: device and host memory are one, "
+                                                            "cpu_mem_bandwidth_bytes_per_s is this same measurement. "
+                                                            "Raw bytes: the CPU runtime holds fp32 weights, twice the "
+                                                            "bf16 bytes the cost model counts")
+        return {"gpu_mem_bandwidth_bytes_per_s": rate, "cpu_mem_bandwidth_bytes_per_s": rate}
+
+    def probe_host_bandwidth(self) -> dict[str, Any]:
+        rate, st, size = self._copy_bandwidth("host_bandwidth", torch.device("cpu"), self.cpu_clock)
+        self.tick("host bandwidth")
+        self.prov["cpu_mem_bandwidth_bytes_per_s"] = (
+            f"STREAM-style copy of a {size / MiB:.0f} MiB host buffer: (read + write bytes) / time; "
+            f"median {st.median * 1e3:.3g} ms, spread {st.spread:.3f}")
+        return {"cpu_mem_bandwidth_bytes_per_s": rate}
+
+    def probe_matmul(self) -> dict[str, Any]:
+        self._check_forced("matmul")
+        spec = self.spec
+        d, f = spec.hidden_size, spec.intermediate_size
+        dtype = torch.bfloat16 if self.cuda else torch.float32
+        g = torch.Generator(device="cpu").manual_seed(0)
+        w = (torch.randn(f, d, generator=g) * d ** -0.5).to(self.device, dtype)
+        rows, pts = [], []
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+        for tokens in self.cfg.matmul_tokens:
+            x = torch.randn(tokens, d, generator=g).to(self.device, dtype)
+            st = self.measure(lambda: F.linear(x, w))
+            rate = 2.0 * tokens * d * f / st.median
+            pts.append((tokens, rate))
+            rows.append((tokens, rate, st.spread))
+            self.tick(f"matmul {tokens} tok")
+        if self.cuda:
+            self._gpu_overhead_seen = max(self._gpu_overhead_seen, torch.cuda.max_memory_reserved(self.device)
+                                          - torch.cuda.max_memory_allocated(self.device))
+        del w
+        self.prov["gpu_matmul_flops_per_s"] = (
+            f"achieved rate of F.linear(x[tokens, {d}], W[{f}, {d}]) ({spec.name} FFN shape) in "
+            f"{'bf16' if self.cuda else 'fp32 (what the runtime computes in on the CPU)'}: 2*tokens*{d}*{f} / "
+            "median time; at few tokens this is memory-bound and includes the weight read")
+        self.prov["data.matmul"] = "[tokens, flops_per_s, spread]: " + _points_json(rows)
+        return {"gpu_matmul_flops_per_s": Curve(curve_points(pts))}
+
+    def attention_grid(self) -> list[tuple[int, int, int]]:
+        c = self.cfg
+        return [(b, q, ctx) for b in c.attn_batches for q in c.attn_queries for ctx in c.attn_contexts
+                if b * ctx <= c.attn_max_kv_tokens and q <= ctx]
+
+    def probe_cpu_attention(self) -> dict[str, Any]:
+        from specoffload.runtime.kv_cache import KVCache
+
+        self._check_forced("cpu_attention")
+        spec = self.spec
+        H, Hkv, Dh = spec.num_heads, spec.num_kv_heads, spec.head_dim
+        g = torch.Generator().manual_seed(0)
+        points: list[AttentionPoint] = []
+        # Cold caches, as in the engine (each call reads a different layer's KV, far more than the CPU caches
+        # hold): the calls rotate over as many layers as fit in a pool of attn_rotate_bytes.
+        pool_bytes = self.cfg.attn_rotate_bytes
+        while pool_bytes > MiB and not self._fits(pool_bytes):
+            pool_bytes //= 2
+        half = pool_bytes // 8  # fp32 elements for K (and as many for V)
+        pool_k = torch.full((half,), 0.01, dtype=torch.float32)
+        pool_v = torch.full((half,), 0.01, dtype=torch.float32)
+        layers_used = []
+        for batch, q_len, ctx in self.attention_grid():
+            shape = (batch, Hkv, ctx, Dh)
+            per_layer = batch * Hkv * ctx * Dh
+            n_layers = max(1, half // per_layer)
+            cache = KVCache(0, batch, ctx, Hkv, Dh, dtype=torch.float32, device="cpu")
+            if n_layers == 1 and per_layer > half:  # bigger than the pool: its own buffers (cold by size)
+                cache.k = [torch.full(shape, 0.01)]
+                cache.v = [torch.full(shape, 0.01)]
+            else:  # the cache's per-layer buffers, carved out of the pool
+                cache.k = [pool_k[i * per_layer:(i + 1) * per_layer].view(shape) for i in range(n_layers)]
+                cache.v = [pool_v[i * per_layer:(i + 1) * per_layer].view(shape) for i in range(n_layers)]
+            cache.lengths[:] = ctx - q_len  # the new tokens bring each sequence to `ctx` keys
+            slots = list(range(batch))
+            q = torch.randn(batch, q_len, H, Dh, generator=g)
+            k_new = torch.randn(batch, q_len, Hkv, Dh, generator=g)
+            v_new = torch.randn(batch, q_len, Hkv, Dh, generator=g)
+            layer = itertools.cycle(range(n_layers))
+            st = measure(lambda: attention_call(cache, next(layer), slots, q, k_new, v_new), self.cpu_clock, self.cfg)
+            kv_bytes, flops = attention_workload(spec, batch, q_len, ctx)
+            points.append(AttentionPoint(batch, q_len, ctx, kv_bytes, flops, st.median, st.spread))
+            layers_used.append(n_layers)
+            self.tick(f"attention b{batch} q{q_len} ctx{ctx}")
+            del cache
+        del pool_k, pool_v
+        fit = fit_attention(points)
+        self.attention_fit = fit
+        self.prov["cpu_attention"] = (
+            f"the runtime's attention (KVCache.attend -> layers.attention, fp32 host KV cache, {H} query / {Hkv} kv "
+            f"heads x {Dh}, {spec.name}) timed over {len(points)} (batch, query, context) points, cold: successive "
+            f"calls rotate over the layers of a {pool_bytes // MiB} MiB KV pool (1 to {max(layers_used)} layers per "
+            f"point; CPU last-level cache {_llc_text()}); fitted "
+            "time = overhead + batch*context*kv_bytes_per_token_per_layer / kv_read_bytes_per_s + "
+            "batch*attention_flops(query, context) / flops_per_s by nonnegative least squares on relative "
+            "error, KV bytes in the cost model's bf16 accounting (2 bytes/element; the runtime stores fp32) and "
+            "4*query*context*q_dim FLOPs")
+        self.prov["fit.cpu_attention"] = json.dumps({
+            "overhead_seconds": sig(fit.overhead_seconds), "kv_read_bytes_per_s": sig(fit.kv_read_bytes_per_s),
+            "flops_per_s": sig(fit.flops_per_s), "rel_rms_residual": sig(fit.rel_rms_residual, 3),
+            "rel_max_residual": sig(fit.rel_max_residual, 3), "bounded": list(fit.bounded)}, separators=(",", ":"))
+        self.prov["data.cpu_attention"] = "[batch, query, context, seconds, spread, fit_rel_residual]: " + _points_json(
+            (p.batch, p.query, p.context, p.seconds, p.spread, r) for p, r in zip(points, fit.residuals))
+        out = {"cpu_attn_kv_read_bytes_per_s": sig(fit.kv_read_bytes_per_s),
+               "cpu_attn_flops_per_s": sig(fit.flops_per_s),
+               "cpu_attn_overhead_seconds": sig(fit.overhead_seconds)}
+        for b in fit.bounded:
+            self._warn(f"cpu_attention: the fit could not see {b} (its term fitted to zero); written as the bound "
+                       "at which it stays under 1% of every measured time")
+        return out
+
+    def fallback_cpu_attention(self, reason: str) -> dict[str, Any]:
+        self.prov["cpu_attn_overhead_seconds"] = f"0: the cpu_attention probe failed ({reason})"
+        return {"cpu_attn_overhead_seconds": 0.0}
+
+    def probe_op_overhead(self) -> dict[str, Any]:
+        from specoffload.runtime.config import ModelArgs
+        from specoffload.runtime.layers import attn_out, ffn, init_random_weights, qkv, rope_cos_sin, rope_inv_freq
+
+        self._check_forced("device_op_overhead")
+        dim, heads, kv_heads, dh, ffn_dim = self.cfg.op_overhead_shape
+        args = ModelArgs(family="mistral", vocab_size=32, dim=dim, n_layers=1, n_heads=heads, n_kv_heads=kv_heads,
+                         head_dim=dh, ffn_dim=ffn_dim, norm_eps=1e-5, rope_theta=10000.0)
+        dtype = torch.bfloat16 if self.cuda else torch.float32
+        lw = init_random_weights(args, seed=0).layers[0].to(self.device, dtype)
+        x = torch.randn(1, 1, dim).to(self.device, dtype)
+        cos_sin = rope_cos_sin(rope_inv_freq(args, self.device), torch.zeros(1, 1, dtype=torch.long), dtype)
+
+        def front():
+            return qkv(args, lw.attn, x, cos_sin)
+
+        q = front()[0]
+
+        def back():
+            h = x + attn_out(lw.attn, q)
+            return h + ffn(args, lw.ffn, h)
+
+        st_front = self.measure(front)
+        st_back = self.measure(back)
+        st_all = self.measure(lambda: (front(), back()))
+        self.tick("op overhead")
+        self.prov["device_op_overhead_seconds"] = (
+            f"one decoder layer's device ops (norm, q/k/v projections, RoPE | output projection, norm, SwiGLU FFN) "
+            f"on the {self.kind} at a tiny size (dim {dim}, {heads}/{kv_heads} heads x {dh}, FFN {ffn_dim}, 1 token, "
+            f"{'bf16' if self.cuda else 'fp32'}), where the time is all fixed cost: per layer per forward "
+            f"{st_all.median * 1e6:.1f} us (spread {st_all.spread:.3f}); of which qkv half "
+            f"{st_front.median * 1e6:.1f} us, output+FFN half {st_back.median * 1e6:.1f} us")
+        return {"device_op_overhead_seconds": sig(st_all.median)}
+
+    def fallback_op_overhead(self, reason: str) -> dict[str, Any]:
+        self.prov["device_op_overhead_seconds"] = f"0: the device_op_overhead probe failed ({reason})"
+        return {"device_op_overhead_seconds": 0.0}
+
+    def probe_gpu_memory(self) -> dict[str, Any]:
+        """CUDA: what the caching allocator really hands out, in chunks until it refuses; then freed."""
+        self._check_forced("gpu_memory")
+        dev = self.device
+        torch.cuda.synchronize(dev)
+        torch.cuda.empty_cache()
+        free0, total = torch.cuda.mem_get_info(dev)
+        held = torch.cuda.memory_reserved(dev)
+        chunks, chunk, got = [], self.cfg.gpu_alloc_chunk_bytes, 0
+        try:
+            while chunk >= self.cfg.gpu_alloc_min_chunk_bytes:
+                try:
+                    chunks.append(torch.empty(chunk, dtype=torch.uint8, device=dev))
+                    got += chunk
+                except torch.cuda.OutOfMemoryError:
+                    chunk //= 2
+        finally:
+            chunks.clear()
+            torch.cuda.synchronize(dev)
+            torch.cuda.empty_cache()
+        self.tick("gpu memory")
+        gpu_mem = got + held
+        if gpu_mem <= 0:
+            raise ProbeFailure("the allocator gave no memory at all")
+        # Reserve: fragmentation/caching overhead seen while the probes ran, plus the granularity we
+        # could not resolve, plus whatever free memory the driver had that the allocator could not use.
+        unusable = max(0, free0 - got)
+        reserve = self._gpu_overhead_seen + self.cfg.gpu_alloc_min_chunk_bytes + unusable
+        reserve = min(reserve, gpu_mem // 2)
+        self.prov["gpu_mem_bytes"] = (
+            f"allocated in chunks ({self.cfg.gpu_alloc_chunk_bytes // MiB} MiB halving to "
+            f"{self.cfg.gpu_alloc_min_chunk_bytes // MiB} MiB) until the allocator refused: {got / GiB:.2f} GiB, plus "
+            f"{held / GiB:.2f} GiB already held; device total {total / GiB:.2f} GiB (the difference is the CUDA "
+            "context and the driver's)")
+        self.prov["gpu_mem_reserve_bytes"] = (
+            f"measured: allocator fragmentation/workspace peak during the probes {self._gpu_overhead_seen / MiB:.0f} "
+            f"MiB + chunk granularity {self.cfg.gpu_alloc_min_chunk_bytes // MiB} MiB + free memory the allocator "
+            f"could not use {unusable / MiB:.0f} MiB")
+        return {"gpu_mem_bytes": float(gpu_mem), "gpu_mem_reserve_bytes": float(reserve)}
+
+    def fallback_gpu_memory(self, reason: str) -> dict[str, Any]:
+        free, total = torch.cuda.mem_get_info(self.device)
+        self.prov["gpu_mem_bytes"] = f"fallback after probe failure ({reason}): cudaMemGetInfo free memory"
+        self.prov["gpu_mem_reserve_bytes"] = "fallback: 5% of device memory (not measured)"
+        return {"gpu_mem_bytes": float(free), "gpu_mem_reserve_bytes": float(0.05 * total)}
+
+    # --- assembly -----------------------------------------------------------------------------
+    def probes(self) -> list[Probe]:
+        c = self.cfg
+        n_tr, n_mm, n_at = len(c.transfer_sizes), len(c.matmul_tokens), len(self.attention_grid())
+        host = Probe("host_memory", ("host_mem_bytes", "pinned_mem_bytes", "cpu_cores", "cpu_name")
+                     + (() if self.cuda else ("gpu_mem_bytes", "gpu_mem_reserve_bytes")), 1,
+                     self.probe_host_memory, self.fallback_host_memory)
+        attention = Probe("cpu_attention", ("cpu_attn_kv_read_bytes_per_s", "cpu_attn_flops_per_s",
+                                            "cpu_attn_overhead_seconds"), n_at,
+                          self.probe_cpu_attention, self.fallback_cpu_attention)
+        overhead = Probe("device_op_overhead", ("device_op_overhead_seconds",), 1, self.probe_op_overhead,
+                         self.fallback_op_overhead)
+        matmul = Probe("matmul", ("gpu_matmul_flops_per_s",), n_mm, self.probe_matmul)
+        if not self.cuda:
+            return [host,
+                    Probe("memcpy", ("h2d_pinned_bytes_per_s", "h2d_pageable_bytes_per_s", "d2h_pinned_bytes_per_s",
+                                     "d2h_pageable_bytes_per_s"), n_tr, self.probe_memcpy),
+                    Probe("mem_bandwidth", ("gpu_mem_bandwidth_bytes_per_s", "cpu_mem_bandwidth_bytes_per_s"), 1,
+                          self.probe_bandwidth),
+                    matmul, attention, overhead]
+        transfers = [Probe(f"{d}_{'pinned' if p else 'pageable'}", (f"{d}_{'pinned' if p else 'pageable'}_bytes_per_s",),
+                           n_tr, (lambda d=d, p=p: self.probe_transfer(d, p)))
+                     for d in ("h2d", "d2h") for p in (True, False)]
+        return [host, *transfers,
+                Probe("mem_bandwidth", ("gpu_mem_bandwidth_bytes_per_s",), 1, self.probe_bandwidth),
+                Probe("host_bandwidth", ("cpu_mem_bandwidth_bytes_per_s",), 1, self.probe_host_bandwidth),
+                matmul, attention, overhead,
+                Probe("gpu_memory", ("gpu_mem_bytes", "gpu_mem_reserve_bytes"), 1, self.probe_gpu_memory,
+                      self.fallback_gpu_memory)]
+
+    def run(self) -> ProfileResult:
+        t0 = time.perf_counter()
+        probes = self.probes()
+        known = {p.name for p in probes}
+        unknown = sorted(self.fail - known - set(ALL_PROBES))
+        if unknown:
+            raise ValueError(f"unknown probe(s) to force-fail: {', '.join(unknown)}; probes: {', '.join(ALL_PROBES)}")
+        result = ProfileResult(profile=None)  # type: ignore[arg-type]
+        bar = None
+        if self.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=sum(p.steps for p in probes), desc=f"profiling ({self.cfg.mode})", unit="pt",
+                       file=sys.stderr, leave=True, dynamic_ncols=True)
+        self._bar = bar
+        try:
+            for p in probes:
+                ticks_before = bar.n if bar is not None else 0
+                try:
+                    if bar is not None:
+                        bar.set_postfix_str(p.name)
+                    self.fig.update(p.run())
+                except Exception as exc:  # noqa: BLE001 - any probe error becomes a reported missing figure
+                    reason = f"{type(exc).__name__}: {exc}" if not isinstance(exc, ProbeFailure) else str(exc)
+                    reason = reason.splitlines()[0][:300] if reason else type(exc).__name__
+                    result.failed[p.name] = reason
+                    optional = [f for f in p.figures if f in OPTIONAL_FIGURES]
+                    required = [f for f in p.figures if f not in OPTIONAL_FIGURES]
+                    for f in optional:
+                        self.fig[f] = None
+                    msg = f"probe '{p.name}' failed: {reason}"
+                    if optional:
+                        msg += f"; {', '.join(optional)} written as null and listed in 'missing'"
+                    if required and p.fallback is not None:
+                        self.fig.update(p.fallback(reason))
+                        msg += f"; {', '.join(required)} from a fallback (see provenance)"
+                    self.prov[f"failed.{p.name}"] = reason
+                    result.warnings.append(msg)
+                    self._warn(msg)
+                    if bar is not None:  # keep the bar's total honest
+                        bar.update(max(0, p.steps - (bar.n - ticks_before)))
+        finally:
+            if bar is not None:
+                bar.close()
+            self._bar = None
+        result.profile = self.assemble()
+        result.attention_fit = self.attention_fit
+        result.seconds = time.perf_counter() - t0
+        return result
+
+    def provenance_header(self) -> dict[str, str]:
+        cfg = self.cfg
+        head = {
+            "written_by": f"specoffload-profile{' --quick' if cfg.mode == 'quick' else ''} "
+                          "(specoffload.runtime.profiler)",
+            "mode": cfg.mode,
+            "date": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
+            "host": socket.gethostname(),
+            "torch": str(torch.__version__),
+            "cuda": str(torch.version.cuda) if torch.version.cuda else "none (CPU build of torch)",
+            "device": self.device_name(),
+            "cpu": cpu_name(),
+            "threads": f"torch intra-op threads {torch.get_num_threads()}",
+            "timing": (f"{cfg.warmup} warm-up call(s), then {cfg.reps} samples each averaging calls over >= "
+                       f"{cfg.min_sample_s * 1e3:g} ms{' (CUDA events, synchronised)' if self.cuda else ''}; figure = "
+                       "median; spread = IQR / median, per point in the data.* entries"),
+            "reference_shapes": f"{self.spec.name}: {self.spec.describe()}",
+        }
+        return head
+
+    def device_name(self) -> str:
+        if self.cuda:
+            return torch.cuda.get_device_name(self.device)
+        return f"CPU as the compute device ({cpu_name()}), fp32, {torch.get_num_threads()} threads"
+
+    def assemble(self) -> HardwareProfile:
+        fig = dict(self.fig)
+        missing = tuple(f for f in OPTIONAL_FIGURES if fig.get(f) is None)
+        for f in missing:
+            fig[f] = None
+        prov = self.provenance_header()
+        prov.update(self.prov)
+        prov = {str(k): str(v) for k, v in prov.items()}
+        return HardwareProfile(
+            name=self.name, source="measured", device_kind=self.kind, device_name=self.device_name(),
+            cpu_name=fig.get("cpu_name", cpu_name()), cpu_cores=int(fig.get("cpu_cores", cpu_cores())),
+            host_mem_bytes=sig(float(fig["host_mem_bytes"]), 6), pinned_mem_bytes=sig(float(fig["pinned_mem_bytes"]), 6),
+            gpu_mem_bytes=sig(float(fig["gpu_mem_bytes"]), 6),
+            gpu_mem_reserve_bytes=sig(float(fig["gpu_mem_reserve_bytes"]), 6),
+            gpu_matmul_flops_per_s=fig["gpu_matmul_flops_per_s"],
+            gpu_mem_bandwidth_bytes_per_s=_opt(fig["gpu_mem_bandwidth_bytes_per_s"]),
+            h2d_pinned_bytes_per_s=fig["h2d_pinned_bytes_per_s"], h2d_pageable_bytes_per_s=fig["h2d_pageable_bytes_per_s"],
+            d2h_pinned_bytes_per_s=fig["d2h_pinned_bytes_per_s"], d2h_pageable_bytes_per_s=fig["d2h_pageable_bytes_per_s"],
+            cpu_attn_kv_read_bytes_per_s=_opt(fig["cpu_attn_kv_read_bytes_per_s"]),
+            cpu_attn_flops_per_s=_opt(fig["cpu_attn_flops_per_s"]),
+            cpu_attn_overhead_seconds=float(fig.get("cpu_attn_overhead_seconds", 0.0)),
+            cpu_mem_bandwidth_bytes_per_s=_opt(fig["cpu_mem_bandwidth_bytes_per_s"]),
+            device_op_overhead_seconds=float(fig.get("device_op_overhead_seconds", 0.0)),
+            provenance=prov, missing=missing)
+
+
+def _opt(v: Any) -> float | None:
+    return None if v is None else sig(float(v))
+
+
+# Every probe name either device kind may run (for --help and the force-fail hook).
+ALL_PROBES = ("host_memory", "memcpy", "h2d_pinned", "h2d_pageable", "d2h_pinned", "d2h_pageable", "mem_bandwidth",
+              "host_bandwidth", "matmul", "cpu_attention", "device_op_overhead", "gpu_memory")
+
+
+def run_profile(cfg: ProfileConfig, device: str | torch.device = "auto", name: str | None = None,
+                progress: bool = True, threads: int | None = None,
+                warn: Callable[[str], None] | None = None) -> ProfileResult:
+    """Measure this machine with `cfg` and return the profile (not yet written) and what went wrong."""
+    if threads:
+        torch.set_num_threads(threads)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # e.g. pin_memory notices; failures are reported by probe
+        return Profiler(cfg, device, name=name, progress=progress, warn=warn).run()
+
+
+def replace_config(cfg: ProfileConfig, **kw) -> ProfileConfig:
+    return dataclasses.replace(cfg, **kw)
