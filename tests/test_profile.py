@@ -25,6 +25,16 @@ from specoffload.runtime.profiler import probes  # noqa: E402
 from specoffload.runtime.profiler.probes import (ALL_PROBES, FORCE_FAIL_ENV, ProfileConfig, attention_call,  # noqa: E402
                                                  attention_workload, run_profile)
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: these tests check behaviour, not speed, and on a shared 2-core machine a
+    second torch thread waits for a time slice on every op (10-30x slower under load)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 WORKLOAD = Workload(prompt_len_tokens=64, gen_len_tokens=32, num_prompts=64, acceptance=0.7)
 
 
@@ -239,7 +249,7 @@ def test_an_exception_inside_a_probe_is_caught(monkeypatch):
 
 
 def test_unknown_forced_probe_is_an_error():
-    with pytest.raises(ValueError, match="unknown probe"):
+    with pytest.raises(probes.ProbeFailure, match="unknown probe"):
         run_profile(ProfileConfig.tiny(force_fail=frozenset({"nope"})), device="cpu", progress=False)
 
 

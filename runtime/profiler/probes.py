@@ -34,7 +34,6 @@ fallback that provenance names.
 """
 from __future__ import annotations
 
-import dataclasses
 import datetime as _dt
 import itertools
 import json
@@ -699,7 +698,7 @@ class Profiler:
         known = {p.name for p in probes}
         unknown = sorted(self.fail - known - set(ALL_PROBES))
         if unknown:
-            raise ValueError(f"unknown probe(s) to force-fail: {', '.join(unknown)}; probes: {', '.join(ALL_PROBES)}")
+            raise ProbeFailure(f"unknown probe(s) to force-fail: {', '.join(unknown)}; probes: {', '.join(ALL_PROBES)}")
         result = ProfileResult(profile=None)  # type: ignore[arg-type]
         bar = None
         if self.progress:
@@ -812,7 +811,3 @@ def run_profile(cfg: ProfileConfig, device: str | torch.device = "auto", name: s
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # e.g. pin_memory notices; failures are reported by probe
         return Profiler(cfg, device, name=name, progress=progress, warn=warn).run()
-
-
-def replace_config(cfg: ProfileConfig, **kw) -> ProfileConfig:
-    return dataclasses.replace(cfg, **kw)
