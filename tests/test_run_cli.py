@@ -1,0 +1,150 @@
+"""specoffload-run: JSONL in/out, resume after a kill, bad input, plan checks, the measured report."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from specoffload.planner.cli import main as plan_main
+from specoffload.planner.schema import Plan
+from specoffload.planner.sim import Report
+from specoffload.runtime.run_cli import finished_ids, main as run_main
+
+TEXTS = ["def foo(x):\n    return", "import os\nimport", "class A:\n    def __init__(self", "for i in range(10):\n",
+         "# comment\n", "x = [1, 2, 3]\nprint(", "while True:\n    if", "try:\n    import numpy"]
+
+
+def write_prompts(path: Path, n: int = 12, max_tokens: int = 20) -> Path:
+    with path.open("w") as fh:
+        for i in range(n):
+            line = {"id": f"p{i}", "prompt": TEXTS[i % len(TEXTS)], "max_tokens": max_tokens}
+            if i % 3 == 2:  # some sampled requests: per-request seeds make them reproducible too
+                line.update(temperature=0.8, top_p=0.95, seed=i)
+            fh.write(json.dumps(line) + "\n")
+    return path
+
+
+def make_plan(tmp_path: Path, *extra: str) -> Path:
+    out = tmp_path / "plan.yaml"
+    assert plan_main(["--model", "tiny-target", "--draft", "tiny-draft", "--profile", "t4", "--prompt-len", "8",
+                      "--gen-len", "20", "--num-prompts", "12", "-o", str(out), *extra]) == 0
+    return out
+
+
+def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "specoffload.runtime.run_cli", *args], capture_output=True, text=True)
+    if check:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def lines(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+def test_run_writes_outputs_report_and_trace(tmp_path, capsys):
+    plan = make_plan(tmp_path, "--policy", "interleaved")
+    prompts = write_prompts(tmp_path / "in.jsonl")
+    out, rep, trace = tmp_path / "out.jsonl", tmp_path / "report.yaml", tmp_path / "trace.json"
+    assert run_main([str(plan), "--prompts", str(prompts), "--output", str(out), "--report", str(rep),
+                     "--trace", str(trace), "--quiet"]) == 0
+    got = lines(out)
+    assert sorted(x["id"] for x in got) == sorted(f"p{i}" for i in range(12)) and len(got) == 12
+    for x in got:
+        assert 1 <= x["num_tokens"] <= 20 and x["finish_reason"] in ("eos", "length") and isinstance(x["text"], str)
+    report = Report.load(rep)
+    assert report.kind == "measured" and report.generated_tokens == sum(x["num_tokens"] for x in got)
+    assert report.acceptance.draft_len == Plan.load(plan).draft_len and report.predicted
+    events = json.loads(trace.read_text())["traceEvents"]
+    assert {e["args"]["name"] for e in events if e.get("name") == "thread_name"} >= {"gpu", "cpu-attn"}
+    assert "measured" in capsys.readouterr().out
+
+
+def test_resume_after_kill_has_every_id_once_with_the_same_text(tmp_path):
+    plan = make_plan(tmp_path, "--policy", "serial-spec", "--batch", "1")
+    prompts = write_prompts(tmp_path / "in.jsonl", n=8, max_tokens=16)
+    full = tmp_path / "full.jsonl"
+    assert run_main([str(plan), "--prompts", str(prompts), "--output", str(full), "--quiet", "--no-simulate"]) == 0
+    part = tmp_path / "part.jsonl"
+    proc = subprocess.Popen([sys.executable, "-m", "specoffload.runtime.run_cli", str(plan), "--prompts", str(prompts),
+                             "--output", str(part), "--quiet", "--no-simulate"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if part.exists() and len(part.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = len(part.read_text().splitlines())
+    assert 0 < before < 8, "the run should have been interrupted midway"
+    with part.open("a") as fh:
+        fh.write('{"id": "p7", "text": "half a li')  # a line cut short by the crash
+    cli(str(plan), "--prompts", str(prompts), "--output", str(part), "--quiet", "--no-simulate")
+    resumed = lines(part)
+    assert sorted(x["id"] for x in resumed) == sorted(f"p{i}" for i in range(8))  # each exactly once
+    by_id = {x["id"]: x for x in lines(full)}
+    for x in resumed:
+        assert x["text"] == by_id[x["id"]]["text"] and x["tokens"] == by_id[x["id"]]["tokens"]
+
+
+def test_finished_ids_drops_a_torn_last_line(tmp_path):
+    p = tmp_path / "o.jsonl"
+    p.write_text('{"id": "a"}\n{"id": "b"}\n{"id": "c", "te')
+    assert finished_ids(p) == {"a", "b"}
+    assert p.read_text() == '{"id": "a"}\n{"id": "b"}\n'
+
+
+def test_bad_input_is_named_and_outputs_are_kept(tmp_path):
+    plan = make_plan(tmp_path)
+    out = tmp_path / "out.jsonl"
+    out.write_text('{"id": "old", "text": "kept"}\n')
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": 1, "prompt": "ok"}\n{"id": 2, "prompt": \n')
+    proc = cli(str(plan), "--prompts", str(bad), "--output", str(out), check=False)
+    assert proc.returncode == 2 and "bad.jsonl:2: not valid JSON" in proc.stderr and "Traceback" not in proc.stderr
+    long = tmp_path / "long.jsonl"
+    long.write_text(json.dumps({"id": "big", "prompt": "x = 1\n" * 2000}) + "\n")
+    proc = cli(str(plan), "--prompts", str(long), "--output", str(out), check=False)
+    assert proc.returncode == 2 and "long.jsonl:1" in proc.stderr and "'big'" in proc.stderr and "context" in proc.stderr
+    missing = tmp_path / "m.jsonl"
+    missing.write_text('{"id": "x"}\n')
+    proc = cli(str(plan), "--prompts", str(missing), "--output", str(out), check=False)
+    assert proc.returncode == 2 and "missing field 'prompt'" in proc.stderr
+    assert out.read_text() == '{"id": "old", "text": "kept"}\n'
+
+
+def test_plan_for_another_model_is_refused(tmp_path):
+    plan = Plan.load(make_plan(tmp_path))
+    other = tmp_path / "other.yaml"
+    plan.replace(model_fingerprint="0123456789ab").save(other)
+    prompts = write_prompts(tmp_path / "in.jsonl", n=2)
+    proc = cli(str(other), "--prompts", str(prompts), "--output", str(tmp_path / "o.jsonl"), check=False)
+    assert proc.returncode == 2 and "plan was made for model 'tiny-target'" in proc.stderr and "re-plan" in proc.stderr
+
+
+def test_plan_the_simulator_rejects_is_refused_unless_forced(tmp_path):
+    plan = make_plan(tmp_path)
+    prof = yaml.safe_load((Path(__import__("specoffload.planner.schema", fromlist=["x"]).profiles_dir()) / "t4.yaml").read_text())
+    prof["gpu_mem_bytes"] = 2e6  # far too small for the weights the plan keeps resident: the GPU pool overflows
+    prof["gpu_mem_reserve_bytes"] = 1e6
+    small = tmp_path / "small.yaml"
+    small.write_text(yaml.safe_dump(prof))
+    prompts = write_prompts(tmp_path / "in.jsonl", n=2)
+    proc = cli(str(plan), "--prompts", str(prompts), "--output", str(tmp_path / "o.jsonl"), "--profile", str(small),
+               check=False)
+    assert proc.returncode == 2 and "simulator rejects this plan" in proc.stderr and "--force" in proc.stderr
+    cli(str(plan), "--prompts", str(prompts), "--output", str(tmp_path / "o.jsonl"), "--profile", str(small),
+        "--force", "--quiet")
+
+
+def test_run_help_shows_an_example():
+    proc = cli("--help")
+    assert "example:" in proc.stdout and "specoffload-run plan.yaml" in proc.stdout
