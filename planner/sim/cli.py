@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--context", choices=("live", "average"), default="live",
                     help="durations at each verification's live contexts (default) or at the cost model's "
                          "average context")
+    ap.add_argument("--copy-chunk-bytes", type=float, default=4 * 2**20, metavar="BYTES",
+                    help="granularity at which a weight copy yields the copy engine to an activation transfer "
+                         "(default 4 MiB; e.g. 117e6 for whole Mixtral expert matrices)")
     ap.add_argument("--trace", metavar="PATH", help="write a Chrome trace (JSON; opens in Perfetto)")
     ap.add_argument("--trace-slots", type=int, default=12, metavar="N",
                     help="trace the tasks of the first N passes (default 12; memory counters cover the whole run)")
@@ -94,14 +97,15 @@ def _run(args) -> int:
         profile = profile.with_overrides(_overrides(args.set), source="--set")
     what_if = args.profile is not None or bool(args.set)
     options = SimOptions(seed=args.seed, context=args.context, trace=bool(args.trace), trace_slots=args.trace_slots,
-                         progress=not args.quiet)
+                         progress=not args.quiet, weight_chunk_bytes=args.copy_chunk_bytes)
     if args.replan and not args.sweep:
         raise SchemaError("--replan needs --sweep")
     if args.sweep:
         axes = [parse_sweep(s) for s in args.sweep]
         if len(axes) > 2:
             raise SchemaError("--sweep: give one or two fields")
-        rows = run_sweep(plan, profile, axes, args.replan, SimOptions(seed=args.seed, context=args.context),
+        rows = run_sweep(plan, profile, axes, args.replan,
+                         SimOptions(seed=args.seed, context=args.context, weight_chunk_bytes=args.copy_chunk_bytes),
                          log=None if args.quiet else progress_log)
         write_csv(rows, args.csv)
         print(f"wrote {args.csv} ({len(rows)} rows)")

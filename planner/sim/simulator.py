@@ -15,9 +15,8 @@ Model (what the runtime is expected to do; durations all come from the CostModel
   resident and copy nothing. The stream prefetches into the next sweep before its pass is decided
   (the weights are the same; routed-expert bytes assume a full decode batch until then, and a prefill
   bound later tops up the difference). Weight copies are preemptible every `weight_chunk_bytes`: a
-  latency-critical activation transfer waits at most one chunk (the runtime must copy in chunks
-  and give activation copies priority on the copy engine, or the per-layer chain stalls for a whole
-  layer's copy).
+  latency-critical activation transfer waits at most one chunk (default 4 MiB; with whole-tensor
+  copies on one engine, e.g. 117 MB per Mixtral expert matrix, the per-layer chain waits that long).
 - A verification of batch X (pass n): per layer j and micro-batch i: qkv (+ attention of the
   GPU-KV sequences) on the gpu -> d2h of q/k/v -> CPU attention -> h2d of the attention output ->
   o-proj/router/FFN on the gpu; qkv waits for the previous layer's FFN of the same micro-batch and the
@@ -71,7 +70,10 @@ def _prio(cls: int, n: int, j: int = 0, i: int = 0) -> int:
 class SimOptions:
     seed: int = 0
     context: str = "live"  # "live" or "average" (the cost model's average context, for comparisons)
-    weight_chunk_bytes: float = 64 * 2**20  # copy granularity of weights and bulk KV writes
+    # Weight copies and bulk KV writes can be cut every this many bytes for a latency-critical transfer
+    # (a runtime copying in chunks with activation copies first, or two copy engines sharing the link).
+    # Cuts cost events only when transfers actually contend, so a small value is cheap.
+    weight_chunk_bytes: float = 4 * 2**20
     # "layers": weight_buffers buffers of one layer each (what the plan says); "bytes": the same memory
     # (weight_buffers x one layer) as a byte pool, so small (attention-only) copies can run further ahead.
     buffer_policy: str = "layers"
@@ -105,7 +107,7 @@ class SimResult:
     report: Report
     problems: tuple[Problem, ...]
     slot_log: list[tuple[int, int, float, float, int]]  # (pass, batch, start, end, live sequences)
-    prefill_log: list[tuple[int, float, float, int]]  # (pass, start, end, prompts)
+    prefill_log: list[tuple[int, int, float, float, int]]  # (pass, batch, start, end, prompts)
     trace: ChromeTrace | None
     events: int
     wall_seconds: float
@@ -222,7 +224,7 @@ class Simulation:
         self.last_end = 0.0
         self.phase = {"prefill": 0.0, "decode": 0.0}
         self.slot_log: list[tuple[int, int, float, float, int]] = []
-        self.prefill_log: list[tuple[int, float, float, int]] = []
+        self.prefill_log: list[tuple[int, int, float, float, int]] = []
         self.rounds = 0
         self.tokens_sum = 0.0
         self.kept_sum = 0.0
@@ -498,7 +500,7 @@ class Simulation:
             self.batches[p.batch].seq[p.slots] = -1
         start = self.last_end
         self._segment("prefill", now)
-        self.prefill_log.append((p.index, start, now, p.n_prompts))
+        self.prefill_log.append((p.index, p.batch, start, now, p.n_prompts))
         if self.finished >= self.N:
             self.makespan = now
             self.eng.stopped = True
