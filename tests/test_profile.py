@@ -210,6 +210,7 @@ def test_forced_failure_writes_null_and_missing_and_the_planner_names_it(tmp_pat
     res = run_profile(ProfileConfig.tiny(force_fail=frozenset({"cpu_attention"})), device="cpu", name="broken",
                       progress=False, warn=seen.append)
     assert res.failed == {"cpu_attention": "forced to fail (test hook: SPECOFFLOAD_PROFILE_FAIL / force_fail)"}
+    seen = [m for m in seen if "busy" not in m]  # a load warning may come too on a shared machine
     assert len(seen) == 1 and "probe 'cpu_attention' failed" in seen[0]
     assert "cpu_attn_kv_read_bytes_per_s" in seen[0] and "null" in seen[0]
     p = res.profile

@@ -95,22 +95,22 @@ class ProfileConfig:
 
     @classmethod
     def quick(cls, **kw) -> "ProfileConfig":
-        base = dict(mode="quick", reps=7, warmup=2, min_sample_s=0.01,
+        base = dict(mode="quick", reps=7, warmup=2, min_sample_s=0.005,
                     transfer_sizes=(64 * KiB, MiB, 16 * MiB, 128 * MiB), bandwidth_bytes=256 * MiB,
                     matmul_tokens=(1, 4, 16, 64, 256), attn_batches=(1, 4, 16), attn_queries=(1, 5, 9),
-                    attn_contexts=(64, 512, 2048), attn_max_kv_tokens=16 * 2048, attn_rotate_bytes=256 * MiB)
+                    attn_contexts=(16, 64, 512, 2048), attn_max_kv_tokens=16 * 2048, attn_rotate_bytes=256 * MiB)
         base.update(kw)
         return cls(**base)
 
     @classmethod
     def full(cls, **kw) -> "ProfileConfig":
-        base = dict(mode="full", reps=11, warmup=3, min_sample_s=0.02,
+        base = dict(mode="full", reps=11, warmup=3, min_sample_s=0.005,
                     transfer_sizes=(4 * KiB, 16 * KiB, 64 * KiB, 256 * KiB, MiB, 4 * MiB, 16 * MiB, 64 * MiB,
                                     256 * MiB, GiB),
                     bandwidth_bytes=GiB,
                     matmul_tokens=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096),
                     attn_batches=(1, 2, 4, 8, 16, 32, 64), attn_queries=(1, 2, 5, 9),
-                    attn_contexts=(32, 128, 512, 1024, 2048, 4096), attn_max_kv_tokens=64 * 1024,
+                    attn_contexts=(16, 64, 256, 1024, 2048, 4096), attn_max_kv_tokens=64 * 1024,
                     attn_rotate_bytes=GiB)
         base.update(kw)
         return cls(**base)
@@ -173,13 +173,31 @@ class Clock:
 
 def measure(fn: Callable[[], Any], clock: Clock, cfg: ProfileConfig, max_inner: int = 10_000) -> Stats:
     """Warm up, calibrate the calls per sample, then `cfg.reps` samples: median and spread."""
-    for _ in range(max(1, cfg.warmup)):
-        fn()
-    clock.sync()
-    one = clock.time(fn, 1)
-    inner = max(1, min(max_inner, math.ceil(cfg.min_sample_s / max(one, 1e-9))))
-    samples = [clock.time(fn, inner) for _ in range(max(1, cfg.reps))]
-    return Stats.of(samples, inner)
+    return measure_many([fn], clock, cfg, max_inner=max_inner)[0]
+
+
+def measure_many(fns: list[Callable[[], Any]], clock: Clock, cfg: ProfileConfig, tick: Callable[[], None] | None = None,
+                 max_inner: int = 10_000) -> list[Stats]:
+    """Measure the points of one curve or grid together: warm up and calibrate each, then take the
+    samples in rounds (one sample of every point per round), so a burst of load from elsewhere
+    spreads over all points instead of skewing a few. tick: called once per point calibrated and
+    once per round (len(fns) + cfg.reps calls)."""
+    inner = []
+    for fn in fns:
+        for _ in range(max(1, cfg.warmup)):
+            fn()
+        clock.sync()
+        one = clock.time(fn, 1)
+        inner.append(max(1, min(max_inner, math.ceil(cfg.min_sample_s / max(one, 1e-9)))))
+        if tick:
+            tick()
+    samples: list[list[float]] = [[] for _ in fns]
+    for _ in range(max(1, cfg.reps)):
+        for i, fn in enumerate(fns):
+            samples[i].append(clock.time(fn, inner[i]))
+        if tick:
+            tick()
+    return [Stats.of(xs, n) for xs, n in zip(samples, inner)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -318,7 +336,7 @@ class Profiler:
         self.spec = cfg.spec
         self.name = name or default_name(self.kind)
         self.progress = progress
-        self._warn = warn or (lambda msg: print(f"specoffload-profile: warning: {msg}", file=sys.stderr))
+        self._warn = warn or self._print_warning
         self.fail = forced_failures(cfg)
         self.prov: dict[str, str] = {}
         self.fig: dict[str, Any] = {}
@@ -326,8 +344,17 @@ class Profiler:
         self._bar = None
         self._gpu_overhead_seen = 0  # CUDA: allocator fragmentation / workspace seen during probes
         self.avail_bytes = 0
+        self.load_before: float | None = None
+        self.load_after: float | None = None
 
     # --- plumbing -----------------------------------------------------------------------------
+    def _print_warning(self, msg: str) -> None:
+        line = f"specoffload-profile: warning: {msg}"
+        if self._bar is not None:
+            self._bar.write(line, file=sys.stderr)
+        else:
+            print(line, file=sys.stderr)
+
     def tick(self, what: str = "") -> None:
         if self._bar is not None:
             if what:
@@ -389,23 +416,21 @@ class Profiler:
 
     def _transfer_curve(self, probe: str, make: Callable[[int], Callable[[], Any]]) -> tuple[Curve, str]:
         self._check_forced(probe)
-        rows, pts, skipped = [], [], []
-        for size in self.cfg.transfer_sizes:
-            if not self._fits(2 * size):
+        sizes, skipped, total = [], [], 0
+        for size in sorted(self.cfg.transfer_sizes):
+            if self._fits(total + 2 * size):
+                sizes.append(size)
+                total += 2 * size
+            else:
                 skipped.append(size)
-                self.tick(probe)
-                continue
-            fn = make(size)
-            st = self.measure(fn)
-            del fn
-            rate = size / st.median
-            pts.append((size, rate))
-            rows.append((size, rate, st.spread))
-            self.tick(f"{probe} {size // KiB} KiB")
-        if not pts:
+        if not sizes:
             raise ProbeFailure(f"no transfer size fits in available memory ({self.avail_bytes / GiB:.1f} GiB)")
+        fns = [make(size) for size in sizes]
+        stats = measure_many(fns, self.clock, self.cfg, tick=lambda: self.tick(probe))
+        del fns
+        rows = [(size, size / st.median, st.spread) for size, st in zip(sizes, stats)]
         note = f"; sizes skipped (over 1/4 of available memory): {skipped}" if skipped else ""
-        return Curve(curve_points(pts)), _points_json(rows) + note
+        return Curve(curve_points([(x, y) for x, y, _ in rows])), _points_json(rows) + note
 
     def probe_memcpy(self) -> dict[str, Any]:
         """CPU-only: host-to-host copy rate over size, written to all four transfer curves."""
@@ -482,16 +507,14 @@ class Profiler:
         dtype = torch.bfloat16 if self.cuda else torch.float32
         g = torch.Generator(device="cpu").manual_seed(0)
         w = (torch.randn(f, d, generator=g) * d ** -0.5).to(self.device, dtype)
-        rows, pts = [], []
         if self.cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
-        for tokens in self.cfg.matmul_tokens:
-            x = torch.randn(tokens, d, generator=g).to(self.device, dtype)
-            st = self.measure(lambda: F.linear(x, w))
-            rate = 2.0 * tokens * d * f / st.median
-            pts.append((tokens, rate))
-            rows.append((tokens, rate, st.spread))
-            self.tick(f"matmul {tokens} tok")
+        tokens = list(self.cfg.matmul_tokens)
+        xs = [torch.randn(n, d, generator=g).to(self.device, dtype) for n in tokens]
+        stats = measure_many([(lambda x=x: F.linear(x, w)) for x in xs], self.clock, self.cfg,
+                             tick=lambda: self.tick("matmul"))
+        rows = [(n, 2.0 * n * d * f / st.median, st.spread) for n, st in zip(tokens, stats)]
+        pts = [(n, r) for n, r, _ in rows]
         if self.cuda:
             self._gpu_overhead_seen = max(self._gpu_overhead_seen, torch.cuda.max_memory_reserved(self.device)
                                           - torch.cuda.max_memory_allocated(self.device))
@@ -515,46 +538,50 @@ class Profiler:
         spec = self.spec
         H, Hkv, Dh = spec.num_heads, spec.num_kv_heads, spec.head_dim
         g = torch.Generator().manual_seed(0)
-        points: list[AttentionPoint] = []
+        grid = self.attention_grid()
+        if not grid:
+            raise ProbeFailure("the attention grid is empty (check attn_* sizes)")
         # Cold caches, as in the engine (each call reads a different layer's KV, far more than the CPU caches
-        # hold): the calls rotate over as many layers as fit in a pool of attn_rotate_bytes.
+        # hold): every point's cache is carved out of one pool of at least attn_rotate_bytes, and successive
+        # calls of a point rotate over as many layers as fit in it. All points are measured together.
+        largest = max(b * Hkv * ctx * Dh for b, _, ctx in grid)  # fp32 elements of K (and of V) of one layer
         pool_bytes = self.cfg.attn_rotate_bytes
         while pool_bytes > MiB and not self._fits(pool_bytes):
             pool_bytes //= 2
-        half = pool_bytes // 8  # fp32 elements for K (and as many for V)
+        half = max(pool_bytes // 8, largest)
+        if not self._fits(8 * half):
+            raise ProbeFailure(f"the largest attention point needs {8 * half / GiB:.2f} GiB of KV; only "
+                               f"{self.avail_bytes / GiB:.2f} GiB available")
         pool_k = torch.full((half,), 0.01, dtype=torch.float32)
         pool_v = torch.full((half,), 0.01, dtype=torch.float32)
-        layers_used = []
-        for batch, q_len, ctx in self.attention_grid():
+        fns, layers_used = [], []
+        for batch, q_len, ctx in grid:
             shape = (batch, Hkv, ctx, Dh)
             per_layer = batch * Hkv * ctx * Dh
             n_layers = max(1, half // per_layer)
             cache = KVCache(0, batch, ctx, Hkv, Dh, dtype=torch.float32, device="cpu")
-            if n_layers == 1 and per_layer > half:  # bigger than the pool: its own buffers (cold by size)
-                cache.k = [torch.full(shape, 0.01)]
-                cache.v = [torch.full(shape, 0.01)]
-            else:  # the cache's per-layer buffers, carved out of the pool
-                cache.k = [pool_k[i * per_layer:(i + 1) * per_layer].view(shape) for i in range(n_layers)]
-                cache.v = [pool_v[i * per_layer:(i + 1) * per_layer].view(shape) for i in range(n_layers)]
+            cache.k = [pool_k[i * per_layer:(i + 1) * per_layer].view(shape) for i in range(n_layers)]
+            cache.v = [pool_v[i * per_layer:(i + 1) * per_layer].view(shape) for i in range(n_layers)]
             cache.lengths[:] = ctx - q_len  # the new tokens bring each sequence to `ctx` keys
-            slots = list(range(batch))
             q = torch.randn(batch, q_len, H, Dh, generator=g)
             k_new = torch.randn(batch, q_len, Hkv, Dh, generator=g)
             v_new = torch.randn(batch, q_len, Hkv, Dh, generator=g)
             layer = itertools.cycle(range(n_layers))
-            st = measure(lambda: attention_call(cache, next(layer), slots, q, k_new, v_new), self.cpu_clock, self.cfg)
+            fns.append(lambda c=cache, it=layer, s=list(range(batch)), q=q, k=k_new, v=v_new:
+                       attention_call(c, next(it), s, q, k, v))
+            layers_used.append(n_layers)
+        stats = measure_many(fns, self.cpu_clock, self.cfg, tick=lambda: self.tick("attention"))
+        del fns, pool_k, pool_v
+        points = []
+        for (batch, q_len, ctx), st in zip(grid, stats):
             kv_bytes, flops = attention_workload(spec, batch, q_len, ctx)
             points.append(AttentionPoint(batch, q_len, ctx, kv_bytes, flops, st.median, st.spread))
-            layers_used.append(n_layers)
-            self.tick(f"attention b{batch} q{q_len} ctx{ctx}")
-            del cache
-        del pool_k, pool_v
         fit = fit_attention(points)
         self.attention_fit = fit
         self.prov["cpu_attention"] = (
             f"the runtime's attention (KVCache.attend -> layers.attention, fp32 host KV cache, {H} query / {Hkv} kv "
             f"heads x {Dh}, {spec.name}) timed over {len(points)} (batch, query, context) points, cold: successive "
-            f"calls rotate over the layers of a {pool_bytes // MiB} MiB KV pool (1 to {max(layers_used)} layers per "
+            f"calls rotate over the layers of a {8 * half // MiB} MiB KV pool (1 to {max(layers_used)} layers per "
             f"point; CPU last-level cache {_llc_text()}); fitted "
             "time = overhead + batch*context*kv_bytes_per_token_per_layer / kv_read_bytes_per_s + "
             "batch*attention_flops(query, context) / flops_per_s by nonnegative least squares on relative "
@@ -665,7 +692,8 @@ class Profiler:
     # --- assembly -----------------------------------------------------------------------------
     def probes(self) -> list[Probe]:
         c = self.cfg
-        n_tr, n_mm, n_at = len(c.transfer_sizes), len(c.matmul_tokens), len(self.attention_grid())
+        reps = max(1, c.reps)
+        n_tr, n_mm, n_at = len(c.transfer_sizes) + reps, len(c.matmul_tokens) + reps, len(self.attention_grid()) + reps
         host = Probe("host_memory", ("host_mem_bytes", "pinned_mem_bytes", "cpu_cores", "cpu_name")
                      + (() if self.cuda else ("gpu_mem_bytes", "gpu_mem_reserve_bytes")), 1,
                      self.probe_host_memory, self.fallback_host_memory)
@@ -694,6 +722,10 @@ class Profiler:
 
     def run(self) -> ProfileResult:
         t0 = time.perf_counter()
+        self.load_before = _loadavg()
+        if self.load_before is not None and self.load_before > 0.5 * cpu_cores():
+            self._warn(f"the machine is busy (load average {self.load_before:.1f} on {cpu_cores()} CPUs): timings will be "
+                       "noisy; profile again when it is quiet")
         probes = self.probes()
         known = {p.name for p in probes}
         unknown = sorted(self.fail - known - set(ALL_PROBES))
@@ -726,17 +758,23 @@ class Profiler:
                     if optional:
                         msg += f"; {', '.join(optional)} written as null and listed in 'missing'"
                     if required and p.fallback is not None:
-                        self.fig.update(p.fallback(reason))
+                        try:
+                            self.fig.update(p.fallback(reason))
+                        except Exception as exc2:  # noqa: BLE001
+                            raise ProbeFailure(f"probe '{p.name}' failed ({reason}) and so did its fallback "
+                                               f"({type(exc2).__name__}: {exc2}); {', '.join(required)} are "
+                                               "required, no profile written") from exc2
                         msg += f"; {', '.join(required)} from a fallback (see provenance)"
                     self.prov[f"failed.{p.name}"] = reason
                     result.warnings.append(msg)
                     self._warn(msg)
-                    if bar is not None:  # keep the bar's total honest
-                        bar.update(max(0, p.steps - (bar.n - ticks_before)))
+                if bar is not None:  # keep the bar's total honest (skipped sizes, failures)
+                    bar.update(max(0, p.steps - (bar.n - ticks_before)))
         finally:
             if bar is not None:
                 bar.close()
             self._bar = None
+        self.load_after = _loadavg()
         result.profile = self.assemble()
         result.attention_fit = self.attention_fit
         result.seconds = time.perf_counter() - t0
@@ -758,7 +796,9 @@ class Profiler:
             "timing": (f"{cfg.warmup} warm-up call(s), then {cfg.reps} samples each averaging calls over >= "
                        f"{cfg.min_sample_s * 1e3:g} ms{' (CUDA events, synchronised)' if self.cuda else ''}; figure = "
                        "median; spread = IQR / median, per point in the data.* entries"),
-            "reference_shapes": f"{self.spec.name}: {self.spec.describe()}",
+            "reference_shapes": self.spec.describe(),
+            "load": (f"1-minute load average {_fmt_load(self.load_before)} before, {_fmt_load(self.load_after)} after, "
+                     f"on {cpu_cores()} CPUs (other processes make timings noisy)"),
         }
         return head
 
@@ -791,6 +831,17 @@ class Profiler:
             cpu_mem_bandwidth_bytes_per_s=_opt(fig["cpu_mem_bandwidth_bytes_per_s"]),
             device_op_overhead_seconds=float(fig.get("device_op_overhead_seconds", 0.0)),
             provenance=prov, missing=missing)
+
+
+def _loadavg() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
+def _fmt_load(x: float | None) -> str:
+    return "unknown" if x is None else f"{x:.2f}"
 
 
 def _opt(v: Any) -> float | None:
