@@ -5,6 +5,7 @@ import argparse
 import dataclasses
 import sys
 
+from ..models import load_model_spec
 from ..schema import Plan, fingerprint
 from ..strict import SchemaError
 from .report import format_report
@@ -20,9 +21,9 @@ example (Mixtral-8x7B with a Mistral-7B draft on an RTX 4090, PCIe Gen4):
       open trace.json in https://ui.perfetto.dev (tracks gpu, h2d, d2h, cpu-attn, memory counters)
   specoffload-simulate plan.yaml --set h2d_bytes_per_s=50e9 --set gpu_mem_bytes=48e9
       the same plan on a PCIe Gen5 machine with a 48 GB card
-  specoffload-simulate plan.yaml --sweep h2d_bytes_per_s=12.6e9,25.2e9,50.4e9 --replan all \\
-      --csv pcie.csv --plot pcie.png
-      re-plan and simulate every policy at Gen3, Gen4 and Gen5 H2D bandwidth
+  specoffload-simulate plan.yaml --sweep h2d_bytes_per_s+d2h_bytes_per_s=12.6e9,25.2e9,50.4e9 \\
+      --replan all --draft mistral-7b --csv pcie.csv --plot pcie.png
+      re-plan and simulate every policy at PCIe Gen3, Gen4 and Gen5 bandwidth (both directions)
   specoffload-simulate plan.yaml --sweep gpu_mem_bytes=16e9:48e9:5 --sweep h2d_bytes_per_s=12e9:64e9:4 --replan
 
 exit status: 0 the plan runs; 1 the simulation rejects it (a memory pool overflows, a deadlock, a
@@ -58,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--replan", nargs="?", const="own", choices=("own", "all"),
                     help="with --sweep: re-plan at each point with the plan's policy (own, the default) or "
                          "every policy (all)")
+    ap.add_argument("--draft", metavar="MODEL",
+                    help="with --replan: the draft model to plan with (a plan where offload-only won names none)")
     ap.add_argument("--csv", default="whatif.csv", metavar="PATH", help="sweep table (default whatif.csv)")
     ap.add_argument("--plot", default="whatif.png", metavar="PATH", help="sweep plot (default whatif.png)")
     ap.add_argument("--quiet", action="store_true", help="no progress output")
@@ -100,13 +103,19 @@ def _run(args) -> int:
                          progress=not args.quiet, weight_chunk_bytes=args.copy_chunk_bytes)
     if args.replan and not args.sweep:
         raise SchemaError("--replan needs --sweep")
+    if args.draft and not args.replan:
+        raise SchemaError("--draft is for re-planning (--sweep ... --replan)")
+    draft = load_model_spec(args.draft) if args.draft else None
+    if args.replan == "all" and draft is None and not plan.draft:
+        raise SchemaError("--replan all: this plan has no draft model (the planner chose offload-only); "
+                          "name one with --draft, e.g. --draft mistral-7b")
     if args.sweep:
         axes = [parse_sweep(s) for s in args.sweep]
         if len(axes) > 2:
             raise SchemaError("--sweep: give one or two fields")
         rows = run_sweep(plan, profile, axes, args.replan,
                          SimOptions(seed=args.seed, context=args.context, weight_chunk_bytes=args.copy_chunk_bytes),
-                         log=None if args.quiet else progress_log)
+                         log=None if args.quiet else progress_log, draft=draft)
         write_csv(rows, args.csv)
         print(f"wrote {args.csv} ({len(rows)} rows)")
         title = (f"{plan.model}{' + ' + plan.draft if plan.draft else ''} on {profile.name}, "

@@ -30,12 +30,14 @@ class Event(NamedTuple):
     token: int
 
 
+_event = tuple.__new__  # builds an Event from a tuple without the keyword-argument __new__ (hot path)
+
+
 class Task:
     """One unit of work. Mutable bookkeeping (waiting count, successors) is owned by the Engine."""
 
     __slots__ = ("kind", "label", "resource", "duration", "remaining", "quantum", "priority", "waiting",
-                 "successors", "done", "on_done", "layer", "micro_batch", "batch", "pass_index", "traced",
-                 "start")
+                 "successors", "done", "on_done", "layer", "micro_batch", "batch", "pass_index", "traced")
 
     def __init__(self, kind: str, label: str | None, resource: "Resource | None", duration: float,
                  priority: int = 0, quantum: float = 0.0, layer: int = -1, micro_batch: int = -1,
@@ -54,7 +56,6 @@ class Task:
         self.on_done = on_done
         self.layer, self.micro_batch, self.batch, self.pass_index = layer, micro_batch, batch, pass_index
         self.traced = traced
-        self.start = -1.0
 
     def __repr__(self) -> str:
         where = "".join(f" {k}{v}" for k, v in (("L", self.layer), ("mb", self.micro_batch), ("B", self.batch),
@@ -92,12 +93,10 @@ class Resource:
     def _start(self, task: Task, now: float) -> Event:
         self._running = task
         self._run_start = now
-        self._run_end = now + task.remaining
-        if task.start < 0:
-            task.start = now
-        self._token += 1
+        end = self._run_end = now + task.remaining
+        token = self._token = self._token + 1
         self._cut_pending = False
-        return Event(self._run_end, self._seq(), DONE, self.index, self._token)
+        return _event(Event, (end, self._seq(), DONE, self.index, token))
 
     def submit(self, task: Task, now: float) -> Event | None:
         """A ready task arrives; returns the event that starts or cuts service, if any."""
@@ -117,20 +116,39 @@ class Resource:
 
     def _account(self, task: Task, end: float) -> None:
         served = end - self._run_start
-        self.busy[task.label] = self.busy.get(task.label, 0.0) + served
+        busy = self.busy
+        label = task.label
+        if label in busy:
+            busy[label] += served
+        else:
+            busy[label] = served
         if self._record is not None and task.traced and served > 0:
             self._record(task, self._run_start, end)
 
     def finish(self, token: int, now: float) -> tuple[Task | None, Event | None]:
         """The running piece ends; returns (the task if it is complete, the event starting the next)."""
-        if token != self._token or self._running is None:
-            return None, None  # stale: the piece was cut
         task = self._running
-        self._account(task, now)
+        if token != self._token or task is None:
+            return None, None  # stale: the piece was cut
+        # _account and _start, inlined (once per task: the hottest path).
+        served = now - self._run_start
+        busy, label = self.busy, task.label
+        if label in busy:
+            busy[label] += served
+        else:
+            busy[label] = served
+        if self._record is not None and task.traced and served > 0:
+            self._record(task, self._run_start, now)
         task.remaining = 0.0
-        self._running = None
-        nxt = self._start(heapq.heappop(self._queue)[2], now) if self._queue else None
-        return task, nxt
+        if not self._queue:
+            self._running = None
+            return task, None
+        nxt = self._running = heapq.heappop(self._queue)[2]
+        self._run_start = now
+        end = self._run_end = now + nxt.remaining
+        token = self._token = token + 1
+        self._cut_pending = False
+        return task, _event(Event, (end, self._seq(), DONE, self.index, token))
 
     def cut(self, token: int, now: float) -> Event | None:
         """Preempt the running task at a quantum boundary: re-queue its remainder, serve the best."""
@@ -262,24 +280,26 @@ class Engine:
 
     def _complete(self, task: Task) -> None:
         out = self._out
+        now = self.now
         stack = [task]
         while stack:
             t = stack.pop()
             t.done = True
-            if t.start < 0:
-                t.start = self.now
             if t.on_done is not None:
-                t.on_done(self.now)
-            for s in t.successors:
-                s.waiting -= 1
-                if s.waiting == 0:
-                    if s.resource is None or s.remaining <= 0.0:
-                        stack.append(s)
-                    else:
-                        ev = s.resource.submit(s, self.now)
-                        if ev is not None:
-                            out.append(ev)
-            t.successors = []
+                t.on_done(now)
+                out = self._out
+            succ = t.successors
+            if succ:
+                t.successors = ()
+                for s in succ:
+                    s.waiting -= 1
+                    if s.waiting == 0:
+                        if s.resource is None or s.remaining <= 0.0:
+                            stack.append(s)
+                        else:
+                            ev = s.resource.submit(s, now)
+                            if ev is not None:
+                                out.append(ev)
 
     # --- the loop ----------------------------------------------------------------------------------
     def handle(self, ev: Event) -> list[Event]:
@@ -306,17 +326,30 @@ class Engine:
             heapq.heappush(heap, ev)
         self._out = []
         pop, push = heapq.heappop, heapq.heappush
-        handle = self.handle
+        resources = self.resources
+        complete = self._complete
         n = self.events
         while heap and not self.stopped:
+            # The body of handle(), inlined: the loop runs once per event.
             ev = pop(heap)
-            self.now = ev.time
-            for new in handle(ev):
-                push(heap, new)
+            now = self.now = ev[0]
+            res = resources[ev[3]]
+            if ev[2] == PREEMPT:
+                nxt = res.cut(ev[4], now)
+                if nxt is not None:
+                    push(heap, nxt)
+            else:
+                task, nxt = res.finish(ev[4], now)
+                if task is not None:
+                    self._out = [nxt] if nxt is not None else []
+                    complete(task)
+                    for new in self._out:
+                        push(heap, new)
+                    self._out = []
             n += 1
             if check is not None and n % check_every == 0:
                 self.events = n
-                check(self.now, n)
+                check(now, n)
         self.events = n
         return self.stopped
 

@@ -585,31 +585,36 @@ class Simulation:
             mbs.append((i, q, io, f))
         gpu, cpu, d2h, h2d = self.gpu, self.cpu, self.d2h, self.h2d
         prev = {i: gate for i, *_ in mbs}
+        base_n = _prio(TARGET, n)
         for j in range(self.L):
             release = self._layer_release(p, j)
             attn_users, ffn_users, layer_tasks = [], [], []
+            base = base_n | (min(j, 255) << 8)
             for i, q, io, f in mbs:
-                Q = Task("qkv", "gpu", gpu, q, _prio(TARGET, n, j, i), layer=j, micro_batch=i, batch=X, pass_index=n,
-                         traced=traced)
-                eng.depend(prev[i], Q)
-                last = Q
+                # Fresh tasks (the gate included, armed last): dependencies are wired directly.
+                prio = base | i
+                Q = Task("qkv", "gpu", gpu, q, prio, 0.0, j, i, X, n, None, traced)
+                prev[i].successors.append(Q)
+                Q.waiting += 1
                 layer_tasks.append(Q)
+                last = Q
                 if io is not None:
-                    D = Task("d2h qkv", "d2h", d2h, io[0], _prio(TARGET, n, j, i), layer=j, micro_batch=i, batch=X,
-                             pass_index=n, traced=traced)
-                    C = Task("attention", "cpu", cpu, io[1], _prio(TARGET, n, j, i), layer=j, micro_batch=i,
-                             batch=X, pass_index=n, traced=traced)
-                    U = Task("h2d attn-out", "h2d", h2d, io[2], _prio(TARGET, n, j, i), layer=j, micro_batch=i,
-                             batch=X, pass_index=n, traced=traced)
-                    eng.depend(Q, D)
-                    eng.depend(D, C)
-                    eng.depend(C, U)
-                    layer_tasks += [D, C, U]
+                    D = Task("d2h qkv", "d2h", d2h, io[0], prio, 0.0, j, i, X, n, None, traced)
+                    C = Task("attention", "cpu", cpu, io[1], prio, 0.0, j, i, X, n, None, traced)
+                    U = Task("h2d attn-out", "h2d", h2d, io[2], prio, 0.0, j, i, X, n, None, traced)
+                    Q.successors.append(D)
+                    D.successors.append(C)
+                    C.successors.append(U)
+                    D.waiting += 1
+                    C.waiting += 1
+                    U.waiting += 1
+                    layer_tasks += (D, C, U)
                     last = U
-                F = Task("ffn", "gpu", gpu, f, _prio(TARGET, n, j, i), layer=j, micro_batch=i, batch=X, pass_index=n,
-                         traced=traced)
-                eng.depend(last, F)
-                eng.depend(F, release)
+                F = Task("ffn", "gpu", gpu, f, prio, 0.0, j, i, X, n, None, traced)
+                last.successors.append(F)
+                F.waiting += 1
+                F.successors.append(release)
+                release.waiting += 1
                 layer_tasks.append(F)
                 attn_users.append(Q)
                 ffn_users.append(F)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from ..models import load_plan_models
+from ..models import ModelSpec, load_plan_models
 from ..planner import make_plan
 from ..schema import POLICIES, HardwareProfile, Plan
 from ..strict import SchemaError
@@ -76,13 +76,17 @@ def apply_point(profile: HardwareProfile, axes: list[SweepAxis], point: tuple[fl
 
 
 def run_sweep(plan: Plan, profile: HardwareProfile, axes: list[SweepAxis], replan: str | None = None,
-              options: SimOptions = SimOptions(), log: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
-    """One row per (point, policy): simulated and predicted throughput, the plan's knobs, problems."""
+              options: SimOptions = SimOptions(), log: Callable[[str], None] | None = None,
+              draft: ModelSpec | None = None) -> list[dict[str, Any]]:
+    """One row per (point, policy): simulated and predicted throughput, the plan's knobs, problems.
+
+    `draft` (re-planning only) replaces the plan's draft: a plan where offload-only won carries none."""
     if not 1 <= len(axes) <= 2:
         raise SchemaError("--sweep: give one or two fields")
     for axis in axes:  # fail fast on an unknown field, before any simulation
         profile.with_overrides({f: axis.values[0] for f in axis.fields}, source="--sweep")
-    target, draft = load_plan_models(plan) if replan else (None, None)
+    target, plan_draft = load_plan_models(plan) if replan else (None, None)
+    draft = draft or plan_draft
     if replan == "all":
         policies = POLICIES if draft is not None else ("offload-only",)
     else:
