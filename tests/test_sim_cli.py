@@ -157,7 +157,8 @@ def test_help_shows_a_worked_example(capsys):
         main(["--help"])
     assert exc.value.code == 0
     out = capsys.readouterr().out
-    assert "specoffload-simulate plan.yaml --sweep h2d_bytes_per_s=" in out and "exit status" in out
+    assert "specoffload-simulate plan.yaml --sweep h2d_bytes_per_s+d2h_bytes_per_s=" in out
+    assert "--replan all --draft mistral-7b" in out and "exit status" in out
 
 
 def test_console_script_is_installed(small_plan_path):
