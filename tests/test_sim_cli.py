@@ -94,6 +94,8 @@ def test_what_if_set_and_profile(small_plan_path, capsys):
     (["--sweep", "h2d_bytes_per_s=1:2"], "FIELD=START:STOP:N"),
     (["--sweep", "nope=1e9,2e9"], "unknown profile field 'nope'"),
     (["--replan"], "--replan needs --sweep"),
+    (["--draft", "mistral-7b"], "--draft is for re-planning"),
+    (["--sweep", "h2d_bytes_per_s=2e10,3e10", "--replan", "all", "--draft", "gpt-9"], "unknown model 'gpt-9'"),
     (["--profile", "no-such-machine"], "not a shipped profile"),
 ])
 def test_bad_input_is_one_clear_line(small_plan_path, capsys, args, message):
@@ -166,3 +168,14 @@ def test_console_script_is_installed(small_plan_path):
     out = subprocess.run([str(exe), str(small_plan_path), "--quiet"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "throughput end to end" in out.stdout
+
+
+def test_replan_all_needs_a_draft_when_the_plan_has_none(tmp_path, capsys):
+    prof = load_profile(PROFILE)
+    work = Workload(prompt_len_tokens=128, gen_len_tokens=8, num_prompts=8, acceptance=0.7)
+    plan = plan_at(prof, load_model_spec("mistral-7b"), None, work, Knobs("offload-only", 8, 8, 0, 1, "gpu", 8, 2),
+                   {"attn_gpu": 0.0, "ffn_gpu": 0.0, "kv_gpu": 0.0})
+    path = tmp_path / "offload.yaml"
+    plan.save(path)
+    code, _, err = run(capsys, path, "--sweep", "h2d_bytes_per_s=2e10,3e10", "--replan", "all", "--quiet")
+    assert code == 2 and "--draft" in err
