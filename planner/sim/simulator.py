@@ -151,8 +151,8 @@ class _Batch:
 
 
 class _Pass:
-    __slots__ = ("index", "kind", "batch", "slots", "tokens", "waiting_weights", "start", "layers_done",
-                 "gate", "n_prompts", "done")
+    __slots__ = ("index", "kind", "batch", "slots", "tokens", "waiting_weights", "layers_done", "gate",
+                 "n_prompts", "done")
 
     def __init__(self, index: int, kind: str):
         self.index, self.kind = index, kind
@@ -160,7 +160,6 @@ class _Pass:
         self.slots = None
         self.tokens = 0.0
         self.waiting_weights: dict[int, tuple[list[Task], list[Task]]] = {}
-        self.start = -1.0
         self.layers_done = 0
         self.gate: Task | None = None
         self.n_prompts = 0
@@ -230,7 +229,6 @@ class Simulation:
         self.kept_sum = 0.0
         self.pos_tried = np.zeros(max(self.k, 1))
         self.pos_acc = np.zeros(max(self.k, 1))
-        self.draft_count = 0
         self.makespan = 0.0
         self._wall0 = 0.0
         self._progress_shown = False
@@ -386,7 +384,6 @@ class Simulation:
             return None
         eng = self.eng
         dr = self.cm.draft_round(self.knobs, n_seqs)
-        self.draft_count += 1
         traced = self._traced(n_ref)
         end = Task("draft done", None, None, 0.0, batch=batch, pass_index=n_ref)
         Ld = self.d.num_layers
@@ -556,8 +553,7 @@ class Simulation:
         k1 = self.k + 1
         p.tokens = float(len(live) * k1)
         n, traced, X = p.index, self._traced(p.index), batch.index
-        gate = Task("gate", None, None, 0.0, batch=X, pass_index=n,
-                    on_done=lambda now, p=p: setattr(p, "start", now))
+        gate = Task("gate", None, None, 0.0, batch=X, pass_index=n)
         for dep in batch.pending:
             eng.depend(dep, gate)
         batch.pending = []
