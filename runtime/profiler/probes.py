@@ -58,6 +58,7 @@ from .fit import AttentionFit, AttentionPoint, Stats, curve_points, fit_attentio
 
 GiB, MiB, KiB = 2**30, 2**20, 2**10
 FORCE_FAIL_ENV = "SPECOFFLOAD_PROFILE_FAIL"  # comma-separated probe names: a test hook
+WARMUP_MAX_S = 0.25  # warm-up of one measurement stops after this long (one call at least)
 
 
 class ProbeFailure(RuntimeError):
@@ -84,6 +85,7 @@ class ProfileConfig:
     attn_contexts: tuple[int, ...]
     attn_max_kv_tokens: int  # grid points with batch * context above this are skipped
     attn_rotate_bytes: int = 256 * MiB  # KV pool the attention calls rotate over (defeats the CPU caches)
+    cpu_matmul_max_tokens: int = 1024  # on the CPU the rate plateaus long before; bigger GEMMs take seconds
     model: ModelSpec | None = None  # reference shapes (matmul: FFN; attention: heads); None: mixtral-8x7b
     op_overhead_shape: tuple[int, int, int, int, int] = (64, 4, 2, 16, 128)  # dim, heads, kv heads, Dh, ffn
     force_fail: frozenset[str] = frozenset()  # test hook: these probes raise ProbeFailure
@@ -184,8 +186,11 @@ def measure_many(fns: list[Callable[[], Any]], clock: Clock, cfg: ProfileConfig,
     once per round (len(fns) + cfg.reps calls)."""
     inner = []
     for fn in fns:
-        for _ in range(max(1, cfg.warmup)):
+        t_end = time.perf_counter() + WARMUP_MAX_S
+        for _ in range(max(1, cfg.warmup)):  # warm-up calls, but no more than WARMUP_MAX_S of them
             fn()
+            if time.perf_counter() > t_end:
+                break
         clock.sync()
         one = clock.time(fn, 1)
         inner.append(max(1, min(max_inner, math.ceil(cfg.min_sample_s / max(one, 1e-9)))))
@@ -509,7 +514,7 @@ class Profiler:
         w = (torch.randn(f, d, generator=g) * d ** -0.5).to(self.device, dtype)
         if self.cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
-        tokens = list(self.cfg.matmul_tokens)
+        tokens = [n for n in self.cfg.matmul_tokens if self.cuda or n <= self.cfg.cpu_matmul_max_tokens]
         xs = [torch.randn(n, d, generator=g).to(self.device, dtype) for n in tokens]
         stats = measure_many([(lambda x=x: F.linear(x, w)) for x in xs], self.clock, self.cfg,
                              tick=lambda: self.tick("matmul"))
@@ -693,7 +698,8 @@ class Profiler:
     def probes(self) -> list[Probe]:
         c = self.cfg
         reps = max(1, c.reps)
-        n_tr, n_mm, n_at = len(c.transfer_sizes) + reps, len(c.matmul_tokens) + reps, len(self.attention_grid()) + reps
+        n_mm = len([n for n in c.matmul_tokens if self.cuda or n <= c.cpu_matmul_max_tokens]) + reps
+        n_tr, n_at = len(c.transfer_sizes) + reps, len(self.attention_grid()) + reps
         host = Probe("host_memory", ("host_mem_bytes", "pinned_mem_bytes", "cpu_cores", "cpu_name")
                      + (() if self.cuda else ("gpu_mem_bytes", "gpu_mem_reserve_bytes")), 1,
                      self.probe_host_memory, self.fallback_host_memory)

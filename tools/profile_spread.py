@@ -1,0 +1,98 @@
+"""Run specoffload-profile several times in a row and print how far each figure moves between runs.
+
+    python tools/profile_spread.py                   # two quick runs, default threads
+    python tools/profile_spread.py --threads 1       # ... with one torch thread
+    python tools/profile_spread.py --runs 3 --keep /tmp/spread   # keep the profiles
+
+Spread of a figure = (max - min) / mean over the runs; for a curve, the largest spread over its
+points. The three CPU-attention figures are *fitted* (the acceptance bar is 10% on those); the
+others are measured directly and shown for context. Exit status 1 when a fitted figure spreads
+more than --tolerance. Each run is a fresh process, exactly the command a user types.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from specoffload.planner.schema import Curve, HardwareProfile
+
+FITTED = ("cpu_attn_kv_read_bytes_per_s", "cpu_attn_flops_per_s", "cpu_attn_overhead_seconds")
+MEASURED = ("gpu_matmul_flops_per_s", "gpu_mem_bandwidth_bytes_per_s", "cpu_mem_bandwidth_bytes_per_s",
+            "h2d_pinned_bytes_per_s", "h2d_pageable_bytes_per_s", "d2h_pinned_bytes_per_s", "d2h_pageable_bytes_per_s",
+            "device_op_overhead_seconds", "host_mem_bytes", "gpu_mem_bytes", "gpu_mem_reserve_bytes")
+
+
+def spread(values: list[float]) -> float:
+    mean = sum(values) / len(values)
+    return (max(values) - min(values)) / mean if mean else 0.0
+
+
+def figure_spread(profiles: list[HardwareProfile], name: str) -> tuple[float, str]:
+    """(spread, values as text); a curve's spread is its worst point's."""
+    vals = [getattr(p, name) for p in profiles]
+    if any(v is None for v in vals):
+        return float("nan"), "missing in a run"
+    if isinstance(vals[0], Curve):
+        xs = [x for x, _ in vals[0].points]
+        per_point = [spread([v(x) for v in vals]) for x in xs]
+        worst = max(range(len(xs)), key=lambda i: per_point[i])
+        text = "; ".join(f"x={x:g}: {per_point[i]:.1%}" for i, x in enumerate(xs))
+        return per_point[worst], text
+    return spread([float(v) for v in vals]), " | ".join(f"{float(v):.4g}" for v in vals)
+
+
+def rows(profiles: list[HardwareProfile]) -> list[tuple[str, bool, float, str]]:
+    return [(n, n in FITTED, *figure_spread(profiles, n)) for n in FITTED + MEASURED]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=None, help="passed to specoffload-profile --threads")
+    ap.add_argument("--full", action="store_true", help="full mode instead of --quick")
+    ap.add_argument("--tolerance", type=float, default=0.10, help="allowed spread of a fitted figure (default 0.10)")
+    ap.add_argument("--keep", default=None, help="folder to keep the profiles in (default: a temporary one)")
+    args = ap.parse_args(argv)
+
+    folder = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="profile-spread-"))
+    folder.mkdir(parents=True, exist_ok=True)
+    profiles = []
+    for i in range(args.runs):
+        out = folder / f"run{i + 1}.yaml"
+        cmd = [sys.executable, "-m", "specoffload.runtime.profile_cli", "-o", str(out), "--no-progress"]
+        cmd += [] if args.full else ["--quick"]
+        cmd += ["--threads", str(args.threads)] if args.threads else []
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            print(proc.stdout + proc.stderr, file=sys.stderr)
+            return 2
+        print(f"run {i + 1}: {time.perf_counter() - t0:.1f} s -> {out}")
+        profiles.append(HardwareProfile.load(out))
+
+    print(f"\n{'figure':34s} {'kind':8s} {'spread':>8s}  values by run")
+    worst_fitted = 0.0
+    for name, fitted, s, text in rows(profiles):
+        flag = ""
+        if fitted:
+            worst_fitted = max(worst_fitted, s)
+            flag = "  OK" if s <= args.tolerance else f"  OVER {args.tolerance:.0%}"
+        print(f"{name:34s} {'fitted' if fitted else 'measured':8s} {s:8.1%}  {text}{flag}")
+    for i, p in enumerate(profiles):
+        fit = json.loads(p.provenance.get("fit.cpu_attention", "{}"))
+        print(f"run {i + 1}: attention fit residual rms {fit.get('rel_rms_residual', float('nan')):.1%}, "
+              f"max {fit.get('rel_max_residual', float('nan')):.1%}; {p.provenance.get('threads', '')}; "
+              f"{p.provenance.get('load', '')}")
+    ok = worst_fitted <= args.tolerance
+    print(f"\nfitted figures: worst spread {worst_fitted:.1%} -> {'PASS' if ok else 'FAIL'} (tolerance "
+          f"{args.tolerance:.0%}); profiles in {folder}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
