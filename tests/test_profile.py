@@ -249,6 +249,28 @@ def test_an_exception_inside_a_probe_is_caught(monkeypatch):
     assert any("probe 'matmul' failed: RuntimeError: simulated allocator error" in m for m in seen)
 
 
+def test_a_required_figure_falls_back_and_says_so():
+    seen = []
+    res = run_profile(ProfileConfig.tiny(force_fail=frozenset({"host_memory", "device_op_overhead"})), device="cpu",
+                      progress=False, warn=seen.append)
+    p = res.profile
+    assert set(res.failed) == {"host_memory", "device_op_overhead"} and p.missing == ()
+    assert p.host_mem_bytes > 0 and p.device_op_overhead_seconds == 0.0
+    assert p.provenance["host_mem_bytes"].startswith("fallback after probe failure")
+    assert "failed" in p.provenance["device_op_overhead_seconds"]
+    assert any("host_mem_bytes" in m and "fallback" in m for m in seen)
+
+
+def test_samples_are_taken_in_rounds_over_the_points():
+    calls = []
+    cfg = ProfileConfig.tiny(reps=3, warmup=1, min_sample_s=0.0)
+    stats = probes.measure_many([lambda: calls.append("a"), lambda: calls.append("b")], probes.Clock(torch.device("cpu")),
+                                cfg)
+    # a: warm-up + calibration, b: the same, then three rounds of one sample each
+    assert "".join(calls) == "aabb" + "ab" * 3
+    assert len(stats) == 2 and all(len(s.samples) == 3 and s.inner == 1 for s in stats)
+
+
 def test_unknown_forced_probe_is_an_error():
     with pytest.raises(probes.ProbeFailure, match="unknown probe"):
         run_profile(ProfileConfig.tiny(force_fail=frozenset({"nope"})), device="cpu", progress=False)
