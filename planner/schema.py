@@ -320,7 +320,7 @@ class Plan:
     gpu_kv_sequences: int  # per batch, this many sequences keep their target KV (and attention) on the GPU
     target_attention: str  # "cpu" (over the host KV cache) or "gpu"
     draft_kv: str  # "gpu", "host", or "recompute" (the context re-read each round)
-    weight_buffers: int
+    weight_buffers: int  # device buffers for streamed layers; 0 when every weight is resident
     prediction: Prediction
     notes: tuple[str, ...] = ()
     schema_version: int = PLAN_SCHEMA
@@ -332,9 +332,11 @@ class Plan:
             raise ValueError(f"draft_kv must be one of {', '.join(DRAFT_KV_MODES)}; found {self.draft_kv!r}")
         if self.target_attention not in ("cpu", "gpu"):
             raise ValueError(f"target_attention must be 'cpu' or 'gpu'; found {self.target_attention!r}")
-        for name in ("decode_batch", "prefill_batch", "draft_sub_batch", "micro_batches", "weight_buffers"):
+        for name in ("decode_batch", "prefill_batch", "draft_sub_batch", "micro_batches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, found {getattr(self, name)}")
+        if self.weight_buffers < 0:
+            raise ValueError(f"weight_buffers must be >= 0 (0: nothing streamed), found {self.weight_buffers}")
         if self.num_batches != (2 if self.policy == "interleaved" else 1):
             raise ValueError(f"policy {self.policy} runs {'2 batches' if self.policy == 'interleaved' else '1 batch'}"
                              f", found num_batches={self.num_batches}")
