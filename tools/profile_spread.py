@@ -85,7 +85,10 @@ def main(argv=None) -> int:
         print(f"{name:34s} {'fitted' if fitted else 'measured':8s} {s:8.1%}  {text}{flag}")
     for i, p in enumerate(profiles):
         fit = json.loads(p.provenance.get("fit.cpu_attention", "{}"))
-        print(f"run {i + 1}: attention fit residual rms {fit.get('rel_rms_residual', float('nan')):.1%}, "
+        raw = p.provenance.get("data.cpu_attention", "")
+        within = sorted(r[4] for r in json.loads(raw.split(": ", 1)[1])) if raw else []
+        noise = f"median within-run IQR/median of the attention points {within[len(within) // 2]:.1%}; " if within else ""
+        print(f"run {i + 1}: {noise}attention fit residual rms {fit.get('rel_rms_residual', float('nan')):.1%}, "
               f"max {fit.get('rel_max_residual', float('nan')):.1%}; {p.provenance.get('threads', '')}; "
               f"{p.provenance.get('load', '')}")
     ok = worst_fitted <= args.tolerance
