@@ -34,6 +34,8 @@ class CheckpointError(ValueError):
 
 
 Placement = Callable[[str], "str | torch.device"]
+#: one dtype for every tensor, or canonical name -> dtype (e.g. bf16 experts in host memory, fp32 rest)
+DtypeSpec = "torch.dtype | Callable[[str], torch.dtype]"
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -162,15 +164,17 @@ def _place(t: Tensor, tier, dtype: torch.dtype) -> Tensor:
 # ----------------------------------------------------------------------------------------------
 
 def stream_tensors(model_dir: str | Path, name_map: Mapping[str, str], shapes: Mapping[str, tuple[int, ...]],
-                   *, dtype: torch.dtype = torch.float32, placement: Placement | None = None,
+                   *, dtype: DtypeSpec = torch.float32, placement: Placement | None = None,
                    ignorable: Callable[[str], bool] = lambda n: False) -> dict[str, Tensor]:
     """Read the tensors ``name_map`` names (on-disk -> canonical), one at a time, into place.
 
     shapes: canonical name -> expected shape. placement: canonical name -> tier (default "cpu").
-    Returns canonical name -> tensor in ``dtype`` on its tier. Raises CheckpointError naming the
-    tensor/file for missing, unexpected, wrongly shaped or non-float tensors.
+    dtype: a dtype, or canonical name -> dtype. Returns canonical name -> tensor in its dtype on its
+    tier. Raises CheckpointError naming the tensor/file for missing, unexpected, wrongly shaped or
+    non-float tensors.
     """
     placement = placement or (lambda name: "cpu")
+    dtype_of = dtype if callable(dtype) else (lambda name: dtype)
     layout = checkpoint_layout(model_dir)
     missing = [n for n in name_map if n not in layout]
     if missing:
@@ -198,7 +202,7 @@ def stream_tensors(model_dir: str | Path, name_map: Mapping[str, str], shapes: M
                 if disk_dtype not in _FLOAT_DTYPES:
                     raise CheckpointError(f"tensor {hf_name} in {path.name} has dtype {disk_dtype}; only float "
                                           f"checkpoints ({', '.join(sorted(_FLOAT_DTYPES))}) are supported")
-                out[ours] = _place(f.get_tensor(hf_name), placement(ours), dtype)
+                out[ours] = _place(f.get_tensor(hf_name), placement(ours), dtype_of(ours))
 
     # Final audit: everything arrived, with the shape and dtype asked for.
     for ours, shape in shapes.items():
@@ -206,30 +210,32 @@ def stream_tensors(model_dir: str | Path, name_map: Mapping[str, str], shapes: M
             if ours in name_map.values():
                 raise CheckpointError(f"tensor {ours} was never loaded")
             continue  # not read from disk (e.g. a tied lm_head), the caller fills it in
-        t = out[ours]
-        if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
-            raise CheckpointError(f"tensor {ours} arrived as {tuple(t.shape)} {t.dtype}, expected {tuple(shape)} {dtype}")
+        t, want = out[ours], dtype_of(ours)
+        if tuple(t.shape) != tuple(shape) or t.dtype != want:
+            raise CheckpointError(f"tensor {ours} arrived as {tuple(t.shape)} {t.dtype}, expected {tuple(shape)} {want}")
     return out
 
 
-def load_model(model_dir: str | Path, *, dtype: torch.dtype = torch.float32, placement: Placement | None = None,
+def load_model(model_dir: str | Path, *, dtype: DtypeSpec = torch.float32, placement: Placement | None = None,
                args: ModelArgs | None = None) -> tuple[ModelArgs, ModelWeights]:
     """Load a Llama / Mistral / Mixtral HF folder: config.json -> ModelArgs, safetensors -> ModelWeights.
 
-    dtype: the compute dtype every tensor is converted to (fp32 default: bf16 files, exact fp32 math).
+    dtype: the dtype every tensor is converted to (fp32 default: bf16 files, exact fp32 math), or
+    canonical name -> dtype.
     placement: canonical tensor name (e.g. "layers.3.experts.5.w_gate") -> "gpu" | "cpu" | "pinned"
     | torch device; default everything on the CPU.
     """
     args = args or load_args(model_dir)
-    shapes = weight_shapes(args)
-    flat = stream_tensors(model_dir, hf_name_map(args), shapes, dtype=dtype, placement=placement,
+    placement = placement or (lambda name: "cpu")
+    flat = stream_tensors(model_dir, hf_name_map(args), weight_shapes(args), dtype=dtype, placement=placement,
                           ignorable=lambda n: _ignorable(n, args))
     if args.tie_word_embeddings:
         # One matrix serves as input embedding and output projection; share it unless placed apart.
-        head_device, head_pin = _resolve((placement or (lambda n: "cpu"))("lm_head"))
-        emb = flat["embed"]
-        flat["lm_head"] = emb if emb.device == head_device and emb.is_pinned() == head_pin else _place(
-            emb, (placement or (lambda n: "cpu"))("lm_head"), dtype)
+        tier, emb = placement("lm_head"), flat["embed"]
+        head_device, head_pin = _resolve(tier)
+        head_dtype = dtype("lm_head") if callable(dtype) else dtype
+        same = emb.device == head_device and emb.is_pinned() == head_pin and emb.dtype == head_dtype
+        flat["lm_head"] = emb if same else _place(emb, tier, head_dtype)
     return args, ModelWeights.from_flat(args, flat)
 
 

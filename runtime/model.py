@@ -7,6 +7,7 @@ what it is checked against, and what plain generation and the tests use.
 from __future__ import annotations
 
 from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor

@@ -66,6 +66,12 @@ def test_placement_callback_sees_canonical_names_and_dtype_converts(mixtral_dir,
                                sd["model.layers.1.block_sparse_moe.experts.3.w2.weight"].to(torch.bfloat16).float())
 
 
+def test_per_tensor_dtype(mixtral_dir):
+    _, w = load_model(mixtral_dir, dtype=lambda name: torch.bfloat16 if ".experts." in name else torch.float32)
+    assert w.layers[0].experts[1]["w_up"].dtype == torch.bfloat16
+    assert w.layers[0].attn["wq"].dtype == w.lm_head.dtype == torch.float32
+
+
 def test_sharded_checkpoint_loads_like_single_file(mixtral_dir, tmp_path):
     _tiny_mixtral(tmp_path, max_shard_size="20KB")
     assert (tmp_path / "model.safetensors.index.json").is_file()
