@@ -120,7 +120,8 @@ class SlotTerms:
 
 @dataclass(frozen=True)
 class RoundStats:
-    """Verification rounds a sequence needs to reach its generation length."""
+    """Verification rounds a sequence needs to reach its generation length (the first token comes
+    from the prefill, so rounds produce the other gen_len - 1)."""
 
     expected_tokens: float  # E[tokens per round], uncapped
     mean_rounds: float
@@ -131,6 +132,50 @@ class RoundStats:
         if n <= 1:
             return self.mean_rounds
         return float(sum(1.0 - c ** n for c in self.cdf))
+
+    @property
+    def pmf(self) -> np.ndarray:
+        return np.diff(np.asarray(self.cdf), prepend=0.0).clip(min=0.0)
+
+    def makespan(self, n: int, b: int) -> float:
+        """Expected rounds until the last of n sequences finishes on b slots with refill.
+
+        Each slot runs q = n // b sequences back to back (their rounds add: S_q), and the r = n % b
+        left over start in the slots that finish their q first (about the r/b quantile of S_q), then
+        need one more sequence's rounds: the makespan is the later of the slowest slot with q
+        sequences and the slowest of the r late starters. Exact for deterministic rounds (whole
+        waves); for random rounds it captures the nearly empty last wave that a fluid model misses.
+        """
+        if n <= 0:
+            return 0.0
+        q, r = divmod(int(math.ceil(n)), b)
+        if q == 0:
+            return self.expected_max(r)
+        sq = _sum_pmf(self.pmf, q)
+        cdf_q = np.cumsum(sq).clip(max=1.0)
+        slow_full = float(np.sum(1.0 - cdf_q ** (b - r))) if b > r else 0.0
+        if r == 0:
+            return slow_full
+        start = float(np.searchsorted(cdf_q, r / b))  # quantile of S_q: when the r-th slot frees up
+        return max(slow_full, start + self.expected_max(r))
+
+
+def _sum_pmf(pmf: np.ndarray, q: int) -> np.ndarray:
+    """pmf of the sum of q i.i.d. copies (repeated squaring, FFT convolution, tiny tails trimmed)."""
+    def conv(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        n = len(a) + len(b) - 1
+        size = 1 << (n - 1).bit_length()
+        out = np.fft.irfft(np.fft.rfft(a, size) * np.fft.rfft(b, size), size)[:n]
+        return out.clip(min=0.0)
+
+    result, base = np.array([1.0]), pmf
+    while q:
+        if q & 1:
+            result = conv(result, base)
+        q >>= 1
+        if q:
+            base = conv(base, base)
+    return result / result.sum()
 
 
 def token_distribution(acceptance: tuple[float, ...]) -> list[float]:
@@ -155,6 +200,8 @@ def expected_tokens(acceptance: tuple[float, ...]) -> float:
 @functools.lru_cache(maxsize=256)
 def round_stats(acceptance: tuple[float, ...], gen_len: int) -> RoundStats:
     """Exact distribution of rounds to produce gen_len tokens, each round capped at what is left."""
+    if gen_len <= 0:
+        return RoundStats(expected_tokens(acceptance), 0.0, (1.0,))
     px = np.array(token_distribution(acceptance))
     mass = np.zeros(gen_len)  # mass[n]: P(n tokens produced so far and not yet done)
     mass[0] = 1.0
@@ -188,18 +235,22 @@ class CostModel:
             self._h2d = profile.require("h2d_pinned_bytes_per_s", "to stream weights")
             self._d2h = profile.require("d2h_pinned_bytes_per_s", "to move activations and KV")
         self.act_bytes = target.weight_bytes_per_param
+        # On a CPU-only machine the runtime computes in fp32 (exactness; no bf16 units): weights take
+        # twice the checkpoint's bytes in memory and in every read.
+        self.weight_read_factor = 4.0 / target.weight_bytes_per_param if self.cpu_only else 1.0
         # Average context over decoding (prompt + half the generation) and the maximum.
         self.ctx_avg = workload.prompt_len_tokens + workload.gen_len_tokens / 2.0
         self.ctx_max = workload.max_context_tokens
         self._target_cache: dict[tuple, tuple] = {}
         self._draft_cache: dict[tuple, dict[str, float]] = {}
+        self._slots_cache: dict[tuple, tuple[float, float]] = {}
 
     # --- primitive durations (the simulator uses these as task durations) ----------------------
     def matmul_seconds(self, flops: float, tokens: float, weight_bytes: float) -> float:
         """Roofline on the compute device: max(FLOPs / achieved rate at this token count, bytes / bandwidth)."""
         if flops <= 0:
             return 0.0
-        return max(flops / self._rate(max(tokens, 1.0)), weight_bytes / self._gpu_bw)
+        return max(flops / self._rate(max(tokens, 1.0)), weight_bytes * self.weight_read_factor / self._gpu_bw)
 
     def h2d_seconds(self, nbytes: float) -> float:
         if self.cpu_only or nbytes <= 0:
@@ -215,7 +266,8 @@ class CostModel:
         """One layer's Q, K, V projections (+ norm) for `tokens` tokens."""
         h = spec.hidden_size
         params = h * (spec.q_dim + 2 * spec.kv_dim)
-        return self.matmul_seconds(2.0 * tokens * params, tokens, spec.b(params)) + self.hw.device_op_overhead_seconds
+        # The profile's per-layer fixed cost is split between the layer's two halves (QKV here, FFN below).
+        return self.matmul_seconds(2.0 * tokens * params, tokens, spec.b(params)) + self.hw.device_op_overhead_seconds / 2
 
     def ffn_seconds(self, spec: ModelSpec, tokens: float) -> float:
         """One layer's output projection, router and FFN / experts for `tokens` tokens."""
@@ -230,7 +282,7 @@ class CostModel:
                                        spec.b(spec.router_params_per_layer))
         else:
             ffn = self.matmul_seconds(2.0 * tokens * spec.expert_params, tokens, spec.expert_bytes)
-        return o + ffn + self.hw.device_op_overhead_seconds
+        return o + ffn + self.hw.device_op_overhead_seconds / 2
 
     def lm_head_seconds(self, spec: ModelSpec, tokens: float) -> float:
         return self.matmul_seconds(tokens * spec.lm_head_flops_per_token, tokens,
@@ -263,15 +315,16 @@ class CostModel:
             return t.b(t.router_params_per_layer) + t.expected_experts(tokens) * t.expert_bytes
         return t.ffn_bytes_per_layer
 
-    def draft_round(self, knobs: Knobs, batch: float) -> dict[str, float]:
-        """Busy seconds per resource for the draft proposing k tokens for `batch` sequences."""
+    def draft_round(self, knobs: Knobs, batch: float, context: float | None = None) -> dict[str, float]:
+        """Busy seconds per resource for the draft proposing k tokens for `batch` sequences whose
+        mean context is `context` (default: the job's average)."""
         d, k = self.d, knobs.draft_len
         zero = {"gpu": 0.0, "cpu": 0.0, "h2d": 0.0, "d2h": 0.0}
         if not knobs.speculative or d is None or batch <= 0:
             return zero
         L = d.num_layers
         weights = d.b(d.layer_params)
-        ctx = self.ctx_avg
+        ctx = self.ctx_avg if context is None else context
         # Each step's linear layers for s sequences: FLOPs over the rate at s tokens, or reading all weights.
         def step(s: float, tokens_per_seq: float = 1.0) -> float:
             tok = s * tokens_per_seq
@@ -364,7 +417,8 @@ class CostModel:
         return {"gpu": gpu, "cpu": cpu, "h2d": h2d, "d2h": d2h}, chain
 
     def rounds(self, k: int) -> RoundStats:
-        return round_stats(self.w.acceptance_vector(k), self.w.gen_len_tokens)
+        """Rounds per sequence: the prefill yields the first token, verifications the other G - 1."""
+        return round_stats(self.w.acceptance_vector(k), self.w.gen_len_tokens - 1)
 
     def slot_seconds(self, terms: SlotTerms, placement: dict[str, float]) -> tuple[float, str]:
         """Closed-form slot time at a placement, and what binds it."""
@@ -458,7 +512,10 @@ class CostModel:
                 gpu += s * dkv_seq + s * self.ctx_max * d_ws + s * d.vocab_size * LOGIT_BYTES
         if self.cpu_only:
             # One memory: everything lives in host memory; nothing is pinned or streamed.
-            everything = Linear.of(gpu.at(CPU_ONLY_PLACEMENT) + host.at(CPU_ONLY_PLACEMENT))
+            held = L * (t.attn_bytes_per_layer + t.ffn_bytes_per_layer) + t.outer_bytes
+            held += d.total_bytes if (knobs.speculative and d is not None) else 0.0
+            everything = Linear.of(gpu.at(CPU_ONLY_PLACEMENT) + host.at(CPU_ONLY_PLACEMENT)
+                                   + (self.weight_read_factor - 1.0) * held)
             return {"gpu": Linear.of(0.0), "pinned": Linear.of(0.0), "host": everything}
         return {"gpu": gpu, "pinned": pinned, "host": host}
 
@@ -471,18 +528,20 @@ class CostModel:
 
     # --- the whole job -------------------------------------------------------------------------
     def decode_slots(self, knobs: Knobs) -> tuple[float, float]:
-        """(expected slots for the whole job, of which tail) with refill from the queue."""
-        b, nb = knobs.decode_batch, knobs.num_batches
-        per_stream = self.w.num_prompts / nb
-        stats = self.rounds(knobs.draft_len)
-        if knobs.draft_len == 0:  # deterministic: full waves of G slots each
-            slots = math.ceil(per_stream / b) * self.w.gen_len_tokens
+        """(expected slots for the whole job, of which tail): verifications of one batch, summed over batches.
+
+        Each batch serves its share of the prompts with refill; the tail is what the slowest
+        sequences and the last, partly empty wave add over a perfectly packed (fluid) schedule.
+        """
+        key = (knobs.decode_batch, knobs.draft_len, knobs.num_batches)
+        if key not in self._slots_cache:
+            b, nb = knobs.decode_batch, knobs.num_batches
+            per_stream = math.ceil(self.w.num_prompts / nb)
+            stats = self.rounds(knobs.draft_len)
+            span = stats.makespan(per_stream, b)
             fluid = per_stream * stats.mean_rounds / b
-            return nb * slots, nb * max(0.0, slots - fluid)
-        if per_stream <= b:
-            return nb * stats.expected_max(per_stream), nb * (stats.expected_max(per_stream) - stats.mean_rounds)
-        tail = stats.expected_max(b) - stats.mean_rounds
-        return nb * (per_stream * stats.mean_rounds / b + tail), nb * tail
+            self._slots_cache[key] = (nb * span, nb * max(0.0, span - fluid))
+        return self._slots_cache[key]
 
     def physical_bound(self, knobs: Knobs) -> float:
         """Tokens/s no plan can beat: in-flight capacity x E[tokens] per weight sweep at the H2D limit."""
@@ -491,7 +550,7 @@ class CostModel:
         kv_seq = self.ctx_max * t.kv_bytes_per_token
         e = self.rounds(knobs.draft_len).expected_tokens
         if self.cpu_only:
-            t_io = (weights + t.outer_bytes) / self._gpu_bw
+            t_io = (weights + t.outer_bytes) * self.weight_read_factor / self._gpu_bw
             b_max = max(1.0, (self.hw.host_mem_bytes - weights) / kv_seq)
         else:
             room = self.hw.gpu_mem_bytes - self.hw.gpu_mem_reserve_bytes - t.outer_bytes
@@ -527,7 +586,7 @@ class CostModel:
             busy["draft_serial"] = terms.serial_seconds
         return Prediction(
             throughput_tokens_per_s=tput,
-            decode_tokens_per_s=tokens / decode,
+            decode_tokens_per_s=tokens / decode if decode > 0 else tput,
             total_seconds=total,
             prefill_seconds=prefill,
             decode_seconds=decode,

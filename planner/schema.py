@@ -270,6 +270,17 @@ class Workload:
         dump_yaml(self, path)
 
 
+def resident_layers(n: int, layers: int) -> set[int]:
+    """Which layers keep their weights on the GPU when a plan says `n` of `layers`: spread evenly.
+
+    Spreading (rather than layers 0..n-1) keeps the copy engine busy: it can fetch the next streamed
+    layer while a resident one computes. The simulator and the runtime both use this function.
+    """
+    if n >= layers:
+        return set(range(layers))
+    return {min(layers - 1, int((i + 0.5) * layers / n)) for i in range(max(0, n))}
+
+
 POLICIES = ("offload-only", "serial-spec", "interleaved")
 DRAFT_KV_MODES = ("gpu", "host", "recompute")
 RESOURCES = ("gpu", "cpu", "h2d", "d2h")
@@ -315,8 +326,8 @@ class Plan:
     draft_sub_batch: int
     draft_len: int  # k; 0 without speculation
     micro_batches: int
-    gpu_attn_layers: int  # layers 0..n-1 keep their attention weights resident on the GPU
-    gpu_ffn_layers: int  # layers 0..n-1 keep their FFN / expert weights resident on the GPU
+    gpu_attn_layers: int  # this many layers keep attention weights resident on the GPU (resident_layers())
+    gpu_ffn_layers: int  # this many layers keep FFN / expert weights resident on the GPU (resident_layers())
     gpu_kv_sequences: int  # per batch, this many sequences keep their target KV (and attention) on the GPU
     target_attention: str  # "cpu" (over the host KV cache) or "gpu"
     draft_kv: str  # "gpu", "host", or "recompute" (the context re-read each round)

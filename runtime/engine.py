@@ -319,8 +319,12 @@ class Target:
 
     def __init__(self, model_dir: str | Path, plan, device: torch.device, dtype: torch.dtype, n_slots: int,
                  max_len: int, timeline: Timeline):
+        from specoffload.planner.schema import resident_layers
+
         cuda = device.type == "cuda"
-        na, nf = plan.gpu_attn_layers, plan.gpu_ffn_layers
+        n_layers = load_args(model_dir).n_layers
+        attn_res = resident_layers(plan.gpu_attn_layers, n_layers)  # spread evenly, as the simulator assumes
+        ffn_res = resident_layers(plan.gpu_ffn_layers, n_layers)
 
         def placement(name: str) -> str | torch.device:
             if not cuda:
@@ -328,15 +332,14 @@ class Target:
             if not name.startswith("layers."):
                 return device
             j, part = int(name.split(".")[1]), name.split(".")[2]
-            resident = j < na if part == "attn" else j < nf
-            return device if resident else "pinned"
+            return device if j in (attn_res if part == "attn" else ffn_res) else "pinned"
 
         self.args, self.w = load_model(model_dir, dtype=dtype, placement=placement)
         self.device, self.dtype, self.tl = device, dtype, timeline
         self.streams = Streams(device)
         L = self.args.n_layers
-        self.streamer = LayerStreamer(self.w, [j < na or not cuda for j in range(L)],
-                                      [j < nf or not cuda for j in range(L)], device, plan.weight_buffers,
+        self.streamer = LayerStreamer(self.w, [j in attn_res or not cuda for j in range(L)],
+                                      [j in ffn_res or not cuda for j in range(L)], device, plan.weight_buffers,
                                       self.streams, timeline)
         self.inv_freq = rope_inv_freq(self.args, device)
         self.micro_batches = plan.micro_batches
@@ -442,6 +445,8 @@ class Target:
                 x[lo:hi] = xs
                 self.tl.add("gpu", f"ffn L{j} mb{i}", t0, time.perf_counter())
             self.streamer.release(j)
+        # The next pass (verification of the other batch, or a prefill) starts at layer 0: fetch it now.
+        self.streamer.prefetch(0, experts=[] if few_tokens else None)
         self.kv.advance(slots, n_new.tolist())
         if logits_at == "last":
             x = x[torch.arange(B, device=dev), (n_new - 1).clamp(min=0).to(dev)]

@@ -328,7 +328,7 @@ def measured_report(plan, engine, stats, wall: float, sim, notes: list[str], pro
         profile_fingerprint=prof_fp, plan_fingerprint=fingerprint(plan), seed=0, sequences=stats.sequences,
         generated_tokens=tokens, total_seconds=wall, prefill_seconds=stats.prefill_seconds, decode_seconds=decode,
         throughput_tokens_per_s=tokens / wall if wall > 0 else 0.0,
-        decode_tokens_per_s=(tokens - stats.sequences) / decode,
+        decode_tokens_per_s=tokens / decode,  # as the cost model and simulator define it
         slots=stats.slots, slot_seconds=decode / stats.slots if stats.slots else 0.0,
         slot_seconds_median=slot_times[len(slot_times) // 2] if slot_times else 0.0,
         prefill_passes=stats.prefill_passes,

@@ -168,6 +168,24 @@ def test_expected_tokens_closed_form():
     assert expected_tokens((0.9, 0.5)) == pytest.approx(1 + 0.9 + 0.45)
 
 
+def test_makespan_with_refill():
+    det = round_stats((), 10)  # no draft: exactly 10 rounds each
+    assert det.makespan(20, 8) == pytest.approx(30)  # 8 + 8 + 4: three whole waves
+    assert det.makespan(16, 8) == pytest.approx(20)
+    st_ = round_stats((0.7,) * 4, 127)
+    fluid = 2000 * st_.mean_rounds / 1722
+    # 278 prompts left over start late and run a nearly empty second wave: far above the fluid estimate
+    assert st_.makespan(2000, 1722) > 1.5 * fluid
+    assert st_.makespan(1722 * 3, 1722) > 3 * st_.mean_rounds
+    assert round_stats((0.9,) * 4, 127).makespan(2000, 1722) < st_.makespan(2000, 1722)
+
+
+def test_first_token_comes_from_prefill():
+    w = Workload(prompt_len_tokens=16, gen_len_tokens=16, num_prompts=8, acceptance=0.0)
+    cm = CostModel(load_profile("t4"), load_model_spec("mixtral-8x7b"), None, w)
+    assert cm.decode_slots(Knobs("offload-only", 8, 8, 0, 1))[0] == pytest.approx(15)
+
+
 def test_round_stats_extremes():
     assert round_stats((), 50).mean_rounds == pytest.approx(50)  # no draft: one token a round
     assert round_stats((1.0,) * 4, 50).mean_rounds == pytest.approx(10)  # all accepted: 5 a round

@@ -51,7 +51,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from ..schema import HardwareProfile, Plan, load_profile
+from ..schema import HardwareProfile, Plan, load_profile, resident_layers
 from ..strict import SchemaError
 from .engine import Engine, MemoryPool, Overflow, Task
 from .memory import POOLS, finite_capacity, memory_layout
@@ -77,9 +77,9 @@ class SimOptions:
     # "layers": weight_buffers buffers of one layer each (what the plan says); "bytes": the same memory
     # (weight_buffers x one layer) as a byte pool, so small (attention-only) copies can run further ahead.
     buffer_policy: str = "layers"
-    # "prefix": layers 0..n-1 keep their weights resident (the Plan's contract); "spread": the same
-    # number of resident layers spaced evenly (a what-if: the copy engine keeps busy during them).
-    residency: str = "prefix"
+    # "spread": resident layers spread evenly (the Plan's contract, schema.resident_layers); "prefix": layers
+    # 0..n-1 instead (a what-if: the copy engine idles while they compute).
+    residency: str = "spread"
     draft_pieces: int = 128  # at most this many pieces for a host-KV draft round
     prefill_groups: int = 8  # at most this many pipelined groups per layer in a prefill chunk
     trace: bool = False
@@ -236,8 +236,8 @@ class Simulation:
     # --- helpers -------------------------------------------------------------------------------
     def _resident(self, n: int) -> set[int]:
         if n >= self.L or self.opt.residency == "prefix":
-            return set(range(n))
-        return {min(self.L - 1, int((i + 0.5) * self.L / n)) for i in range(n)}
+            return set(range(min(n, self.L)))
+        return resident_layers(n, self.L)
 
     def _record(self, task: Task, start: float, end: float) -> None:
         self.trace.slice(task.label, slice_name(task.kind, task.layer, task.micro_batch, task.batch),
