@@ -20,6 +20,10 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(PY) -m pytest -m "not slow"
 
+# The whole chain on the shipped tiny pair: profile (committed) -> acceptance -> plan -> simulate -> run.
+demo: $(STAMP)
+	$(PY) tools/demo.py
+
 # Everything, slow tests included.
 test-all: $(STAMP)
 	$(PY) -m pytest

@@ -174,6 +174,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--draft", default=None, help="draft checkpoint folder")
     ap.add_argument("--profile", default=None, help="profile for the pre-run simulation (default: the plan's)")
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads (default: torch's choice); match the profile's, e.g. 1 on a busy machine")
     ap.add_argument("--force", action="store_true", help="run even if the simulator rejects the plan")
     ap.add_argument("--no-simulate", action="store_true", help="skip the pre-run simulation")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -225,6 +227,8 @@ def _run(args: argparse.Namespace) -> int:
     from .engine import Engine, EngineError, Request
     from .loader import CheckpointError
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     plan = Plan.load(args.plan)
     prompts = read_prompts(args.prompts)
     target_dir, draft_dir = resolve_models(plan, args.target, args.draft)
@@ -338,7 +342,8 @@ def measured_report(plan, engine, stats, wall: float, sim, notes: list[str], pro
                                    tuple(acc.per_position())),
         physical_bound_tokens_per_s=bound if math.isfinite(bound) else 0.0,
         bound_fraction=(tokens / wall) / bound if bound and math.isfinite(bound) else 0.0,
-        predicted=predicted, notes=tuple(notes) + (f"device {engine.device}, compute dtype {engine.dtype}",))
+        predicted=predicted, notes=tuple(notes) + (f"device {engine.device}, compute dtype {engine.dtype}, "
+                                                   f"{torch.get_num_threads()} torch threads",))
 
 
 def write_trace(timeline, path: str) -> None:

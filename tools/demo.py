@@ -1,0 +1,101 @@
+"""The whole chain on the tiny model pair shipped in the package, on any machine, nothing to download.
+
+    python tools/demo.py                 # uses the committed CPU profile (profiles/cpu-2core.yaml)
+    python tools/demo.py --measure       # profile this machine first (quick mode, under a minute)
+
+Steps, each the command a user would type (outputs under out/demo/):
+  1. profile     the committed measured profile, or `specoffload-profile --quick`
+  2. acceptance  `specoffload-profile --acceptance` on a sample of the bundled prompts -> workload.yaml
+  3. plan        `specoffload-plan --model tiny-target --draft tiny-draft --workload ...`
+  4. simulate    `specoffload-simulate plan.yaml`
+  5. run         `specoffload-run plan.yaml --prompts <bundled 64 prompts>`
+  6. a table of predicted (cost model), simulated and measured throughput, acceptance and busy fractions.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "out" / "demo"
+PROMPTS = ROOT / "runtime" / "assets" / "demo_prompts.jsonl"
+
+
+def step(title: str, *cmd: str) -> None:
+    print(f"\n== {title}\n$ {' '.join(cmd)}", flush=True)
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", *cmd], cwd=ROOT)
+    if proc.returncode != 0:
+        sys.exit(f"demo: step '{title}' failed (exit {proc.returncode})")
+    print(f"   ({time.perf_counter() - t0:.1f} s)", flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--measure", action="store_true", help="profile this machine instead of using the committed profile")
+    ap.add_argument("--gen-len", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads for profiling and running (default 1: the tiny pair's ops are too small to "
+                         "gain from more, and a busy machine makes more threads wait on each other)")
+    args = ap.parse_args()
+    t_start = time.perf_counter()
+    if OUT.exists():
+        shutil.rmtree(OUT)
+    OUT.mkdir(parents=True)
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+
+    profile = str(ROOT / "profiles" / "cpu-2core.yaml")
+    if args.measure:
+        profile = str(OUT / "profile.yaml")
+        step("1. profile this machine", "specoffload.runtime.profile_cli", "--quick", "--threads", str(args.threads),
+             "-o", profile)
+    else:
+        print(f"== 1. profile: {profile} (measured on a 2-core machine; --measure profiles this one)")
+    workload = str(OUT / "workload.yaml")
+    step("2. acceptance of the tiny pair on a sample of the bundled prompts", "specoffload.runtime.profile_cli",
+         "--acceptance", "--target", "tiny-target", "--draft", "tiny-draft", "--prompts", str(PROMPTS),
+         "-k", "6", "--max-new-tokens", str(args.gen_len), "--sample", "16", "-o", workload)
+    plan = str(OUT / "plan.yaml")
+    step("3. plan", "specoffload.planner.cli", "--model", "tiny-target", "--draft", "tiny-draft", "--profile", profile,
+         "--workload", workload, "-o", plan)
+    sim = str(OUT / "simulated.yaml")
+    step("4. simulate", "specoffload.planner.sim.cli", plan, "--profile", profile, "--report", sim)
+    run = str(OUT / "measured.yaml")
+    step("5. run", "specoffload.runtime.run_cli", plan, "--prompts", str(PROMPTS), "--output", str(OUT / "out.jsonl"),
+         "--profile", profile, "--report", run, "--trace", str(OUT / "trace.json"), "--threads", str(args.threads))
+
+    from specoffload.planner.schema import Plan
+    from specoffload.planner.sim import Report
+
+    p, s, m = Plan.load(plan), Report.load(sim), Report.load(run)
+    rows = [
+        ("throughput end to end (tok/s)", "throughput_tokens_per_s"),
+        ("throughput decode only (tok/s)", "decode_tokens_per_s"),
+        ("time total (s)", "total_seconds"),
+        ("tokens per verification", "acceptance.tokens_per_round"),
+        ("busy gpu (device compute)", "busy_fraction.gpu"),
+        ("busy cpu attention", "busy_fraction.cpu"),
+    ]
+    from specoffload.planner.sim.report import figures
+
+    fs, fm = figures(s), figures(m)
+    print(f"\n== 6. {p.policy} plan, batch {p.decode_batch}x{p.num_batches}, k={p.draft_len}, on the tiny pair "
+          f"({m.sequences} prompts, {m.generated_tokens} tokens)")
+    print(f"{'':34}{'predicted':>11}{'simulated':>11}{'measured':>11}{'meas/pred':>11}")
+    for label, key in rows:
+        pred, sv, mv = m.predicted.get(key, float('nan')), fs.get(key, float('nan')), fm.get(key, float('nan'))
+        ratio = f"{mv / pred:.2f}" if pred else "-"
+        print(f"{label:34}{pred:>11.3f}{sv:>11.3f}{mv:>11.3f}{ratio:>11}")
+    acc = ", ".join(f"{a:.2f}" for a in m.acceptance.per_position)
+    print(f"measured acceptance per position: [{acc}]")
+    print(f"outputs: {OUT / 'out.jsonl'}; reports: {sim}, {run}; trace: {OUT / 'trace.json'} (ui.perfetto.dev)")
+    print(f"demo finished in {time.perf_counter() - t_start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
