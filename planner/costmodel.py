@@ -278,6 +278,7 @@ class CostModel:
             per_expert = tokens * spec.experts_per_token / touched
             flops = 2.0 * tokens * spec.experts_per_token * spec.expert_params
             ffn = self.matmul_seconds(flops, per_expert, touched * spec.expert_bytes)
+            ffn += touched * self.hw.device_expert_overhead_seconds  # launches / gathers per invoked expert
             ffn += self.matmul_seconds(2.0 * tokens * spec.router_params_per_layer, tokens,
                                        spec.b(spec.router_params_per_layer))
         else:

@@ -287,10 +287,19 @@ class TargetKV:
 
     def lengths(self, slots: list[int]) -> Tensor:
         out = torch.empty(len(slots), dtype=torch.long)
-        for i, s in enumerate(slots):
-            kind, j = self.where[s]
-            out[i] = (self.dev if kind == "dev" else self.host).lengths[j]
+        for kind, rows, local in self._groups(slots):
+            out[rows] = (self.dev if kind == "dev" else self.host).lengths[local]
         return out
+
+    def _groups(self, slots: list[int]):
+        """(partition, row positions, local slot indices) for each partition the slots touch."""
+        if not self.gpu_slots:  # the common case: everything on the host, local index == slot
+            yield "host", torch.arange(len(slots)), torch.tensor([self.where[s][1] for s in slots], dtype=torch.long)
+            return
+        for kind in ("dev", "host"):
+            rows = [i for i, s in enumerate(slots) if self.where[s][0] == kind]
+            if rows:
+                yield kind, torch.tensor(rows), torch.tensor([self.where[slots[i]][1] for i in rows], dtype=torch.long)
 
     def local(self, slots: list[int]) -> tuple[KVCache, list[int]]:
         caches = list(self._each(slots))
@@ -298,16 +307,15 @@ class TargetKV:
             raise AssertionError("rows span both partitions")
         return caches[0]
 
-    def advance(self, slots: list[int], n: int | list[int]) -> None:
-        n = [n] * len(slots) if isinstance(n, int) else list(n)
-        for s, k in zip(slots, n):
-            kind, j = self.where[s]
-            (self.dev if kind == "dev" else self.host).advance([j], k)
+    def advance(self, slots: list[int], n: list[int]) -> None:
+        n_t = torch.as_tensor(n, dtype=torch.long)
+        for kind, rows, local in self._groups(slots):
+            (self.dev if kind == "dev" else self.host).advance(local, n_t[rows])
 
     def rollback(self, slots: list[int], lengths: list[int]) -> None:
-        for s, k in zip(slots, lengths):
-            kind, j = self.where[s]
-            (self.dev if kind == "dev" else self.host).rollback([j], k)
+        len_t = torch.as_tensor(lengths, dtype=torch.long)
+        for kind, rows, local in self._groups(slots):
+            (self.dev if kind == "dev" else self.host).rollback(local, len_t[rows])
 
     def reset(self, slots: list[int]) -> None:
         for cache, local in self._each(slots):
@@ -561,16 +569,18 @@ class Draft:
                 for s in group:
                     s.pending = []
 
-    def commit(self, seq: Seq, n_accepted: int, k: int, new_tokens: list[int]) -> None:
-        """After verification: keep the draft KV of the accepted prefix; queue what it has not seen."""
+    def commit(self, seqs: list[Seq], n_accepted: list[int], k: int, new_tokens: list[list[int]]) -> None:
+        """After verification: keep the draft KV of each accepted prefix; queue what the draft has not seen."""
         if self.kv is None:
             return
-        length = int(self.kv.lengths[seq.slot])  # after drafting: old + len(pending) + (k - 1)
         seen_drafts = k - 1
-        keep = length - seen_drafts + min(n_accepted, seen_drafts)
-        self.kv.rollback([seq.slot], keep)
-        # Committed tokens the draft has not processed: d_k if it was accepted, then the target's token.
-        seq.pending = new_tokens[min(n_accepted, seen_drafts):]
+        slots = [s.slot for s in seqs]
+        lengths = self.kv.lengths[torch.tensor(slots, dtype=torch.long)]  # after drafting: old + pending + k - 1
+        keep = [int(n) - seen_drafts + min(a, seen_drafts) for n, a in zip(lengths.tolist(), n_accepted)]
+        self.kv.rollback(slots, keep)
+        for s, a, new in zip(seqs, n_accepted, new_tokens):
+            # Committed tokens the draft has not processed: d_k if it was accepted, then the target's token.
+            s.pending = new[min(a, seen_drafts):]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -712,18 +722,17 @@ class Engine:
             n_acc[rows], nxt[rows] = a2, n2
         if k:
             self.stats.acceptance.record(n_acc, k)
+        n_list, nxt_list = n_acc.tolist(), nxt.tolist()
+        news = [drafted[i, :a].tolist() + [nxt_list[i]] for i, a in enumerate(n_list)]
+        keep = [b + 1 + a for b, a in zip(base.tolist(), n_list)]  # last + accepted drafts are now in the KV
+        self.target.kv.rollback(slots, keep)
+        if self.draft is not None:
+            self.draft.commit(seqs, n_list, k, news)
         running = []
-        keep = []
-        for i, s in enumerate(seqs):
-            a = int(n_acc[i])
-            new = drafted[i, :a].tolist() + [int(nxt[i])]
-            keep.append(int(base[i]) + 1 + a)  # last + accepted drafts are now in the target's KV
-            if self.draft is not None:
-                self.draft.commit(s, a, k, new)
+        for s, new in zip(seqs, news):
             s.drafted, s.draft_probs = None, None
             if self._commit(s, new):
                 running.append(s)
-        self.target.kv.rollback(slots, keep)
         self.stats.slots += 1
         self.stats.slot_times.append(time.perf_counter() - t_start)
         return running

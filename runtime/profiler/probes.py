@@ -636,18 +636,31 @@ class Profiler:
         st_front = self.measure(front)
         st_back = self.measure(back)
         st_all = self.measure(lambda: (front(), back()))
+        # MoE: a fixed cost per expert a forward invokes (gather, three projections, scatter-add): time the
+        # runtime's own MoE FFN at a tiny size with 2 experts used (1 token) and with all 8 used.
+        margs = ModelArgs(family="mixtral", vocab_size=32, dim=dim, n_layers=1, n_heads=heads, n_kv_heads=kv_heads,
+                          head_dim=dh, ffn_dim=ffn_dim, norm_eps=1e-5, rope_theta=10000.0, n_experts=8, top_k=2)
+        mw = init_random_weights(margs, seed=0).layers[0].to(self.device, dtype)
+        x_all = torch.randn(1, 64, dim).to(self.device, dtype)  # 64 tokens: every expert is routed some
+        st_two = self.measure(lambda: ffn(margs, mw.ffn, x, mw.experts))
+        st_eight = self.measure(lambda: ffn(margs, mw.ffn, x_all, mw.experts))
+        per_expert = max(0.0, (st_eight.median - st_two.median) / 6)
         self.tick("op overhead")
+        self.prov["device_expert_overhead_seconds"] = (
+            f"the runtime's MoE FFN at a tiny size (dim {dim}, expert FFN {ffn_dim}, 8 experts top-2): 1 token "
+            f"(2 experts) {st_two.median * 1e6:.1f} us, 64 tokens (8 experts) {st_eight.median * 1e6:.1f} us; "
+            f"per extra expert (difference / 6)")
         self.prov["device_op_overhead_seconds"] = (
             f"one decoder layer's device ops (norm, q/k/v projections, RoPE | output projection, norm, SwiGLU FFN) "
             f"on the {self.kind} at a tiny size (dim {dim}, {heads}/{kv_heads} heads x {dh}, FFN {ffn_dim}, 1 token, "
             f"{'bf16' if self.cuda else 'fp32'}), where the time is all fixed cost: per layer per forward "
             f"{st_all.median * 1e6:.1f} us (spread {st_all.spread:.3f}); of which qkv half "
             f"{st_front.median * 1e6:.1f} us, output+FFN half {st_back.median * 1e6:.1f} us")
-        return {"device_op_overhead_seconds": sig(st_all.median)}
+        return {"device_op_overhead_seconds": sig(st_all.median), "device_expert_overhead_seconds": sig(per_expert)}
 
     def fallback_op_overhead(self, reason: str) -> dict[str, Any]:
         self.prov["device_op_overhead_seconds"] = f"0: the device_op_overhead probe failed ({reason})"
-        return {"device_op_overhead_seconds": 0.0}
+        return {"device_op_overhead_seconds": 0.0, "device_expert_overhead_seconds": 0.0}
 
     def probe_gpu_memory(self) -> dict[str, Any]:
         """CUDA: what the caching allocator really hands out, in chunks until it refuses; then freed."""
@@ -707,7 +720,8 @@ class Profiler:
         attention = Probe("cpu_attention", ("cpu_attn_kv_read_bytes_per_s", "cpu_attn_flops_per_s",
                                             "cpu_attn_overhead_seconds"), n_at,
                           self.probe_cpu_attention, self.fallback_cpu_attention)
-        overhead = Probe("device_op_overhead", ("device_op_overhead_seconds",), 1, self.probe_op_overhead,
+        overhead = Probe("device_op_overhead", ("device_op_overhead_seconds", "device_expert_overhead_seconds"), 1,
+                         self.probe_op_overhead,
                          self.fallback_op_overhead)
         matmul = Probe("matmul", ("gpu_matmul_flops_per_s",), n_mm, self.probe_matmul)
         if not self.cuda:
@@ -837,6 +851,7 @@ class Profiler:
             cpu_attn_overhead_seconds=float(fig.get("cpu_attn_overhead_seconds", 0.0)),
             cpu_mem_bandwidth_bytes_per_s=_opt(fig["cpu_mem_bandwidth_bytes_per_s"]),
             device_op_overhead_seconds=float(fig.get("device_op_overhead_seconds", 0.0)),
+            device_expert_overhead_seconds=float(fig.get("device_expert_overhead_seconds", 0.0)),
             provenance=prov, missing=missing)
 
 
