@@ -426,7 +426,7 @@ class Planner:
                 best[p] = cand
                 others.extend(rest)
         if not best:
-            raise PlanInfeasible(self.explain_infeasible())
+            raise PlanInfeasible(self.explain_infeasible(policies))
         winner = max(best.values(), key=lambda c: c.throughput)
         notes = self.notes(policy, winner, best)
         alternatives = sorted([c for c in best.values() if c is not winner] + others,
@@ -474,23 +474,32 @@ class Planner:
             draft_kv=k.draft_kv, weight_buffers=k.weight_buffers,
             prediction=cand.prediction, notes=tuple(notes))
 
-    def explain_infeasible(self) -> str:
-        """Which tier cannot hold even the smallest plan, by how much, and what to change."""
-        knobs = Knobs("offload-only", 1, 1, 0, 1, "gpu", 1, 0 if self.cm.cpu_only else 2)
-        box = self._placement_box(knobs)
-        mem = self.cm.memory_terms(knobs)
+    def explain_infeasible(self, policies: tuple[str, ...] = ("offload-only",)) -> str:
+        """Which tier cannot hold even the smallest plan of each policy tried, by how much, and what to change."""
         t = self.target
         msgs = []
-        for tier, f in mem.items():
-            need = self._fixed(f, box).minimum()
-            if need > self.caps[tier] * (1 + 1e-9):
-                msgs.append(f"{tier} memory: {t.name} needs at least {need / GiB:.1f} GiB even at batch 1 "
-                            f"(best placement), profile '{self.profile.name}' has {self.caps[tier] / GiB:.1f} GiB")
-        if not msgs:
-            both = t.num_layers * (t.attn_bytes_per_layer + t.ffn_bytes_per_layer)
-            msgs.append(f"GPU + host memory together: {t.name}'s {both / GiB:.1f} GiB of layer weights do not fit "
-                        f"between {self.caps['gpu'] / GiB:.1f} GiB of GPU and {self.caps['pinned'] / GiB:.1f} GiB "
-                        f"of pinned host memory")
+        for policy in policies:
+            spec = policy != "offload-only"
+            knobs = Knobs(policy, 1, 1, 1 if spec else 0, 1, "recompute" if spec else "gpu", 1,
+                          0 if self.cm.cpu_only else 2)
+            box = self._placement_box(knobs)
+            need = {tier: self._fixed(f, box).minimum() for tier, f in self.cm.memory_terms(knobs).items()}
+            over = [tier for tier in need if need[tier] > self.caps[tier] * (1 + 1e-9)]
+            if spec and self.draft is not None and "gpu" in over:
+                msgs.append(f"{policy}: the draft {self.draft.name}'s weights alone take "
+                            f"{self.draft.total_bytes / GiB:.1f} GiB of GPU memory and the smallest plan needs "
+                            f"{need['gpu'] / GiB:.1f} GiB; profile '{self.profile.name}' has "
+                            f"{self.caps['gpu'] / GiB:.1f} GiB (use a smaller draft, or --policy offload-only)")
+            elif over:
+                tier = over[0]
+                msgs.append(f"{policy}: {tier} memory: {t.name} needs at least {need[tier] / GiB:.1f} GiB even at "
+                            f"batch 1 (best placement), profile '{self.profile.name}' has "
+                            f"{self.caps[tier] / GiB:.1f} GiB")
+            else:
+                both = t.num_layers * (t.attn_bytes_per_layer + t.ffn_bytes_per_layer)
+                msgs.append(f"{policy}: GPU + host memory together: {t.name}'s {both / GiB:.1f} GiB of layer weights "
+                            f"(and the rest of the smallest plan) do not fit between {self.caps['gpu'] / GiB:.1f} GiB "
+                            f"of GPU and {self.caps['pinned'] / GiB:.1f} GiB of pinned host memory")
         return ("no plan fits: " + "; ".join(msgs)
                 + ". Use a machine with more memory, a smaller model, or shorter prompts (--prompt-len/--gen-len)")
 
