@@ -341,12 +341,15 @@ class CostModel:
             pre = (self.matmul_seconds(tok * d.linear_flops_per_token_per_layer * L, tok, weights * L)
                    + self.matmul_seconds(s * L * d.attention_flops(ctx, ctx) / 2.0, tok, 0.0)
                    + self.lm_head_seconds(d, s) + L * self.hw.device_op_overhead_seconds)
-            steps = (k - 1) * (step(s) + L * self.gpu_attention_seconds(d, s, 1, ctx))
+            attend = self.cpu_attention_seconds if self.cpu_only else self.gpu_attention_seconds
+            steps = (k - 1) * (step(s) + L * attend(d, s, 1, ctx))
             out["gpu"] = subs * (pre + steps)
             return out
         # KV kept: k steps of one token each, plus one catch-up token (the target's bonus token).
         out["gpu"] = (k - 1) * step(batch) + step(batch, 2.0)
-        if knobs.draft_kv == "gpu":
+        if knobs.draft_kv == "gpu" and self.cpu_only:  # the "device" is the CPU: the same attention call
+            out["gpu"] += k * L * self.cpu_attention_seconds(d, batch, 1, ctx)
+        elif knobs.draft_kv == "gpu":
             out["gpu"] += k * L * self.gpu_attention_seconds(d, batch, 1, ctx)
         else:  # host KV, attention on the CPU workers, activations round-trip
             out["cpu"] = k * L * self.cpu_attention_seconds(d, batch, 1, ctx)

@@ -720,8 +720,7 @@ class Engine:
                 a2 = torch.zeros(len(rows), dtype=torch.long)
                 n2 = draw(p[:, 0], [s.generator for s in ss])
             n_acc[rows], nxt[rows] = a2, n2
-        if k:
-            self.stats.acceptance.record(n_acc, k)
+        self.stats.acceptance.record(n_acc, k)  # k = 0 too: one token per round
         n_list, nxt_list = n_acc.tolist(), nxt.tolist()
         news = [drafted[i, :a].tolist() + [nxt_list[i]] for i, a in enumerate(n_list)]
         keep = [b + 1 + a for b, a in zip(base.tolist(), n_list)]  # last + accepted drafts are now in the KV

@@ -24,7 +24,8 @@ from specoffload.planner.schema import Curve, HardwareProfile
 FITTED = ("cpu_attn_kv_read_bytes_per_s", "cpu_attn_flops_per_s", "cpu_attn_overhead_seconds")
 MEASURED = ("gpu_matmul_flops_per_s", "gpu_mem_bandwidth_bytes_per_s", "cpu_mem_bandwidth_bytes_per_s",
             "h2d_pinned_bytes_per_s", "h2d_pageable_bytes_per_s", "d2h_pinned_bytes_per_s", "d2h_pageable_bytes_per_s",
-            "device_op_overhead_seconds", "host_mem_bytes", "gpu_mem_bytes", "gpu_mem_reserve_bytes")
+            "device_op_overhead_seconds", "device_expert_overhead_seconds", "host_mem_bytes", "gpu_mem_bytes",
+            "gpu_mem_reserve_bytes")
 
 
 def spread(values: list[float]) -> float:
