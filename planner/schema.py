@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .strict import SchemaError, check_schema_version, dump_yaml, from_dict, load_yaml, to_plain
+from .strict import SchemaError, YamlContract, to_plain
 
 PROFILE_SCHEMA = 1
 WORKLOAD_SCHEMA = 1
@@ -103,7 +103,7 @@ OPTIONAL_FIGURES = (
 
 
 @dataclass(frozen=True)
-class HardwareProfile:
+class HardwareProfile(YamlContract):
     """One machine's figures, measured or from spec sheets.
 
     `device_kind: cpu` is a CPU-only machine: the `gpu_*` figures then describe the CPU acting as
@@ -135,6 +135,7 @@ class HardwareProfile:
     provenance: dict[str, str] = field(default_factory=dict)
     missing: tuple[str, ...] = ()
     schema_version: int = PROFILE_SCHEMA
+    SCHEMA = PROFILE_SCHEMA  # what this code reads (a class constant, not a field)
 
     def __post_init__(self):
         if self.source not in ("measured", "spec-sheet"):
@@ -176,17 +177,6 @@ class HardwareProfile:
                 f"by hand (or with --set {name}=VALUE)")
         return value
 
-    @classmethod
-    def from_dict(cls, data: Any, source: str = "") -> "HardwareProfile":
-        check_schema_version(cls, data, source, PROFILE_SCHEMA)
-        return from_dict(cls, data, source)
-
-    @classmethod
-    def load(cls, path: str | Path) -> "HardwareProfile":
-        return cls.from_dict(load_yaml(path), str(path))
-
-    def save(self, path: str | Path) -> None:
-        dump_yaml(self, path)
 
     def with_overrides(self, overrides: dict[str, Any], source: str = "--set") -> "HardwareProfile":
         """A what-if copy: `{field: value}`; curves given a number become constant curves.
@@ -213,7 +203,7 @@ class HardwareProfile:
 
 
 @dataclass(frozen=True)
-class Workload:
+class Workload(YamlContract):
     """What is to be generated: lengths, count, sampling, and the draft's acceptance behaviour.
 
     `acceptance` is a scalar p (i.i.d. per draft position) or a per-position vector a_i =
@@ -229,6 +219,7 @@ class Workload:
     temperature: float = 0.0
     top_p: float = 1.0
     schema_version: int = WORKLOAD_SCHEMA
+    SCHEMA = WORKLOAD_SCHEMA  # what this code reads (a class constant, not a field)
 
     def __post_init__(self):
         for name in ("prompt_len_tokens", "gen_len_tokens", "num_prompts"):
@@ -259,17 +250,6 @@ class Workload:
     def acceptance_vector(self, k: int) -> tuple[float, ...]:
         return tuple(self.acceptance_at(i) for i in range(1, k + 1))
 
-    @classmethod
-    def from_dict(cls, data: Any, source: str = "") -> "Workload":
-        check_schema_version(cls, data, source, WORKLOAD_SCHEMA)
-        return from_dict(cls, data, source)
-
-    @classmethod
-    def load(cls, path: str | Path) -> "Workload":
-        return cls.from_dict(load_yaml(path), str(path))
-
-    def save(self, path: str | Path) -> None:
-        dump_yaml(self, path)
 
 
 def resident_layers(n: int, layers: int) -> set[int]:
@@ -311,7 +291,7 @@ class Prediction:
 
 
 @dataclass(frozen=True)
-class Plan:
+class Plan(YamlContract):
     """Everything the runtime needs and nothing it must guess, plus what the model predicts."""
 
     policy: str
@@ -337,6 +317,7 @@ class Plan:
     prediction: Prediction
     notes: tuple[str, ...] = ()
     schema_version: int = PLAN_SCHEMA
+    SCHEMA = PLAN_SCHEMA  # what this code reads (a class constant, not a field)
 
     def __post_init__(self):
         if self.policy not in POLICIES:
@@ -368,17 +349,6 @@ class Plan:
     def sequences_in_flight(self) -> int:
         return self.decode_batch * self.num_batches
 
-    @classmethod
-    def from_dict(cls, data: Any, source: str = "") -> "Plan":
-        check_schema_version(cls, data, source, PLAN_SCHEMA)
-        return from_dict(cls, data, source)
-
-    @classmethod
-    def load(cls, path: str | Path) -> "Plan":
-        return cls.from_dict(load_yaml(path), str(path))
-
-    def save(self, path: str | Path) -> None:
-        dump_yaml(self, path)
 
     def replace(self, **changes: Any) -> "Plan":
         return dataclasses.replace(self, **changes)

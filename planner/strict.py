@@ -216,3 +216,24 @@ def check_schema_version(cls: type, data: Any, source: str, supported: int) -> N
     if isinstance(data, dict) and "schema_version" in data and data["schema_version"] != supported:
         raise SchemaError(f"{source}: key 'schema_version': this version of specoffload reads "
                           f"{cls.__name__} schema {supported}, found {data['schema_version']!r}")
+
+
+class YamlContract:
+    """Mixin for a contract dataclass: strict `from_dict`, `load` and atomic `save` as YAML.
+
+    The subclass sets `SCHEMA` (the schema version this code reads) and has a `schema_version` field.
+    """
+
+    SCHEMA = 1
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = ""):
+        check_schema_version(cls, data, source, cls.SCHEMA)
+        return from_dict(cls, data, source)
+
+    @classmethod
+    def load(cls, path: str | Path):
+        return cls.from_dict(load_yaml(path), str(path))
+
+    def save(self, path: str | Path) -> None:
+        dump_yaml(self, path)

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..strict import check_schema_version, dump_yaml, from_dict, load_yaml
+from ..strict import YamlContract
 
 REPORT_SCHEMA = 1
 KINDS = ("simulated", "measured")
@@ -44,7 +44,7 @@ class AcceptanceStats:
 
 
 @dataclass(frozen=True)
-class Report:
+class Report(YamlContract):
     kind: str  # simulated | measured
     policy: str
     model: str
@@ -73,22 +73,12 @@ class Report:
     predicted: dict[str, float] = field(default_factory=dict)  # same names as figures()
     notes: tuple[str, ...] = ()
     schema_version: int = REPORT_SCHEMA
+    SCHEMA = REPORT_SCHEMA  # what this code reads (a class constant, not a field)
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"kind must be one of {', '.join(KINDS)}; found {self.kind!r}")
 
-    @classmethod
-    def from_dict(cls, data: Any, source: str = "") -> "Report":
-        check_schema_version(cls, data, source, REPORT_SCHEMA)
-        return from_dict(cls, data, source)
-
-    @classmethod
-    def load(cls, path: str | Path) -> "Report":
-        return cls.from_dict(load_yaml(path), str(path))
-
-    def save(self, path: str | Path) -> None:
-        dump_yaml(self, path)
 
 
 # The comparable figures, in display order: (flattened name, label, unit scale, unit).
