@@ -293,7 +293,9 @@ class CostModel:
         """One layer's decode attention on the CPU: batch sequences, `query` new tokens each."""
         if batch <= 0:
             return 0.0
-        per_seq = (context * spec.kv_bytes_per_token_per_layer / self._kv_bw
+        hw = self.hw
+        per_seq = (hw.cpu_attn_seq_overhead_seconds + query * hw.cpu_attn_row_overhead_seconds
+                   + context * spec.kv_bytes_per_token_per_layer / self._kv_bw
                    + spec.attention_flops(query, context) / self._attn_rate)
         return self.hw.cpu_attn_overhead_seconds + batch * per_seq
 

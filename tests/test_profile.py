@@ -417,3 +417,20 @@ def test_cuda_forced_transfer_failure():
     res = run_profile(ProfileConfig.tiny(force_fail=frozenset({"h2d_pageable"})), device="cuda", progress=False,
                       warn=lambda m: None)
     assert res.profile.missing == ("h2d_pageable_bytes_per_s",)
+
+
+def test_attention_fit_recovers_per_sequence_and_per_row_costs():
+    spec = load_model_spec("mixtral-8x7b")
+    pts = []
+    for b in (1, 4, 16, 64):
+        for q in (1, 5, 9):
+            for ctx in (16, 64, 512):
+                kv, fl = attention_workload(spec, b, q, ctx)
+                t = 2e-4 + b * (3e-6 + q * 1e-6) + kv / 4e9 + fl / 60e9
+                pts.append(AttentionPoint(b, q, ctx, kv, fl, t))
+    fit = fit_attention(pts)
+    assert fit.seq_seconds == pytest.approx(3e-6, rel=1e-4) and fit.row_seconds == pytest.approx(1e-6, rel=1e-4)
+    assert fit.overhead_seconds == pytest.approx(2e-4, rel=1e-4) and fit.rel_max_residual < 1e-6
+    assert fit.predict(*attention_workload(spec, 32, 3, 100), batch=32, query=3) == pytest.approx(
+        2e-4 + 32 * (3e-6 + 3e-6) + attention_workload(spec, 32, 3, 100)[0] / 4e9
+        + attention_workload(spec, 32, 3, 100)[1] / 60e9, rel=1e-4)

@@ -122,13 +122,18 @@ class AttentionFit:
     rel_max_residual: float  # max |pred - t| / t
     bounded: tuple[str, ...] = ()  # rates the data could not see, written as a not-limiting bound
     residuals: tuple[float, ...] = field(default=(), repr=False)  # (pred - t) / t per point
+    seq_seconds: float = 0.0  # fixed cost per sequence in the batch (gathers, masks per row)
+    row_seconds: float = 0.0  # fixed cost per query row (sequence x new token)
 
-    def predict(self, kv_bytes: float, flops: float) -> float:
-        return self.overhead_seconds + kv_bytes / self.kv_read_bytes_per_s + flops / self.flops_per_s
+    def predict(self, kv_bytes: float, flops: float, batch: float = 0.0, query: float = 0.0) -> float:
+        return (self.overhead_seconds + batch * (self.seq_seconds + query * self.row_seconds)
+                + kv_bytes / self.kv_read_bytes_per_s + flops / self.flops_per_s)
 
 
 def fit_attention(points: Sequence[AttentionPoint]) -> AttentionFit:
-    """Fit time = overhead + kv_bytes / bw + flops / rate (all terms >= 0) by relative least squares.
+    """Fit time = overhead + batch * (seq + query * row) + kv_bytes / bw + flops / rate (all terms >= 0)
+    by relative least squares. The per-sequence and per-query-row fixed costs are what a batch of
+    short contexts pays beyond its bytes and FLOPs (index gathers, masks, softmax rows).
 
     Needs at least three points and at least two distinct flops-per-byte ratios (query counts);
     raises ValueError otherwise. A rate whose term fits to zero is replaced by the bound at which
@@ -145,12 +150,14 @@ def fit_attention(points: Sequence[AttentionPoint]) -> AttentionFit:
     if ratios.size < 2:
         raise ValueError("all attention points have the same flops per KV byte (vary the query count): "
                          "bandwidth and arithmetic rate cannot be told apart")
-    cols = np.stack([np.ones_like(t), kv, fl], axis=1)
+    batch = np.array([p.batch for p in points], dtype=float)
+    rows = batch * np.array([p.query for p in points], dtype=float)
+    cols = np.stack([np.ones_like(t), kv, fl, batch, rows], axis=1)
     scale = cols.max(axis=0)  # column scaling for conditioning
     a = (cols / scale) / t[:, None]  # relative error rows
     b = np.ones_like(t)
     x, _ = nnls(a, b)
-    coef = x / scale  # seconds, seconds per byte, seconds per flop
+    coef = x / scale  # seconds, seconds per byte, seconds per flop, seconds per sequence, per query row
     bounded = []
     overhead = float(coef[0])
     if coef[1] > 0:
@@ -163,10 +170,11 @@ def fit_attention(points: Sequence[AttentionPoint]) -> AttentionFit:
     else:
         rate = float(np.max(fl / (NOT_LIMITING_FRACTION * t)))
         bounded.append("flops_per_s")
-    pred = overhead + kv / bw + fl / rate
+    seq, row = float(coef[3]), float(coef[4])
+    pred = overhead + batch * seq + rows * row + kv / bw + fl / rate
     rel = (pred - t) / t
     return AttentionFit(overhead, bw, rate, float(np.sqrt(np.mean(rel ** 2))), float(np.max(np.abs(rel))),
-                        tuple(bounded), tuple(float(r) for r in rel))
+                        tuple(bounded), tuple(float(r) for r in rel), seq, row)
 
 
 def relative_spread(a: float, b: float) -> float:

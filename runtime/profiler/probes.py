@@ -99,7 +99,7 @@ class ProfileConfig:
     def quick(cls, **kw) -> "ProfileConfig":
         base = dict(mode="quick", reps=7, warmup=2, min_sample_s=0.005,
                     transfer_sizes=(64 * KiB, MiB, 16 * MiB, 128 * MiB), bandwidth_bytes=256 * MiB,
-                    matmul_tokens=(1, 4, 16, 64, 256), attn_batches=(1, 4, 16), attn_queries=(1, 5, 9),
+                    matmul_tokens=(1, 4, 16, 64, 256), attn_batches=(1, 4, 16, 64), attn_queries=(1, 5, 9),
                     attn_contexts=(16, 64, 512, 2048), attn_max_kv_tokens=16 * 2048, attn_rotate_bytes=256 * MiB)
         base.update(kw)
         return cls(**base)
@@ -589,19 +589,23 @@ class Profiler:
             f"heads x {Dh}, {spec.name}) timed over {len(points)} (batch, query, context) points, cold: successive "
             f"calls rotate over the layers of a {8 * half // MiB} MiB KV pool (1 to {max(layers_used)} layers per "
             f"point; CPU last-level cache {_llc_text()}); fitted "
-            "time = overhead + batch*context*kv_bytes_per_token_per_layer / kv_read_bytes_per_s + "
+            "time = overhead + batch*(seq_overhead + query*row_overhead) + "
+            "batch*context*kv_bytes_per_token_per_layer / kv_read_bytes_per_s + "
             "batch*attention_flops(query, context) / flops_per_s by nonnegative least squares on relative "
             "error, KV bytes in the cost model's bf16 accounting (2 bytes/element; the runtime stores fp32) and "
             "4*query*context*q_dim FLOPs")
         self.prov["fit.cpu_attention"] = json.dumps({
             "overhead_seconds": sig(fit.overhead_seconds), "kv_read_bytes_per_s": sig(fit.kv_read_bytes_per_s),
-            "flops_per_s": sig(fit.flops_per_s), "rel_rms_residual": sig(fit.rel_rms_residual, 3),
+            "flops_per_s": sig(fit.flops_per_s), "seq_seconds": sig(fit.seq_seconds), "row_seconds": sig(fit.row_seconds),
+            "rel_rms_residual": sig(fit.rel_rms_residual, 3),
             "rel_max_residual": sig(fit.rel_max_residual, 3), "bounded": list(fit.bounded)}, separators=(",", ":"))
         self.prov["data.cpu_attention"] = "[batch, query, context, seconds, spread, fit_rel_residual]: " + _points_json(
             (p.batch, p.query, p.context, p.seconds, p.spread, r) for p, r in zip(points, fit.residuals))
         out = {"cpu_attn_kv_read_bytes_per_s": sig(fit.kv_read_bytes_per_s),
                "cpu_attn_flops_per_s": sig(fit.flops_per_s),
-               "cpu_attn_overhead_seconds": sig(fit.overhead_seconds)}
+               "cpu_attn_overhead_seconds": sig(fit.overhead_seconds),
+               "cpu_attn_seq_overhead_seconds": sig(fit.seq_seconds),
+               "cpu_attn_row_overhead_seconds": sig(fit.row_seconds)}
         for b in fit.bounded:
             self._warn(f"cpu_attention: the fit could not see {b} (its term fitted to zero); written as the bound "
                        "at which it stays under 1% of every measured time")
@@ -718,7 +722,8 @@ class Profiler:
                      + (() if self.cuda else ("gpu_mem_bytes", "gpu_mem_reserve_bytes")), 1,
                      self.probe_host_memory, self.fallback_host_memory)
         attention = Probe("cpu_attention", ("cpu_attn_kv_read_bytes_per_s", "cpu_attn_flops_per_s",
-                                            "cpu_attn_overhead_seconds"), n_at,
+                                            "cpu_attn_overhead_seconds", "cpu_attn_seq_overhead_seconds",
+                                            "cpu_attn_row_overhead_seconds"), n_at,
                           self.probe_cpu_attention, self.fallback_cpu_attention)
         overhead = Probe("device_op_overhead", ("device_op_overhead_seconds", "device_expert_overhead_seconds"), 1,
                          self.probe_op_overhead,
@@ -849,6 +854,8 @@ class Profiler:
             cpu_attn_kv_read_bytes_per_s=_opt(fig["cpu_attn_kv_read_bytes_per_s"]),
             cpu_attn_flops_per_s=_opt(fig["cpu_attn_flops_per_s"]),
             cpu_attn_overhead_seconds=float(fig.get("cpu_attn_overhead_seconds", 0.0)),
+            cpu_attn_seq_overhead_seconds=float(fig.get("cpu_attn_seq_overhead_seconds", 0.0)),
+            cpu_attn_row_overhead_seconds=float(fig.get("cpu_attn_row_overhead_seconds", 0.0)),
             cpu_mem_bandwidth_bytes_per_s=_opt(fig["cpu_mem_bandwidth_bytes_per_s"]),
             device_op_overhead_seconds=float(fig.get("device_op_overhead_seconds", 0.0)),
             device_expert_overhead_seconds=float(fig.get("device_expert_overhead_seconds", 0.0)),
