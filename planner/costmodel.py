@@ -28,6 +28,7 @@ from .schema import HardwareProfile, Workload
 
 PLACEMENT_VARS = ("attn_gpu", "ffn_gpu", "kv_gpu")
 LOGIT_BYTES = 4  # logits are produced in fp32
+EXACT_SUMS = 16  # sums of up to this many sequences' rounds are convolved exactly (RoundStats.sum_cdf)
 PREFILL_MICRO_TOKENS = 8192  # tokens the GPU holds at once during prefill (see prefill_split)
 # On a CPU-only machine every weight is "resident" in the one memory and attention runs in place.
 CPU_ONLY_PLACEMENT = {"attn_gpu": 1.0, "ffn_gpu": 1.0, "kv_gpu": 0.0}
@@ -131,11 +132,40 @@ class RoundStats:
         """E[max of n i.i.d. round counts]: the slowest of n sequences."""
         if n <= 1:
             return self.mean_rounds
-        return float(sum(1.0 - c ** n for c in self.cdf))
+        return float(np.sum(1.0 - self._cdf ** n))
 
-    @property
+    @functools.cached_property
+    def _cdf(self) -> np.ndarray:
+        return np.asarray(self.cdf)
+
+    @functools.cached_property
     def pmf(self) -> np.ndarray:
-        return np.diff(np.asarray(self.cdf), prepend=0.0).clip(min=0.0)
+        return np.diff(self._cdf, prepend=0.0).clip(min=0.0)
+
+    @functools.cached_property
+    def _sums(self) -> dict[int, np.ndarray]:
+        return {}
+
+    def sum_cdf(self, q: int) -> tuple[int, np.ndarray]:
+        """(offset, CDF from there) of the rounds q sequences run back to back need, cached per q.
+
+        The CDF is 0 below the offset and 1 past the array. Exact (FFT convolution) up to
+        EXACT_SUMS sequences; beyond, the central limit: a normal with q times the mean and variance.
+        """
+        if q not in self._sums:
+            if q <= 1:
+                self._sums[q] = (0, self._cdf)
+            elif q <= EXACT_SUMS:
+                self._sums[q] = (0, np.cumsum(_sum_pmf(self.pmf, q)).clip(max=1.0))
+            else:
+                r = np.arange(len(self.pmf))
+                mean = float(np.sum(r * self.pmf))
+                var = float(np.sum((r - mean) ** 2 * self.pmf))
+                mu, sd = q * mean, max(math.sqrt(q * var), 1e-9)
+                lo, hi = max(0, int(mu - 10 * sd)), int(math.ceil(mu + 10 * sd)) + 1
+                z = [(x + 0.5 - mu) / (sd * math.sqrt(2.0)) for x in range(lo, hi)]
+                self._sums[q] = (lo, np.array([0.5 * (1.0 + math.erf(v)) for v in z]))
+        return self._sums[q]
 
     def makespan(self, n: int, b: int) -> float:
         """Expected rounds until the last of n sequences finishes on b slots with refill.
@@ -151,12 +181,11 @@ class RoundStats:
         q, r = divmod(int(math.ceil(n)), b)
         if q == 0:
             return self.expected_max(r)
-        sq = _sum_pmf(self.pmf, q)
-        cdf_q = np.cumsum(sq).clip(max=1.0)
-        slow_full = float(np.sum(1.0 - cdf_q ** (b - r))) if b > r else 0.0
+        offset, cdf_q = self.sum_cdf(q)
+        slow_full = offset + float(np.sum(1.0 - cdf_q ** (b - r))) if b > r else 0.0
         if r == 0:
             return slow_full
-        start = float(np.searchsorted(cdf_q, r / b))  # quantile of S_q: when the r-th slot frees up
+        start = offset + float(np.searchsorted(cdf_q, r / b))  # quantile of S_q: when the r-th slot frees up
         return max(slow_full, start + self.expected_max(r))
 
 
@@ -325,6 +354,14 @@ class CostModel:
         zero = {"gpu": 0.0, "cpu": 0.0, "h2d": 0.0, "d2h": 0.0}
         if not knobs.speculative or d is None or batch <= 0:
             return zero
+        key = (knobs.draft_kv, knobs.draft_sub_batch if knobs.draft_kv == "recompute" else 0, k, batch, context)
+        if key not in self._draft_cache:
+            self._draft_cache[key] = self._draft_round(knobs, batch, context)
+        return self._draft_cache[key]
+
+    def _draft_round(self, knobs: Knobs, batch: float, context: float | None) -> dict[str, float]:
+        d, k = self.d, knobs.draft_len
+        zero = {"gpu": 0.0, "cpu": 0.0, "h2d": 0.0, "d2h": 0.0}
         L = d.num_layers
         weights = d.b(d.layer_params)
         ctx = self.ctx_avg if context is None else context
@@ -370,10 +407,7 @@ class CostModel:
         busy = dict(busy)
         # The draft works on the other batch (interleaved) or on this one before verifying (serial).
         # Within one batch its steps are a chain: GPU layers, and for host KV the CPU attention between them.
-        dkey = (knobs.draft_kv, knobs.draft_sub_batch if knobs.draft_kv == "recompute" else 0, k, b)
-        if dkey not in self._draft_cache:
-            self._draft_cache[dkey] = self.draft_round(knobs, b)
-        dr = self._draft_cache[dkey]
+        dr = self.draft_round(knobs, b)
         draft_chain = sum(dr.values())
         serial = 0.0
         if knobs.policy == "interleaved":

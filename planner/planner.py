@@ -140,6 +140,7 @@ class Planner:
         self.lp_solves = 0
         self._prefill_lb: dict[tuple, float] = {}
         self._prefill_cache: dict[tuple, float] = {}
+        self._prefill_min: dict[tuple, float] = {}
 
     # --- the candidate grid --------------------------------------------------------------------
     def knob_space(self, policy: str):
@@ -344,8 +345,11 @@ class Planner:
         elif policy == "serial-spec":
             serial = min((sum(d.values()) if cm.cpu_only else max(d.values())) for d in drafts)
         slot = (max(gpu + cpu, h2d) if cm.cpu_only else max(gpu, cpu, h2d)) + serial
-        pre = min(self.prefill_lb(replace(base, draft_kv=mode, draft_sub_batch=s)) for mode, s in modes)
-        return slots * slot + pre
+        key = (policy, k > 0)
+        if key not in self._prefill_min:
+            self._prefill_min[key] = min(self.prefill_lb(replace(base, draft_kv=mode, draft_sub_batch=s))
+                                         for mode, s in modes)
+        return slots * slot + self._prefill_min[key]
 
     def best_for_policy(self, policy: str, keep: int = 5) -> tuple[Candidate | None, list[Candidate], int]:
         """Branch and bound over the knob grid; returns the best, the runners-up, and candidates seen.
