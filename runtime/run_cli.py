@@ -21,8 +21,10 @@ import os
 import resource
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
+
+from .prompts import Prompt, PromptFileError, resolve_model_dir
+from .prompts import read_prompts as _read_prompts
 
 EXAMPLE = """example:
   specoffload-plan --model tiny-target --draft tiny-draft --profile cpu-2core --prompt-len 24 \\
@@ -37,64 +39,12 @@ class RunError(ValueError):
     """Bad input: names the file, line or field, and the fix."""
 
 
-@dataclass
-class Prompt:
-    id: str
-    text: str
-    max_tokens: int | None
-    temperature: float
-    top_p: float
-    seed: int
-    line: int
-
-
-# ----------------------------------------------------------------------------------------------
-# Inputs and outputs
-# ----------------------------------------------------------------------------------------------
-
 def read_prompts(path: str | Path) -> list[Prompt]:
-    """Parse and validate the JSONL input; every problem names the line."""
-    path = Path(path)
-    if not path.is_file():
-        raise RunError(f"{path}: prompts file not found")
-    out, seen = [], {}
-    allowed = {"id", "prompt", "max_tokens", "temperature", "top_p", "seed"}
-    with path.open() as fh:
-        for n, raw in enumerate(fh, 1):
-            if not raw.strip():
-                continue
-            try:
-                obj = json.loads(raw)
-            except json.JSONDecodeError as exc:
-                raise RunError(f"{path}:{n}: not valid JSON ({exc.msg}); each line must be one JSON object") from None
-            if not isinstance(obj, dict):
-                raise RunError(f"{path}:{n}: expected a JSON object, found {type(obj).__name__}")
-            unknown = set(obj) - allowed
-            if unknown:
-                raise RunError(f"{path}:{n}: unknown field(s) {sorted(unknown)}; allowed: {sorted(allowed)}")
-            for key in ("id", "prompt"):
-                if key not in obj:
-                    raise RunError(f"{path}:{n}: missing field '{key}'")
-            if not isinstance(obj["prompt"], str):
-                raise RunError(f"{path}:{n}: 'prompt' must be a string")
-            pid = str(obj["id"])
-            if pid in seen:
-                raise RunError(f"{path}:{n}: duplicate id {pid!r} (first on line {seen[pid]})")
-            seen[pid] = n
-            try:
-                mt = obj.get("max_tokens")
-                p = Prompt(pid, obj["prompt"], None if mt is None else int(mt), float(obj.get("temperature", 0.0)),
-                           float(obj.get("top_p", 1.0)), int(obj.get("seed", 0)), n)
-            except (TypeError, ValueError) as exc:
-                raise RunError(f"{path}:{n}: bad value ({exc})") from None
-            if p.max_tokens is not None and p.max_tokens < 1:
-                raise RunError(f"{path}:{n}: max_tokens must be >= 1")
-            if p.temperature < 0 or not 0 < p.top_p <= 1:
-                raise RunError(f"{path}:{n}: temperature must be >= 0 and top_p in (0, 1]")
-            out.append(p)
-    if not out:
-        raise RunError(f"{path}: no prompts")
-    return out
+    """The shared JSONL reader (runtime/prompts.py); every line needs an id here (resume matches by id)."""
+    try:
+        return _read_prompts(path, require_id=True)
+    except PromptFileError as exc:
+        raise RunError(str(exc)) from None
 
 
 def finished_ids(path: Path) -> set[str]:
@@ -126,20 +76,14 @@ def resolve_models(plan, target: str | None, draft: str | None) -> tuple[Path, P
     """Checkpoint folders for the plan's target and draft, checked against the plan's fingerprints."""
     from specoffload.planner.models import load_model_spec
 
-    from .tiny_pair import ASSETS
-
     def folder(ref: str, given: str | None, role: str) -> Path:
-        if given:
-            return Path(given)
-        if ref in ("tiny-target", "tiny-draft"):
-            return ASSETS / ref.split("-")[1]
-        p = Path(ref)
-        if p.name == "config.json":
-            p = p.parent
-        if p.is_dir():
-            return p
-        raise RunError(f"the plan's {role} is {ref!r}, a preset without weights here; pass its checkpoint folder "
-                       f"with --{'target' if role == 'model' else 'draft'} DIR")
+        try:
+            return resolve_model_dir(given or ref)
+        except PromptFileError:
+            if given:
+                raise RunError(f"{given}: no config.json; a checkpoint folder in Hugging Face format is needed") from None
+            raise RunError(f"the plan's {role} is {ref!r}, a preset without weights here; pass its checkpoint "
+                           f"folder with --{'target' if role == 'model' else 'draft'} DIR") from None
 
     dirs = []
     for role, ref, fp, given in (("model", plan.model, plan.model_fingerprint, target),

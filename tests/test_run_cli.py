@@ -117,7 +117,7 @@ def test_bad_input_is_named_and_outputs_are_kept(tmp_path):
     missing = tmp_path / "m.jsonl"
     missing.write_text('{"id": "x"}\n')
     proc = cli(str(plan), "--prompts", str(missing), "--output", str(out), check=False)
-    assert proc.returncode == 2 and "missing field 'prompt'" in proc.stderr
+    assert proc.returncode == 2 and 'no "prompt" key' in proc.stderr
     assert out.read_text() == '{"id": "old", "text": "kept"}\n'
 
 

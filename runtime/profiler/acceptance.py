@@ -16,7 +16,6 @@ as the engine does), so the cost is one draft token per proposal, not a re-read 
 from __future__ import annotations
 
 import datetime as _dt
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -26,6 +25,10 @@ import torch
 from specoffload.planner.costmodel import expected_tokens
 from specoffload.planner.schema import Workload
 
+
+from specoffload.runtime.prompts import Prompt, PromptFileError
+from specoffload.runtime.prompts import read_prompts as _read_prompts
+from specoffload.runtime.prompts import resolve_model_dir as _resolve_model_dir
 
 class AcceptanceError(ValueError):
     """Bad input to the acceptance measurement (the message names the file, line or model)."""
@@ -69,57 +72,19 @@ class AcceptanceCounts:
 # Inputs
 # ----------------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class Prompt:
-    line: int
-    id: str
-    text: str
-
-
 def read_prompts(path: str | Path) -> list[Prompt]:
-    """JSONL with one {"id": ..., "prompt": "..."} object per line (blank lines skipped).
-
-    A line that is not a JSON object with a string "prompt" is an error naming the file and line.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise AcceptanceError(f"{path}: prompts file not found")
-    prompts = []
-    with path.open(encoding="utf-8") as fh:
-        for n, raw in enumerate(fh, start=1):
-            if not raw.strip():
-                continue
-            try:
-                obj = json.loads(raw)
-            except json.JSONDecodeError as exc:
-                raise AcceptanceError(f"{path}:{n}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-            if not isinstance(obj, dict):
-                raise AcceptanceError(f"{path}:{n}: expected a JSON object with a \"prompt\" key, "
-                                      f"found {type(obj).__name__}")
-            if "prompt" not in obj:
-                raise AcceptanceError(f"{path}:{n}: no \"prompt\" key (keys: {', '.join(map(str, obj)) or 'none'})")
-            if not isinstance(obj["prompt"], str):
-                raise AcceptanceError(f"{path}:{n}: \"prompt\" must be a string, found {type(obj['prompt']).__name__}")
-            prompts.append(Prompt(n, str(obj.get("id", n)), obj["prompt"]))
-    if not prompts:
-        raise AcceptanceError(f"{path}: no prompts (empty file)")
-    return prompts
+    """The shared JSONL reader (runtime/prompts.py); ids default to line numbers here."""
+    try:
+        return _read_prompts(path)
+    except PromptFileError as exc:
+        raise AcceptanceError(str(exc)) from None
 
 
 def resolve_model_dir(ref: str) -> Path:
-    """`tiny-target` / `tiny-draft` (the shipped pair) or an HF model folder."""
-    if ref in ("tiny-target", "tiny-draft"):
-        from specoffload.runtime.tiny_pair import tiny_pair_paths
-
-        target, draft = tiny_pair_paths()
-        return target if ref == "tiny-target" else draft
-    path = Path(ref)
-    if path.name == "config.json":
-        path = path.parent
-    if not (path / "config.json").is_file():
-        raise AcceptanceError(f"model {ref!r}: not tiny-target / tiny-draft and not an HF model folder "
-                              "(no config.json there)")
-    return path
+    try:
+        return _resolve_model_dir(ref)
+    except PromptFileError as exc:
+        raise AcceptanceError(str(exc)) from None
 
 
 def load_tokenizer(model_dir: Path):
