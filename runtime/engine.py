@@ -360,6 +360,12 @@ class Target:
     def _attend(self, j: int, slots: list[int], q: Tensor, k: Tensor, v: Tensor, n_new: Tensor,
                 prefill: bool) -> Tensor:
         """q [B, T, H, Dh], k/v [B, T, Hkv, Dh] on the device -> o [B, T, H, Dh] on the device."""
+        if self.device.type == "cpu":  # one memory, one cache: attend in place, no gathers
+            t0 = time.perf_counter()
+            cache, local = self.kv.local(slots)
+            o = cache.attend(j, local, q, k, v, n_new).to(q.dtype)
+            self.tl.add("cpu-attn", f"attn L{j}", t0, time.perf_counter())
+            return o
         dev_rows, host_rows = self.kv.split(slots)
         o = torch.empty_like(q)
         for rows, on_dev in ((dev_rows, True), (host_rows, False)):
@@ -368,10 +374,10 @@ class Target:
             idx = torch.tensor(rows, device=q.device)
             cache, local = self.kv.local([slots[r] for r in rows])
             qs, ks, vs = q[idx], k[idx], v[idx]
-            if on_dev or self.device.type == "cpu":
+            if on_dev:
                 t0 = time.perf_counter()
                 o[idx] = cache.attend(j, local, qs, ks, vs, n_new[rows]).to(q.dtype)
-                self.tl.add("cpu-attn" if self.device.type == "cpu" else "gpu", f"attn L{j}", t0, time.perf_counter())
+                self.tl.add("gpu", f"attn L{j}", t0, time.perf_counter())
                 continue
             if prefill:
                 # Prompt attention runs on the device over the prompt itself; the keys/values go to the host.
@@ -431,6 +437,7 @@ class Target:
         x = F.embedding(tokens.to(dev), self.w.embed)  # [B, T, D]
         m = max(1, min(self.micro_batches, B))
         bounds = [round(i * B / m) for i in range(m + 1)]
+        whole = m == 1
         few_tokens = B * T * a.top_k < a.n_experts if a.is_moe else False
         self.streamer.prefetch(0, experts=[] if few_tokens else None)
         for j in range(a.n_layers):
@@ -440,17 +447,20 @@ class Target:
                 lo, hi = bounds[i], bounds[i + 1]
                 if lo == hi:
                     continue
-                xs = x[lo:hi]
+                xs = x if whole else x[lo:hi]
                 t0 = time.perf_counter()
-                q, k, v = qkv(a, lw.attn, xs, (cos_sin[0][lo:hi], cos_sin[1][lo:hi]))
-                self.tl.add("gpu" if dev.type == "cuda" else "gpu", f"qkv L{j} mb{i}", t0, time.perf_counter())
+                q, k, v = qkv(a, lw.attn, xs, cos_sin if whole else (cos_sin[0][lo:hi], cos_sin[1][lo:hi]))
+                self.tl.add("gpu", f"qkv L{j} mb{i}", t0, time.perf_counter())
                 if between is not None and i == 0:
                     between(j)
-                o = self._attend(j, slots[lo:hi], q, k, v, n_new[lo:hi], prefill)
+                o = self._attend(j, slots if whole else slots[lo:hi], q, k, v, n_new[lo:hi], prefill)
                 t0 = time.perf_counter()
                 xs = xs + attn_out(lw.attn, o.to(self.dtype))
                 xs = xs + self._ffn(j, lw, xs)
-                x[lo:hi] = xs
+                if whole:
+                    x = xs
+                else:
+                    x[lo:hi] = xs
                 self.tl.add("gpu", f"ffn L{j} mb{i}", t0, time.perf_counter())
             self.streamer.release(j)
         # The next pass (verification of the other batch, or a prefill) starts at layer 0: fetch it now.
