@@ -615,8 +615,12 @@ class Engine:
 
     def __init__(self, plan, target_dir: str | Path, draft_dir: str | Path | None = None,
                  device: str | torch.device | None = None, dtype: torch.dtype | None = None,
-                 max_len: int | None = None, trace: bool = False):
+                 max_len: int | None = None, trace: bool = False, synthetic_acceptance: float | None = None):
+        """synthetic_acceptance: TIMING MODE ONLY. Keep each draft token with this probability whatever
+        it is (for random-weight models, which accept nothing); outputs are then not the target's."""
         self.plan = plan
+        self.synthetic = synthetic_acceptance
+        self._synthetic_rng = torch.Generator().manual_seed(0)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         # fp32 on the CPU (exactness); bf16 on the GPU, as the checkpoints are.
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
@@ -730,6 +734,11 @@ class Engine:
                 a2 = torch.zeros(len(rows), dtype=torch.long)
                 n2 = draw(p[:, 0], [s.generator for s in ss])
             n_acc[rows], nxt[rows] = a2, n2
+        if self.synthetic is not None and k:
+            # Timing mode: position i kept with the given probability, then the target's own token there.
+            keep = torch.rand(len(seqs), k, generator=self._synthetic_rng) < self.synthetic
+            n_acc = keep.long().cumprod(dim=1).sum(dim=1)
+            nxt = logits.argmax(-1).cpu().gather(1, n_acc[:, None])[:, 0]
         self.stats.acceptance.record(n_acc, k)  # k = 0 too: one token per round
         n_list, nxt_list = n_acc.tolist(), nxt.tolist()
         news = [drafted[i, :a].tolist() + [nxt_list[i]] for i, a in enumerate(n_list)]

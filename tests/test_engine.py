@@ -163,3 +163,30 @@ def test_sampling_accept_preserves_target_distribution():
     assert chisquare(counts.numpy(), (p * n).numpy()).pvalue > 1e-3
     # and the draft's own distribution would be rejected by the same test
     assert chisquare(counts.numpy(), (q * n).numpy()).pvalue < 1e-6
+
+
+@pytest.mark.parametrize("p,expect", [(1.0, 4.0), (0.0, 1.0)])
+def test_synthetic_acceptance_timing_mode(pair, prompts, p, expect):
+    """Random-weight timing runs force acceptance: every draft token kept (p=1) or none (p=0)."""
+    eng = Engine(make_plan("serial-spec", 4, 3, 1), pair[0], pair[1], synthetic_acceptance=p)
+    eng.eos = set()
+    eng.run([Request(str(i), q, 13) for i, q in enumerate(prompts[:4])], lambda f: None)
+    assert eng.stats.acceptance.mean_tokens_per_round == pytest.approx(expect)
+
+
+@pytest.mark.slow
+def test_gpu_check_smoke_on_cpu(tmp_path):
+    """tools/gpu_check.py end to end at tiny shapes on the CPU (the GPU run's code path)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, str(root / "tools" / "gpu_check.py"), "--tiny", "--device", "cpu",
+                           "--out", str(tmp_path), "--prompts", "8", "--prompt-len", "16", "--gen-len", "4",
+                           "--hf-prompts", "2", "--layers", "2", "--draft-layers", "2"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    text = (tmp_path / "gpu_check.txt").read_text()
+    assert all(line.startswith("[timing mode") for line in text.splitlines())
+    assert "serial-spec -> serial-spec" in text and "ratio" in text

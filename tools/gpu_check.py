@@ -1,0 +1,198 @@
+"""GPU validation with nothing to download: Mixtral-8x7B-shaped random weights on a card capped at 24 GB.
+
+    python tools/gpu_check.py --out bench/results/gpu_check           # on a GPU machine (tools/gpu_check.sh)
+    python tools/gpu_check.py --tiny --device cpu --out /tmp/gc       # a smoke run of the same path on a CPU
+
+Steps: write random-weight checkpoints in HF format (a Mixtral-8x7B-shaped target with --layers of
+its 32 layers, a Mistral-7B-shaped draft with --draft-layers of its 32); cap the GPU's memory
+(--cap-gib, the paper's 24 GB card); profile the machine (quick); plan specoffload, offload-only,
+serial-spec and interleaved for the job (each policy forced but specoffload); simulate each plan; run each on our engine; run transformers with accelerate offload
+(device_map="auto", max_memory) on the same prompts; print throughputs, ratios, the simulator's
+prediction against the measurement, and the fraction of the physical bound.
+
+Random weights accept nothing, so our runs use a TIMING MODE: each draft token is kept with
+probability --acceptance whatever it is, and every line printed says so. Outputs are meaningless;
+the timings are what is measured.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+MIXTRAL = {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "hidden_size": 4096,
+           "intermediate_size": 14336, "num_attention_heads": 32, "num_key_value_heads": 8, "num_local_experts": 8,
+           "num_experts_per_tok": 2, "vocab_size": 32000, "max_position_embeddings": 32768, "rms_norm_eps": 1e-5,
+           "rope_theta": 1e6, "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2,
+           "hidden_act": "silu", "torch_dtype": "bfloat16"}
+MISTRAL = {"architectures": ["MistralForCausalLM"], "model_type": "mistral", "hidden_size": 4096,
+           "intermediate_size": 14336, "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 32000,
+           "max_position_embeddings": 32768, "rms_norm_eps": 1e-5, "rope_theta": 1e6, "tie_word_embeddings": False,
+           "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu", "torch_dtype": "bfloat16",
+           "sliding_window": None}
+TINY = {"hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 8, "num_key_value_heads": 2,
+        "vocab_size": 1000}
+
+
+def write_checkpoint(folder: Path, config: dict, seed: int, device: torch.device) -> None:
+    """Random bf16 weights (std 0.02) under the real HF names, one safetensors shard per layer."""
+    from safetensors.torch import save_file
+
+    from specoffload.runtime.config import args_from_hf_config
+    from specoffload.runtime.layers import weight_shapes
+    from specoffload.runtime.loader import hf_name_map
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config, indent=1))
+    args = args_from_hf_config(config)
+    shapes = weight_shapes(args)
+    by_ours = {ours: hf for hf, ours in hf_name_map(args).items()}
+    g = torch.Generator(device=device).manual_seed(seed)
+    shards: dict[str, dict[str, torch.Tensor]] = {}
+    for ours, shape in shapes.items():
+        if ours not in by_ours:
+            continue  # tied lm_head
+        part = ours.split(".")[1] if ours.startswith("layers.") else "outer"
+        t = torch.randn(shape, generator=g, device=device, dtype=torch.float32) * 0.02
+        if len(shape) == 1:
+            t = torch.ones(shape, device=device)
+        shards.setdefault(part, {})[by_ours[ours]] = t.to(torch.bfloat16).cpu()
+    index = {"metadata": {}, "weight_map": {}}
+    for part, tensors in shards.items():
+        name = f"model-{part}.safetensors"
+        save_file(tensors, str(folder / name), metadata={"format": "pt"})
+        index["weight_map"].update({n: name for n in tensors})
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+def hf_accelerate(target: Path, prompts: list[list[int]], gen: int, cap_gib: float, device: torch.device) -> float:
+    """transformers with accelerate offload (device_map=auto, max_memory): generated tokens per second."""
+    from transformers import AutoModelForCausalLM
+
+    kw = {"dtype": torch.bfloat16 if device.type == "cuda" else torch.float32}
+    if device.type == "cuda":
+        kw.update(device_map="auto", max_memory={0: f"{cap_gib:.0f}GiB", "cpu": "400GiB"})
+    model = AutoModelForCausalLM.from_pretrained(target, **kw)
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), 0, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    first = next(model.parameters()).device
+    t0 = time.perf_counter()
+    out = model.generate(ids.to(first), attention_mask=mask.to(first), do_sample=False, max_new_tokens=gen,
+                         min_new_tokens=gen, pad_token_id=0)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    return (out.shape[1] - width) * len(prompts) / wall
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--out", default="bench/results/gpu_check")
+    ap.add_argument("--layers", type=int, default=4, help="Mixtral-8x7B layers kept (of 32)")
+    ap.add_argument("--draft-layers", type=int, default=32, help="Mistral-7B layers kept (of 32)")
+    ap.add_argument("--cap-gib", type=float, default=24.0, help="GPU memory cap (the paper's 24 GB card)")
+    ap.add_argument("--prompts", type=int, default=256)
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--gen-len", type=int, default=32)
+    ap.add_argument("--acceptance", type=float, default=0.7, help="synthetic acceptance (timing mode)")
+    ap.add_argument("--hf-prompts", type=int, default=16, help="prompts for the transformers+accelerate baseline")
+    ap.add_argument("--tiny", action="store_true", help="tiny shapes (a CPU smoke run of the whole path)")
+    args = ap.parse_args()
+
+    from specoffload.planner.models import load_model_spec
+    from specoffload.planner.planner import PlanInfeasible, make_plan
+    from specoffload.planner.schema import Workload
+    from specoffload.planner.sim import simulate
+    from specoffload.runtime.engine import Engine, Request
+    from specoffload.runtime.profiler.probes import ProfileConfig, run_profile
+
+    device = torch.device(args.device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    mode = f"[timing mode: synthetic acceptance {args.acceptance}, random weights]"
+    log_lines: list[str] = []
+
+    def say(line: str) -> None:
+        print(f"{mode} {line}", flush=True)
+        log_lines.append(f"{mode} {line}")
+
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap_gib * 2**30 / total), device)
+        say(f"{torch.cuda.get_device_name(device)}: memory capped at {args.cap_gib:.0f} GiB of {total / 2**30:.0f}")
+    target_cfg = dict(MIXTRAL, num_hidden_layers=args.layers, **(TINY if args.tiny else {}))
+    draft_cfg = dict(MISTRAL, num_hidden_layers=args.draft_layers, **(TINY if args.tiny else {}))
+    t0 = time.perf_counter()
+    tdir, ddir = out / "ckpt-target", out / "ckpt-draft"
+    write_checkpoint(tdir, target_cfg, 0, device)
+    write_checkpoint(ddir, draft_cfg, 1, device)
+    target, draft = load_model_spec(str(tdir)), load_model_spec(str(ddir))
+    say(f"checkpoints written in {time.perf_counter() - t0:.0f} s: {target.describe()}; draft {draft.describe()}")
+
+    t0 = time.perf_counter()
+    cfg = ProfileConfig.quick(model=target)
+    profile = run_profile(cfg, device, name="gpu-check", progress=False).profile
+    profile.save(out / "profile.yaml")
+    say(f"profiled in {time.perf_counter() - t0:.0f} s -> {out / 'profile.yaml'} "
+        f"(gpu memory {profile.gpu_mem_bytes / 2**30:.1f} GiB usable)")
+    work = Workload(prompt_len_tokens=args.prompt_len, gen_len_tokens=args.gen_len, num_prompts=args.prompts,
+                    acceptance=args.acceptance, acceptance_source="synthetic (timing mode)")
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, target.vocab_size, (args.prompt_len,), generator=g).tolist() for _ in range(args.prompts)]
+    results = {}
+    for policy in ("specoffload", "offload-only", "serial-spec", "interleaved"):
+        try:
+            res = make_plan(profile, target, None if policy == "offload-only" else draft, work, policy=policy)
+        except PlanInfeasible as exc:
+            say(f"{policy}: no plan fits: {exc}")
+            continue
+        plan = res.plan
+        plan.save(out / f"plan-{policy}.yaml")
+        sim = simulate(plan, profile).report
+        eng = Engine(plan, tdir, ddir if plan.draft_len else None, device=device,
+                     synthetic_acceptance=args.acceptance if plan.draft_len else None)
+        done = []
+        t0 = time.perf_counter()
+        eng.run([Request(str(i), p, args.gen_len) for i, p in enumerate(prompts)], done.append)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+        tokens = sum(len(f.tokens) for f in done)
+        tps = tokens / wall
+        bound = plan.prediction.physical_bound_tokens_per_s
+        results[policy] = tps
+        say(f"{policy} -> {plan.policy} b={plan.decode_batch}x{plan.num_batches} k={plan.draft_len}: measured "
+            f"{tps:.1f} tok/s ({tokens} tokens in {wall:.1f} s), simulated {sim.throughput_tokens_per_s:.1f} "
+            f"({100 * (sim.throughput_tokens_per_s - tps) / tps:+.0f}%), planned {plan.prediction.throughput_tokens_per_s:.1f}; "
+            f"{100 * tps / bound:.1f}% of the physical bound ({bound:.1f})" if bound else "")
+    try:
+        hf = hf_accelerate(tdir, prompts[:args.hf_prompts], args.gen_len, args.cap_gib, device)
+        results["transformers+accelerate"] = hf
+        say(f"transformers + accelerate offload (batch {args.hf_prompts}): {hf:.1f} tok/s")
+    except Exception as exc:  # the baseline is optional (accelerate may be missing)
+        say(f"transformers + accelerate baseline skipped: {type(exc).__name__}: {exc}")
+    base = results.get("offload-only")
+    if base:
+        for name, tps in results.items():
+            if name != "offload-only":
+                say(f"ratio {name} / offload-only: {tps / base:.2f}x")
+    (out / "gpu_check.txt").write_text("\n".join(log_lines) + "\n")
+    for p in (tdir, ddir):  # the checkpoints are large and random: do not keep them
+        for f in p.iterdir():
+            f.unlink()
+        p.rmdir()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
