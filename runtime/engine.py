@@ -194,7 +194,6 @@ class LayerStreamer:
         with torch.cuda.stream(self.streams.copy):
             if b in self.free_event:
                 self.streams.copy.wait_event(self.free_event.pop(b))
-            parts = {"attn": lw.attn if self.attn_res[j] else None, "ffn": lw.ffn if self.ffn_res[j] else None}
             out = {"attn": lw.attn, "ffn": lw.ffn, "experts": list(lw.experts)}
             if not self.attn_res[j]:
                 for k, t in lw.attn.items():
@@ -214,7 +213,6 @@ class LayerStreamer:
                     out["experts"][e] = buf["experts"][e]
             done = torch.cuda.Event()
             done.record(self.streams.copy)
-        del parts
         self.tl.add("h2d", f"weights L{j}", start, time.perf_counter())
         self.ready[j] = (out, done)
 
@@ -273,23 +271,8 @@ class TargetKV:
         self.dev = KVCache.for_model(args, len(self.gpu_slots), max_len, dtype=dtype, device=device) \
             if self.gpu_slots else None
 
-    def split(self, slots: list[int]) -> tuple[list[int], list[int]]:
-        """Row indices of `slots` whose cache is on the device, and on the host."""
-        dev = [i for i, s in enumerate(slots) if self.where[s][0] == "dev"]
-        host = [i for i, s in enumerate(slots) if self.where[s][0] == "host"]
-        return dev, host
-
-    def _each(self, slots: list[int]):
-        for kind in ("dev", "host"):
-            local = [self.where[s][1] for s in slots if self.where[s][0] == kind]
-            if local:
-                yield (self.dev if kind == "dev" else self.host), local
-
-    def lengths(self, slots: list[int]) -> Tensor:
-        out = torch.empty(len(slots), dtype=torch.long)
-        for kind, rows, local in self._groups(slots):
-            out[rows] = (self.dev if kind == "dev" else self.host).lengths[local]
-        return out
+    def _cache(self, kind: str) -> KVCache:
+        return self.dev if kind == "dev" else self.host
 
     def _groups(self, slots: list[int]):
         """(partition, row positions, local slot indices) for each partition the slots touch."""
@@ -301,6 +284,21 @@ class TargetKV:
             if rows:
                 yield kind, torch.tensor(rows), torch.tensor([self.where[slots[i]][1] for i in rows], dtype=torch.long)
 
+    def split(self, slots: list[int]) -> tuple[list[int], list[int]]:
+        """Row indices of `slots` whose cache is on the device, and on the host."""
+        rows = {kind: r.tolist() for kind, r, _ in self._groups(slots)}
+        return rows.get("dev", []), rows.get("host", [])
+
+    def _each(self, slots: list[int]):
+        for kind, _, local in self._groups(slots):
+            yield self._cache(kind), local.tolist()
+
+    def lengths(self, slots: list[int]) -> Tensor:
+        out = torch.empty(len(slots), dtype=torch.long)
+        for kind, rows, local in self._groups(slots):
+            out[rows] = self._cache(kind).lengths[local]
+        return out
+
     def local(self, slots: list[int]) -> tuple[KVCache, list[int]]:
         caches = list(self._each(slots))
         if len(caches) != 1:
@@ -310,12 +308,12 @@ class TargetKV:
     def advance(self, slots: list[int], n: list[int]) -> None:
         n_t = torch.as_tensor(n, dtype=torch.long)
         for kind, rows, local in self._groups(slots):
-            (self.dev if kind == "dev" else self.host).advance(local, n_t[rows])
+            self._cache(kind).advance(local, n_t[rows])
 
     def rollback(self, slots: list[int], lengths: list[int]) -> None:
         len_t = torch.as_tensor(lengths, dtype=torch.long)
         for kind, rows, local in self._groups(slots):
-            (self.dev if kind == "dev" else self.host).rollback(local, len_t[rows])
+            self._cache(kind).rollback(local, len_t[rows])
 
     def reset(self, slots: list[int]) -> None:
         for cache, local in self._each(slots):
