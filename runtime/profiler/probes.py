@@ -173,6 +173,27 @@ class Clock:
         return (time.perf_counter() - t0) / inner
 
 
+COLD_BYTES = 64 * MiB  # weights rotated over per CPU probe: more than a last-level cache holds
+
+
+def cold_copies(make: Callable[[int], Any], nbytes_each: float, device: torch.device) -> itertools.cycle:
+    """Copies of some weights to cycle through, so that each call finds its weights out of the CPU's
+    caches, as a layer does in the runtime (it runs every other layer's weights in between). On a
+    GPU (or for weights larger than the caches) one copy."""
+    n = 1 if device.type == "cuda" else max(1, min(256, math.ceil(COLD_BYTES / max(nbytes_each, 1.0))))
+    return itertools.cycle([make(i) for i in range(n)])
+
+
+def _clone_layer(lw):
+    """An independent copy of a LayerWeights (its own memory)."""
+    from specoffload.runtime.layers import LayerWeights
+
+    def clone(d):
+        return {k: t.clone() for k, t in d.items()}
+
+    return LayerWeights(clone(lw.attn), clone(lw.ffn), [clone(e) for e in lw.experts])
+
+
 def measure(fn: Callable[[], Any], clock: Clock, cfg: ProfileConfig, max_inner: int = 10_000) -> Stats:
     """Warm up, calibrate the calls per sample, then `cfg.reps` samples: median and spread."""
     return measure_many([fn], clock, cfg, max_inner=max_inner)[0]
@@ -511,22 +532,24 @@ class Profiler:
         d, f = spec.hidden_size, spec.intermediate_size
         dtype = torch.bfloat16 if self.cuda else torch.float32
         g = torch.Generator(device="cpu").manual_seed(0)
-        w = (torch.randn(f, d, generator=g) * d ** -0.5).to(self.device, dtype)
+        w0 = (torch.randn(f, d, generator=g) * d ** -0.5).to(self.device, dtype)
+        ws = cold_copies(lambda i: w0 if i == 0 else w0.clone(), w0.nbytes, self.device)
         if self.cuda:  # what the allocator caches beyond live tensors while GEMMs run: part of the reserve
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(self.device)
         tokens = [n for n in self.cfg.matmul_tokens if self.cuda or n <= self.cfg.cpu_matmul_max_tokens]
         xs = [torch.randn(n, d, generator=g).to(self.device, dtype) for n in tokens]
-        stats = measure_many([(lambda x=x: F.linear(x, w)) for x in xs], self.clock, self.cfg,
+        stats = measure_many([(lambda x=x: F.linear(x, next(ws))) for x in xs], self.clock, self.cfg,
                              tick=lambda: self.tick("matmul"))
         rows = [(n, 2.0 * n * d * f / st.median, st.spread) for n, st in zip(tokens, stats)]
         pts = [(n, r) for n, r, _ in rows]
         if self.cuda:
             self._gpu_overhead_seen = max(self._gpu_overhead_seen, torch.cuda.max_memory_reserved(self.device)
                                           - torch.cuda.max_memory_allocated(self.device))
-        del w
+        del w0, ws
         self.prov["gpu_matmul_flops_per_s"] = (
-            f"achieved rate of F.linear(x[tokens, {d}], W[{f}, {d}]) ({spec.name} FFN shape) in "
+            f"achieved rate of F.linear(x[tokens, {d}], W[{f}, {d}]) ({spec.name} FFN shape"
+            f"{'' if self.cuda else ', weights rotated over copies so each call reads them from memory'}) in "
             f"{'bf16' if self.cuda else 'fp32 (what the runtime computes in on the CPU)'}: 2*tokens*{d}*{f} / "
             "median time; at few tokens this is memory-bound and includes the weight read")
         self.prov["data.matmul"] = "[tokens, flops_per_s, spread]: " + _points_json(rows)
@@ -624,16 +647,19 @@ class Profiler:
         args = ModelArgs(family="mistral", vocab_size=32, dim=dim, n_layers=1, n_heads=heads, n_kv_heads=kv_heads,
                          head_dim=dh, ffn_dim=ffn_dim, norm_eps=1e-5, rope_theta=10000.0)
         dtype = torch.bfloat16 if self.cuda else torch.float32
-        lw = init_random_weights(args, seed=0).layers[0].to(self.device, dtype)
+        one = init_random_weights(args, seed=0).layers[0].to(self.device, dtype)
+        layer_bytes = sum(t.nbytes for d in (one.attn, one.ffn) for t in d.values())
+        layers = cold_copies(lambda i: one if i == 0 else _clone_layer(one), layer_bytes, self.device)
         x = torch.randn(1, 1, dim).to(self.device, dtype)
         cos_sin = rope_cos_sin(rope_inv_freq(args, self.device), torch.zeros(1, 1, dtype=torch.long), dtype)
 
         def front():
-            return qkv(args, lw.attn, x, cos_sin)
+            return qkv(args, next(layers).attn, x, cos_sin)
 
         q = front()[0]
 
         def back():
+            lw = next(layers)
             h = x + attn_out(lw.attn, q)
             return h + ffn(args, lw.ffn, h)
 
@@ -645,9 +671,16 @@ class Profiler:
         margs = ModelArgs(family="mixtral", vocab_size=32, dim=dim, n_layers=1, n_heads=heads, n_kv_heads=kv_heads,
                           head_dim=dh, ffn_dim=ffn_dim, norm_eps=1e-5, rope_theta=10000.0, n_experts=8, top_k=2)
         mw = init_random_weights(margs, seed=0).layers[0].to(self.device, dtype)
+        moe_bytes = sum(t.nbytes for d in [mw.ffn, *mw.experts] for t in d.values())
+        moes = cold_copies(lambda i: mw if i == 0 else _clone_layer(mw), moe_bytes, self.device)
         x_all = torch.randn(1, 64, dim).to(self.device, dtype)  # 64 tokens: every expert is routed some
-        st_two = self.measure(lambda: ffn(margs, mw.ffn, x, mw.experts))
-        st_eight = self.measure(lambda: ffn(margs, mw.ffn, x_all, mw.experts))
+
+        def moe(xx):
+            m = next(moes)
+            return ffn(margs, m.ffn, xx, m.experts)
+
+        st_two = self.measure(lambda: moe(x))
+        st_eight = self.measure(lambda: moe(x_all))
         per_expert = max(0.0, (st_eight.median - st_two.median) / 6)
         self.tick("op overhead")
         self.prov["device_expert_overhead_seconds"] = (
