@@ -754,6 +754,7 @@ class Engine:
         return running
 
     # -- the schedules --------------------------------------------------------------------------
+    @torch.inference_mode()  # no autograd bookkeeping: ~8% per-op overhead on small models
     def run(self, requests: list[Request], on_finish: Callable[[Finished], None],
             progress: Callable[[int], None] | None = None) -> EngineStats:
         """Generate every request; on_finish is called once per request, as soon as it is done."""

@@ -921,6 +921,6 @@ def run_profile(cfg: ProfileConfig, device: str | torch.device = "auto", name: s
     """Measure this machine with `cfg` and return the profile (not yet written) and what went wrong."""
     if threads:
         torch.set_num_threads(threads)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), torch.inference_mode():  # as the engine runs (Engine.run)
         warnings.simplefilter("ignore", UserWarning)  # e.g. pin_memory notices; failures are reported by probe
         return Profiler(cfg, device, name=name, progress=progress, warn=warn).run()
