@@ -117,6 +117,11 @@ class SlotTerms:
     serial_seconds: float  # added after the overlapped part (serial-spec: the draft round)
     tokens_per_slot: float  # expected verified tokens in one slot (full batch)
     shared_device: bool  # CPU-only machine: gpu and cpu are one resource
+    host_seconds: float = 0.0  # the runtime's bookkeeping between passes (serial, on the host)
+
+    @property
+    def serial_total(self) -> float:
+        return self.serial_seconds + self.host_seconds
 
 
 @dataclass(frozen=True)
@@ -417,7 +422,13 @@ class CostModel:
         elif knobs.policy == "serial-spec":
             serial = draft_chain
         stats = self.rounds(k)
-        return SlotTerms(busy, chain, serial, b * stats.expected_tokens, self.cpu_only)
+        return SlotTerms(busy, chain, serial, b * stats.expected_tokens, self.cpu_only, self.host_pass_seconds(b))
+
+    def host_pass_seconds(self, batch: float) -> float:
+        """The runtime's bookkeeping per verification pass of `batch` sequences (profiled)."""
+        hw = self.hw
+        return (hw.engine_pass_overhead_seconds + batch * hw.engine_seq_overhead_seconds
+                + self.t.num_layers * hw.engine_layer_overhead_seconds)
 
     def _target_slot(self, b: int, k: int, m: int) -> tuple[dict[str, Linear], tuple[Linear, ...]]:
         """The target's verification of b sequences x (k+1) tokens in m micro-batches: busy and chain."""
@@ -470,7 +481,7 @@ class CostModel:
         binding = max(cands, key=cands.get)
         if binding.startswith("chain"):
             binding = "layer-chain"
-        return max(cands.values()) + terms.serial_seconds, binding
+        return max(cands.values()) + terms.serial_total, binding
 
     # --- prefill -------------------------------------------------------------------------------
     def prefill_split(self, knobs: Knobs) -> tuple[int, int]:
@@ -624,6 +635,8 @@ class CostModel:
         busy = {r: f.at(placement) for r, f in terms.busy.items()}
         if terms.serial_seconds:
             busy["draft_serial"] = terms.serial_seconds
+        if terms.host_seconds:
+            busy["host"] = terms.host_seconds
         return Prediction(
             throughput_tokens_per_s=tput,
             decode_tokens_per_s=tokens / decode if decode > 0 else tput,

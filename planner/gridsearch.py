@@ -54,7 +54,7 @@ def grid_search(planner: Planner, policies: tuple[str, ...] = POLICIES) -> GridB
             if terms.shared_device:
                 busy = {"device": busy["gpu"] + busy["cpu"], "h2d": busy["h2d"], "d2h": busy["d2h"]}
             slot = np.max(np.stack(list(busy.values()) + [_eval(c, grid) for c in terms.chain]), axis=0)
-            slot = slot + terms.serial_seconds
+            slot = slot + terms.serial_total
             slots, _ = cm.decode_slots(knobs)
             for bp in planner.prefill_grid():
                 kb = replace(knobs, prefill_batch=bp)

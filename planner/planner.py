@@ -217,7 +217,7 @@ class Planner:
         terms = self.cm.slot_terms(knobs)
         gpu_mem = mem["gpu"]
         slot = max([self._resource_lb(terms.busy, terms.shared_device, gpu_mem, box)]
-                   + [self._fixed(c, box).minimum() for c in terms.chain]) + terms.serial_seconds
+                   + [self._fixed(c, box).minimum() for c in terms.chain]) + terms.serial_total
         slots, _ = self.cm.decode_slots(knobs)
         return slots * slot + self.prefill_lb(knobs)
 
@@ -299,7 +299,7 @@ class Planner:
         chunks = cm.prefill_chunks(knobs)
         self.lp_solves += 1
         sol = minimize("placement", variables, {"slot_seconds": slots, "chunk_seconds": chunks}, cons,
-                       objective_const=slots * terms.serial_seconds)
+                       objective_const=slots * terms.serial_total)
         placement = {v: sol.values[names[v]] / size[v] for v in box}
         placement = {v: min(max(round(x * size[v]) / size[v], box[v][0]), box[v][1]) for v, x in placement.items()}
         return Candidate(knobs, placement, cm.evaluate(knobs, placement))

@@ -603,6 +603,7 @@ class EngineStats:
     slots: int = 0  # verifications of one batch
     prefill_passes: int = 0  # prefill chunks (weight sweeps for prompts)
     slot_times: list[float] = field(default_factory=list)
+    slot_windows: list[tuple[float, float]] = field(default_factory=list)  # (start, end), perf_counter clock
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     acceptance: AcceptanceStats = field(default_factory=AcceptanceStats)
@@ -750,7 +751,9 @@ class Engine:
             if self._commit(s, new):
                 running.append(s)
         self.stats.slots += 1
-        self.stats.slot_times.append(time.perf_counter() - t_start)
+        t_end = time.perf_counter()
+        self.stats.slot_times.append(t_end - t_start)
+        self.stats.slot_windows.append((t_start, t_end))
         return running
 
     # -- the schedules --------------------------------------------------------------------------

@@ -39,37 +39,6 @@ TINY = {"hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 8, 
         "vocab_size": 1000}
 
 
-def write_checkpoint(folder: Path, config: dict, seed: int, device: torch.device) -> None:
-    """Random bf16 weights (std 0.02) under the real HF names, one safetensors shard per layer."""
-    from safetensors.torch import save_file
-
-    from specoffload.runtime.config import args_from_hf_config
-    from specoffload.runtime.layers import weight_shapes
-    from specoffload.runtime.loader import hf_name_map
-
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(config, indent=1))
-    args = args_from_hf_config(config)
-    shapes = weight_shapes(args)
-    by_ours = {ours: hf for hf, ours in hf_name_map(args).items()}
-    g = torch.Generator(device=device).manual_seed(seed)
-    shards: dict[str, dict[str, torch.Tensor]] = {}
-    for ours, shape in shapes.items():
-        if ours not in by_ours:
-            continue  # tied lm_head
-        part = ours.split(".")[1] if ours.startswith("layers.") else "outer"
-        t = torch.randn(shape, generator=g, device=device, dtype=torch.float32) * 0.02
-        if len(shape) == 1:
-            t = torch.ones(shape, device=device)
-        shards.setdefault(part, {})[by_ours[ours]] = t.to(torch.bfloat16).cpu()
-    index = {"metadata": {}, "weight_map": {}}
-    for part, tensors in shards.items():
-        name = f"model-{part}.safetensors"
-        save_file(tensors, str(folder / name), metadata={"format": "pt"})
-        index["weight_map"].update({n: name for n in tensors})
-    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
-
-
 def hf_accelerate(target: Path, prompts: list[list[int]], gen: int, cap_gib: float, device: torch.device) -> float:
     """transformers with accelerate offload (device_map=auto, max_memory): generated tokens per second."""
     from transformers import AutoModelForCausalLM
@@ -115,6 +84,7 @@ def main() -> int:
     from specoffload.planner.sim import simulate
     from specoffload.runtime.engine import Engine, Request
     from specoffload.runtime.profiler.probes import ProfileConfig, run_profile
+    from specoffload.runtime.random_checkpoint import write_random_checkpoint
 
     device = torch.device(args.device)
     out = Path(args.out)
@@ -134,8 +104,8 @@ def main() -> int:
     draft_cfg = dict(MISTRAL, num_hidden_layers=args.draft_layers, **(TINY if args.tiny else {}))
     t0 = time.perf_counter()
     tdir, ddir = out / "ckpt-target", out / "ckpt-draft"
-    write_checkpoint(tdir, target_cfg, 0, device)
-    write_checkpoint(ddir, draft_cfg, 1, device)
+    write_random_checkpoint(tdir, target_cfg, 0, device)
+    write_random_checkpoint(ddir, draft_cfg, 1, device)
     target, draft = load_model_spec(str(tdir)), load_model_spec(str(ddir))
     say(f"checkpoints written in {time.perf_counter() - t0:.0f} s: {target.describe()}; draft {draft.describe()}")
 

@@ -619,7 +619,9 @@ class Simulation:
             for task in layer_tasks:
                 eng.arm(task)
             eng.arm(release)
-        lm = Task("lm-head", "gpu", gpu, cm.lm_head_seconds(t, p.tokens), _prio(TARGET, n, self.L, 0), batch=X,
+        # The LM head, then the runtime's bookkeeping for the pass (verify, roll back, commit: host time).
+        lm = Task("lm-head", "gpu", gpu, cm.lm_head_seconds(t, p.tokens) + cm.host_pass_seconds(len(p.slots)),
+                  _prio(TARGET, n, self.L, 0), batch=X,
                   pass_index=n, traced=traced)
         for task in prev.values():
             eng.depend(task, lm)

@@ -48,13 +48,14 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from specoffload.planner.models import ModelSpec, load_model_spec
 from specoffload.planner.schema import OPTIONAL_FIGURES, Curve, HardwareProfile
 
-from .fit import AttentionFit, AttentionPoint, Stats, curve_points, fit_attention, sig
+from .fit import AttentionFit, AttentionPoint, Stats, curve_points, fit_attention, nnls, sig
 
 GiB, MiB, KiB = 2**30, 2**20, 2**10
 FORCE_FAIL_ENV = "SPECOFFLOAD_PROFILE_FAIL"  # comma-separated probe names: a test hook
@@ -699,6 +700,63 @@ class Profiler:
         self.prov["device_op_overhead_seconds"] = f"0: the device_op_overhead probe failed ({reason})"
         return {"device_op_overhead_seconds": 0.0, "device_expert_overhead_seconds": 0.0}
 
+    def probe_engine_overhead(self) -> dict[str, Any]:
+        """The engine's own bookkeeping per verification pass and per sequence (Python work between
+        the timed pieces: building inputs, verifying, rolling caches back, committing tokens): run the
+        runtime's Engine on a tiny random MoE checkpoint at a few batch sizes and fit
+        (slot time - time inside the timed pieces) = pass + batch * per_sequence."""
+        import tempfile
+        from pathlib import Path
+
+        from specoffload.planner.schema import Plan, Prediction, Workload
+
+        from specoffload.runtime.engine import Engine, Request
+        from specoffload.runtime.random_checkpoint import write_random_checkpoint
+
+        self._check_forced("engine_overhead")
+        dim, heads, kv_heads, dh, ffn_dim = self.cfg.op_overhead_shape
+        pred = Prediction(1, 1, 1, 1, 1, 1, 1, 0, 1, {}, {}, {}, "-", 0, 0)
+        points, rows = [(1, 4), (1, 64), (3, 4), (3, 64)], []  # (layers, batch)
+        for n_layers, b in points:
+            config = {"architectures": ["MixtralForCausalLM"], "hidden_size": dim, "intermediate_size": ffn_dim,
+                      "num_attention_heads": heads, "num_key_value_heads": kv_heads, "head_dim": dh,
+                      "num_hidden_layers": n_layers, "num_local_experts": 8, "num_experts_per_tok": 2,
+                      "vocab_size": 64, "max_position_embeddings": 256, "rms_norm_eps": 1e-5,
+                      "rope_theta": 10000.0, "eos_token_id": None, "hidden_act": "silu"}
+            with tempfile.TemporaryDirectory() as tmp:
+                write_random_checkpoint(Path(tmp), config, 0, torch.device("cpu"))
+                plan = Plan(policy="offload-only", model="probe", model_fingerprint="", draft="", draft_fingerprint="",
+                            profile="-", profile_fingerprint="", workload=Workload(prompt_len_tokens=4,
+                            gen_len_tokens=17, num_prompts=b), decode_batch=b, num_batches=1, prefill_batch=b,
+                            draft_sub_batch=1, draft_len=0, micro_batches=1, gpu_attn_layers=n_layers,
+                            gpu_ffn_layers=n_layers, gpu_kv_sequences=0, target_attention="cpu", draft_kv="gpu",
+                            weight_buffers=0, prediction=pred)
+                samples = []
+                for _ in range(max(2, self.cfg.reps // 2)):
+                    eng = Engine(plan, tmp, device=self.device, trace=True)
+                    eng.run([Request(str(i), [1, 2, 3, 4], 17) for i in range(b)], lambda f: None)
+                    t0 = eng.timeline.t0
+                    for start, end in eng.stats.slot_windows[2:]:  # skip the first slots (warm-up)
+                        inside = sum(e - s_ for _, _, s_, e in eng.timeline.spans
+                                     if s_ >= start - t0 and e <= end - t0)
+                        samples.append((end - start) - inside)
+                self.tick("engine overhead")
+                rows.append((n_layers, b, sorted(samples)[len(samples) // 2]))
+        ls, bs, ts = (np.array([r[i] for r in rows], dtype=float) for i in range(3))
+        coef, _ = nnls(np.stack([np.ones_like(bs), bs, ls], axis=1), ts)
+        self.prov["engine_overhead"] = (
+            f"the engine's bookkeeping outside its timed pieces, per verification pass, on random MoE models "
+            f"(dim {dim}) at (layers, batch) {', '.join(f'({l:.0f}, {b:.0f})' for l, b in zip(ls, bs))}: median "
+            f"{', '.join(f'{t * 1e3:.3f} ms' for t in ts)}; fitted pass {coef[0] * 1e6:.1f} us + "
+            f"{coef[1] * 1e6:.2f} us per sequence + {coef[2] * 1e6:.1f} us per layer")
+        return {"engine_pass_overhead_seconds": sig(float(coef[0])), "engine_seq_overhead_seconds": sig(float(coef[1])),
+                "engine_layer_overhead_seconds": sig(float(coef[2]))}
+
+    def fallback_engine_overhead(self, reason: str) -> dict[str, Any]:
+        self.prov["engine_overhead"] = f"0: the engine_overhead probe failed ({reason})"
+        return {"engine_pass_overhead_seconds": 0.0, "engine_seq_overhead_seconds": 0.0,
+                "engine_layer_overhead_seconds": 0.0}
+
     def probe_gpu_memory(self) -> dict[str, Any]:
         """CUDA: what the caching allocator really hands out, in chunks until it refuses; then freed."""
         self._check_forced("gpu_memory")
@@ -762,20 +820,23 @@ class Profiler:
                          self.probe_op_overhead,
                          self.fallback_op_overhead)
         matmul = Probe("matmul", ("gpu_matmul_flops_per_s",), n_mm, self.probe_matmul)
+        engine = Probe("engine_overhead", ("engine_pass_overhead_seconds", "engine_seq_overhead_seconds",
+                                           "engine_layer_overhead_seconds"), 4,
+                       self.probe_engine_overhead, self.fallback_engine_overhead)
         if not self.cuda:
             return [host,
                     Probe("memcpy", ("h2d_pinned_bytes_per_s", "h2d_pageable_bytes_per_s", "d2h_pinned_bytes_per_s",
                                      "d2h_pageable_bytes_per_s"), n_tr, self.probe_memcpy),
                     Probe("mem_bandwidth", ("gpu_mem_bandwidth_bytes_per_s", "cpu_mem_bandwidth_bytes_per_s"), 1,
                           self.probe_bandwidth),
-                    matmul, attention, overhead]
+                    matmul, attention, overhead, engine]
         transfers = [Probe(f"{d}_{'pinned' if p else 'pageable'}", (f"{d}_{'pinned' if p else 'pageable'}_bytes_per_s",),
                            n_tr, (lambda d=d, p=p: self.probe_transfer(d, p)))
                      for d in ("h2d", "d2h") for p in (True, False)]
         return [host, *transfers,
                 Probe("mem_bandwidth", ("gpu_mem_bandwidth_bytes_per_s",), 1, self.probe_bandwidth),
                 Probe("host_bandwidth", ("cpu_mem_bandwidth_bytes_per_s",), 1, self.probe_host_bandwidth),
-                matmul, attention, overhead,
+                matmul, attention, overhead, engine,
                 Probe("gpu_memory", ("gpu_mem_bytes", "gpu_mem_reserve_bytes"), 1, self.probe_gpu_memory,
                       self.fallback_gpu_memory)]
 
@@ -892,6 +953,9 @@ class Profiler:
             cpu_mem_bandwidth_bytes_per_s=_opt(fig["cpu_mem_bandwidth_bytes_per_s"]),
             device_op_overhead_seconds=float(fig.get("device_op_overhead_seconds", 0.0)),
             device_expert_overhead_seconds=float(fig.get("device_expert_overhead_seconds", 0.0)),
+            engine_pass_overhead_seconds=float(fig.get("engine_pass_overhead_seconds", 0.0)),
+            engine_seq_overhead_seconds=float(fig.get("engine_seq_overhead_seconds", 0.0)),
+            engine_layer_overhead_seconds=float(fig.get("engine_layer_overhead_seconds", 0.0)),
             provenance=prov, missing=missing)
 
 
@@ -912,7 +976,7 @@ def _opt(v: Any) -> float | None:
 
 # Every probe name either device kind may run (for --help and the force-fail hook).
 ALL_PROBES = ("host_memory", "memcpy", "h2d_pinned", "h2d_pageable", "d2h_pinned", "d2h_pageable", "mem_bandwidth",
-              "host_bandwidth", "matmul", "cpu_attention", "device_op_overhead", "gpu_memory")
+              "host_bandwidth", "matmul", "cpu_attention", "device_op_overhead", "engine_overhead", "gpu_memory")
 
 
 def run_profile(cfg: ProfileConfig, device: str | torch.device = "auto", name: str | None = None,
