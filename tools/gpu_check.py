@@ -17,8 +17,6 @@ the timings are what is measured.
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import sys
 import time
 from pathlib import Path
