@@ -5,9 +5,12 @@
     python tools/profile_spread.py --runs 3 --keep /tmp/spread   # keep the profiles
 
 Spread of a figure = (max - min) / mean over the runs; for a curve, the largest spread over its
-points. The three CPU-attention figures are *fitted* (the acceptance bar is 10% on those); the
-others are measured directly and shown for context. Exit status 1 when a fitted figure spreads
-more than --tolerance. Each run is a fresh process, exactly the command a user types.
+points. Held to --tolerance (10%): the three CPU-attention rates (*fitted*), and the CPU attention
+time the fitted model predicts over the measured grid. The small fixed-cost *terms* fitted alongside
+trade off against each other from run to run; their own spread, and that of the engine bookkeeping
+they predict (which itself varies between processes by up to ~20% here), are shown, not held. The rest is measured directly, shown for context.
+Exit status 1 when a held figure spreads more than --tolerance. Each run is a fresh process,
+exactly the command a user types.
 """
 from __future__ import annotations
 
@@ -22,6 +25,11 @@ from pathlib import Path
 from specoffload.planner.schema import Curve, HardwareProfile
 
 FITTED = ("cpu_attn_kv_read_bytes_per_s", "cpu_attn_flops_per_s", "cpu_attn_overhead_seconds")
+# Small fixed-cost terms fitted jointly with others: individually weakly identified (they trade off
+# against each other from run to run), so what is held to the tolerance is the prediction they make
+# together (PREDICTIONS below); their own spread is shown for information.
+TERMS = ("cpu_attn_seq_overhead_seconds", "cpu_attn_row_overhead_seconds", "engine_pass_overhead_seconds",
+         "engine_seq_overhead_seconds", "engine_layer_overhead_seconds")
 MEASURED = ("gpu_matmul_flops_per_s", "gpu_mem_bandwidth_bytes_per_s", "cpu_mem_bandwidth_bytes_per_s",
             "h2d_pinned_bytes_per_s", "h2d_pageable_bytes_per_s", "d2h_pinned_bytes_per_s", "d2h_pageable_bytes_per_s",
             "device_op_overhead_seconds", "device_expert_overhead_seconds", "host_mem_bytes", "gpu_mem_bytes",
@@ -47,8 +55,42 @@ def figure_spread(profiles: list[HardwareProfile], name: str) -> tuple[float, st
     return spread([float(v) for v in vals]), " | ".join(f"{float(v):.4g}" for v in vals)
 
 
-def rows(profiles: list[HardwareProfile]) -> list[tuple[str, bool, float, str]]:
-    return [(n, n in FITTED, *figure_spread(profiles, n)) for n in FITTED + MEASURED]
+def rows(profiles: list[HardwareProfile]) -> list[tuple[str, str, float, str]]:
+    kind = {**{n: "fitted" for n in FITTED}, **{n: "term" for n in TERMS}}
+    return [(n, kind.get(n, "measured"), *figure_spread(profiles, n)) for n in FITTED + TERMS + MEASURED]
+
+
+def attention_seconds(p: HardwareProfile, batch: int, query: int, context: int) -> float:
+    """The fitted CPU attention time of one call, as the cost model computes it."""
+    from specoffload.planner.models import load_model_spec
+
+    spec = load_model_spec("mixtral-8x7b")
+    per_seq = (p.cpu_attn_seq_overhead_seconds + query * p.cpu_attn_row_overhead_seconds
+               + context * spec.kv_bytes_per_token_per_layer / p.cpu_attn_kv_read_bytes_per_s
+               + spec.attention_flops(query, context) / p.cpu_attn_flops_per_s)
+    return p.cpu_attn_overhead_seconds + batch * per_seq
+
+
+def engine_seconds(p: HardwareProfile, layers: int, batch: int) -> float:
+    return (p.engine_pass_overhead_seconds + batch * p.engine_seq_overhead_seconds
+            + layers * p.engine_layer_overhead_seconds)
+
+
+def prediction_spreads(profiles: list[HardwareProfile]) -> list[tuple[str, float, str]]:
+    """Worst spread between runs of what the fitted models predict, over the grids they were fitted on
+    (attention: the measured (batch, query, context) points of run 1, Mixtral shapes as measured)."""
+    raw = profiles[0].provenance.get("data.cpu_attention", "")
+    grid = [(int(r[0]), int(r[1]), int(r[2])) for r in json.loads(raw.split(": ", 1)[1])] if raw else []
+    out = []
+    if grid:
+        per = [(spread([attention_seconds(p, *g) for p in profiles]), g) for g in grid]
+        worst, g = max(per)
+        out.append(("cpu attention time", worst, f"worst at (batch, query, context) = {g}, over {len(grid)} points"))
+    pts = [(layers, b) for layers in (1, 4, 32) for b in (1, 16, 64, 256)]
+    per = [(spread([engine_seconds(p, *x) for p in profiles]), x) for x in pts]
+    worst, x = max(per)
+    out.append(("engine bookkeeping per pass", worst, f"worst at (layers, batch) = {x}, over {len(pts)} points"))
+    return out
 
 
 def main(argv=None) -> int:
@@ -78,12 +120,19 @@ def main(argv=None) -> int:
 
     print(f"\n{'figure':34s} {'kind':8s} {'spread':>8s}  values by run")
     worst_fitted = 0.0
-    for name, fitted, s, text in rows(profiles):
+    for name, kind, s, text in rows(profiles):
         flag = ""
-        if fitted:
+        if kind == "fitted":
             worst_fitted = max(worst_fitted, s)
             flag = "  OK" if s <= args.tolerance else f"  OVER {args.tolerance:.0%}"
-        print(f"{name:34s} {'fitted' if fitted else 'measured':8s} {s:8.1%}  {text}{flag}")
+        print(f"{name:34s} {kind:8s} {s:8.1%}  {text}{flag}")
+    print()
+    for name, s, text in prediction_spreads(profiles):
+        held = name == "cpu attention time"
+        if held:
+            worst_fitted = max(worst_fitted, s)
+        flag = ("  OK" if s <= args.tolerance else f"  OVER {args.tolerance:.0%}") if held else "  (shown, not held)"
+        print(f"{'prediction: ' + name:43s} {s:8.1%}  {text}{flag}")
     for i, p in enumerate(profiles):
         fit = json.loads(p.provenance.get("fit.cpu_attention", "{}"))
         raw = p.provenance.get("data.cpu_attention", "")
@@ -93,7 +142,7 @@ def main(argv=None) -> int:
               f"max {fit.get('rel_max_residual', float('nan')):.1%}; {p.provenance.get('threads', '')}; "
               f"{p.provenance.get('load', '')}")
     ok = worst_fitted <= args.tolerance
-    print(f"\nfitted figures: worst spread {worst_fitted:.1%} -> {'PASS' if ok else 'FAIL'} (tolerance "
+    print(f"\nfitted figures and fitted predictions: worst spread {worst_fitted:.1%} -> {'PASS' if ok else 'FAIL'} (tolerance "
           f"{args.tolerance:.0%}); profiles in {folder}")
     return 0 if ok else 1
 

@@ -98,7 +98,7 @@ class ProfileConfig:
 
     @classmethod
     def quick(cls, **kw) -> "ProfileConfig":
-        base = dict(mode="quick", reps=7, warmup=2, min_sample_s=0.005,
+        base = dict(mode="quick", reps=11, warmup=2, min_sample_s=0.005,
                     transfer_sizes=(64 * KiB, MiB, 16 * MiB, 128 * MiB), bandwidth_bytes=256 * MiB,
                     matmul_tokens=(1, 4, 16, 64, 256), attn_batches=(1, 4, 16, 64), attn_queries=(1, 5, 9),
                     attn_contexts=(16, 64, 512, 2048), attn_max_kv_tokens=16 * 2048, attn_rotate_bytes=256 * MiB)
@@ -716,7 +716,7 @@ class Profiler:
         self._check_forced("engine_overhead")
         dim, heads, kv_heads, dh, ffn_dim = self.cfg.op_overhead_shape
         pred = Prediction(1, 1, 1, 1, 1, 1, 1, 0, 1, {}, {}, {}, "-", 0, 0)
-        points, rows = [(1, 4), (1, 64), (3, 4), (3, 64)], []  # (layers, batch)
+        points, rows = [(1, 4), (1, 64), (6, 4), (6, 64)], []  # (layers, batch): a wide lever on each
         for n_layers, b in points:
             config = {"architectures": ["MixtralForCausalLM"], "hidden_size": dim, "intermediate_size": ffn_dim,
                       "num_attention_heads": heads, "num_key_value_heads": kv_heads, "head_dim": dh,
@@ -732,7 +732,7 @@ class Profiler:
                             gpu_ffn_layers=n_layers, gpu_kv_sequences=0, target_attention="cpu", draft_kv="gpu",
                             weight_buffers=0, prediction=pred)
                 samples = []
-                for _ in range(max(2, self.cfg.reps // 2)):
+                for _ in range(max(3, self.cfg.reps)):
                     eng = Engine(plan, tmp, device=self.device, trace=True)
                     eng.run([Request(str(i), [1, 2, 3, 4], 17) for i in range(b)], lambda f: None)
                     t0 = eng.timeline.t0
