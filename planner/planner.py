@@ -389,6 +389,10 @@ class Planner:
                 k2 = replace(knobs, prefill_batch=bp)
                 if decode_lb + self.prefill_seconds_lb(k2) >= best_total * (1 - OPTIMALITY_GAP):
                     continue
+                # Tighter: the decode bound with this prefill batch's working set in GPU memory.
+                if self.lower_bound(k2) - self.prefill_lb(k2) + self.prefill_seconds_lb(k2) >= \
+                        best_total * (1 - OPTIMALITY_GAP):
+                    continue
                 if not self._memory_possible(k2, self._placement_box(k2)):
                     continue
                 try:
