@@ -25,14 +25,7 @@ from specoffload.runtime.profiler import probes  # noqa: E402
 from specoffload.runtime.profiler.probes import (ALL_PROBES, FORCE_FAIL_ENV, ProfileConfig, attention_call,  # noqa: E402
                                                  attention_workload, run_profile)
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: these tests check behaviour, not speed, and on a shared 2-core machine a
-    second torch thread waits for a time slice on every op (10-30x slower under load)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 WORKLOAD = Workload(prompt_len_tokens=64, gen_len_tokens=32, num_prompts=64, acceptance=0.7)
@@ -40,31 +33,6 @@ WORKLOAD = Workload(prompt_len_tokens=64, gen_len_tokens=32, num_prompts=64, acc
 
 def plan_on(profile, target, draft, workload=WORKLOAD):
     return make_plan(profile, target, draft, workload)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: these tests check behaviour, not speed, and on a shared 2-core machine a
-    second torch thread waits for a time slice on every op (10-30x slower under load)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-WORKLOAD = Workload(prompt_len_tokens=64, gen_len_tokens=32, num_prompts=64, acceptance=0.7)
-
-
-def plan_on(profile, target, draft, workload=WORKLOAD):
-    """make_plan, with the planner's known CPU-only defect reported as an expected failure (not ours):
-    for a device_kind: cpu profile the planner enumerates weight_buffers=0 (nothing streamed), which
-    Plan.__post_init__ rejects (it requires >= 1). Once that is fixed this helper just plans."""
-    try:
-        return make_plan(profile, target, draft, workload)
-    except ValueError as exc:
-        if "weight_buffers must be >= 1" in str(exc) and profile.cpu_only:
-            pytest.xfail("planner defect: CPU-only plans carry weight_buffers=0, which Plan rejects")
-        raise
 
 
 # --- fitting on synthetic measurements -----------------------------------------------------------

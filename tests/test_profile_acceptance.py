@@ -17,14 +17,7 @@ from specoffload.runtime.profiler.acceptance import (AcceptanceCounts, Acceptanc
                                                      acceptance_reference, count_acceptance, measure_workload,
                                                      read_prompts)
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: these tests check behaviour, not speed, and on a shared 2-core machine a
-    second torch thread waits for a time slice on every op (10-30x slower under load)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 TEXTS = ["def f(x):\n    return", "import os", "class A:\n", "for i in range(10):", "x = [1, 2, 3]\nprint(x",
