@@ -328,7 +328,8 @@ class Target:
         from specoffload.planner.schema import resident_layers
 
         cuda = device.type == "cuda"
-        n_layers = load_args(model_dir).n_layers
+        args = load_args(model_dir)
+        n_layers = args.n_layers
         attn_res = resident_layers(plan.gpu_attn_layers, n_layers)  # spread evenly, as the simulator assumes
         ffn_res = resident_layers(plan.gpu_ffn_layers, n_layers)
 
@@ -340,7 +341,7 @@ class Target:
             j, part = int(name.split(".")[1]), name.split(".")[2]
             return device if j in (attn_res if part == "attn" else ffn_res) else "pinned"
 
-        self.args, self.w = load_model(model_dir, dtype=dtype, placement=placement)
+        self.args, self.w = load_model(model_dir, dtype=dtype, placement=placement, args=args)
         self.device, self.dtype, self.tl = device, dtype, timeline
         self.streams = Streams(device)
         L = self.args.n_layers
