@@ -300,8 +300,9 @@ class CostModel:
         """One layer's Q, K, V projections (+ norm) for `tokens` tokens."""
         h = spec.hidden_size
         params = h * (spec.q_dim + 2 * spec.kv_dim)
-        # The profile's per-layer fixed cost is split between the layer's two halves (QKV here, FFN below).
-        return self.matmul_seconds(2.0 * tokens * params, tokens, spec.b(params)) + self.hw.device_op_overhead_seconds / 2
+        # The profile's per-layer fixed and per-token costs are split between the layer's two halves
+        # (QKV here, FFN below).
+        return self.matmul_seconds(2.0 * tokens * params, tokens, spec.b(params)) + self.layer_fixed_seconds(tokens) / 2
 
     def ffn_seconds(self, spec: ModelSpec, tokens: float) -> float:
         """One layer's output projection, router and FFN / experts for `tokens` tokens."""
@@ -317,11 +318,18 @@ class CostModel:
                                        spec.b(spec.router_params_per_layer))
         else:
             ffn = self.matmul_seconds(2.0 * tokens * spec.expert_params, tokens, spec.expert_bytes)
-        return o + ffn + self.hw.device_op_overhead_seconds / 2
+        return o + ffn + self.layer_fixed_seconds(tokens) / 2
+
+    def layer_fixed_seconds(self, tokens: float) -> float:
+        """One layer's device cost beyond its matmuls for one forward of `tokens` tokens: a fixed part
+        (op dispatch) and a per-token part (norms, RoPE, residual adds, routing), both profiled."""
+        return self.hw.device_op_overhead_seconds + tokens * self.hw.device_op_token_seconds
 
     def lm_head_seconds(self, spec: ModelSpec, tokens: float) -> float:
-        return self.matmul_seconds(tokens * spec.lm_head_flops_per_token, tokens,
-                                   spec.b(spec.vocab_size * spec.hidden_size))
+        """Logits for `tokens` rows: the projection, and the scan every row's logits get (argmax, acceptance)."""
+        return (self.matmul_seconds(tokens * spec.lm_head_flops_per_token, tokens,
+                                    spec.b(spec.vocab_size * spec.hidden_size))
+                + tokens * spec.vocab_size * self.hw.device_logit_element_seconds)
 
     def cpu_attention_seconds(self, spec: ModelSpec, batch: float, query: float, context: float) -> float:
         """One layer's decode attention on the CPU: batch sequences, `query` new tokens each."""
@@ -374,9 +382,13 @@ class CostModel:
         def step(s: float, tokens_per_seq: float = 1.0) -> float:
             tok = s * tokens_per_seq
             lin = self.matmul_seconds(tok * d.linear_flops_per_token_per_layer * L, tok, weights * L)
-            return lin + self.lm_head_seconds(d, s) + L * self.hw.device_op_overhead_seconds
+            return lin + self.lm_head_seconds(d, s) + L * self.layer_fixed_seconds(tok)
 
         out = dict(zero)
+        hw = self.hw
+        # The runtime's bookkeeping per round (inputs, commits, the draft KV's rollback) and per step.
+        host = (hw.engine_draft_round_overhead_seconds + batch * hw.engine_draft_seq_overhead_seconds
+                + k * hw.engine_draft_step_overhead_seconds)
         if knobs.draft_kv == "recompute":
             s = min(knobs.draft_sub_batch, batch)
             subs = math.ceil(batch / s)
@@ -384,13 +396,13 @@ class CostModel:
             # Re-read the context: one forward over s*ctx tokens (linear + causal attention), then k-1 steps.
             pre = (self.matmul_seconds(tok * d.linear_flops_per_token_per_layer * L, tok, weights * L)
                    + self.matmul_seconds(s * L * d.attention_flops(ctx, ctx) / 2.0, tok, 0.0)
-                   + self.lm_head_seconds(d, s) + L * self.hw.device_op_overhead_seconds)
+                   + self.lm_head_seconds(d, s) + L * self.layer_fixed_seconds(tok))
             attend = self.cpu_attention_seconds if self.cpu_only else self.gpu_attention_seconds
             steps = (k - 1) * (step(s) + L * attend(d, s, 1, ctx))
-            out["gpu"] = subs * (pre + steps)
+            out["gpu"] = subs * (pre + steps) + host
             return out
         # KV kept: k steps of one token each, plus one catch-up token (the target's bonus token).
-        out["gpu"] = (k - 1) * step(batch) + step(batch, 2.0)
+        out["gpu"] = (k - 1) * step(batch) + step(batch, 2.0) + host
         if knobs.draft_kv == "gpu" and self.cpu_only:  # the "device" is the CPU: the same attention call
             out["gpu"] += k * L * self.cpu_attention_seconds(d, batch, 1, ctx)
         elif knobs.draft_kv == "gpu":
@@ -494,14 +506,25 @@ class CostModel:
         n = max(1, math.ceil(tok / PREFILL_MICRO_TOKENS))
         return n, math.ceil(tok / n)
 
+    def prefill_attention_seconds(self, spec: ModelSpec, prompts: float, width: float) -> float:
+        """One layer's attention of `prompts` prompts padded to `width` tokens over themselves: on the
+        device (causal half of the square), or on a CPU-only machine the CPU attention call the decode uses."""
+        if self.cpu_only:
+            return self.cpu_attention_seconds(spec, prompts, width, width)
+        return self.matmul_seconds(prompts * spec.attention_flops(width, width) / 2.0, prompts * width, 0.0)
+
     def prefill_terms(self, knobs: Knobs) -> dict[str, Linear]:
-        """Busy seconds per resource for one prefill chunk (prefill_batch prompts)."""
+        """Busy seconds per resource for one prefill chunk (prefill_batch prompts).
+
+        The runtime pads a chunk's prompts to the longest: compute counts prefill_batch x the longest
+        prompt (the workload's max_prompt_len_tokens), KV the real tokens."""
         t, bp, P = self.t, knobs.prefill_batch, self.w.prompt_len_tokens
+        width = self.w.max_prompt_len
         L, tok = t.num_layers, bp * P
         n, micro = self.prefill_split(knobs)
-        per_seq = max(1.0, micro / P)  # prompts per micro-chunk
+        per_seq = max(1.0, micro / width)  # prompts per micro-chunk
         gpu = L * n * (self.qkv_seconds(t, micro) + self.ffn_seconds(t, micro)
-                       + self.matmul_seconds(per_seq * t.attention_flops(P, P) / 2.0, micro, 0.0))
+                       + self.prefill_attention_seconds(t, per_seq, width))
         gpu += self.lm_head_seconds(t, bp)
         d2h = self.d2h_seconds(tok * t.kv_bytes_per_token)  # KV written to host
         h2d = 0.0
@@ -510,10 +533,10 @@ class CostModel:
             d2h += L * n * self.d2h_seconds(hidden)
             h2d += L * n * self.h2d_seconds(hidden)
         if knobs.speculative and knobs.draft_kv != "recompute" and self.d is not None:
-            d = self.d
-            gpu += self.matmul_seconds(tok * d.linear_flops_per_token_per_layer * d.num_layers, tok,
-                                       d.b(d.layer_params) * d.num_layers)
-            gpu += self.matmul_seconds(bp * d.num_layers * d.attention_flops(P, P) / 2.0, tok, 0.0)
+            d, padded = self.d, bp * width  # the draft reads the same padded chunk, in one forward
+            gpu += d.num_layers * (self.qkv_seconds(d, padded) + self.ffn_seconds(d, padded)
+                                   + self.prefill_attention_seconds(d, bp, width))
+            gpu += self.lm_head_seconds(d, bp)
             if knobs.draft_kv == "host":
                 d2h += self.d2h_seconds(tok * d.kv_bytes_per_token)
         out = {"gpu": Linear.of(gpu), "cpu": Linear.of(0.0), "d2h": Linear.of(d2h), "h2d": Linear.of(h2d)}

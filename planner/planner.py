@@ -317,7 +317,7 @@ class Planner:
         slots, _ = cm.decode_slots(base)
         L, tokens = t.num_layers, b * (k + 1)
         rate, bw = cm._rate.peak, cm._gpu_bw
-        gpu = L * (tokens * t.linear_flops_per_token_per_layer / rate + cm.hw.device_op_overhead_seconds)
+        gpu = L * (tokens * t.linear_flops_per_token_per_layer / rate + cm.layer_fixed_seconds(tokens))
         gpu = max(gpu, L * (t.attn_bytes_per_layer + t.ffn_bytes_per_layer) / bw)
         budget = self.caps["gpu"] - t.outer_bytes - buffers * (t.attn_bytes_per_layer + t.ffn_bytes_per_layer)
         if k and self.draft is not None:

@@ -132,11 +132,16 @@ class HardwareProfile(YamlContract):
     cpu_mem_bandwidth_bytes_per_s: float | None
     device_op_overhead_seconds: float = 0.0  # fixed cost per layer per forward on the device
     device_expert_overhead_seconds: float = 0.0  # MoE: fixed cost per expert a layer's forward invokes
+    device_op_token_seconds: float = 0.0  # per token per layer per forward beyond the matmuls (norms, RoPE, routing)
     cpu_attn_seq_overhead_seconds: float = 0.0  # CPU attention: fixed cost per sequence in the call
     cpu_attn_row_overhead_seconds: float = 0.0  # CPU attention: fixed cost per query row (sequence x new token)
     engine_pass_overhead_seconds: float = 0.0  # the runtime's host bookkeeping per verification pass
     engine_seq_overhead_seconds: float = 0.0  # ... and per sequence in the pass
     engine_layer_overhead_seconds: float = 0.0  # ... and per layer (the loop between a layer's timed pieces)
+    device_logit_element_seconds: float = 0.0  # per logit element produced (fp32 cast, argmax / acceptance scan)
+    engine_draft_round_overhead_seconds: float = 0.0  # the runtime's bookkeeping per draft round (speculative)
+    engine_draft_seq_overhead_seconds: float = 0.0  # ... and per sequence in the round
+    engine_draft_step_overhead_seconds: float = 0.0  # ... and per draft step (one token for the batch)
     provenance: dict[str, str] = field(default_factory=dict)
     missing: tuple[str, ...] = ()
     schema_version: int = PROFILE_SCHEMA
@@ -153,8 +158,10 @@ class HardwareProfile(YamlContract):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, found {getattr(self, name)}")
         for name in ("gpu_mem_reserve_bytes", "cpu_attn_overhead_seconds", "device_op_overhead_seconds",
-                     "device_expert_overhead_seconds", "cpu_attn_seq_overhead_seconds", "cpu_attn_row_overhead_seconds",
-                     "engine_pass_overhead_seconds", "engine_seq_overhead_seconds", "engine_layer_overhead_seconds"):
+                     "device_expert_overhead_seconds", "device_op_token_seconds", "cpu_attn_seq_overhead_seconds", "cpu_attn_row_overhead_seconds",
+                     "engine_pass_overhead_seconds", "engine_seq_overhead_seconds", "engine_layer_overhead_seconds",
+                     "device_logit_element_seconds", "engine_draft_round_overhead_seconds",
+                     "engine_draft_seq_overhead_seconds", "engine_draft_step_overhead_seconds"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, found {getattr(self, name)}")
         if self.gpu_mem_reserve_bytes >= self.gpu_mem_bytes:

@@ -37,7 +37,7 @@ from .kv_cache import KVCache
 from .layers import (LayerWeights, ModelWeights, attention, attn_out, ffn, ffn_norm, moe_experts, qkv, rms_norm, route,
                      rope_cos_sin, rope_inv_freq, swiglu)
 from .loader import load_model
-from .verify import AcceptanceStats, draw, greedy_accept, processed_probs, sampling_accept
+from .verify import AcceptanceStats, accept_best, draw, processed_probs, sampling_accept
 
 
 class EngineError(ValueError):
@@ -65,7 +65,7 @@ class Finished:
     finish_reason: str  # "eos" | "length"
 
 
-@dataclass
+@dataclass(eq=False)  # identity: the schedules test membership per pass (value equality would compare tokens)
 class Seq:
     """A request in a slot. `last` is the newest committed token, not yet in the target's KV cache;
     `pending` are committed tokens the draft has not seen yet (1 or 2 of them)."""
@@ -87,9 +87,30 @@ class Seq:
         return self.req.max_tokens - len(self.out)
 
 
+def padded(rows: list[list[int]]) -> Tensor:
+    """Token rows of different lengths -> [B, max len] int64, right-padded with 0 (one tensor build)."""
+    width = max(len(r) for r in rows)
+    return torch.tensor([list(r) + [0] * (width - len(r)) for r in rows], dtype=torch.long)
+
+
 # ----------------------------------------------------------------------------------------------
 # Timing: one span per task, the same track names as the simulator's trace
 # ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PassRecord:
+    """One forward: `model` (target | draft), `batch` rows of `query` new tokens each (padded: the longest
+    row's count), `keys` the mean keys each row attends over (cached + new), start/end on the timeline's
+    clock; `prefill` for prompts."""
+
+    model: str
+    batch: int
+    query: int
+    keys: float
+    start: float
+    end: float
+    prefill: bool = False
+
 
 class Timeline:
     """Host-clock spans per resource track (gpu, h2d, d2h, cpu-attn); busy seconds per track."""
@@ -98,7 +119,14 @@ class Timeline:
         self.t0 = time.perf_counter()
         self.busy: dict[str, float] = {}
         self.spans: list[tuple[str, str, float, float]] = []
+        # One record per forward: what ran and when, for the profiler's in-engine fit.
+        self.passes: list[PassRecord] = []
         self.enabled, self.max_spans = enabled, max_spans
+
+    def add_pass(self, model: str, batch: int, query: int, keys: float, start: float, end: float,
+                 prefill: bool = False) -> None:
+        if self.enabled and len(self.passes) < self.max_spans:
+            self.passes.append(PassRecord(model, batch, query, keys, start - self.t0, end - self.t0, prefill))
 
     def add(self, track: str, name: str, start: float, end: float) -> None:
         self.busy[track] = self.busy.get(track, 0.0) + (end - start)
@@ -428,6 +456,7 @@ class Target:
         """
         a, dev = self.args, self.device
         B, T = tokens.shape
+        t_pass = time.perf_counter()
         lengths = self.kv.lengths(slots)
         if int((lengths + n_new).max()) > a.max_position_embeddings:
             raise EngineError(f"a sequence would exceed the model's context of {a.max_position_embeddings} tokens")
@@ -469,7 +498,9 @@ class Target:
             x = x[torch.arange(B, device=dev), (n_new - 1).clamp(min=0).to(dev)]
         t0 = time.perf_counter()
         out = F.linear(rms_norm(x, self.w.norm, a.norm_eps), self.w.lm_head).float()
-        self.tl.add("gpu", "lm_head", t0, time.perf_counter())
+        t_end = time.perf_counter()
+        self.tl.add("gpu", "lm_head", t0, t_end)
+        self.tl.add_pass("target", B, T, float((lengths + n_new).float().mean()), t_pass, t_end, prefill)
         return out
 
 
@@ -490,10 +521,11 @@ class Draft:
         self.kv = None if self.mode == "recompute" else KVCache.for_model(
             self.args, n_slots, max_len, dtype=dtype, device=kv_device)
 
-    def _forward(self, cache: KVCache, rows: list[int], tokens: Tensor, n_new: Tensor) -> Tensor:
+    def _forward(self, cache: KVCache, rows: list[int], tokens: Tensor, n_new: Tensor, record: str = "") -> Tensor:
         """The draft over new tokens [B, T] of cache rows -> logits at each row's last valid token [B, V]."""
         a, dev = self.args, self.device
         B, T = tokens.shape
+        t_pass = time.perf_counter()
         positions = cache.positions(rows, T)
         cos_sin = rope_cos_sin(self.inv_freq, positions.to(dev), self.dtype)
         x = F.embedding(tokens.to(dev), self.w.embed)
@@ -507,7 +539,11 @@ class Draft:
             x = x + ffn(a, lw.ffn, x, lw.experts)
         cache.advance(rows, n_new)
         x = x[torch.arange(B, device=dev), (n_new - 1).clamp(min=0).to(dev)]
-        return F.linear(rms_norm(x, self.w.norm, a.norm_eps), self.w.lm_head).float()
+        out = F.linear(rms_norm(x, self.w.norm, a.norm_eps), self.w.lm_head).float()
+        if record:  # "step" | "prefill"
+            self.tl.add_pass("draft", B, T, float(cache.lengths[torch.tensor(rows)].float().mean()), t_pass,
+                             time.perf_counter(), record == "prefill")
+        return out
 
     def prefill(self, seqs: list[Seq], prompts: list[list[int]]) -> None:
         if self.kv is None:
@@ -516,11 +552,9 @@ class Draft:
         self.kv.reset(rows)
         prompts = [list(p) for p in prompts]
         n_new = torch.tensor([len(p) for p in prompts])
-        tokens = torch.zeros(len(seqs), int(n_new.max()), dtype=torch.long)
-        for i, p in enumerate(prompts):
-            tokens[i, :len(p)] = torch.tensor(p)
+        tokens = padded(prompts)
         t0 = time.perf_counter()
-        self._forward(self.kv, rows, tokens, n_new)
+        self._forward(self.kv, rows, tokens, n_new, record="prefill")
         self.tl.add("gpu", "draft prefill", t0, time.perf_counter())
 
     def release(self, slots: list[int]) -> None:
@@ -548,9 +582,7 @@ class Draft:
                 cache, rows = self.kv, [s.slot for s in group]
                 first = [s.pending for s in group]
             n_new = torch.tensor([len(f) for f in first])
-            tokens = torch.zeros(len(group), int(n_new.max()), dtype=torch.long)
-            for i, f in enumerate(first):
-                tokens[i, :len(f)] = torch.tensor(f)
+            tokens = padded(first)
             sampled = [i for i, s in enumerate(group) if s.req.temperature > 0]
             temps = torch.tensor([group[i].req.temperature for i in sampled])
             top_ps = torch.tensor([group[i].req.top_p for i in sampled])
@@ -558,7 +590,7 @@ class Draft:
             probs: list[Tensor] = []
             for step in range(k):
                 t0 = time.perf_counter()
-                logits = self._forward(cache, rows, tokens, n_new)  # [B, V]
+                logits = self._forward(cache, rows, tokens, n_new, record="step")  # [B, V]
                 nxt = logits.argmax(-1).cpu()
                 if sampled:
                     p = processed_probs(logits[sampled], temps, top_ps)
@@ -668,9 +700,7 @@ class Engine:
             slots = [s.slot for s in chunk]
             self.target.kv.reset(slots)
             n_new = torch.tensor([len(s.req.prompt) for s in chunk])
-            tokens = torch.zeros(len(chunk), int(n_new.max()), dtype=torch.long)
-            for i, s in enumerate(chunk):
-                tokens[i, :len(s.req.prompt)] = torch.tensor(s.req.prompt)
+            tokens = padded([s.req.prompt for s in chunk])
             logits = self.target.forward(slots, tokens, n_new, prefill=True, logits_at="last")
             first = self._pick(chunk, logits)
             if self.draft is not None:
@@ -711,16 +741,15 @@ class Engine:
         t_start = time.perf_counter()
         slots = [s.slot for s in seqs]
         base = self.target.kv.lengths(slots)
-        tokens = torch.zeros(len(seqs), k + 1, dtype=torch.long)
-        for i, s in enumerate(seqs):
-            tokens[i, 0] = s.last
-            if k:
-                tokens[i, 1:] = s.drafted
+        tokens = torch.tensor([s.last for s in seqs], dtype=torch.long)[:, None]  # one tensor op, not one per row
+        if k:
+            tokens = torch.cat((tokens, torch.stack([s.drafted for s in seqs])), dim=1)
         n_new = torch.full((len(seqs),), k + 1, dtype=torch.long)
         logits = self.target.forward(slots, tokens, n_new, between=between)  # [B, k+1, V]
         sampling = [s.req.temperature > 0 for s in seqs]
         drafted = tokens[:, 1:]
-        n_acc, nxt = greedy_accept(drafted.to(logits.device), logits)
+        best = logits.argmax(-1)  # [B, k+1]: the target's own tokens, scanned once
+        n_acc, nxt = accept_best(drafted.to(logits.device), best)
         n_acc, nxt = n_acc.cpu(), nxt.cpu()
         if any(sampling):
             rows = [i for i, f in enumerate(sampling) if f]
@@ -738,7 +767,7 @@ class Engine:
             # Timing mode: position i kept with the given probability, then the target's own token there.
             keep = torch.rand(len(seqs), k, generator=self._synthetic_rng) < self.synthetic
             n_acc = keep.long().cumprod(dim=1).sum(dim=1)
-            nxt = logits.argmax(-1).cpu().gather(1, n_acc[:, None])[:, 0]
+            nxt = best.cpu().gather(1, n_acc[:, None])[:, 0]
         self.stats.acceptance.record(n_acc, k)  # k = 0 too: one token per round
         n_list, nxt_list = n_acc.tolist(), nxt.tolist()
         news = [drafted[i, :a].tolist() + [nxt_list[i]] for i, a in enumerate(n_list)]

@@ -40,3 +40,21 @@ def write_random_checkpoint(folder: Path, config: dict, seed: int, device: torch
         save_file(tensors, str(folder / name), metadata={"format": "pt"})
         index["weight_map"].update({n: name for n in tensors})
     (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+def hf_config_for(spec, num_layers: int | None = None, vocab_size: int | None = None, dense: bool = False,
+                  max_positions: int = 1024) -> dict:
+    """A Hugging Face config.json for a ModelSpec's shapes (fewer layers or a smaller vocabulary on
+    request; `dense`: a Mistral-style model with the spec's dimensions and one FFN of its
+    intermediate size instead of experts)."""
+    moe = spec.num_experts > 0 and not dense
+    config = {"architectures": ["MixtralForCausalLM" if moe else "MistralForCausalLM"],
+              "hidden_size": spec.hidden_size, "intermediate_size": spec.intermediate_size,
+              "num_attention_heads": spec.num_heads, "num_key_value_heads": spec.num_kv_heads,
+              "head_dim": spec.head_dim, "num_hidden_layers": num_layers or spec.num_layers,
+              "vocab_size": vocab_size or spec.vocab_size, "max_position_embeddings": max_positions,
+              "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "eos_token_id": None, "hidden_act": "silu",
+              "tie_word_embeddings": False}
+    if moe:
+        config.update(num_local_experts=spec.num_experts, num_experts_per_tok=spec.experts_per_token)
+    return config

@@ -83,8 +83,12 @@ def greedy_accept(draft: Tensor, target_logits: Tensor) -> tuple[Tensor, Tensor]
 
     -> (n_accepted [B], next_token [B]): the matching prefix length and the target's own next token.
     """
+    return accept_best(draft, target_logits.argmax(-1))
+
+
+def accept_best(draft: Tensor, best: Tensor) -> tuple[Tensor, Tensor]:
+    """greedy_accept given the target's argmax tokens best [B, k+1] (computed once by the caller)."""
     B, k = draft.shape
-    best = target_logits.argmax(-1)  # [B, k+1]
     if k == 0:
         return torch.zeros(B, dtype=torch.long, device=draft.device), best[:, 0]
     match = (best[:, :k] == draft).long()  # [B, k]

@@ -194,9 +194,11 @@ def test_forced_failure_writes_null_and_missing_and_the_planner_names_it(tmp_pat
     seen = []
     res = run_profile(ProfileConfig.tiny(force_fail=frozenset({"cpu_attention"})), device="cpu", name="broken",
                       progress=False, warn=seen.append)
-    assert res.failed == {"cpu_attention": "forced to fail (test hook: SPECOFFLOAD_PROFILE_FAIL / force_fail)"}
+    assert res.failed == {"cpu_attention": "forced to fail (test hook: SPECOFFLOAD_PROFILE_FAIL / force_fail)",
+                          "engine_layers": "skipped: it fits on top of cpu_attn_kv_read_bytes_per_s, "
+                                           "cpu_attn_flops_per_s, whose probe failed"}
     seen = [m for m in seen if "busy" not in m]  # a load warning may come too on a shared machine
-    assert len(seen) == 1 and "probe 'cpu_attention' failed" in seen[0]
+    assert len(seen) == 2 and "probe 'cpu_attention' failed" in seen[0] and "engine_layers" in seen[1]
     assert "cpu_attn_kv_read_bytes_per_s" in seen[0] and "null" in seen[0]
     p = res.profile
     assert p.missing == ("cpu_attn_kv_read_bytes_per_s", "cpu_attn_flops_per_s")
@@ -229,20 +231,23 @@ def test_an_exception_inside_a_probe_is_caught(monkeypatch):
     monkeypatch.setattr(probes.Profiler, "probe_matmul", boom)
     seen = []
     res = run_profile(ProfileConfig.tiny(), device="cpu", progress=False, warn=seen.append)
-    assert res.failed == {"matmul": "RuntimeError: simulated allocator error"}
+    assert res.failed["matmul"] == "RuntimeError: simulated allocator error"
+    assert set(res.failed) == {"matmul", "engine_layers"} and "skipped" in res.failed["engine_layers"]
     assert res.profile.missing == ("gpu_matmul_flops_per_s",)
     assert any("probe 'matmul' failed: RuntimeError: simulated allocator error" in m for m in seen)
 
 
 def test_a_required_figure_falls_back_and_says_so():
     seen = []
-    res = run_profile(ProfileConfig.tiny(force_fail=frozenset({"host_memory", "device_op_overhead"})), device="cpu",
-                      progress=False, warn=seen.append)
+    # engine_layers would measure the per-layer fixed costs again, in the engine: fail it too to see the fallback.
+    failing = frozenset({"host_memory", "device_op_overhead", "engine_layers"})
+    res = run_profile(ProfileConfig.tiny(force_fail=failing), device="cpu", progress=False, warn=seen.append)
     p = res.profile
-    assert set(res.failed) == {"host_memory", "device_op_overhead"} and p.missing == ()
-    assert p.host_mem_bytes > 0 and p.device_op_overhead_seconds == 0.0
+    assert set(res.failed) == failing and p.missing == ()
+    assert p.host_mem_bytes > 0 and p.device_op_overhead_seconds == 0.0 and p.device_op_token_seconds == 0.0
     assert p.provenance["host_mem_bytes"].startswith("fallback after probe failure")
     assert "failed" in p.provenance["device_op_overhead_seconds"]
+    assert "did not run" in p.provenance["device_op_token_seconds"]
     assert any("host_mem_bytes" in m and "fallback" in m for m in seen)
 
 

@@ -9,8 +9,10 @@ Runs, on the bundled 64 prompts with the same generation length each:
     (assisted generation, one prompt at a time as transformers requires).
 Prints throughput (generated tokens / wall seconds, each sequence capped at its requested length),
 ratios against our offload-only run, and for each of our policies the simulator's prediction
-against the measurement with the error in %. The machine is shared and noisy: compare ratios
-within one run, not absolute numbers across runs.
+against the measurement with the error in %. The machine is shared and noisy: one untimed warm-up
+run first, then every timed run is repeated --reps times in rotating order and the median is
+reported with its spread ((max - min) / median); compare ratios within one run, not absolute
+numbers across runs.
 """
 from __future__ import annotations
 
@@ -30,7 +32,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--gen-len", type=int, default=32)
     ap.add_argument("--profile", default=str(ROOT / "profiles" / "cpu-2core.yaml"))
+    ap.add_argument("--reps", type=int, default=3, help="timed repetitions of each run (median reported)")
     args = ap.parse_args()
+    if args.reps < 1:
+        ap.error("--reps must be >= 1")
     torch.set_num_threads(args.threads)
 
     from transformers import AutoModelForCausalLM
@@ -55,19 +60,19 @@ def main() -> None:
           f"{args.threads} torch thread(s), profile {profile.name}; measured acceptance "
           f"{[round(a, 2) for a in workload.acceptance]}")
     target_spec, draft_spec = load_model_spec("tiny-target"), load_model_spec("tiny-draft")
-    rows = []
+    requests = [Request(str(i), p, G) for i, p in enumerate(prompts)]
+    runs = {}  # name -> (run() -> tokens, simulated tok/s or None, plan summary)
     for policy in ("specoffload", "offload-only", "serial-spec", "interleaved"):
         plan = make_plan(profile, target_spec, draft_spec, workload, policy=policy).plan
         sim = simulate(plan, profile).report
-        eng = Engine(plan, t_dir, d_dir)
-        done = []
-        t0 = time.perf_counter()
-        eng.run([Request(str(i), p, G) for i, p in enumerate(prompts)], done.append)
-        wall = time.perf_counter() - t0
-        tokens = sum(len(f.tokens) for f in done)
-        rows.append((f"ours: {policy}" + (f" ({plan.policy})" if policy == "specoffload" else ""),
-                     tokens / wall, sim.throughput_tokens_per_s, plan.prediction.throughput_tokens_per_s,
-                     f"b={plan.decode_batch}x{plan.num_batches} k={plan.draft_len}"))
+
+        def ours(plan=plan) -> int:
+            done = []
+            Engine(plan, t_dir, d_dir).run(requests, done.append)
+            return sum(len(f.tokens) for f in done)
+
+        name = f"ours: {policy}" + (f" ({plan.policy})" if policy == "specoffload" else "")
+        runs[name] = (ours, sim.throughput_tokens_per_s, f"b={plan.decode_batch}x{plan.num_batches} k={plan.draft_len}")
 
     hf = AutoModelForCausalLM.from_pretrained(t_dir, dtype=torch.float32)
     assistant = AutoModelForCausalLM.from_pretrained(d_dir, dtype=torch.float32)
@@ -88,27 +93,51 @@ def main() -> None:
     for i, p in enumerate(prompts):  # left padding for batched decoding
         ids[i, width - len(p):] = torch.tensor(p)
         mask[i, width - len(p):] = 1
-    t0 = time.perf_counter()
-    out = hf.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=G, pad_token_id=pad)
-    wall = time.perf_counter() - t0
-    rows.append(("transformers generate (batched)", sum(count(o[width:]) for o in out) / wall, None, None, ""))
-    t0 = time.perf_counter()
-    total = 0
-    for p in prompts:
-        x = torch.tensor([p])
-        o = hf.generate(x, attention_mask=torch.ones_like(x), assistant_model=assistant, do_sample=False,
-                        max_new_tokens=G, pad_token_id=pad)
-        total += count(o[0, len(p):])
-    wall = time.perf_counter() - t0
-    rows.append(("transformers + assistant_model", total / wall, None, None, ""))
+
+    def hf_batched() -> int:
+        out = hf.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=G, pad_token_id=pad)
+        return sum(count(o[width:]) for o in out)
+
+    def hf_assisted() -> int:
+        total = 0
+        for p in prompts:
+            x = torch.tensor([p])
+            o = hf.generate(x, attention_mask=torch.ones_like(x), assistant_model=assistant, do_sample=False,
+                            max_new_tokens=G, pad_token_id=pad)
+            total += count(o[0, len(p):])
+        return total
+
+    runs["transformers generate (batched)"] = (hf_batched, None, "")
+    runs["transformers + assistant_model"] = (hf_assisted, None, "one prompt at a time, 1 rep")
+
+    def timed(fn) -> float:
+        t0 = time.perf_counter()
+        tokens = fn()
+        return tokens / (time.perf_counter() - t0)
+
+    timed(runs["ours: offload-only"][0])  # warm-up (untimed): first-call costs of torch and the allocator
+    hf_batched()
+    samples: dict[str, list[float]] = {name: [] for name in runs}
+    names = [n for n in runs if n != "transformers + assistant_model"]
+    for rep in range(args.reps):
+        for name in names[rep % len(names):] + names[:rep % len(names)]:  # rotate: no run always goes first
+            samples[name].append(timed(runs[name][0]))
+    samples["transformers + assistant_model"].append(timed(hf_assisted))  # ~10 s a run: once
+    rows = []
+    for name, (_, sim, what) in runs.items():
+        xs = sorted(samples[name])
+        med = xs[len(xs) // 2] if len(xs) % 2 else (xs[len(xs) // 2 - 1] + xs[len(xs) // 2]) / 2
+        rows.append((name, med, (xs[-1] - xs[0]) / med, sim, what))
 
     base = next(r[1] for r in rows if r[0] == "ours: offload-only")
-    print(f"\n{'run':38}{'tok/s':>9}{'vs ours offload-only':>22}{'sim tok/s':>11}{'sim err':>9}  plan")
-    for name, tps, sim, pred, what in rows:
+    print(f"\n{'run':38}{'tok/s':>9}{'spread':>8}{'vs ours offload-only':>22}{'sim tok/s':>11}{'sim err':>9}  plan")
+    for name, tps, spread, sim, what in rows:
         err = f"{100 * (sim - tps) / tps:+.0f}%" if sim else "-"
-        print(f"{name:38}{tps:>9.1f}{tps / base:>21.2f}x{(f'{sim:.1f}' if sim else '-'):>11}{err:>9}  {what}")
-    print("\nsim err = (simulated - measured) / measured; the simulator and the planner share the cost model, "
-          "so this is the cost model's error on this machine")
+        print(f"{name:38}{tps:>9.1f}{100 * spread:>7.0f}%{tps / base:>21.2f}x{(f'{sim:.1f}' if sim else '-'):>11}"
+              f"{err:>9}  {what}")
+    print(f"\ntok/s: median of {args.reps} timed run(s) after a warm-up; spread = (max - min) / median. "
+          "sim err = (simulated - measured median) / measured median; the simulator and the planner share "
+          "the cost model, so this is the cost model's error on this machine")
 
 
 if __name__ == "__main__":

@@ -181,3 +181,38 @@ def relative_spread(a: float, b: float) -> float:
     """|a - b| / mean(a, b): how far two measurements of one figure disagree."""
     m = (abs(a) + abs(b)) / 2.0
     return abs(a - b) / m if m > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class ExcessFit:
+    """time = known + sum_j coef_j * column_j, coef >= 0: fixed costs fitted on top of a known part."""
+
+    coef: tuple[float, ...]
+    rel_rms_residual: float
+    rel_max_residual: float
+    residuals: tuple[float, ...] = field(default=(), repr=False)  # (pred - t) / t per point
+
+
+def fit_excess(seconds: Sequence[float], known: Sequence[float], columns: Sequence[Sequence[float]]) -> ExcessFit:
+    """Fit measured times as a known part (from rates measured elsewhere) plus nonnegative multiples of
+    the given columns (fixed costs per call, per row, per token ...), by relative least squares.
+
+    seconds, known: one value per point; columns: one row per point. Needs more points than columns,
+    positive times and nonnegative known parts (raises ValueError otherwise).
+    """
+    t = np.asarray(seconds, dtype=float)
+    k = np.asarray(known, dtype=float)
+    cols = np.asarray(columns, dtype=float)
+    if cols.ndim != 2 or cols.shape[0] != t.size or k.size != t.size:
+        raise ValueError(f"need one row of columns and one known value per point ({t.size} points)")
+    if t.size <= cols.shape[1]:
+        raise ValueError(f"{t.size} points cannot fit {cols.shape[1]} terms")
+    if np.any(t <= 0) or not np.all(np.isfinite(t)) or np.any(k < 0):
+        raise ValueError("times must be positive and finite, known parts nonnegative")
+    scale = np.where(cols.max(axis=0) > 0, cols.max(axis=0), 1.0)
+    x, _ = nnls((cols / scale) / t[:, None], (t - k) / t)
+    coef = x / scale
+    pred = k + cols @ coef
+    rel = (pred - t) / t
+    return ExcessFit(tuple(float(c) for c in coef), float(np.sqrt(np.mean(rel ** 2))), float(np.max(np.abs(rel))),
+                     tuple(float(r) for r in rel))

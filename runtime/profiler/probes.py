@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from specoffload.planner.models import ModelSpec, load_model_spec
 from specoffload.planner.schema import OPTIONAL_FIGURES, Curve, HardwareProfile
 
-from .fit import AttentionFit, AttentionPoint, Stats, curve_points, fit_attention, nnls, sig
+from .fit import AttentionFit, AttentionPoint, Stats, curve_points, fit_attention, fit_excess, nnls, sig
 
 GiB, MiB, KiB = 2**30, 2**20, 2**10
 FORCE_FAIL_ENV = "SPECOFFLOAD_PROFILE_FAIL"  # comma-separated probe names: a test hook
@@ -90,6 +90,12 @@ class ProfileConfig:
     model: ModelSpec | None = None  # reference shapes (matmul: FFN; attention: heads); None: mixtral-8x7b
     op_overhead_shape: tuple[int, int, int, int, int] = (64, 4, 2, 16, 128)  # dim, heads, kv heads, Dh, ffn
     force_fail: frozenset[str] = frozenset()  # test hook: these probes raise ProbeFailure
+    # The in-engine run (CPU device): the runtime's Engine on random weights of the reference shapes.
+    engine_batches: tuple[int, ...] = (1, 4, 16, 64)
+    engine_draft_lens: tuple[int, ...] = (0, 1, 3)  # 0: one token per row; k: k + 1 (a draft of one layer proposes)
+    engine_prompt_len: int = 16
+    engine_gen_len: int = 24
+    engine_max_bytes: int = 512 * MiB  # fp32 weights of the reference layers run; fewer layers if over
     cpu_mem_margin_fraction: float = 0.05  # host memory kept free: this fraction of MemTotal ...
     cpu_mem_margin_min_bytes: int = GiB  # ... but at least this
     pinned_fraction: float = 0.9  # CUDA: share of usable host memory the planner may page-lock
@@ -114,7 +120,7 @@ class ProfileConfig:
                     matmul_tokens=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096),
                     attn_batches=(1, 2, 4, 8, 16, 32, 64), attn_queries=(1, 2, 5, 9),
                     attn_contexts=(16, 64, 256, 1024, 2048, 4096), attn_max_kv_tokens=64 * 1024,
-                    attn_rotate_bytes=GiB)
+                    attn_rotate_bytes=GiB, engine_batches=(1, 4, 16, 64, 128), engine_draft_lens=(0, 1, 3))
         base.update(kw)
         return cls(**base)
 
@@ -127,8 +133,8 @@ class ProfileConfig:
         base = dict(mode="test", reps=3, warmup=1, min_sample_s=0.0005,
                     transfer_sizes=(4 * KiB, 64 * KiB), bandwidth_bytes=MiB, matmul_tokens=(1, 8),
                     attn_batches=(1, 4), attn_queries=(1, 5), attn_contexts=(16, 64), attn_max_kv_tokens=256,
-                    attn_rotate_bytes=MiB,
-                    model=spec)
+                    attn_rotate_bytes=MiB, engine_batches=(1, 2, 4), engine_draft_lens=(0, 1, 2), engine_prompt_len=8,
+                    engine_gen_len=6, model=spec)
         base.update(kw)
         return cls(**base)
 
@@ -757,6 +763,182 @@ class Profiler:
         return {"engine_pass_overhead_seconds": 0.0, "engine_seq_overhead_seconds": 0.0,
                 "engine_layer_overhead_seconds": 0.0}
 
+    def probe_engine_layers(self) -> dict[str, Any]:
+        """The per-layer fixed costs as the engine pays them (CPU device only).
+
+        Micro-benchmarks call one op in a loop, hot in the CPU's caches; the engine runs a layer's ops
+        once each between other layers' ops, and pays each dispatch cold. So: run the runtime's Engine
+        on random weights of the reference shapes (a one-layer dense draft of the same dimensions
+        proposes for the k > 0 runs, synthetic acceptance), take each decode pass's timed pieces, and
+        fit on top of what the rates measured above predict for them:
+          attention per layer   = KV bytes / bandwidth + FLOPs / rate
+                                  + cpu_attn_overhead + batch * (seq_overhead + query * row_overhead)
+          (qkv + ffn) per layer = matmuls + device_op_overhead + tokens * device_op_token
+                                  (+ experts touched * device_expert_overhead)
+        the layer rows coming from the target's passes (MoE) and the draft's steps (dense, less their
+        attention and logits). These replace the micro-benchmark values of those figures (kept in
+        provenance).
+        """
+        import dataclasses
+        import tempfile
+        from pathlib import Path
+
+        from specoffload.planner.costmodel import CostModel
+        from specoffload.planner.schema import Plan, Prediction, Workload
+
+        from specoffload.runtime.engine import Engine, Request
+        from specoffload.runtime.random_checkpoint import hf_config_for, write_random_checkpoint
+
+        self._check_forced("engine_layers")
+        if self.cuda:
+            raise ProbeFailure("CPU devices only (on CUDA the engine's host spans time kernel launches, not kernels)")
+        lacking = [f for f in ("gpu_matmul_flops_per_s", "gpu_mem_bandwidth_bytes_per_s", "cpu_attn_kv_read_bytes_per_s",
+                               "cpu_attn_flops_per_s") if self.fig.get(f) is None]
+        if lacking:
+            raise ProbeFailure(f"skipped: it fits on top of {', '.join(lacking)}, whose probe failed")
+        c, spec = self.cfg, self.spec
+        vocab = min(spec.vocab_size, 8192)
+        per_layer = 4.0 * spec.layer_params
+        outer = 4.0 * 2 * vocab * spec.hidden_size
+        n_layers = min(spec.num_layers, int((c.engine_max_bytes - outer) // per_layer))
+        if n_layers < 1:
+            raise ProbeFailure(f"one {spec.name} layer takes {per_layer / GiB:.1f} GiB in fp32, over the in-engine "
+                               f"budget of {c.engine_max_bytes / GiB:.1f} GiB; the micro-benchmark figures stand")
+        # Known parts: the rates measured above, with every fixed cost zeroed.
+        base = self.assemble()
+        zero = dataclasses.replace(base, device_op_overhead_seconds=0.0, device_expert_overhead_seconds=0.0,
+                                   device_op_token_seconds=0.0, cpu_attn_overhead_seconds=0.0,
+                                   cpu_attn_seq_overhead_seconds=0.0, cpu_attn_row_overhead_seconds=0.0,
+                                   device_logit_element_seconds=0.0)
+        ref = dataclasses.replace(spec, num_layers=n_layers, vocab_size=vocab)
+        draft_spec = dataclasses.replace(ref, family="mistral", num_layers=1, num_experts=0, experts_per_token=0)
+        wl = Workload(prompt_len_tokens=c.engine_prompt_len, gen_len_tokens=c.engine_gen_len, num_prompts=1)
+        cm = CostModel(zero, ref, draft_spec, wl)
+        pred = Prediction(1, 1, 1, 1, 1, 1, 1, 0, 1, {}, {}, {}, "-", 0, 0)
+        g = torch.Generator().manual_seed(0)
+        target_passes, draft_passes, runs = [], [], []
+        with tempfile.TemporaryDirectory() as tmp:
+            t_dir, d_dir = Path(tmp) / "target", Path(tmp) / "draft"
+            write_random_checkpoint(t_dir, hf_config_for(spec, n_layers, vocab), 0, torch.device("cpu"))
+            write_random_checkpoint(d_dir, hf_config_for(spec, 1, vocab, dense=True), 1, torch.device("cpu"))
+            for b in c.engine_batches:
+                for k in c.engine_draft_lens:
+                    plan = Plan(policy="serial-spec" if k else "offload-only", model="probe", model_fingerprint="",
+                                draft="probe-draft" if k else "", draft_fingerprint="", profile="-",
+                                profile_fingerprint="", workload=dataclasses.replace(wl, num_prompts=b),
+                                decode_batch=b, num_batches=1, prefill_batch=b, draft_sub_batch=1, draft_len=k,
+                                micro_batches=1, gpu_attn_layers=n_layers, gpu_ffn_layers=n_layers,
+                                gpu_kv_sequences=0, target_attention="cpu", draft_kv="gpu", weight_buffers=0,
+                                prediction=pred)
+                    prompts = torch.randint(3, vocab, (b, c.engine_prompt_len), generator=g).tolist()
+                    for rep in range(2):  # the first run warms up
+                        eng = Engine(plan, t_dir, d_dir if k else None, device=self.device, trace=True,
+                                     synthetic_acceptance=0.7 if k else None)
+                        eng.run([Request(str(i), p, c.engine_gen_len) for i, p in enumerate(prompts)],
+                                lambda f: None)
+                    spans = eng.timeline.spans
+                    tp = [r for r in eng.timeline.passes if r.model == "target" and not r.prefill]
+                    dp = [r for r in eng.timeline.passes if r.model == "draft" and not r.prefill]
+                    # The whole decode less the forwards: the runtime's bookkeeping, in totals per run.
+                    runs.append((b, k, eng.stats.decode_seconds - sum(r.end - r.start for r in tp + dp),
+                                 len(tp), sum(r.batch for r in tp), sum(r.batch * r.query for r in tp),
+                                 len(dp), sum(r.batch for r in dp)))
+                    for rec in eng.timeline.passes:  # prefills too: long queries, many tokens
+                        inside = [sp for sp in spans if sp[2] >= rec.start and sp[3] <= rec.end]
+                        if rec.model == "target":
+                            layer = sum(e - s_ for tr, nm, s_, e in inside if nm.startswith(("qkv L", "ffn L")))
+                            attn = sum(e - s_ for tr, nm, s_, e in inside if nm.startswith("attn L"))
+                            target_passes.append((rec.batch, rec.query, rec.keys, layer / n_layers, attn / n_layers))
+                        else:
+                            draft_passes.append((rec.batch, rec.query, rec.keys, rec.end - rec.start))
+                    self.tick("engine layers")
+        # Group medians per (batch, query): single passes are noisy.
+        def grouped(rows: list[tuple]) -> list[tuple]:
+            groups: dict[tuple[int, int], list[tuple]] = {}
+            for row in rows:
+                groups.setdefault((row[0], row[1]), []).append(row)
+            return [(b, q, *(float(np.median([r[i] for r in rs])) for i in range(2, len(rs[0]))), len(rs))
+                    for (b, q), rs in sorted(groups.items())]
+
+        pts, dpts = grouped(target_passes), grouped(draft_passes)
+        if len({b * q for b, q, *_ in pts}) < 4:
+            raise ProbeFailure(f"only {len(pts)} distinct pass shapes were timed; need 4 token counts")
+        moe = ref.num_experts > 0
+        # Attention first (target passes), then the layers: the target's qkv + ffn pieces, and the draft's
+        # steps less their attention (as just fitted) and logits: dense layers, no experts.
+        att = fit_excess([p[4] for p in pts], [cm.cpu_attention_seconds(ref, b, q, keys) for b, q, keys, *_ in pts],
+                         [[1.0, b, b * q] for b, q, *_ in pts])
+        att_figs = {"cpu_attn_overhead_seconds": att.coef[0], "cpu_attn_seq_overhead_seconds": att.coef[1],
+                    "cpu_attn_row_overhead_seconds": att.coef[2]}
+        with_att = CostModel(dataclasses.replace(zero, **att_figs), ref, draft_spec, wl)
+        Ld = draft_spec.num_layers
+        seconds = [p[3] for p in pts] + [
+            max(1e-9, (secs - with_att.lm_head_seconds(draft_spec, b)) / Ld
+                - with_att.cpu_attention_seconds(draft_spec, b, q, keys)) for b, q, keys, secs, _ in dpts]
+        known = ([cm.qkv_seconds(ref, b * q) + cm.ffn_seconds(ref, b * q) for b, q, *_ in pts]
+                 + [cm.qkv_seconds(draft_spec, b * q) + cm.ffn_seconds(draft_spec, b * q) for b, q, *_ in dpts])
+        cols = ([[1.0, b * q, ref.expected_experts(b * q) if moe else 0.0] for b, q, *_ in pts]
+                + [[1.0, b * q, 0.0] for b, q, *_ in dpts])
+        lay = fit_excess(seconds, known, cols)
+        op, tok = lay.coef[0], lay.coef[1]
+        expert = lay.coef[2] if moe else float(self.fig.get("device_expert_overhead_seconds", 0.0))
+        out = {"device_op_overhead_seconds": sig(op), "device_op_token_seconds": sig(tok),
+               "device_expert_overhead_seconds": sig(expert), **{f: sig(v) for f, v in att_figs.items()}}
+        # The bookkeeping per run: verification passes (fixed, per sequence; the per-layer part is the
+        # engine_overhead probe's), logits scanned (target rows x vocabulary, draft steps x vocabulary), and
+        # for speculative runs per round, per sequence drafted for and per draft step.
+        if len(runs) <= 6 or not any(k for _, k, *_ in runs):
+            raise ProbeFailure(f"{len(runs)} runs cannot fit the 6 bookkeeping terms; give engine_batches x "
+                               "engine_draft_lens at least 7 runs, some with draft length > 0")
+        layer_oh = float(self.fig.get("engine_layer_overhead_seconds", 0.0))
+        host_cols = [[n_p, sb, (sbq + sbd) * vocab, n_p if k else 0, sb if k else 0, n_d]
+                     for b, k, _, n_p, sb, sbq, n_d, sbd in runs]
+        host = fit_excess([r[2] for r in runs], [r[3] * n_layers * layer_oh for r in runs], host_cols)
+        out.update({"engine_pass_overhead_seconds": sig(host.coef[0]), "engine_seq_overhead_seconds": sig(host.coef[1]),
+                    "device_logit_element_seconds": sig(host.coef[2]),
+                    "engine_draft_round_overhead_seconds": sig(host.coef[3]),
+                    "engine_draft_seq_overhead_seconds": sig(host.coef[4]),
+                    "engine_draft_step_overhead_seconds": sig(host.coef[5])})
+        n_t = len(pts)
+        t_res, d_res = np.abs(lay.residuals[:n_t]), np.abs(lay.residuals[n_t:])
+        before = {f: self.fig.get(f) for f in out}
+        self.prov["engine_layers"] = (
+            f"the runtime's Engine on random weights of {spec.name}'s shapes ({n_layers} of {spec.num_layers} layers, "
+            f"vocabulary {vocab}, fp32), batches {list(c.engine_batches)} x draft lengths "
+            f"{list(c.engine_draft_lens)} (synthetic acceptance 0.7; a one-layer dense draft of the same dimensions), "
+            f"prompts {c.engine_prompt_len} -> {c.engine_gen_len} tokens, second of two runs; per decode pass the "
+            "timed pieces per layer, group medians per (batch, query); fitted on top of the matmul and attention "
+            "rates above by nonnegative relative least squares: first the target's attention = bytes and FLOPs at "
+            "the rates + overhead + batch * (seq + query * row) "
+            f"(residual rms {att.rel_rms_residual:.3f}, max {att.rel_max_residual:.3f}); then per layer, the "
+            "target's (qkv + ffn) and the draft's step less its attention and logits, = matmuls + op_overhead + "
+            "tokens * op_token" + (" + experts touched * expert_overhead (target)" if moe else "") +
+            f" (residual rms {lay.rel_rms_residual:.3f}; median |residual| target "
+            f"{float(np.median(t_res)):.3f}, draft {(float(np.median(d_res)) if len(d_res) else float('nan')):.3f}). "
+            "Per run, the decode's time outside the forwards = verification passes x (pass + per-layer as the "
+            "engine_overhead probe) + sequences verified x seq + logit elements x logit_element + (speculative) "
+            "rounds x draft_round + sequences drafted for x draft_seq + draft steps x draft_step "
+            f"(residual rms {host.rel_rms_residual:.3f}, max {host.rel_max_residual:.3f}). "
+            "Values replaced: "
+            + ", ".join(f"{f} {v:.4g}" for f, v in before.items() if v is not None))
+        self.prov["data.engine_layers"] = (
+            "target passes [batch, query, keys, layer_seconds, attention_seconds, passes, layer_fit_rel_residual, "
+            "attention_fit_rel_residual]: " + _points_json(
+                (b, q, keys, ls, at, n, r1, r2) for (b, q, keys, ls, at, n), r1, r2
+                in zip(pts, lay.residuals[:n_t], att.residuals))
+            + "; draft steps [batch, query, keys, step_seconds, steps, layer_fit_rel_residual]: " + _points_json(
+                (b, q, keys, st, n, r) for (b, q, keys, st, n), r in zip(dpts, lay.residuals[n_t:]))
+            + "; runs [batch, draft_len, seconds_outside_forwards, passes, rounds_residual]: " + _points_json(
+                (b, k, sec, n_p, r) for (b, k, sec, n_p, *_), r in zip(runs, host.residuals)))
+        return out
+
+    def fallback_engine_layers(self, reason: str) -> dict[str, Any]:
+        self.prov["device_op_token_seconds"] = (f"0: the engine_layers probe did not run ({reason}); the per-layer "
+                                                "fixed costs are the micro-benchmarks'")
+        return {"device_op_token_seconds": 0.0, "device_logit_element_seconds": 0.0,
+                "engine_draft_round_overhead_seconds": 0.0, "engine_draft_seq_overhead_seconds": 0.0,
+                "engine_draft_step_overhead_seconds": 0.0}
+
     def probe_gpu_memory(self) -> dict[str, Any]:
         """CUDA: what the caching allocator really hands out, in chunks until it refuses; then freed."""
         self._check_forced("gpu_memory")
@@ -823,13 +1005,18 @@ class Profiler:
         engine = Probe("engine_overhead", ("engine_pass_overhead_seconds", "engine_seq_overhead_seconds",
                                            "engine_layer_overhead_seconds"), 4,
                        self.probe_engine_overhead, self.fallback_engine_overhead)
+        layers = Probe("engine_layers", ("device_op_token_seconds", "device_logit_element_seconds",
+                                         "engine_draft_round_overhead_seconds", "engine_draft_seq_overhead_seconds",
+                                         "engine_draft_step_overhead_seconds"),
+                       len(c.engine_batches) * len(c.engine_draft_lens), self.probe_engine_layers,
+                       self.fallback_engine_layers)
         if not self.cuda:
             return [host,
                     Probe("memcpy", ("h2d_pinned_bytes_per_s", "h2d_pageable_bytes_per_s", "d2h_pinned_bytes_per_s",
                                      "d2h_pageable_bytes_per_s"), n_tr, self.probe_memcpy),
                     Probe("mem_bandwidth", ("gpu_mem_bandwidth_bytes_per_s", "cpu_mem_bandwidth_bytes_per_s"), 1,
                           self.probe_bandwidth),
-                    matmul, attention, overhead, engine]
+                    matmul, attention, overhead, engine, layers]
         transfers = [Probe(f"{d}_{'pinned' if p else 'pageable'}", (f"{d}_{'pinned' if p else 'pageable'}_bytes_per_s",),
                            n_tr, (lambda d=d, p=p: self.probe_transfer(d, p)))
                      for d in ("h2d", "d2h") for p in (True, False)]
@@ -953,9 +1140,13 @@ class Profiler:
             cpu_mem_bandwidth_bytes_per_s=_opt(fig["cpu_mem_bandwidth_bytes_per_s"]),
             device_op_overhead_seconds=float(fig.get("device_op_overhead_seconds", 0.0)),
             device_expert_overhead_seconds=float(fig.get("device_expert_overhead_seconds", 0.0)),
+            device_op_token_seconds=float(fig.get("device_op_token_seconds", 0.0)),
             engine_pass_overhead_seconds=float(fig.get("engine_pass_overhead_seconds", 0.0)),
             engine_seq_overhead_seconds=float(fig.get("engine_seq_overhead_seconds", 0.0)),
             engine_layer_overhead_seconds=float(fig.get("engine_layer_overhead_seconds", 0.0)),
+            **{f: float(fig.get(f, 0.0)) for f in ("device_logit_element_seconds", "engine_draft_round_overhead_seconds",
+                                                   "engine_draft_seq_overhead_seconds",
+                                                   "engine_draft_step_overhead_seconds")},
             provenance=prov, missing=missing)
 
 
@@ -976,7 +1167,8 @@ def _opt(v: Any) -> float | None:
 
 # Every probe name either device kind may run (for --help and the force-fail hook).
 ALL_PROBES = ("host_memory", "memcpy", "h2d_pinned", "h2d_pageable", "d2h_pinned", "d2h_pageable", "mem_bandwidth",
-              "host_bandwidth", "matmul", "cpu_attention", "device_op_overhead", "engine_overhead", "gpu_memory")
+              "host_bandwidth", "matmul", "cpu_attention", "device_op_overhead", "engine_layers", "engine_overhead",
+              "gpu_memory")
 
 
 def run_profile(cfg: ProfileConfig, device: str | torch.device = "auto", name: str | None = None,
