@@ -29,6 +29,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--profile", required=True, help="hardware profile YAML or shipped profile name")
     ap.add_argument("--workload", default=None, help="workload YAML (e.g. from specoffload-profile --acceptance)")
     ap.add_argument("--prompt-len", type=int, help="prompt length in tokens")
+    ap.add_argument("--max-prompt-len", type=int, default=None,
+                    help="longest prompt in tokens (default: --prompt-len); the run sizes its KV cache for it")
     ap.add_argument("--gen-len", type=int, help="tokens to generate per prompt")
     ap.add_argument("--num-prompts", type=int, help="number of prompts in the job")
     ap.add_argument("--acceptance", type=float, default=None,
@@ -48,13 +50,19 @@ def build_workload(args: argparse.Namespace) -> Workload:
     if args.workload:
         w = Workload.load(args.workload)
         changes = {k: v for k, v in (("prompt_len_tokens", args.prompt_len), ("gen_len_tokens", args.gen_len),
-                                     ("num_prompts", args.num_prompts), ("acceptance", args.acceptance))
+                                     ("num_prompts", args.num_prompts), ("acceptance", args.acceptance),
+                                     ("max_prompt_len_tokens", args.max_prompt_len))
                    if v is not None}
+        if args.prompt_len is not None and args.max_prompt_len is None and w.max_prompt_len < args.prompt_len:
+            changes["max_prompt_len_tokens"] = 0  # the file's longest prompt is shorter than the new mean
         if changes:
             import dataclasses
             if "acceptance" in changes:
                 changes["acceptance_source"] = "assumed (--acceptance)"
-            w = dataclasses.replace(w, **changes)
+            try:
+                w = dataclasses.replace(w, **changes)
+            except ValueError as exc:
+                raise SchemaError(f"workload: {exc}") from None
         return w
     missing = [f"--{n}" for n, v in (("prompt-len", args.prompt_len), ("gen-len", args.gen_len),
                                      ("num-prompts", args.num_prompts)) if v is None]
@@ -62,6 +70,7 @@ def build_workload(args: argparse.Namespace) -> Workload:
         raise SchemaError(f"give {', '.join(missing)} (or a --workload file)")
     try:
         return Workload(prompt_len_tokens=args.prompt_len, gen_len_tokens=args.gen_len, num_prompts=args.num_prompts,
+                        max_prompt_len_tokens=args.max_prompt_len or 0,
                         acceptance=0.7 if args.acceptance is None else args.acceptance,
                         acceptance_source="assumed" if args.acceptance is None else "assumed (--acceptance)")
     except ValueError as exc:

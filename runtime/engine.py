@@ -662,7 +662,11 @@ class Engine:
         self.n_slots = plan.decode_batch * plan.num_batches
         self.timeline = Timeline(enabled=trace)
         args = load_args(target_dir)
-        self.max_len = min(max_len or args.max_position_embeddings, args.max_position_embeddings)
+        # KV cache per sequence: what the plan was made for (its longest prompt, its generation length and
+        # the verification's k + 1), not the model's whole context: the cache is allocated up front.
+        self.model_len = args.max_position_embeddings
+        self.planned_len = plan.workload.max_context_tokens + self.k + 1
+        self.max_len = min(max_len or self.planned_len, self.model_len)
         self.target = Target(target_dir, plan, self.device, self.dtype, self.n_slots, self.max_len, self.timeline)
         self.draft = None
         if self.k > 0:
@@ -675,6 +679,29 @@ class Engine:
         self.eos = set(self.target.args.eos_token_id)
         self.stats = EngineStats()
 
+    def host_tensor_bytes(self) -> float:
+        """Bytes of the engine's own host tensors: weights held on the host (pinned or not) and KV caches.
+        What the cost model's host (and, on a CUDA machine, pinned) memory pools hold; the process's RSS
+        adds the interpreter, torch and libraries on top."""
+        seen: dict[int, int] = {}
+
+        def add(t: Tensor | None) -> None:
+            if t is not None and t.device.type == "cpu" and t.numel():
+                seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+
+        models = [self.target.w] + ([self.draft.w] if self.draft is not None else [])
+        for w in models:
+            for t in w.flat().values():
+                add(t)
+        caches = [self.target.kv.host, self.target.kv.dev]
+        if self.draft is not None:
+            caches.append(self.draft.kv)
+        for c in caches:
+            if c is not None:
+                for t in c.k + c.v:
+                    add(t)
+        return float(sum(seen.values()))
+
     # -- admission ----------------------------------------------------------------------------
     def check(self, req: Request) -> None:
         """A request this engine cannot run is an error naming it and the fix."""
@@ -683,10 +710,18 @@ class Engine:
         if req.max_tokens < 1:
             raise EngineError(f"request {req.id!r}: max_tokens must be >= 1, got {req.max_tokens}")
         need = len(req.prompt) + req.max_tokens + self.k + 1
+        what = (f"request {req.id!r}: prompt of {len(req.prompt)} tokens + max_tokens {req.max_tokens} "
+                f"(+{self.k + 1} for verification)")
+        if need > self.model_len:
+            raise EngineError(f"{what} exceeds the model's context of {self.model_len} tokens; shorten the prompt "
+                              "or lower max_tokens")
         if need > self.max_len:
-            raise EngineError(f"request {req.id!r}: prompt of {len(req.prompt)} tokens + max_tokens {req.max_tokens} "
-                              f"(+{self.k + 1} for verification) exceeds the model's context of {self.max_len} "
-                              f"tokens; shorten the prompt or lower max_tokens")
+            w = self.plan.workload
+            raise EngineError(f"{what} exceeds the {self.max_len} tokens of KV cache per sequence this engine holds "
+                              f"(the plan's workload: prompts up to {w.max_prompt_len} tokens, {w.gen_len_tokens} "
+                              "generated); re-plan with a workload that covers it (specoffload-plan --workload from "
+                              "these prompts, or --prompt-len/--gen-len), or size the cache for it (specoffload-run "
+                              "--force)")
         if req.temperature < 0 or not 0 < req.top_p <= 1:
             raise EngineError(f"request {req.id!r}: temperature must be >= 0 and top_p in (0, 1]")
 

@@ -120,7 +120,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads (default: torch's choice); match the profile's, e.g. 1 on a busy machine")
-    ap.add_argument("--force", action="store_true", help="run even if the simulator rejects the plan")
+    ap.add_argument("--force", action="store_true",
+                    help="run even if the simulator rejects the plan, or if prompts are longer than it was made for")
     ap.add_argument("--no-simulate", action="store_true", help="skip the pre-run simulation")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     return ap.parse_args(argv)
@@ -186,15 +187,23 @@ def _run(args: argparse.Namespace) -> int:
 
     sim, notes = (None, ["pre-run simulation skipped (--no-simulate)"]) if args.no_simulate else \
         simulate_first(plan, args.profile, args.force)
+    gen_len = plan.workload.gen_len_tokens
+    pending = [(p, Request(p.id, tokenizer.encode(p.text).ids, p.max_tokens or gen_len, p.temperature, p.top_p,
+                           p.seed)) for p in todo]
+    # The KV cache is sized for the plan's workload; longer requests are refused below (or, forced, the
+    # cache grows to fit them, beyond what the plan and the simulator checked).
+    need = max((len(r.prompt) + r.max_tokens + plan.draft_len + 1 for _, r in pending), default=0)
+    planned = plan.workload.max_context_tokens + plan.draft_len + 1
+    max_len = None
+    if need > planned and args.force:
+        max_len = need
+        notes.append(f"forced: KV cache sized for {need} tokens per sequence, beyond the plan's {planned}")
     try:
-        engine = Engine(plan, target_dir, draft_dir, device=args.device, trace=bool(args.trace))
+        engine = Engine(plan, target_dir, draft_dir, device=args.device, trace=bool(args.trace), max_len=max_len)
     except (ConfigError, CheckpointError, EngineError) as exc:
         raise RunError(str(exc)) from None
-    gen_len = plan.workload.gen_len_tokens
     requests = []
-    for p in todo:
-        ids = tokenizer.encode(p.text).ids
-        req = Request(p.id, ids, p.max_tokens or gen_len, p.temperature, p.top_p, p.seed)
+    for p, req in pending:
         try:
             engine.check(req)
         except EngineError as exc:
@@ -261,7 +270,10 @@ def measured_report(plan, engine, stats, wall: float, sim, notes: list[str], pro
     decode = max(wall - stats.prefill_seconds, 1e-9)
     busy = {"gpu": engine.timeline.busy.get("gpu", 0.0), "cpu": engine.timeline.busy.get("cpu-attn", 0.0),
             "h2d": engine.timeline.busy.get("h2d", 0.0), "d2h": engine.timeline.busy.get("d2h", 0.0)}
-    host_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0
+    host_peak = engine.host_tensor_bytes()
+    notes = notes + [f"host memory: the engine's tensors (weights, KV caches) {host_peak / 2**30:.3f} GiB; the "
+                     f"process's peak RSS {rss / 2**30:.3f} GiB (interpreter, torch and libraries included)"]
     if engine.device.type == "cuda":
         peak = {"gpu": float(torch.cuda.max_memory_allocated(engine.device)),
                 "pinned": float(engine.target.streamer.pinned_bytes()), "host": host_peak}

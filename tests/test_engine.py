@@ -23,7 +23,7 @@ PRED = Prediction(1, 1, 1, 1, 1, 1, 1, 0, 1, {}, {}, {}, "h2d", 0, 0)
 def make_plan(policy="interleaved", batch=2, k=3, micro=1, draft_kv="gpu", sub=1, prefill=2) -> Plan:
     return Plan(policy=policy, model="tiny-target", model_fingerprint="", draft="tiny-draft" if k else "",
                 draft_fingerprint="", profile="cpu", profile_fingerprint="",
-                workload=Workload(prompt_len_tokens=8, gen_len_tokens=MAX_NEW, num_prompts=8),
+                workload=Workload(prompt_len_tokens=8, gen_len_tokens=MAX_NEW, num_prompts=8, max_prompt_len_tokens=64),
                 decode_batch=batch, num_batches=2 if policy == "interleaved" else 1, prefill_batch=prefill,
                 draft_sub_batch=sub, draft_len=k, micro_batches=micro, gpu_attn_layers=0, gpu_ffn_layers=0,
                 gpu_kv_sequences=0, target_attention="cpu", draft_kv=draft_kv, weight_buffers=2, prediction=PRED)
@@ -113,7 +113,12 @@ def test_every_schedule_and_draft_mode_is_exact_and_accepts(pair, prompts, refer
 def test_bad_requests_are_refused_by_name(pair):
     eng = Engine(make_plan("serial-spec"), pair[0], pair[1])
     with pytest.raises(EngineError, match="request 'long'.*exceeds the model's context"):
-        eng.check(Request("long", [5] * (eng.max_len - 3), 8))
+        eng.check(Request("long", [5] * (eng.model_len - 3), 8))
+    # Within the model but beyond the plan's workload: the KV cache was sized for the plan.
+    assert eng.max_len == 64 + MAX_NEW + 3 + 1 < eng.model_len
+    with pytest.raises(EngineError, match="request 'p'.*KV cache.*prompts up to 64 tokens.*re-plan"):
+        eng.check(Request("p", [5] * 65, MAX_NEW))
+    eng.check(Request("ok", [5] * 64, MAX_NEW))
     with pytest.raises(EngineError, match="request 'e': empty prompt"):
         eng.check(Request("e", [], 4))
 

@@ -34,7 +34,7 @@ def write_prompts(path: Path, n: int = 12, max_tokens: int = 20) -> Path:
 def make_plan(tmp_path: Path, *extra: str) -> Path:
     out = tmp_path / "plan.yaml"
     assert plan_main(["--model", "tiny-target", "--draft", "tiny-draft", "--profile", "t4", "--prompt-len", "8",
-                      "--gen-len", "20", "--num-prompts", "12", "-o", str(out), *extra]) == 0
+                      "--max-prompt-len", "32", "--gen-len", "20", "--num-prompts", "12", "-o", str(out), *extra]) == 0
     return out
 
 
@@ -119,6 +119,20 @@ def test_bad_input_is_named_and_outputs_are_kept(tmp_path):
     proc = cli(str(plan), "--prompts", str(missing), "--output", str(out), check=False)
     assert proc.returncode == 2 and 'no "prompt" key' in proc.stderr
     assert out.read_text() == '{"id": "old", "text": "kept"}\n'
+
+
+def test_prompts_longer_than_the_plan_are_refused_unless_forced(tmp_path):
+    # The KV cache is sized for the plan's workload (longest prompt + generation), not the model's context.
+    plan = make_plan(tmp_path)
+    prompts = tmp_path / "in.jsonl"
+    prompts.write_text(json.dumps({"id": "a", "prompt": "def f(x):\n    return x\n" * 6, "max_tokens": 4}) + "\n")
+    out, rep = tmp_path / "out.jsonl", tmp_path / "rep.yaml"
+    proc = cli(str(plan), "--prompts", str(prompts), "--output", str(out), "--no-simulate", check=False)
+    assert proc.returncode == 2 and "in.jsonl:1: request 'a'" in proc.stderr and "KV cache" in proc.stderr
+    assert "prompts up to 32 tokens" in proc.stderr and "re-plan" in proc.stderr and not out.exists()
+    cli(str(plan), "--prompts", str(prompts), "--output", str(out), "--no-simulate", "--force", "--report", str(rep),
+        "--quiet")
+    assert [x["id"] for x in lines(out)] == ["a"] and "forced: KV cache sized for" in rep.read_text()
 
 
 def test_plan_for_another_model_is_refused(tmp_path):

@@ -10,6 +10,8 @@ Steps, each the command a user would type (outputs under out/demo/):
   4. simulate    `specoffload-simulate plan.yaml`
   5. run         `specoffload-run plan.yaml --prompts <bundled 64 prompts>`
   6. a table of predicted (cost model), simulated and measured throughput, acceptance and busy fractions.
+  7. the policies the planner did not choose, planned with --policy, simulated and run the same way:
+     predicted against measured side by side, so the choice can be checked against what really ran.
 """
 from __future__ import annotations
 
@@ -26,11 +28,13 @@ OUT = ROOT / "out" / "demo"
 PROMPTS = ROOT / "runtime" / "assets" / "demo_prompts.jsonl"
 
 
-def step(title: str, *cmd: str) -> None:
+def step(title: str, *cmd: str, quiet: bool = False) -> None:
     print(f"\n== {title}\n$ {' '.join(cmd)}", flush=True)
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", *cmd], cwd=ROOT)
+    proc = subprocess.run([sys.executable, "-m", *cmd], cwd=ROOT, capture_output=quiet, text=True)
     if proc.returncode != 0:
+        if quiet:
+            print(proc.stdout[-3000:], proc.stderr[-3000:], sep="\n", file=sys.stderr)
         sys.exit(f"demo: step '{title}' failed (exit {proc.returncode})")
     print(f"   ({time.perf_counter() - t0:.1f} s)", flush=True)
 
@@ -94,6 +98,32 @@ def main() -> None:
     acc = ", ".join(f"{a:.2f}" for a in m.acceptance.per_position)
     print(f"measured acceptance per position: [{acc}]")
     print(f"outputs: {OUT / 'out.jsonl'}; reports: {sim}, {run}; trace: {OUT / 'trace.json'} (ui.perfetto.dev)")
+
+    # 7. The other policies, each planned, simulated and run the same way (outputs under out/demo/<policy>/).
+    results = [(p.policy + " (chosen)", p, m)]
+    for policy in [x for x in ("offload-only", "serial-spec", "interleaved") if x != p.policy]:
+        d = OUT / policy
+        d.mkdir()
+        alt = str(d / "plan.yaml")
+        step(f"7. the {policy} policy: plan, simulate, run", "specoffload.planner.cli", "--model", "tiny-target",
+             "--draft", "tiny-draft", "--profile", profile, "--workload", workload, "--policy", policy, "-o", alt,
+             quiet=True)
+        step(f"   {policy}: run", "specoffload.runtime.run_cli", alt, "--prompts", str(PROMPTS), "--output",
+             str(d / "out.jsonl"), "--profile", profile, "--report", str(d / "measured.yaml"), "--threads",
+             str(args.threads), "--quiet", quiet=True)
+        results.append((policy, Plan.load(alt), Report.load(d / "measured.yaml")))
+    print(f"\n== the three policies on this machine ({m.sequences} prompts, each run once, cold)")
+    print(f"{'policy':24}{'plan':>16}{'predicted tok/s':>17}{'measured':>10}{'meas/pred':>11}"
+          f"{'tokens/verif pred':>19}{'meas':>7}")
+    for name, pl, rep in results:
+        pred = rep.predicted.get("throughput_tokens_per_s", float("nan"))
+        tpv = rep.predicted.get("acceptance.tokens_per_round", float("nan"))
+        print(f"{name:24}{f'b={pl.decode_batch}x{pl.num_batches} k={pl.draft_len}':>16}{pred:>17.1f}"
+              f"{rep.throughput_tokens_per_s:>10.1f}{rep.throughput_tokens_per_s / pred:>11.2f}{tpv:>19.2f}"
+              f"{rep.acceptance.tokens_per_round:>7.2f}")
+    best = max(results, key=lambda r: r[2].throughput_tokens_per_s)[0]
+    print(f"fastest measured: {best}. The machine is shared and noisy: tools/bench.py repeats each run and reports "
+          "medians.")
     print(f"demo finished in {time.perf_counter() - t_start:.0f} s")
 
 

@@ -95,6 +95,7 @@ class ProfileConfig:
     engine_draft_lens: tuple[int, ...] = (0, 1, 3)  # 0: one token per row; k: k + 1 (a draft of one layer proposes)
     engine_prompt_len: int = 16
     engine_gen_len: int = 24
+    engine_reps: int = 2  # timed runs of each (batch, draft length), after one warm-up run
     engine_max_bytes: int = 512 * MiB  # fp32 weights of the reference layers run; fewer layers if over
     cpu_mem_margin_fraction: float = 0.05  # host memory kept free: this fraction of MemTotal ...
     cpu_mem_margin_min_bytes: int = GiB  # ... but at least this
@@ -133,7 +134,7 @@ class ProfileConfig:
         base = dict(mode="test", reps=3, warmup=1, min_sample_s=0.0005,
                     transfer_sizes=(4 * KiB, 64 * KiB), bandwidth_bytes=MiB, matmul_tokens=(1, 8),
                     attn_batches=(1, 4), attn_queries=(1, 5), attn_contexts=(16, 64), attn_max_kv_tokens=256,
-                    attn_rotate_bytes=MiB, engine_batches=(1, 2, 4), engine_draft_lens=(0, 1, 2), engine_prompt_len=8,
+                    attn_rotate_bytes=MiB, engine_batches=(1, 2, 4), engine_draft_lens=(0, 1, 2), engine_reps=1, engine_prompt_len=8,
                     engine_gen_len=6, model=spec)
         base.update(kw)
         return cls(**base)
@@ -817,6 +818,24 @@ class Profiler:
         pred = Prediction(1, 1, 1, 1, 1, 1, 1, 0, 1, {}, {}, {}, "-", 0, 0)
         g = torch.Generator().manual_seed(0)
         target_passes, draft_passes, runs = [], [], []
+
+        def collect(b: int, k: int, eng: Engine) -> None:
+            spans = eng.timeline.spans
+            tp = [r for r in eng.timeline.passes if r.model == "target" and not r.prefill]
+            dp = [r for r in eng.timeline.passes if r.model == "draft" and not r.prefill]
+            # The whole decode less the forwards: the runtime's bookkeeping, in totals per run.
+            runs.append((b, k, eng.stats.decode_seconds - sum(r.end - r.start for r in tp + dp),
+                         len(tp), sum(r.batch for r in tp), sum(r.batch * r.query for r in tp),
+                         len(dp), sum(r.batch for r in dp)))
+            for rec in eng.timeline.passes:  # prefills too: long queries, many tokens
+                inside = [sp for sp in spans if sp[2] >= rec.start and sp[3] <= rec.end]
+                if rec.model == "target":
+                    layer = sum(e - s_ for tr, nm, s_, e in inside if nm.startswith(("qkv L", "ffn L")))
+                    attn = sum(e - s_ for tr, nm, s_, e in inside if nm.startswith("attn L"))
+                    target_passes.append((rec.batch, rec.query, rec.keys, layer / n_layers, attn / n_layers))
+                else:
+                    draft_passes.append((rec.batch, rec.query, rec.keys, rec.end - rec.start))
+
         with tempfile.TemporaryDirectory() as tmp:
             t_dir, d_dir = Path(tmp) / "target", Path(tmp) / "draft"
             write_random_checkpoint(t_dir, hf_config_for(spec, n_layers, vocab), 0, torch.device("cpu"))
@@ -831,26 +850,13 @@ class Profiler:
                                 gpu_kv_sequences=0, target_attention="cpu", draft_kv="gpu", weight_buffers=0,
                                 prediction=pred)
                     prompts = torch.randint(3, vocab, (b, c.engine_prompt_len), generator=g).tolist()
-                    for rep in range(2):  # the first run warms up
+                    for rep in range(1 + c.engine_reps):  # the first run warms up
                         eng = Engine(plan, t_dir, d_dir if k else None, device=self.device, trace=True,
                                      synthetic_acceptance=0.7 if k else None)
                         eng.run([Request(str(i), p, c.engine_gen_len) for i, p in enumerate(prompts)],
                                 lambda f: None)
-                    spans = eng.timeline.spans
-                    tp = [r for r in eng.timeline.passes if r.model == "target" and not r.prefill]
-                    dp = [r for r in eng.timeline.passes if r.model == "draft" and not r.prefill]
-                    # The whole decode less the forwards: the runtime's bookkeeping, in totals per run.
-                    runs.append((b, k, eng.stats.decode_seconds - sum(r.end - r.start for r in tp + dp),
-                                 len(tp), sum(r.batch for r in tp), sum(r.batch * r.query for r in tp),
-                                 len(dp), sum(r.batch for r in dp)))
-                    for rec in eng.timeline.passes:  # prefills too: long queries, many tokens
-                        inside = [sp for sp in spans if sp[2] >= rec.start and sp[3] <= rec.end]
-                        if rec.model == "target":
-                            layer = sum(e - s_ for tr, nm, s_, e in inside if nm.startswith(("qkv L", "ffn L")))
-                            attn = sum(e - s_ for tr, nm, s_, e in inside if nm.startswith("attn L"))
-                            target_passes.append((rec.batch, rec.query, rec.keys, layer / n_layers, attn / n_layers))
-                        else:
-                            draft_passes.append((rec.batch, rec.query, rec.keys, rec.end - rec.start))
+                        if rep:
+                            collect(b, k, eng)
                     self.tick("engine layers")
         # Group medians per (batch, query): single passes are noisy.
         def grouped(rows: list[tuple]) -> list[tuple]:
@@ -906,8 +912,8 @@ class Profiler:
             f"the runtime's Engine on random weights of {spec.name}'s shapes ({n_layers} of {spec.num_layers} layers, "
             f"vocabulary {vocab}, fp32), batches {list(c.engine_batches)} x draft lengths "
             f"{list(c.engine_draft_lens)} (synthetic acceptance 0.7; a one-layer dense draft of the same dimensions), "
-            f"prompts {c.engine_prompt_len} -> {c.engine_gen_len} tokens, second of two runs; per decode pass the "
-            "timed pieces per layer, group medians per (batch, query); fitted on top of the matmul and attention "
+            f"prompts {c.engine_prompt_len} -> {c.engine_gen_len} tokens, {c.engine_reps} timed run(s) each after "
+            "a warm-up; per forward (decode and prefill) the timed pieces per layer, group medians per (batch, query); fitted on top of the matmul and attention "
             "rates above by nonnegative relative least squares: first the target's attention = bytes and FLOPs at "
             "the rates + overhead + batch * (seq + query * row) "
             f"(residual rms {att.rel_rms_residual:.3f}, max {att.rel_max_residual:.3f}); then per layer, the "
