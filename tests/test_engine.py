@@ -195,3 +195,22 @@ def test_gpu_check_smoke_on_cpu(tmp_path):
     text = (tmp_path / "gpu_check.txt").read_text()
     assert all(line.startswith("[timing mode") for line in text.splitlines())
     assert "serial-spec -> serial-spec" in text and "ratio" in text
+
+
+def test_timeline_records_every_forward_with_its_shape(pair, prompts):
+    # The profiler fits its in-engine figures from these records: shapes and spans must be right.
+    plan = make_plan("serial-spec", batch=4, k=2, prefill=4)
+    eng = Engine(plan, pair[0], pair[1], trace=True)
+    eng.run([Request(str(i), p, 6) for i, p in enumerate(prompts)], lambda f: None)
+    recs = eng.timeline.passes
+    target = [r for r in recs if r.model == "target" and not r.prefill]
+    prefill = [r for r in recs if r.model == "target" and r.prefill]
+    steps = [r for r in recs if r.model == "draft" and not r.prefill]
+    assert len(target) == eng.stats.slots and len(prefill) == eng.stats.prefill_passes == 2
+    assert all(r.query == 3 and 1 <= r.batch <= 4 and r.keys > r.query and r.end > r.start for r in target)
+    assert [r.query for r in prefill] == [max(len(p) for p in prompts[:4]), max(len(p) for p in prompts[4:])]
+    assert len(steps) == 2 * eng.stats.slots and {r.query for r in steps} <= {1, 2}
+    assert sum(r.prefill for r in recs if r.model == "draft") == 2
+    # The verification windows hold their target pass.
+    for (start, end), r in zip(eng.stats.slot_windows, target):
+        assert start - eng.timeline.t0 <= r.start < r.end <= end - eng.timeline.t0

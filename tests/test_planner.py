@@ -370,3 +370,44 @@ def test_cli_errors_are_one_line_and_exit_2(capsys):
 def test_cli_help_shows_an_example():
     out = subprocess.run([sys.executable, "-m", "specoffload.planner.cli", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "example:" in out.stdout and "specoffload-plan --model mixtral" in out.stdout
+
+
+# --- costs the profiler fits inside the engine ----------------------------------------------------
+def test_engine_fitted_costs_enter_the_durations():
+    base = load_profile("cpu-2core")
+    zero = dataclasses.replace(base, device_op_token_seconds=0.0, device_logit_element_seconds=0.0,
+                               engine_draft_round_overhead_seconds=0.0, engine_draft_seq_overhead_seconds=0.0,
+                               engine_draft_step_overhead_seconds=0.0)
+    more = dataclasses.replace(zero, device_op_token_seconds=1e-6, device_logit_element_seconds=1e-9,
+                               engine_draft_round_overhead_seconds=1e-4, engine_draft_seq_overhead_seconds=1e-5,
+                               engine_draft_step_overhead_seconds=2e-4)
+    t, d = load_model_spec("tiny-target"), load_model_spec("tiny-draft")
+    w = Workload(prompt_len_tokens=20, gen_len_tokens=32, num_prompts=64, acceptance=0.8)
+    a, b = CostModel(zero, t, d, w), CostModel(more, t, d, w)
+    # Per token per layer, split between the layer's halves.
+    assert b.qkv_seconds(t, 64) - a.qkv_seconds(t, 64) == pytest.approx(32e-6)
+    assert b.ffn_seconds(t, 64) - a.ffn_seconds(t, 64) == pytest.approx(32e-6)
+    # Every row of logits is scanned: rows x vocabulary.
+    assert b.lm_head_seconds(t, 10) - a.lm_head_seconds(t, 10) == pytest.approx(10 * t.vocab_size * 1e-9)
+    # A draft round: per round, per sequence, per step, on top of the steps' own (larger) costs.
+    knobs = Knobs("serial-spec", 16, 16, 3, 1)
+    extra = b.draft_round(knobs, 16)["gpu"] - a.draft_round(knobs, 16)["gpu"]
+    steps = 3 * (d.num_layers * 16 * 1e-6 + 16 * d.vocab_size * 1e-9) + d.num_layers * 16 * 1e-6  # catch-up token
+    assert extra == pytest.approx(1e-4 + 16 * 1e-5 + 3 * 2e-4 + steps)
+    assert a.draft_round(Knobs("offload-only", 16, 16, 0, 1), 16)["gpu"] == 0.0
+
+
+def test_cpu_prefill_pays_for_the_padded_chunk_and_the_draft():
+    prof = load_profile("cpu-2core")
+    t, d = load_model_spec("tiny-target"), load_model_spec("tiny-draft")
+    even = Workload(prompt_len_tokens=20, gen_len_tokens=32, num_prompts=64)
+    ragged = dataclasses.replace(even, max_prompt_len_tokens=40)
+    off, spec = Knobs("offload-only", 64, 64, 0, 1), Knobs("serial-spec", 64, 64, 2, 1)
+    pe, pr = CostModel(prof, t, d, even), CostModel(prof, t, d, ragged)
+    # The runtime pads a chunk to its longest prompt: compute grows with the longest, not the mean.
+    assert pr.prefill_terms(off)["gpu"].const > 1.5 * pe.prefill_terms(off)["gpu"].const
+    # On a CPU-only machine the prompt attention is the CPU attention call, padded width on both axes.
+    assert pe.prefill_attention_seconds(t, 64, 20) == pytest.approx(pe.cpu_attention_seconds(t, 64, 20, 20))
+    # The draft's prefill costs its layers' fixed costs and its logits too.
+    dr = pe.prefill_terms(spec)["gpu"].const - pe.prefill_terms(off)["gpu"].const
+    assert dr >= d.num_layers * pe.layer_fixed_seconds(64 * 20) + pe.lm_head_seconds(d, 64)

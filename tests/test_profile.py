@@ -15,7 +15,7 @@ from specoffload.planner.models import load_model_spec
 from specoffload.planner.planner import make_plan
 from specoffload.planner.schema import OPTIONAL_FIGURES, Curve, HardwareProfile, Workload
 from specoffload.planner.strict import SchemaError
-from specoffload.runtime.profiler.fit import (AttentionPoint, Stats, curve_points, fit_attention, nnls,
+from specoffload.runtime.profiler.fit import (AttentionPoint, Stats, curve_points, fit_attention, fit_excess, nnls,
                                               relative_spread)
 
 torch = pytest.importorskip("torch")
@@ -407,3 +407,49 @@ def test_attention_fit_recovers_per_sequence_and_per_row_costs():
     assert fit.predict(*attention_workload(spec, 32, 3, 100), batch=32, query=3) == pytest.approx(
         2e-4 + 32 * (3e-6 + 3e-6) + attention_workload(spec, 32, 3, 100)[0] / 4e9
         + attention_workload(spec, 32, 3, 100)[1] / 60e9, rel=1e-4)
+
+
+# --- the in-engine fit ------------------------------------------------------------------------------
+def test_excess_fit_recovers_fixed_costs_on_top_of_a_known_part():
+    rng = np.random.default_rng(0)
+    tokens = np.array([1, 2, 4, 8, 16, 32, 64, 128, 256], dtype=float)
+    experts = np.minimum(8.0, 2.0 * tokens)
+    known = 1e-6 * tokens ** 1.2  # e.g. matmuls at the measured rate
+    truth = (3e-4, 4e-6, 5e-5)
+    cols = np.stack([np.ones_like(tokens), tokens, experts], axis=1)
+    t = known + cols @ np.array(truth)
+    fit = fit_excess(t, known, cols)
+    assert fit.coef == pytest.approx(truth, rel=1e-6) and fit.rel_max_residual < 1e-9
+    noisy = fit_excess(t * (1 + 0.02 * rng.standard_normal(t.size)), known, cols)
+    assert noisy.rel_rms_residual < 0.05 and noisy.coef[0] == pytest.approx(truth[0], rel=0.3)
+    # A cost the data does not show stays at zero rather than going negative.
+    assert fit_excess(known + 3e-4, known, cols).coef == pytest.approx((3e-4, 0.0, 0.0), abs=1e-12)
+
+
+def test_excess_fit_refuses_what_it_cannot_fit():
+    with pytest.raises(ValueError, match="3 points cannot fit 3 terms"):
+        fit_excess([1.0, 2.0, 3.0], [0.0] * 3, [[1, 1, 1]] * 3)
+    with pytest.raises(ValueError, match="positive"):
+        fit_excess([1.0, -2.0, 3.0], [0.0] * 3, [[1], [2], [3]])
+    with pytest.raises(ValueError, match="one row of columns"):
+        fit_excess([1.0, 2.0, 3.0], [0.0] * 3, [[1], [2]])
+
+
+def test_engine_layers_probe_fits_inside_the_engine(tiny_result):
+    p = tiny_result.profile
+    prov = p.provenance
+    assert "engine_layers" in prov and "Values replaced" in prov["engine_layers"]
+    data = prov["data.engine_layers"]
+    assert data.startswith("target passes [batch, query") and "draft steps" in data and "runs [batch" in data
+    # Every figure the in-engine fit writes is there, nonnegative, and the engine's bookkeeping is seen.
+    for f in ("device_op_token_seconds", "device_logit_element_seconds", "engine_draft_round_overhead_seconds",
+              "engine_draft_seq_overhead_seconds", "engine_draft_step_overhead_seconds"):
+        assert getattr(p, f) >= 0.0
+    assert p.engine_pass_overhead_seconds + p.engine_seq_overhead_seconds > 0
+    assert p.device_op_overhead_seconds + p.device_op_token_seconds > 0
+
+
+def test_engine_layers_probe_is_skipped_on_a_reference_too_big_for_the_budget():
+    res = run_profile(ProfileConfig.tiny(engine_max_bytes=1024), device="cpu", progress=False, warn=lambda m: None)
+    assert "engine_layers" in res.failed and "in-engine budget" in res.failed["engine_layers"]
+    assert res.profile.device_op_token_seconds == 0.0  # the micro-benchmark figures stand

@@ -16,6 +16,7 @@ from specoffload.planner.cli import main as plan_main
 from specoffload.planner.schema import Plan
 from specoffload.planner.sim import Report
 from specoffload.runtime.run_cli import finished_ids, main as run_main
+from specoffload.runtime.tiny_pair import tiny_pair_paths
 
 TEXTS = ["def foo(x):\n    return", "import os\nimport", "class A:\n    def __init__(self", "for i in range(10):\n",
          "# comment\n", "x = [1, 2, 3]\nprint(", "while True:\n    if", "try:\n    import numpy"]
@@ -62,6 +63,10 @@ def test_run_writes_outputs_report_and_trace(tmp_path, capsys):
     report = Report.load(rep)
     assert report.kind == "measured" and report.generated_tokens == sum(x["num_tokens"] for x in got)
     assert report.acceptance.draft_len == Plan.load(plan).draft_len and report.predicted
+    # Host memory: the engine's own tensors (both models' fp32 weights at least), the process's RSS in a note.
+    weights = sum(f.stat().st_size for d in tiny_pair_paths() for f in Path(d).glob("*.safetensors"))
+    assert 2 * weights * 0.9 < report.peak_mem_bytes["host"] < 2 * weights + 50 * 2**20
+    assert any("peak RSS" in n for n in report.notes)
     events = json.loads(trace.read_text())["traceEvents"]
     assert {e["args"]["name"] for e in events if e.get("name") == "thread_name"} >= {"gpu", "cpu-attn"}
     assert "measured" in capsys.readouterr().out
