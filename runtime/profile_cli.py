@@ -90,9 +90,22 @@ def summary(profile) -> str:
              f"  d2h pinned by bytes        {fig(p.d2h_pinned_bytes_per_s)}",
              f"  cpu attention              overhead {p.cpu_attn_overhead_seconds * 1e6:.1f} us, KV read "
              f"{fig(p.cpu_attn_kv_read_bytes_per_s, ' B/s')}, {fig(p.cpu_attn_flops_per_s, ' flop/s')}",
-             f"  device op overhead         {p.device_op_overhead_seconds * 1e6:.1f} us per layer"]
+             f"  cpu attention per seq/row  {p.cpu_attn_seq_overhead_seconds * 1e6:.2f} us, "
+             f"{p.cpu_attn_row_overhead_seconds * 1e6:.2f} us",
+             f"  device layer cost          {p.device_op_overhead_seconds * 1e6:.1f} us + "
+             f"{p.device_op_token_seconds * 1e6:.2f} us per token, + {p.device_expert_overhead_seconds * 1e6:.1f} us "
+             "per expert invoked",
+             f"  logits scanned             {p.device_logit_element_seconds * 1e9:.2f} ns per element",
+             f"  engine bookkeeping         {p.engine_pass_overhead_seconds * 1e6:.1f} us per pass + "
+             f"{p.engine_seq_overhead_seconds * 1e6:.2f} us per sequence + {p.engine_layer_overhead_seconds * 1e6:.1f} "
+             "us per layer",
+             f"  draft bookkeeping          {p.engine_draft_round_overhead_seconds * 1e6:.1f} us per round + "
+             f"{p.engine_draft_seq_overhead_seconds * 1e6:.2f} us per sequence + "
+             f"{p.engine_draft_step_overhead_seconds * 1e6:.1f} us per step"]
+    if "engine_layers" in p.provenance:
+        lines.append("  (fixed costs fitted inside the engine: provenance engine_layers)")
     if "fit.cpu_attention" in p.provenance:
-        lines.append(f"  attention fit              {p.provenance['fit.cpu_attention']}")
+        lines.append(f"  attention fit (micro)      {p.provenance['fit.cpu_attention']}")
     if p.missing:
         lines.append(f"  MISSING: {', '.join(p.missing)}")
     return "\n".join(lines)

@@ -20,6 +20,13 @@ cpu_attn_overhead_seconds      least-squares fit of overhead + kv_bytes / bw + f
                                model's byte (bf16) and FLOP accounting (fit.fit_attention).
 device_op_overhead_seconds     one decoder layer's device ops (qkv, output projection, FFN) at a tiny
                                size and one token: all fixed cost, no arithmetic to speak of.
+engine_*_overhead_seconds      the Engine itself on tiny random MoE checkpoints at (layers, batch)
+  (pass, seq, layer)           points: the slot time outside its timed pieces.
+CPU devices, in the engine     ``engine_layers``: the Engine on random weights of the reference shapes
+  (engine_layers)              over a (batch, draft length) grid; fitted on top of the rates above:
+                               device_op_overhead / _token / expert, cpu_attn_overhead / seq / row,
+                               device_logit_element, engine_pass / seq and engine_draft_round / seq /
+                               step. They replace the micro-benchmark values (kept in provenance).
 gpu_mem_bytes,                 CUDA: allocate chunks until the allocator refuses, then free; reserve =
 gpu_mem_reserve_bytes          allocator fragmentation and workspace seen during the probes + the chunk
                                granularity. CPU-only: MemAvailable, and a stated margin.
