@@ -453,3 +453,5 @@ def test_engine_layers_probe_is_skipped_on_a_reference_too_big_for_the_budget():
     res = run_profile(ProfileConfig.tiny(engine_max_bytes=1024), device="cpu", progress=False, warn=lambda m: None)
     assert "engine_layers" in res.failed and "in-engine budget" in res.failed["engine_layers"]
     assert res.profile.device_op_token_seconds == 0.0  # the micro-benchmark figures stand
+    res = run_profile(ProfileConfig.tiny(engine_draft_lens=(0,)), device="cpu", progress=False, warn=lambda m: None)
+    assert "cannot fit the 6 bookkeeping terms" in res.failed["engine_layers"]

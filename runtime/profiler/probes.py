@@ -141,8 +141,8 @@ class ProfileConfig:
         base = dict(mode="test", reps=3, warmup=1, min_sample_s=0.0005,
                     transfer_sizes=(4 * KiB, 64 * KiB), bandwidth_bytes=MiB, matmul_tokens=(1, 8),
                     attn_batches=(1, 4), attn_queries=(1, 5), attn_contexts=(16, 64), attn_max_kv_tokens=256,
-                    attn_rotate_bytes=MiB, engine_batches=(1, 2, 4), engine_draft_lens=(0, 1, 2), engine_reps=1, engine_prompt_len=8,
-                    engine_gen_len=6, model=spec)
+                    attn_rotate_bytes=MiB, engine_batches=(1, 2, 4), engine_draft_lens=(0, 1, 2), engine_reps=1,
+                    engine_prompt_len=8, engine_gen_len=6, model=spec)
         base.update(kw)
         return cls(**base)
 
@@ -805,6 +805,10 @@ class Profiler:
         if lacking:
             raise ProbeFailure(f"skipped: it fits on top of {', '.join(lacking)}, whose probe failed")
         c, spec = self.cfg, self.spec
+        n_runs = len(c.engine_batches) * len(c.engine_draft_lens) * c.engine_reps
+        if n_runs <= 6 or not any(c.engine_draft_lens) or c.engine_reps < 1:
+            raise ProbeFailure(f"{n_runs} timed runs cannot fit the 6 bookkeeping terms; give engine_batches x "
+                               "engine_draft_lens x engine_reps at least 7 runs, some with draft length > 0")
         vocab = min(spec.vocab_size, 8192)
         per_layer = 4.0 * spec.layer_params
         outer = 4.0 * 2 * vocab * spec.hidden_size
@@ -900,9 +904,6 @@ class Profiler:
         # The bookkeeping per run: verification passes (fixed, per sequence; the per-layer part is the
         # engine_overhead probe's), logits scanned (target rows x vocabulary, draft steps x vocabulary), and
         # for speculative runs per round, per sequence drafted for and per draft step.
-        if len(runs) <= 6 or not any(k for _, k, *_ in runs):
-            raise ProbeFailure(f"{len(runs)} runs cannot fit the 6 bookkeeping terms; give engine_batches x "
-                               "engine_draft_lens at least 7 runs, some with draft length > 0")
         layer_oh = float(self.fig.get("engine_layer_overhead_seconds", 0.0))
         host_cols = [[n_p, sb, (sbq + sbd) * vocab, n_p if k else 0, sb if k else 0, n_d]
                      for b, k, _, n_p, sb, sbq, n_d, sbd in runs]
@@ -920,8 +921,9 @@ class Profiler:
             f"vocabulary {vocab}, fp32), batches {list(c.engine_batches)} x draft lengths "
             f"{list(c.engine_draft_lens)} (synthetic acceptance 0.7; a one-layer dense draft of the same dimensions), "
             f"prompts {c.engine_prompt_len} -> {c.engine_gen_len} tokens, {c.engine_reps} timed run(s) each after "
-            "a warm-up; per forward (decode and prefill) the timed pieces per layer, group medians per (batch, query); fitted on top of the matmul and attention "
-            "rates above by nonnegative relative least squares: first the target's attention = bytes and FLOPs at "
+            "a warm-up; per forward (decode and prefill) the timed pieces per layer, group medians per (batch, "
+            "query); fitted on top of the matmul and attention rates above by nonnegative relative least "
+            "squares: first the target's attention = bytes and FLOPs at "
             "the rates + overhead + batch * (seq + query * row) "
             f"(residual rms {att.rel_rms_residual:.3f}, max {att.rel_max_residual:.3f}); then per layer, the "
             "target's (qkv + ffn) and the draft's step less its attention and logits, = matmuls + op_overhead + "
@@ -941,7 +943,7 @@ class Profiler:
                 in zip(pts, lay.residuals[:n_t], att.residuals))
             + "; draft steps [batch, query, keys, step_seconds, steps, layer_fit_rel_residual]: " + _points_json(
                 (b, q, keys, st, n, r) for (b, q, keys, st, n), r in zip(dpts, lay.residuals[n_t:]))
-            + "; runs [batch, draft_len, seconds_outside_forwards, passes, rounds_residual]: " + _points_json(
+            + "; runs [batch, draft_len, seconds_outside_forwards, passes, fit_rel_residual]: " + _points_json(
                 (b, k, sec, n_p, r) for (b, k, sec, n_p, *_), r in zip(runs, host.residuals)))
         return out
 
