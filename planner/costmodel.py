@@ -279,6 +279,25 @@ class CostModel:
         self._draft_cache: dict[tuple, dict[str, float]] = {}
         self._slots_cache: dict[tuple, tuple[float, float]] = {}
 
+    # --- contexts ------------------------------------------------------------------------------
+    def padded_prompt(self, rows: float) -> float:
+        """Expected longest prompt among `rows` sequences: between the mean (one row) and the workload's
+        longest (many rows). A batched attention call reads every row up to its longest row's keys."""
+        w = self.w
+        return w.prompt_len_tokens + (w.max_prompt_len - w.prompt_len_tokens) * (1.0 - 1.0 / max(rows, 1.0))
+
+    def attention_context(self, rows: float) -> float:
+        """Keys per row that one decode attention call over `rows` sequences reads, averaged over the job.
+
+        The runtime pads a call to its longest row: the longest prompt among the rows plus the generation
+        of the furthest row. In one wave all rows advance together (G/2 on average); when batches are
+        refilled, rows drift apart and the furthest is b/(b+1) of the way through G."""
+        w = self.w
+        rows = max(rows, 1.0)
+        drift = max(0.0, 1.0 - rows / w.num_prompts)  # 0 for a single wave
+        gen = w.gen_len_tokens / 2.0 + drift * w.gen_len_tokens * (rows / (rows + 1.0) - 0.5)
+        return self.padded_prompt(rows) + gen
+
     # --- primitive durations (the simulator uses these as task durations) ----------------------
     def matmul_seconds(self, flops: float, tokens: float, weight_bytes: float) -> float:
         """Roofline on the compute device: max(FLOPs / achieved rate at this token count, bytes / bandwidth)."""
@@ -377,7 +396,7 @@ class CostModel:
         zero = {"gpu": 0.0, "cpu": 0.0, "h2d": 0.0, "d2h": 0.0}
         L = d.num_layers
         weights = d.b(d.layer_params)
-        ctx = self.ctx_avg if context is None else context
+        ctx = self.attention_context(batch) if context is None else context
         # Each step's linear layers for s sequences: FLOPs over the rate at s tokens, or reading all weights.
         def step(s: float, tokens_per_seq: float = 1.0) -> float:
             tok = s * tokens_per_seq
@@ -392,6 +411,8 @@ class CostModel:
         if knobs.draft_kv == "recompute":
             s = min(knobs.draft_sub_batch, batch)
             subs = math.ceil(batch / s)
+            if context is None:  # each sub-batch is its own forward, padded to its longest context
+                ctx = self.attention_context(s)
             tok = s * ctx
             # Re-read the context: one forward over s*ctx tokens (linear + causal attention), then k-1 steps.
             pre = (self.matmul_seconds(tok * d.linear_flops_per_token_per_layer * L, tok, weights * L)
@@ -448,7 +469,7 @@ class CostModel:
         L = t.num_layers
         tokens = b * (k + 1)
         mb_tokens = tokens / m
-        ctx = self.ctx_avg
+        ctx = self.attention_context(b / m)  # each micro-batch is one attention call, padded to its longest row
         qkv = self.qkv_seconds(t, mb_tokens)  # per micro-batch, per layer
         ffn = self.ffn_seconds(t, mb_tokens)
         cpu_attn_seq = self.cpu_attention_seconds(t, 1, k + 1, ctx) - self.hw.cpu_attn_overhead_seconds

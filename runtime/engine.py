@@ -100,8 +100,8 @@ def padded(rows: list[list[int]]) -> Tensor:
 @dataclass(frozen=True)
 class PassRecord:
     """One forward: `model` (target | draft), `batch` rows of `query` new tokens each (padded: the longest
-    row's count), `keys` the mean keys each row attends over (cached + new), start/end on the timeline's
-    clock; `prefill` for prompts."""
+    row's count), `keys` the keys the attention reads per row (cached + new of the longest row: a call is
+    padded to it), start/end on the timeline's clock; `prefill` for prompts."""
 
     model: str
     batch: int
@@ -500,7 +500,7 @@ class Target:
         out = F.linear(rms_norm(x, self.w.norm, a.norm_eps), self.w.lm_head).float()
         t_end = time.perf_counter()
         self.tl.add("gpu", "lm_head", t0, t_end)
-        self.tl.add_pass("target", B, T, float((lengths + n_new).float().mean()), t_pass, t_end, prefill)
+        self.tl.add_pass("target", B, T, float((lengths + n_new).max()), t_pass, t_end, prefill)
         return out
 
 
@@ -541,7 +541,7 @@ class Draft:
         x = x[torch.arange(B, device=dev), (n_new - 1).clamp(min=0).to(dev)]
         out = F.linear(rms_norm(x, self.w.norm, a.norm_eps), self.w.lm_head).float()
         if record:  # "step" | "prefill"
-            self.tl.add_pass("draft", B, T, float(cache.lengths[torch.tensor(rows)].float().mean()), t_pass,
+            self.tl.add_pass("draft", B, T, float(cache.lengths[torch.tensor(rows)].max()), t_pass,
                              time.perf_counter(), record == "prefill")
         return out
 

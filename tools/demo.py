@@ -105,10 +105,10 @@ def main() -> None:
         d = OUT / policy
         d.mkdir()
         alt = str(d / "plan.yaml")
-        step(f"7. the {policy} policy: plan, simulate, run", "specoffload.planner.cli", "--model", "tiny-target",
+        step(f"7. the {policy} policy: plan", "specoffload.planner.cli", "--model", "tiny-target",
              "--draft", "tiny-draft", "--profile", profile, "--workload", workload, "--policy", policy, "-o", alt,
              quiet=True)
-        step(f"   {policy}: run", "specoffload.runtime.run_cli", alt, "--prompts", str(PROMPTS), "--output",
+        step(f"   {policy}: simulate, then run", "specoffload.runtime.run_cli", alt, "--prompts", str(PROMPTS), "--output",
              str(d / "out.jsonl"), "--profile", profile, "--report", str(d / "measured.yaml"), "--threads",
              str(args.threads), "--quiet", quiet=True)
         results.append((policy, Plan.load(alt), Report.load(d / "measured.yaml")))

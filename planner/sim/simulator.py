@@ -257,9 +257,11 @@ class Simulation:
             self.eng.stopped = True
 
     def _ctx(self, batch: _Batch, idx: np.ndarray) -> float:
+        """Keys per row of one attention call over the sequences idx: the runtime pads the call to its
+        longest row (the longest prompt among them, the furthest generation)."""
         if self.opt.context == "average" or not len(idx):
-            return self.cm.ctx_avg
-        return float(self.P + batch.gen[idx].mean())
+            return self.cm.attention_context(max(1, len(idx)))
+        return float(self.cm.padded_prompt(len(idx)) + batch.gen[idx].max())
 
     def _ffn_copy(self, tokens: float) -> tuple[float, float]:
         """(seconds, bytes) of one layer's streamed FFN copy for `tokens` routed tokens."""
