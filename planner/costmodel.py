@@ -286,15 +286,16 @@ class CostModel:
         w = self.w
         return w.prompt_len_tokens + (w.max_prompt_len - w.prompt_len_tokens) * (1.0 - 1.0 / max(rows, 1.0))
 
-    def attention_context(self, rows: float) -> float:
+    def attention_context(self, rows: float, in_flight: float | None = None) -> float:
         """Keys per row that one decode attention call over `rows` sequences reads, averaged over the job.
 
         The runtime pads a call to its longest row: the longest prompt among the rows plus the generation
-        of the furthest row. In one wave all rows advance together (G/2 on average); when batches are
-        refilled, rows drift apart and the furthest is b/(b+1) of the way through G."""
+        of the furthest row. In one wave (`in_flight`, the sequences the plan holds at once, >= the job)
+        all rows advance together (G/2 on average); when batches are refilled, rows drift apart and the
+        furthest is rows/(rows+1) of the way through G."""
         w = self.w
         rows = max(rows, 1.0)
-        drift = max(0.0, 1.0 - rows / w.num_prompts)  # 0 for a single wave
+        drift = max(0.0, 1.0 - (in_flight or rows) / w.num_prompts)  # 0 for a single wave
         gen = w.gen_len_tokens / 2.0 + drift * w.gen_len_tokens * (rows / (rows + 1.0) - 0.5)
         return self.padded_prompt(rows) + gen
 
@@ -396,7 +397,8 @@ class CostModel:
         zero = {"gpu": 0.0, "cpu": 0.0, "h2d": 0.0, "d2h": 0.0}
         L = d.num_layers
         weights = d.b(d.layer_params)
-        ctx = self.attention_context(batch) if context is None else context
+        in_flight = batch * knobs.num_batches
+        ctx = self.attention_context(batch, in_flight) if context is None else context
         # Each step's linear layers for s sequences: FLOPs over the rate at s tokens, or reading all weights.
         def step(s: float, tokens_per_seq: float = 1.0) -> float:
             tok = s * tokens_per_seq
@@ -412,7 +414,7 @@ class CostModel:
             s = min(knobs.draft_sub_batch, batch)
             subs = math.ceil(batch / s)
             if context is None:  # each sub-batch is its own forward, padded to its longest context
-                ctx = self.attention_context(s)
+                ctx = self.attention_context(s, in_flight)
             tok = s * ctx
             # Re-read the context: one forward over s*ctx tokens (linear + causal attention), then k-1 steps.
             pre = (self.matmul_seconds(tok * d.linear_flops_per_token_per_layer * L, tok, weights * L)
@@ -438,9 +440,9 @@ class CostModel:
     # --- the slot ------------------------------------------------------------------------------
     def slot_terms(self, knobs: Knobs) -> SlotTerms:
         b, k = knobs.decode_batch, knobs.draft_len
-        key = (b, k, knobs.micro_batches)
+        key = (b, k, knobs.micro_batches, knobs.num_batches)
         if key not in self._target_cache:
-            self._target_cache[key] = self._target_slot(b, k, knobs.micro_batches)
+            self._target_cache[key] = self._target_slot(b, k, knobs.micro_batches, knobs.num_batches)
         busy, chain = self._target_cache[key]
         busy = dict(busy)
         # The draft works on the other batch (interleaved) or on this one before verifying (serial).
@@ -463,13 +465,13 @@ class CostModel:
         return (hw.engine_pass_overhead_seconds + batch * hw.engine_seq_overhead_seconds
                 + self.t.num_layers * hw.engine_layer_overhead_seconds)
 
-    def _target_slot(self, b: int, k: int, m: int) -> tuple[dict[str, Linear], tuple[Linear, ...]]:
+    def _target_slot(self, b: int, k: int, m: int, nb: int = 1) -> tuple[dict[str, Linear], tuple[Linear, ...]]:
         """The target's verification of b sequences x (k+1) tokens in m micro-batches: busy and chain."""
         t = self.t
         L = t.num_layers
         tokens = b * (k + 1)
         mb_tokens = tokens / m
-        ctx = self.attention_context(b / m)  # each micro-batch is one attention call, padded to its longest row
+        ctx = self.attention_context(b / m, b * nb)  # a micro-batch is one attention call, padded to its longest row
         qkv = self.qkv_seconds(t, mb_tokens)  # per micro-batch, per layer
         ffn = self.ffn_seconds(t, mb_tokens)
         cpu_attn_seq = self.cpu_attention_seconds(t, 1, k + 1, ctx) - self.hw.cpu_attn_overhead_seconds

@@ -411,3 +411,21 @@ def test_cpu_prefill_pays_for_the_padded_chunk_and_the_draft():
     # The draft's prefill costs its layers' fixed costs and its logits too.
     dr = pe.prefill_terms(spec)["gpu"].const - pe.prefill_terms(off)["gpu"].const
     assert dr >= d.num_layers * pe.layer_fixed_seconds(64 * 20) + pe.lm_head_seconds(d, 64)
+
+
+def test_attention_reads_each_call_up_to_its_longest_row():
+    prof = load_profile("cpu-2core")
+    t, d = load_model_spec("tiny-target"), load_model_spec("tiny-draft")
+    one_wave = Workload(prompt_len_tokens=20, gen_len_tokens=32, num_prompts=64, max_prompt_len_tokens=30)
+    cm = CostModel(prof, t, d, one_wave)
+    assert cm.attention_context(1) == pytest.approx(20 + 16)  # a single row: its own mean context
+    assert cm.attention_context(64) == pytest.approx(20 + 10 * 63 / 64 + 16)  # one wave: rows advance together
+    waves = CostModel(prof, t, d, dataclasses.replace(one_wave, num_prompts=640))
+    drift = 1 - 64 / 640  # refilled batches drift apart: the furthest row is 64/65 of the way through
+    assert waves.attention_context(64) == pytest.approx(20 + 10 * 63 / 64 + 16 + drift * 32 * (64 / 65 - 0.5))
+    # Never below the mean context: the planner's bounds use the mean.
+    assert all(waves.attention_context(b) >= waves.ctx_avg for b in (1, 2, 7, 64, 1000))
+    # The slot charges it: a workload with ragged prompts costs more attention than an even one.
+    even = CostModel(prof, t, d, dataclasses.replace(one_wave, max_prompt_len_tokens=0))
+    knobs = Knobs("offload-only", 64, 64, 0, 1)
+    assert cm.slot_terms(knobs).busy["cpu"].const > even.slot_terms(knobs).busy["cpu"].const

@@ -260,7 +260,7 @@ class Simulation:
         """Keys per row of one attention call over the sequences idx: the runtime pads the call to its
         longest row (the longest prompt among them, the furthest generation)."""
         if self.opt.context == "average" or not len(idx):
-            return self.cm.attention_context(max(1, len(idx)))
+            return self.cm.attention_context(max(1, len(idx)), self.knobs.decode_batch * self.knobs.num_batches)
         return float(self.cm.padded_prompt(len(idx)) + batch.gen[idx].max())
 
     def _ffn_copy(self, tokens: float) -> tuple[float, float]:
