@@ -1,7 +1,16 @@
-"""Shared test configuration: GPU tests are skipped without CUDA."""
+"""Shared test configuration: GPU tests are skipped without CUDA; property tests are reproducible."""
 from __future__ import annotations
 
+import os
+
 import pytest
+from hypothesis import settings
+
+# Property tests draw the same examples on every run (a failure is a failure of the code, not of the
+# draw); SPECOFFLOAD_HYPOTHESIS=explore draws new ones each run, to hunt for counterexamples.
+settings.register_profile("reproducible", derandomize=True)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("SPECOFFLOAD_HYPOTHESIS", "reproducible"))
 
 
 def _cuda_available() -> bool:

@@ -74,9 +74,10 @@ def check_agreement(case):
     micro-batch. Differences by design, each asserted with its own bound:
     - bounds within 10% of each other: the pipeline couples them (a copy waits for a buffer, compute for
       a copy), up to +5%;
-    - interleaved with the draft's KV on the host, when bounds are near-balanced: each draft step is a
-      gpu -> d2h -> cpu -> h2d chain, and the holes it leaves on the busy resources are only partly
-      filled by the target (paced by its own chain); observed up to +10%, asserted below +15%;
+    - interleaved with the draft's KV on the host: each draft step is a gpu -> d2h -> cpu -> h2d chain,
+      and the holes it leaves on the busy resources are only partly filled by the target (paced by its
+      own chain); observed up to +10% (near-balanced bounds) and +4.4% with the CPU binding by 21%,
+      asserted below +15%;
     - serial-spec: the next sweep's first weight_buffers layers are copied while the draft runs, so the
       simulation may be faster by that much;
     - the layer chain with m > 1 micro-batches assumes every layer fills and drains its pipeline; layers
@@ -95,7 +96,7 @@ def check_agreement(case):
     clear = len(ranked) < 2 or ranked[0] >= 1.10 * ranked[1]
     chain_binds = max(v for k, v in cands.items() if k.startswith("chain")) >= ranked[0]
     upper = 0.02 if (clear or plan.micro_batches == 1) else 0.05
-    if not clear and plan.policy == "interleaved" and plan.draft_kv == "host":
+    if plan.policy == "interleaved" and plan.draft_kv == "host":
         upper = 0.15
     lower = -0.02
     if plan.policy == "serial-spec":
