@@ -1,6 +1,6 @@
 """Side-by-side benchmark on the tiny pair, one run, same prompts: our policies against transformers.
 
-    python tools/bench.py [--threads 1] [--gen-len 32] [--profile profiles/cpu-2core.yaml]
+    python tools/bench.py [--threads 1] [--gen-len 32] [--profile profiles/cpu-2core.yaml | --measure]
 
 Runs, on the bundled 64 prompts with the same generation length each:
   - our runtime with the specoffload, offload-only, serial-spec and interleaved plans (each planned
@@ -32,6 +32,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--gen-len", type=int, default=32)
     ap.add_argument("--profile", default=str(ROOT / "profiles" / "cpu-2core.yaml"))
+    ap.add_argument("--measure", action="store_true",
+                    help="profile this machine first (quick mode, ~20 s) and predict with that profile: prediction "
+                         "and measurement from the same minutes of a machine whose speed drifts")
     ap.add_argument("--reps", type=int, default=3, help="timed repetitions of each run (median reported)")
     args = ap.parse_args()
     if args.reps < 1:
@@ -53,7 +56,15 @@ def main() -> None:
     texts = [json.loads(x)["prompt"] for x in PROMPTS.read_text().splitlines()]
     prompts = [tok.encode(t).ids for t in texts]
     G = args.gen_len
-    profile = load_profile(args.profile)
+    if args.measure:
+        from specoffload.runtime.profiler.probes import ProfileConfig, run_profile
+
+        print("profiling this machine (quick mode) ...", flush=True)
+        profile = run_profile(ProfileConfig.quick(model=load_model_spec("tiny-target")), device="cpu",
+                              name="bench-measured", progress=False, threads=args.threads,
+                              warn=lambda m: print(f"profile: {m}")).profile
+    else:
+        profile = load_profile(args.profile)
     workload = measure_workload("tiny-target", "tiny-draft", PROMPTS, k=6, max_new_tokens=G, sample=16,
                                 progress=False).workload
     print(f"tiny pair, {len(prompts)} prompts (mean {workload.prompt_len_tokens} tokens) -> {G} tokens each, "
