@@ -290,9 +290,9 @@ class CostModel:
         """Keys per row that one decode attention call over `rows` sequences reads, averaged over the job.
 
         The runtime pads a call to its longest row: the longest prompt among the rows plus the generation
-        of the furthest row. In one wave (`in_flight`, the sequences the plan holds at once, >= the job)
-        all rows advance together (G/2 on average); when batches are refilled, rows drift apart and the
-        furthest is rows/(rows+1) of the way through G."""
+        of the furthest row. `in_flight` is how many sequences the plan holds at once (default: `rows`):
+        when that covers the whole job (one wave) all rows advance together, G/2 on average; when batches
+        are refilled, rows drift apart and the furthest is rows/(rows+1) of the way through G."""
         w = self.w
         rows = max(rows, 1.0)
         drift = max(0.0, 1.0 - (in_flight or rows) / w.num_prompts)  # 0 for a single wave
@@ -387,7 +387,8 @@ class CostModel:
         zero = {"gpu": 0.0, "cpu": 0.0, "h2d": 0.0, "d2h": 0.0}
         if not knobs.speculative or d is None or batch <= 0:
             return zero
-        key = (knobs.draft_kv, knobs.draft_sub_batch if knobs.draft_kv == "recompute" else 0, k, batch, context)
+        key = (knobs.draft_kv, knobs.draft_sub_batch if knobs.draft_kv == "recompute" else 0, k, batch, context,
+               knobs.num_batches)
         if key not in self._draft_cache:
             self._draft_cache[key] = self._draft_round(knobs, batch, context)
         return self._draft_cache[key]

@@ -500,7 +500,8 @@ class Target:
         out = F.linear(rms_norm(x, self.w.norm, a.norm_eps), self.w.lm_head).float()
         t_end = time.perf_counter()
         self.tl.add("gpu", "lm_head", t0, t_end)
-        self.tl.add_pass("target", B, T, float((lengths + n_new).max()), t_pass, t_end, prefill)
+        if self.tl.enabled:
+            self.tl.add_pass("target", B, T, float((lengths + n_new).max()), t_pass, t_end, prefill)
         return out
 
 
@@ -540,7 +541,7 @@ class Draft:
         cache.advance(rows, n_new)
         x = x[torch.arange(B, device=dev), (n_new - 1).clamp(min=0).to(dev)]
         out = F.linear(rms_norm(x, self.w.norm, a.norm_eps), self.w.lm_head).float()
-        if record:  # "step" | "prefill"
+        if record and self.tl.enabled:  # "step" | "prefill"
             self.tl.add_pass("draft", B, T, float(cache.lengths[torch.tensor(rows)].max()), t_pass,
                              time.perf_counter(), record == "prefill")
         return out
