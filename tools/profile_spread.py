@@ -3,6 +3,7 @@
     python tools/profile_spread.py                   # two quick runs, default threads
     python tools/profile_spread.py --threads 1       # ... with one torch thread
     python tools/profile_spread.py --runs 3 --keep /tmp/spread   # keep the profiles
+    python tools/profile_spread.py --threads 1 --model tiny-target   # with the in-engine fit
 
 Spread of a figure = (max - min) / mean over the runs; for a curve, the largest spread over its
 points. Held to --tolerance (10%): the three CPU-attention rates (*fitted*). Shown, not held: the
@@ -29,7 +30,10 @@ FITTED = ("cpu_attn_kv_read_bytes_per_s", "cpu_attn_flops_per_s", "cpu_attn_over
 # against each other from run to run), so what is held to the tolerance is the prediction they make
 # together (PREDICTIONS below); their own spread is shown for information.
 TERMS = ("cpu_attn_seq_overhead_seconds", "cpu_attn_row_overhead_seconds", "engine_pass_overhead_seconds",
-         "engine_seq_overhead_seconds", "engine_layer_overhead_seconds")
+         "engine_seq_overhead_seconds", "engine_layer_overhead_seconds",
+         # fitted inside the engine (CPU devices, a reference model small enough: --model tiny-target)
+         "device_op_token_seconds", "device_logit_element_seconds", "engine_draft_round_overhead_seconds",
+         "engine_draft_seq_overhead_seconds", "engine_draft_step_overhead_seconds")
 MEASURED = ("gpu_matmul_flops_per_s", "gpu_mem_bandwidth_bytes_per_s", "cpu_mem_bandwidth_bytes_per_s",
             "h2d_pinned_bytes_per_s", "h2d_pageable_bytes_per_s", "d2h_pinned_bytes_per_s", "d2h_pageable_bytes_per_s",
             "device_op_overhead_seconds", "device_expert_overhead_seconds", "host_mem_bytes", "gpu_mem_bytes",
@@ -98,6 +102,8 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", type=int, default=2)
     ap.add_argument("--threads", type=int, default=None, help="passed to specoffload-profile --threads")
     ap.add_argument("--full", action="store_true", help="full mode instead of --quick")
+    ap.add_argument("--model", default=None, help="reference model passed to specoffload-profile --model (e.g. "
+                                                  "tiny-target: its fixed costs are then also fitted in the engine)")
     ap.add_argument("--tolerance", type=float, default=0.10, help="allowed spread of a fitted figure (default 0.10)")
     ap.add_argument("--keep", default=None, help="folder to keep the profiles in (default: a temporary one)")
     args = ap.parse_args(argv)
@@ -110,6 +116,7 @@ def main(argv=None) -> int:
         cmd = [sys.executable, "-m", "specoffload.runtime.profile_cli", "-o", str(out), "--no-progress"]
         cmd += [] if args.full else ["--quick"]
         cmd += ["--threads", str(args.threads)] if args.threads else []
+        cmd += ["--model", args.model] if args.model else []
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
