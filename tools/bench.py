@@ -56,11 +56,12 @@ def main() -> None:
     texts = [json.loads(x)["prompt"] for x in PROMPTS.read_text().splitlines()]
     prompts = [tok.encode(t).ids for t in texts]
     G = args.gen_len
+    target_spec, draft_spec = load_model_spec("tiny-target"), load_model_spec("tiny-draft")
     if args.measure:
         from specoffload.runtime.profiler.probes import ProfileConfig, run_profile
 
         print("profiling this machine (quick mode) ...", flush=True)
-        profile = run_profile(ProfileConfig.quick(model=load_model_spec("tiny-target")), device="cpu",
+        profile = run_profile(ProfileConfig.quick(model=target_spec), device="cpu",
                               name="bench-measured", progress=False, threads=args.threads,
                               warn=lambda m: print(f"profile: {m}")).profile
     else:
@@ -70,9 +71,8 @@ def main() -> None:
     print(f"tiny pair, {len(prompts)} prompts (mean {workload.prompt_len_tokens} tokens) -> {G} tokens each, "
           f"{args.threads} torch thread(s), profile {profile.name}; measured acceptance "
           f"{[round(a, 2) for a in workload.acceptance]}")
-    target_spec, draft_spec = load_model_spec("tiny-target"), load_model_spec("tiny-draft")
     requests = [Request(str(i), p, G) for i, p in enumerate(prompts)]
-    runs = {}  # name -> (run() -> tokens, simulated tok/s or None, plan summary)
+    runs = {}  # name -> (run() -> (tokens, seconds), simulated tok/s or None, plan summary)
     for policy in ("specoffload", "offload-only", "serial-spec", "interleaved"):
         plan = make_plan(profile, target_spec, draft_spec, workload, policy=policy).plan
         sim = simulate(plan, profile).report
