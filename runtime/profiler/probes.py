@@ -722,14 +722,13 @@ class Profiler:
         import tempfile
         from pathlib import Path
 
-        from specoffload.planner.schema import Plan, Prediction, Workload
+        from specoffload.planner.schema import Workload
 
         from specoffload.runtime.engine import Engine, Request
         from specoffload.runtime.random_checkpoint import write_random_checkpoint
 
         self._check_forced("engine_overhead")
         dim, heads, kv_heads, dh, ffn_dim = self.cfg.op_overhead_shape
-        pred = Prediction(1, 1, 1, 1, 1, 1, 1, 0, 1, {}, {}, {}, "-", 0, 0)
         points, rows = [(1, 4), (1, 64), (6, 4), (6, 64)], []  # (layers, batch): a wide lever on each
         for n_layers, b in points:
             config = {"architectures": ["MixtralForCausalLM"], "hidden_size": dim, "intermediate_size": ffn_dim,
@@ -739,12 +738,7 @@ class Profiler:
                       "rope_theta": 10000.0, "eos_token_id": None, "hidden_act": "silu"}
             with tempfile.TemporaryDirectory() as tmp:
                 write_random_checkpoint(Path(tmp), config, 0, torch.device("cpu"))
-                plan = Plan(policy="offload-only", model="probe", model_fingerprint="", draft="", draft_fingerprint="",
-                            profile="-", profile_fingerprint="", workload=Workload(prompt_len_tokens=4,
-                            gen_len_tokens=17, num_prompts=b), decode_batch=b, num_batches=1, prefill_batch=b,
-                            draft_sub_batch=1, draft_len=0, micro_batches=1, gpu_attn_layers=n_layers,
-                            gpu_ffn_layers=n_layers, gpu_kv_sequences=0, target_attention="cpu", draft_kv="gpu",
-                            weight_buffers=0, prediction=pred)
+                plan = probe_plan(Workload(prompt_len_tokens=4, gen_len_tokens=17, num_prompts=b), b, n_layers)
                 samples = []
                 for _ in range(max(3, self.cfg.reps)):
                     eng = Engine(plan, tmp, device=self.device, trace=True)
@@ -792,7 +786,7 @@ class Profiler:
         from pathlib import Path
 
         from specoffload.planner.costmodel import CostModel
-        from specoffload.planner.schema import Plan, Prediction, Workload
+        from specoffload.planner.schema import Workload
 
         from specoffload.runtime.engine import Engine, Request
         from specoffload.runtime.random_checkpoint import hf_config_for, write_random_checkpoint
@@ -826,7 +820,6 @@ class Profiler:
         draft_spec = dataclasses.replace(ref, family="mistral", num_layers=1, num_experts=0, experts_per_token=0)
         wl = Workload(prompt_len_tokens=c.engine_prompt_len, gen_len_tokens=c.engine_gen_len, num_prompts=1)
         cm = CostModel(zero, ref, draft_spec, wl)
-        pred = Prediction(1, 1, 1, 1, 1, 1, 1, 0, 1, {}, {}, {}, "-", 0, 0)
         g = torch.Generator().manual_seed(0)
         target_passes, draft_passes, runs = [], [], []
 
@@ -853,13 +846,7 @@ class Profiler:
             write_random_checkpoint(d_dir, hf_config_for(spec, 1, vocab, dense=True), 1, torch.device("cpu"))
             for b in c.engine_batches:
                 for k in c.engine_draft_lens:
-                    plan = Plan(policy="serial-spec" if k else "offload-only", model="probe", model_fingerprint="",
-                                draft="probe-draft" if k else "", draft_fingerprint="", profile="-",
-                                profile_fingerprint="", workload=dataclasses.replace(wl, num_prompts=b),
-                                decode_batch=b, num_batches=1, prefill_batch=b, draft_sub_batch=1, draft_len=k,
-                                micro_batches=1, gpu_attn_layers=n_layers, gpu_ffn_layers=n_layers,
-                                gpu_kv_sequences=0, target_attention="cpu", draft_kv="gpu", weight_buffers=0,
-                                prediction=pred)
+                    plan = probe_plan(dataclasses.replace(wl, num_prompts=b), b, n_layers, k)
                     prompts = torch.randint(3, vocab, (b, c.engine_prompt_len), generator=g).tolist()
                     for rep in range(1 + c.engine_reps):  # the first run warms up
                         eng = Engine(plan, t_dir, d_dir if k else None, device=self.device, trace=True,
@@ -1163,6 +1150,19 @@ class Profiler:
                                                    "engine_draft_seq_overhead_seconds",
                                                    "engine_draft_step_overhead_seconds")},
             provenance=prov, missing=missing)
+
+
+def probe_plan(workload, batch: int, n_layers: int, draft_len: int = 0):
+    """A hand-built Plan for the engine probes: one batch, everything resident, no weight streaming;
+    serial-spec with a draft of `draft_len` tokens, or offload-only."""
+    from specoffload.planner.schema import Plan, Prediction
+
+    pred = Prediction(1, 1, 1, 1, 1, 1, 1, 0, 1, {}, {}, {}, "-", 0, 0)
+    return Plan(policy="serial-spec" if draft_len else "offload-only", model="probe", model_fingerprint="",
+                draft="probe-draft" if draft_len else "", draft_fingerprint="", profile="-", profile_fingerprint="",
+                workload=workload, decode_batch=batch, num_batches=1, prefill_batch=batch, draft_sub_batch=1,
+                draft_len=draft_len, micro_batches=1, gpu_attn_layers=n_layers, gpu_ffn_layers=n_layers,
+                gpu_kv_sequences=0, target_attention="cpu", draft_kv="gpu", weight_buffers=0, prediction=pred)
 
 
 def _loadavg() -> float | None:
