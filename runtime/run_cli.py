@@ -31,12 +31,15 @@ from .outputs import OutputFile, OutputFileError, OutputWriteError, finished_ids
 from .prompts import Prompt, PromptFileError, resolve_model_dir
 from .prompts import read_prompts as _read_prompts
 
-EXAMPLE = """example:
-  specoffload-plan --model tiny-target --draft tiny-draft --profile cpu-2core --prompt-len 24 \\
-      --gen-len 32 --num-prompts 64 -o plan.yaml
-  specoffload-run plan.yaml --prompts prompts.jsonl --output out.jsonl --report report.yaml
+EXAMPLE = """example (from the repository root, on the tiny pair and the demo prompts shipped with it):
+  specoffload-plan --model tiny-target --draft tiny-draft --profile cpu-2core --prompt-len 20 \\
+      --max-prompt-len 32 --gen-len 32 --num-prompts 64 -o plan.yaml
+  specoffload-run plan.yaml --prompts runtime/assets/demo_prompts.jsonl --output out.jsonl --report report.yaml
 
-  A plan made for a preset (e.g. mixtral-8x7b) needs the checkpoint folder: --target DIR [--draft DIR].
+  --max-prompt-len is the longest prompt in tokens: the KV cache is sized for it, and longer prompts are
+  refused. A plan made for a preset (e.g. mixtral-8x7b) needs the checkpoint folder: --target DIR
+  [--draft DIR]. Rerun the same command after an interruption to resume; the output file is locked while
+  a run writes it, and a file that is not this command's output is never overwritten.
 """
 
 
