@@ -100,10 +100,11 @@ def scan(path: Path, data: bytes) -> tuple[set[str], int]:
             tail = data[pos:]
             if tail.startswith(LINE_PREFIX) or LINE_PREFIX.startswith(tail):
                 return set(done), pos  # a line cut short by a crash: redo it
+            what = ("this file is not this command's output" if not done else
+                    f"after {len(done)} output lines; repair or remove it and rerun, or")
             raise OutputFileError(
-                f"{path}:{n}: the last line is not a specoffload-run output line (and has no newline); this "
-                "file does not look like this command's output, so it is left as it is. Give --output a new "
-                "file, or the JSONL file an earlier run wrote")
+                f"{path}:{n}: the last line (no newline) is not a specoffload-run output line: {what}, and it is "
+                "left as it is. Give --output a new file (or the JSONL file an earlier run wrote)")
         raw = data[pos:end]
         pos = end + 1
         if not raw.strip():
