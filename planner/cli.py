@@ -133,6 +133,10 @@ def summary(result: PlanResult, requested: str, explain: bool) -> str:
 
 def check_args(args: argparse.Namespace) -> None:
     """Knob values the planner cannot take, refused before any work (each names the flag and the fix)."""
+    from pathlib import Path
+
+    if args.output and Path(args.output).is_dir():
+        raise SchemaError(f"-o {args.output} is a directory; give a file name, e.g. {Path(args.output) / 'plan.yaml'}")
     for flag, value, low in (("--batch", args.batch, 1), ("--micro-batches", args.micro_batches, 1),
                              ("--draft-len", args.draft_len, 0), ("--max-draft-len", args.max_draft_len, 1),
                              ("--prompt-len", args.prompt_len, 1), ("--max-prompt-len", args.max_prompt_len, 1),
@@ -193,7 +197,11 @@ def main(argv=None) -> int:
         return 2
     print(summary(result, args.policy, args.explain))
     if args.output:
-        result.plan.save(args.output)
+        try:
+            result.plan.save(args.output)
+        except OSError as exc:
+            print(f"specoffload-plan: error: cannot write {args.output} ({exc.strerror or exc})", file=sys.stderr)
+            return 2
         print(f"wrote {args.output}")
     return 0
 

@@ -307,3 +307,7 @@ def test_pyproject_license_and_packages():
     assets = ROOT / "runtime" / "assets"
     shipped = {p for pat in data for p in assets.glob(pat) if p.is_file()}
     assert shipped == {p for p in assets.rglob("*") if p.is_file()}  # every asset file is packaged
+
+
+def test_plan_output_directory(capsys, tmp_path):
+    assert "is a directory; give a file name" in plan_error(capsys, *TINY, *WORK, "-o", str(tmp_path))
