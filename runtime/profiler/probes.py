@@ -103,7 +103,8 @@ class ProfileConfig:
     engine_prompt_len: int = 16
     engine_gen_len: int = 24
     engine_reps: int = 2  # timed runs of each (batch, draft length), after one warm-up run
-    engine_max_bytes: int = 512 * MiB  # fp32 weights of the reference layers run; fewer layers if over
+    engine_max_bytes: int = 512 * MiB  # fp32 weights of the reference layers run; fewer layers, then narrower, if over
+    engine_overhead_reps: int = 0  # engine runs per point of the engine_overhead probe (0: max(3, reps))
     cpu_mem_margin_fraction: float = 0.05  # host memory kept free: this fraction of MemTotal ...
     cpu_mem_margin_min_bytes: int = GiB  # ... but at least this
     pinned_fraction: float = 0.9  # CUDA: share of usable host memory the planner may page-lock
@@ -118,7 +119,7 @@ class ProfileConfig:
                     attn_contexts=(16, 64, 512, 2048), attn_max_kv_tokens=16 * 2048, attn_rotate_bytes=256 * MiB,
                     # in-engine fit: 9 timed runs of a reference layer scaled to 128 MiB (seconds, not minutes)
                     engine_batches=(1, 4, 16), engine_draft_lens=(0, 1, 3), engine_reps=1, engine_gen_len=16,
-                    engine_max_bytes=128 * MiB)
+                    engine_max_bytes=128 * MiB, engine_overhead_reps=3)
         base.update(kw)
         return cls(**base)
 
@@ -766,7 +767,7 @@ class Profiler:
                 write_random_checkpoint(Path(tmp), config, 0, torch.device("cpu"))
                 plan = probe_plan(Workload(prompt_len_tokens=4, gen_len_tokens=17, num_prompts=b), b, n_layers)
                 samples = []
-                for _ in range(max(3, self.cfg.reps)):
+                for _ in range(self.cfg.engine_overhead_reps or max(3, self.cfg.reps)):
                     eng = Engine(plan, tmp, device=self.device, trace=True)
                     eng.run([Request(str(i), [1, 2, 3, 4], 17) for i in range(b)], lambda f: None)
                     t0 = eng.timeline.t0
