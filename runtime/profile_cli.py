@@ -142,9 +142,11 @@ def run_hardware(args) -> int:
 
 
 def run_acceptance(args) -> int:
-    from specoffload.planner.strict import dump_yaml
+    from specoffload.planner.strict import SchemaError, dump_yaml
     from specoffload.runtime.profiler.acceptance import measure_workload
 
+    if args.output and Path(args.output).is_dir():
+        raise SchemaError(f"-o {args.output} is a directory; give a file name, e.g. {Path(args.output) / 'workload.yaml'}")
     if args.threads:
         import torch
 

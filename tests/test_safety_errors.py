@@ -311,3 +311,13 @@ def test_pyproject_license_and_packages():
 
 def test_plan_output_directory(capsys, tmp_path):
     assert "is a directory; give a file name" in plan_error(capsys, *TINY, *WORK, "-o", str(tmp_path))
+
+
+def test_profile_output_directory_is_refused_before_measuring(tmp_path, capsys):
+    prompts = tmp_path / "in.jsonl"
+    prompts.write_text('{"id": "a", "prompt": "x"}\n')
+    assert profile_cli.main(["--acceptance", "--target", "tiny-target", "--draft", "tiny-draft", "--prompts",
+                             str(prompts), "-o", str(tmp_path), "--no-progress"]) == 2
+    assert "is a directory; give a file name" in capsys.readouterr().err
+    assert profile_cli.main(["--quick", "-o", str(tmp_path), "--no-progress"]) == 2
+    assert "is a directory; give a file name" in capsys.readouterr().err
