@@ -153,6 +153,8 @@ class OutputFile:
         if not spec:
             return None
         n, _, phase = spec.partition(":")
+        if not n.isdigit() or phase not in ("", "before", "mid", "after", "sigterm", "sigint"):
+            return None  # not a crash point this hook knows: ignored
         return int(n), phase or "before"
 
     def open(self) -> set[str]:
