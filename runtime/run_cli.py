@@ -35,6 +35,11 @@ EXAMPLE = """example:
 """
 
 
+# Crash-recovery tests: with this set to N, the process kills itself (SIGKILL, no clean-up) right after
+# its N-th output line is flushed, a deterministic stand-in for a crash at an arbitrary point.
+KILL_AFTER_LINES_ENV = "SPECOFFLOAD_KILL_AFTER_LINES"
+
+
 class RunError(ValueError):
     """Bad input: names the file, line or field, and the fix."""
 
@@ -216,6 +221,7 @@ def _run(args: argparse.Namespace) -> int:
     bar = tqdm(total=total_tokens, unit="tok", disable=args.quiet or not requests, file=sys.stderr, dynamic_ncols=True)
     t0 = time.perf_counter()
     out_path.parent.mkdir(parents=True, exist_ok=True)
+    kill_after, written = int(os.environ.get(KILL_AFTER_LINES_ENV, "0") or 0), [0]
     with out_path.open("a") as fh:
         def on_finish(f) -> None:
             line = {"id": f.request.id, "text": tokenizer.decode(f.tokens), "tokens": f.tokens,
@@ -224,6 +230,9 @@ def _run(args: argparse.Namespace) -> int:
             fh.write(json.dumps(line) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
+            written[0] += 1
+            if kill_after and written[0] >= kill_after:
+                os.kill(os.getpid(), 9)  # SIGKILL: the test's crash point (see KILL_AFTER_LINES_ENV)
             bar.update(f.request.max_tokens)  # a sequence done early frees its remaining budget
             acc = engine.stats.acceptance
             elapsed = time.perf_counter() - t0
