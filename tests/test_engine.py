@@ -152,7 +152,7 @@ def test_eos_inside_an_accepted_draft_run_stops_the_sequence(pair, prompts, refe
             want = expected(reference[i], MAX_NEW, {eos})
             assert outs[str(i)][0] == want, (policy, i)
             if eos in reference[i]:
-                assert outs[str(i)] == (want, "eos") and len(want) < MAX_NEW
+                assert outs[str(i)] == (want, "eos") and want[-1] == eos and eos not in want[:-1]
                 stopped += 1
         assert stopped >= 2
 
