@@ -76,7 +76,7 @@ def check_agreement(case):
       a copy), up to +5%;
     - interleaved with the draft's KV on the host: each draft step is a gpu -> d2h -> cpu -> h2d chain,
       and the holes it leaves on the busy resources are only partly filled by the target (paced by its
-      own chain). Measured (70 drawn cases with a fixed seed, plus the cases that first showed it):
+      own chain). Measured (52 drawn cases with a fixed seed, plus the cases that first showed it):
       within +0.9% when one resource bound dominates by >= 10% and the layer chain does not bind,
       except one case at +4.4% with the CPU binding by 21%; +9.1% and +9.6% when the layer chain
       binds, +10% with near-balanced bounds. Asserted: +5% in the first case, +12% in the others (a
@@ -85,7 +85,7 @@ def check_agreement(case):
       simulation may be faster by that much;
     - the layer chain with m > 1 micro-batches assumes every layer fills and drains its pipeline; layers
       overlap in the simulation, so there the closed form is an upper bound: measured -6.4% and -11.7%
-      (the 70 drawn cases); asserted down to -20% (the measured spread with margin: a bound found by
+      (the 52 drawn cases); asserted down to -20% (the measured spread with margin: a bound found by
       measurement, not derived), and never above the usual upper bound.
     """
     plan, prof = steady_case(**case)
