@@ -4,12 +4,14 @@ from __future__ import annotations
 import os
 
 import pytest
-from hypothesis import settings
+from hypothesis import Phase, settings
 
 # Property tests draw the same examples on every run (a failure is a failure of the code, not of the
 # draw); SPECOFFLOAD_HYPOTHESIS=explore draws new ones each run, to hunt for counterexamples.
 settings.register_profile("reproducible", derandomize=True)
 settings.register_profile("explore", derandomize=False)
+# tools/mutation_check.py: the same draws, stopping at the first failure without shrinking it.
+settings.register_profile("fail-fast", derandomize=True, phases=[Phase.explicit, Phase.generate])
 settings.load_profile(os.environ.get("SPECOFFLOAD_HYPOTHESIS", "reproducible"))
 
 

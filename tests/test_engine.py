@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from specoffload.planner.schema import Plan, Prediction, Workload
@@ -73,27 +73,104 @@ def run_engine(plan, pair, requests):
 
 SCHEDULES = st.one_of(
     st.tuples(st.just("offload-only"), st.just(0), st.just("gpu"), st.just(1)),
-    st.tuples(st.sampled_from(["serial-spec", "interleaved"]), st.integers(1, 5),
+    st.tuples(st.sampled_from(["serial-spec", "interleaved"]), st.integers(1, 6),
               st.sampled_from(["gpu", "host", "recompute"]), st.integers(1, 3)),
 )
+SEVEN = [0, 1, 2, 3, 4, 5, 6]
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+def _case(schedule, batch, micro=1, prefill=2, which=SEVEN, lengths=(MAX_NEW,) * 7, eos_at=None):
+    return dict(schedule=schedule, batch=batch, micro=micro, prefill=prefill, which=which, lengths=list(lengths),
+                eos_at=eos_at)
+
+
+# Cases that always run (the draws below add more): every schedule and draft-KV mode, draft lengths 1
+# and 6 at both ends, batches smaller than the request list (refill), lengths long enough to verify
+# many rounds, and a chosen EOS token that the greedy continuation really produces.
+ALWAYS = [
+    _case(("offload-only", 0, "gpu", 1), 2, lengths=(MAX_NEW, 3, 7, MAX_NEW, 2, 9, 5)),
+    _case(("serial-spec", 1, "gpu", 1), 2, lengths=(MAX_NEW, 3, 7, MAX_NEW, 2, 9, 5)),
+    _case(("serial-spec", 6, "host", 2), 3, micro=2, eos_at=9),
+    _case(("serial-spec", 4, "recompute", 2), 2, prefill=1, eos_at=4),
+    _case(("interleaved", 6, "gpu", 1), 2, micro=2, eos_at=12),
+    _case(("interleaved", 1, "host", 1), 1, lengths=(MAX_NEW, 2, 11, 4, MAX_NEW, 6, 3)),
+    _case(("interleaved", 3, "recompute", 3), 3, micro=3, prefill=3, eos_at=6),
+]
+
+
+def _always(f):
+    for c in reversed(ALWAYS):
+        f = example(**c)(f)
+    return f
+
+
+@_always
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(schedule=SCHEDULES, batch=st.integers(1, 4), micro=st.integers(1, 3), prefill=st.integers(1, 4),
-       which=st.lists(st.integers(0, len(TEXTS) - 1), min_size=1, max_size=7),
-       lengths=st.lists(st.integers(1, MAX_NEW), min_size=7, max_size=7))
+       which=st.lists(st.integers(0, len(TEXTS) - 1), min_size=5, max_size=7),
+       lengths=st.lists(st.integers(2, MAX_NEW), min_size=7, max_size=7),
+       eos_at=st.one_of(st.none(), st.integers(0, MAX_NEW - 1)))
 def test_greedy_speculative_equals_target_greedy(pair, prompts, reference, schedule, batch, micro, prefill, which,
-                                                  lengths):
+                                                  lengths, eos_at):
+    """max_tokens >= 2: the first token comes from the prefill, the rest from verification rounds. With
+    eos_at set, the token the first request's greedy continuation has there is made the EOS token: every
+    sequence must stop right after its first occurrence (inside an accepted draft run, too)."""
     policy, k, kv, sub = schedule
     plan = make_plan(policy, batch, k, min(micro, batch), kv, sub, prefill)
     reqs = [Request(f"r{i}", prompts[w], lengths[i]) for i, w in enumerate(which)]  # more requests than slots: refill
-    eng, outs, stats = run_engine(plan, pair, reqs)
+    eng = Engine(plan, pair[0], pair[1])
+    if eos_at is not None:
+        eng.eos = {reference[which[0]][eos_at]}
+    outs = {}
+    stats = eng.run(reqs, lambda f: outs.__setitem__(f.request.id, (f.tokens, f.finish_reason)))
     for i, w in enumerate(which):
         tokens, reason = outs[f"r{i}"]
         assert tokens == expected(reference[w], lengths[i], eng.eos), (policy, k, kv, i)
         assert len(tokens) <= lengths[i]
         assert reason == ("eos" if tokens[-1] in eng.eos else "length")
+    if eos_at is not None:  # the chosen EOS really occurred, in the first request at least
+        assert outs["r0"][1] == "eos" or lengths[0] <= reference[which[0]].index(reference[which[0]][eos_at])
     assert stats.generated_tokens == sum(len(outs[f"r{i}"][0]) for i in range(len(which)))
+
+
+def test_eos_inside_an_accepted_draft_run_stops_the_sequence(pair, prompts, reference):
+    """EOS chosen as a token the greedy continuations produce mid-run: with k=5 and the shipped draft's
+    acceptance, verification rounds accept runs that contain it; nothing after it is committed."""
+    counts: dict[int, int] = {}
+    for ref in reference:
+        for t in set(ref[2:]):
+            counts[t] = counts.get(t, 0) + 1
+    eos = max(counts, key=lambda t: (counts[t], -t))  # a token most continuations reach
+    reqs = [Request(str(i), p, MAX_NEW) for i, p in enumerate(prompts)]
+    for policy, kv in (("serial-spec", "gpu"), ("interleaved", "host")):
+        eng = Engine(make_plan(policy, 3, 5, 1, kv, 2, 3), pair[0], pair[1])
+        eng.eos = {eos}
+        outs = {}
+        eng.run(reqs, lambda f: outs.__setitem__(f.request.id, (f.tokens, f.finish_reason)))
+        stopped = 0
+        for i in range(len(prompts)):
+            want = expected(reference[i], MAX_NEW, {eos})
+            assert outs[str(i)][0] == want, (policy, i)
+            if eos in reference[i]:
+                assert outs[str(i)] == (want, "eos") and want[-1] == eos and eos not in want[:-1]
+                stopped += 1
+        assert stopped >= 2
+
+
+def test_draft_kv_is_rolled_back_to_what_a_fresh_recompute_sees(pair, prompts):
+    """The draft's KV after a rejection must be exactly the committed context: per-position acceptance with
+    a persistent draft KV (on the GPU or the host) equals the recompute mode's, which re-reads the whole
+    context every round. A stale KV entry changes the draft's proposals and so these counts."""
+    reqs = [Request(str(i), p, MAX_NEW) for i, p in enumerate(prompts[:5])]
+    for policy, k, kv in (("serial-spec", 2, "gpu"), ("interleaved", 5, "host")):
+        seen = {}
+        for mode in ("recompute", kv):
+            eng = Engine(make_plan(policy, 3, k, 1, mode, 2, 3), pair[0], pair[1])
+            eng.run(reqs, lambda f: None)
+            acc = eng.stats.acceptance
+            seen[mode] = (acc.tried, acc.accepted)
+        assert seen[kv] == seen["recompute"], (policy, k, seen)
+        assert seen["recompute"][1][0] < seen["recompute"][0][0]  # some rejections happened
 
 
 def test_every_schedule_and_draft_mode_is_exact_and_accepts(pair, prompts, reference):
@@ -168,6 +245,34 @@ def test_sampling_accept_preserves_target_distribution():
     assert chisquare(counts.numpy(), (p * n).numpy()).pvalue > 1e-3
     # and the draft's own distribution would be rejected by the same test
     assert chisquare(counts.numpy(), (q * n).numpy()).pvalue < 1e-6
+
+
+def test_sampled_bonus_token_comes_from_the_position_after_the_last_draft():
+    """All k drafts kept (q = p, so every ratio is 1): the added token is drawn from p[k], the target's
+    distribution after the last draft token, not from any earlier position's."""
+    V, k, n = 5, 3, 6000
+    p = torch.zeros(1, k + 1, V)
+    for i in range(k):
+        p[0, i, i] = 1.0  # position i: certainly token i (the draft proposes exactly that)
+    bonus = torch.tensor([0.05, 0.1, 0.15, 0.3, 0.4])
+    p[0, k] = bonus
+    draft = torch.arange(k).view(1, k)
+    g = torch.Generator().manual_seed(3)
+    counts = torch.zeros(V)
+    for _ in range(n):
+        n_acc, nxt = sampling_accept(draft, p[:, :k].clone(), p, [g])
+        assert int(n_acc[0]) == k
+        counts[int(nxt[0])] += 1
+    from scipy.stats import chisquare
+
+    assert chisquare(counts.numpy(), (bonus * n).numpy()).pvalue > 1e-3
+    # A rejection at the last position draws from the residual there instead.
+    q = p[:, :k].clone()
+    q[0, k - 1] = torch.tensor([0.0, 0.0, 0.5, 0.0, 0.5])  # the draft proposes token 2 ...
+    p2 = p.clone()
+    p2[0, k - 1] = torch.tensor([0.0, 0.0, 0.0, 1.0, 0.0])  # the target wants 3 there: always rejected
+    n_acc, nxt = sampling_accept(draft, q, p2, [g])
+    assert int(n_acc[0]) == k - 1 and int(nxt[0]) == 3
 
 
 @pytest.mark.parametrize("p,expect", [(1.0, 4.0), (0.0, 1.0)])

@@ -68,6 +68,8 @@ def plan_for(policy: str, k: int, draft_kv: str) -> Plan:
 @pytest.mark.parametrize("policy,k,draft_kv,temperature,top_p", [
     ("serial-spec", 2, "gpu", 1.0, 1.0),
     ("interleaved", 3, "recompute", 0.7, 0.9),
+    # k = 1: a round that keeps its draft token adds a bonus token, the 3rd, inside the generated span.
+    ("serial-spec", 1, "host", 1.0, 1.0),
 ])
 def test_speculative_sampling_follows_target_distribution(pair, policy, k, draft_kv, temperature, top_p):
     n_tokens, n = 3, 3000
@@ -79,7 +81,7 @@ def test_speculative_sampling_follows_target_distribution(pair, policy, k, draft
     assert eng.stats.acceptance.rounds > 0 and 0.0 < eng.stats.acceptance.per_position()[0] < 1.0
     exact = exact_joint(pair[0], n_tokens, temperature, top_p)
     # Marginals of the 2nd and 3rd tokens (decided by verification) and the joint of the 1st and 2nd.
-    for keep in ((1,), (2,), (0, 1)):
+    for keep in ((1,), (2,), (0, 1), (1, 2)):
         cells: dict[tuple[int, ...], list[float]] = {}
         for seq, pr in exact.items():
             c = cells.setdefault(tuple(seq[i] for i in keep), [0.0, 0.0])

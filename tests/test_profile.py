@@ -150,7 +150,7 @@ def test_tiny_profile_has_every_figure_and_provenance(tiny_result, tmp_path):
         assert getattr(p, name) is not None, name
     assert isinstance(p.gpu_matmul_flops_per_s, Curve) and len(p.gpu_matmul_flops_per_s.points) == 2
     assert [x for x, _ in p.h2d_pinned_bytes_per_s.points] == [4096, 65536]
-    assert p.device_op_overhead_seconds > 0 and p.cpu_attn_overhead_seconds >= 0
+    assert p.device_op_overhead_seconds >= 0 and p.cpu_attn_overhead_seconds >= 0  # either may fit to 0
     assert p.cpu_cores >= 1 and p.host_mem_bytes > 0 and p.gpu_mem_reserve_bytes < p.gpu_mem_bytes
     prov = p.provenance
     for key in ("mode", "date", "torch", "cuda", "device", "cpu", "threads", "timing", "transfers",
@@ -442,11 +442,51 @@ def test_engine_layers_probe_fits_inside_the_engine(tiny_result):
     data = prov["data.engine_layers"]
     assert data.startswith("target passes [batch, query") and "draft steps" in data and "runs [batch" in data
     # Every figure the in-engine fit writes is there, nonnegative, and the engine's bookkeeping is seen.
-    for f in ("device_op_token_seconds", "device_logit_element_seconds", "engine_draft_round_overhead_seconds",
-              "engine_draft_seq_overhead_seconds", "engine_draft_step_overhead_seconds"):
-        assert getattr(p, f) >= 0.0
-    assert p.engine_pass_overhead_seconds + p.engine_seq_overhead_seconds > 0
-    assert p.device_op_overhead_seconds + p.device_op_token_seconds > 0
+    # Shape and sanity only: each figure is a nonnegative, finite, sub-second cost. Which of them comes
+    # out positive is up to the machine's noise (the per-layer part comes from another probe and may
+    # over-explain a run; some columns are collinear), so no test asserts a sign here; the fits
+    # themselves are tested on synthetic data with known coefficients above.
+    for f in ("device_op_overhead_seconds", "device_op_token_seconds", "device_logit_element_seconds",
+              "engine_pass_overhead_seconds", "engine_seq_overhead_seconds", "engine_draft_round_overhead_seconds",
+              "engine_draft_seq_overhead_seconds", "engine_draft_step_overhead_seconds",
+              "cpu_attn_overhead_seconds", "cpu_attn_seq_overhead_seconds", "cpu_attn_row_overhead_seconds"):
+        v = getattr(p, f)
+        assert math.isfinite(v) and 0.0 <= v < 1.0, (f, v)
+    # The recorded data: one row per timed pass shape and per timed run, each with a finite residual.
+    target = json.loads(data.split("target passes [batch, query, keys, layer_seconds, attention_seconds, passes, "
+                                   "layer_fit_rel_residual, attention_fit_rel_residual]: ")[1].split("; draft steps")[0])
+    runs = json.loads(data.split("fit_rel_residual]: ")[-1])
+    cfg = ProfileConfig.tiny()
+    assert len(runs) == len(cfg.engine_batches) * len(cfg.engine_draft_lens) * cfg.engine_reps
+    assert {(b, k) for b, k, *_ in runs} == {(b, k) for b in cfg.engine_batches for k in cfg.engine_draft_lens}
+    assert len({b * q for b, q, *_ in target}) >= 4
+    for row in target + runs:
+        assert all(math.isfinite(v) for v in row), row
+    assert all(row[3] > 0 and row[4] > 0 for row in target)  # measured layer and attention seconds
+
+
+def test_bookkeeping_fit_recovers_known_costs_with_the_probes_columns():
+    """The engine_layers probe's run-level fit, on synthetic runs with known costs: the probe's own column
+    layout (passes, sequences verified, logit elements, and for draft runs rounds, sequences drafted for,
+    draft steps) where, as in the engine, the draft-round columns equal the pass columns in draft runs."""
+    vocab, layer_oh, n_layers = 128, 2e-5, 2
+    truth = np.array([4e-4, 3e-5, 2e-9, 1e-4, 6e-6, 5e-5])
+    rows, known, t = [], [], []
+    for b in (1, 2, 4, 8):
+        for k in (0, 1, 2, 3):
+            n_p = 10 if k == 0 else 4 + k  # verification passes
+            sb, sbq = n_p * b, n_p * b * (k + 1)
+            n_d, sbd = n_p * k, n_p * k * b
+            rows.append([n_p, sb, (sbq + sbd) * vocab, n_p if k else 0, sb if k else 0, n_d])
+            known.append(n_p * n_layers * layer_oh)
+    rows, known = np.array(rows, dtype=float), np.array(known)
+    t = known + rows @ truth
+    fit = fit_excess(t, known, rows)
+    assert fit.rel_max_residual < 1e-9
+    assert fit.coef == pytest.approx(tuple(truth), rel=1e-6)
+    # A known part that over-explains the runs leaves every fixed cost at zero, never negative.
+    over = fit_excess(t, 2 * t, rows)
+    assert all(c == 0.0 for c in over.coef)
 
 
 def test_engine_layers_probe_is_skipped_on_a_reference_too_big_for_the_budget():

@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +14,7 @@ import yaml
 from specoffload.planner.cli import main as plan_main
 from specoffload.planner.schema import Plan
 from specoffload.planner.sim import Report
+from specoffload.runtime.outputs import CRASH_ENV
 from specoffload.runtime.run_cli import finished_ids, main as run_main
 from specoffload.runtime.tiny_pair import tiny_pair_paths
 
@@ -78,18 +78,13 @@ def test_resume_after_kill_has_every_id_once_with_the_same_text(tmp_path):
     full = tmp_path / "full.jsonl"
     assert run_main([str(plan), "--prompts", str(prompts), "--output", str(full), "--quiet", "--no-simulate"]) == 0
     part = tmp_path / "part.jsonl"
-    proc = subprocess.Popen([sys.executable, "-m", "specoffload.runtime.run_cli", str(plan), "--prompts", str(prompts),
-                             "--output", str(part), "--quiet", "--no-simulate"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if part.exists() and len(part.read_text().splitlines()) >= 2:
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    before = len(part.read_text().splitlines())
-    assert 0 < before < 8, "the run should have been interrupted midway"
+    # The run kills itself (SIGKILL) just before its 4th output line: a crash at a fixed point, no timing.
+    env = dict(os.environ, **{CRASH_ENV: "4:before"})
+    proc = subprocess.run([sys.executable, "-m", "specoffload.runtime.run_cli", str(plan), "--prompts", str(prompts),
+                           "--output", str(part), "--quiet", "--no-simulate"],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    assert proc.returncode == -signal.SIGKILL
+    assert len(part.read_text().splitlines()) == 3, "the run should have been interrupted after 3 lines"
     with part.open("a") as fh:
         fh.write('{"id": "p7", "text": "half a li')  # a line cut short by the crash
     cli(str(plan), "--prompts", str(prompts), "--output", str(part), "--quiet", "--no-simulate")

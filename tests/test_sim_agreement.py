@@ -76,12 +76,17 @@ def check_agreement(case):
       a copy), up to +5%;
     - interleaved with the draft's KV on the host: each draft step is a gpu -> d2h -> cpu -> h2d chain,
       and the holes it leaves on the busy resources are only partly filled by the target (paced by its
-      own chain); observed up to +10% (near-balanced bounds) and +4.4% with the CPU binding by 21%,
-      asserted below +15%;
+      own chain). Measured (52 drawn cases with a fixed seed, plus the cases that first showed it):
+      within +0.9% when one resource bound dominates by >= 10% and the layer chain does not bind,
+      except one case at +4.4% with the CPU binding by 21%; +9.1% and +9.6% when the layer chain
+      binds, +10% with near-balanced bounds. Asserted: +5% in the first case, +12% in the others (a
+      simulation slower than the closed form by more is a disagreement to explain, not a tolerance);
     - serial-spec: the next sweep's first weight_buffers layers are copied while the draft runs, so the
       simulation may be faster by that much;
     - the layer chain with m > 1 micro-batches assumes every layer fills and drains its pipeline; layers
-      overlap in the simulation, so there the closed form is only an upper bound.
+      overlap in the simulation, so there the closed form is an upper bound: measured -6.4% and -11.7%
+      (the 52 drawn cases); asserted down to -20% (the measured spread with margin: a bound found by
+      measurement, not derived), and never above the usual upper bound.
     """
     plan, prof = steady_case(**case)
     result = simulate(plan, prof, SimOptions(context="average"))
@@ -97,12 +102,12 @@ def check_agreement(case):
     chain_binds = max(v for k, v in cands.items() if k.startswith("chain")) >= ranked[0]
     upper = 0.02 if (clear or plan.micro_batches == 1) else 0.05
     if plan.policy == "interleaved" and plan.draft_kv == "host":
-        upper = 0.15
+        upper = 0.05 if (clear and not chain_binds) else 0.12
     lower = -0.02
     if plan.policy == "serial-spec":
         lower -= min(serial, plan.weight_buffers * layer) / slot
     if chain_binds and plan.micro_batches > 1:
-        lower = -math.inf
+        lower = min(lower, -0.20)
     assert lower <= diff <= upper, (case, sim, slot, cands)
     return diff
 

@@ -6,7 +6,9 @@
 Steps: write random-weight checkpoints in HF format (a Mixtral-8x7B-shaped target with --layers of
 its 32 layers, a Mistral-7B-shaped draft with --draft-layers of its 32); cap the GPU's memory
 (--cap-gib, the paper's 24 GB card); profile the machine (quick); plan specoffload, offload-only,
-serial-spec and interleaved for the job (each policy forced but specoffload); simulate each plan; run each on our engine; run transformers with accelerate offload
+serial-spec and interleaved for the job (each policy forced but specoffload; the offload-only plan
+keeps no layer resident, so every layer's weights stream from host memory each pass, the baseline
+this check exists to measure); simulate each plan; run each on our engine; run transformers with accelerate offload
 (device_map="auto", max_memory) on the same prompts; print throughputs, ratios, the simulator's
 prediction against the measurement, and the fraction of the physical bound.
 
@@ -61,7 +63,44 @@ def hf_accelerate(target: Path, prompts: list[list[int]], gen: int, cap_gib: flo
     return (out.shape[1] - width) * len(prompts) / wall
 
 
-def main() -> int:
+POLICIES = ("specoffload", "offload-only", "serial-spec", "interleaved")
+
+
+def plans_for(profile, target, draft, work, say) -> dict:
+    """{name: Plan} for each policy that fits. The offload-only plan is re-made with every layer streamed
+    (the planner would keep what fits resident: at 4 layers on a 24 GB card, all of them)."""
+    from specoffload.planner.planner import PlanInfeasible, knobs_from_plan, make_plan, placement_from_plan
+    from specoffload.planner.sim.scenario import plan_at
+
+    plans = {}
+    for policy in POLICIES:
+        try:
+            plan = make_plan(profile, target, None if policy == "offload-only" else draft, work, policy=policy).plan
+        except PlanInfeasible as exc:
+            say(f"{policy}: no plan fits: {exc}")
+            continue
+        if policy == "offload-only" and (plan.gpu_attn_layers or plan.gpu_ffn_layers):
+            placement = dict(placement_from_plan(plan, target), attn_gpu=0.0, ffn_gpu=0.0)
+            plan = plan_at(profile, target, None, work, knobs_from_plan(plan), placement,
+                           notes=("offload-only with every layer streamed (gpu_check)",))
+        plans[policy] = plan
+    return plans
+
+
+def result_line(policy: str, plan, sim_tps: float, tps: float, tokens: int, wall: float) -> str:
+    """One policy's line: measured, simulated, planned, and the fraction of the physical bound when the
+    profile gives one (0 is written for an unbounded one)."""
+    bound = plan.prediction.physical_bound_tokens_per_s
+    line = (f"{policy} -> {plan.policy} b={plan.decode_batch}x{plan.num_batches} k={plan.draft_len} "
+            f"resident attn/ffn layers {plan.gpu_attn_layers}/{plan.gpu_ffn_layers}: measured "
+            f"{tps:.1f} tok/s ({tokens} tokens in {wall:.1f} s), simulated {sim_tps:.1f} "
+            f"({100 * (sim_tps - tps) / tps:+.0f}%), planned {plan.prediction.throughput_tokens_per_s:.1f}; ")
+    if bound and bound > 0:
+        return line + f"{100 * tps / bound:.1f}% of the physical bound ({bound:.1f})"
+    return line + "no finite physical bound"
+
+
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--out", default="bench/results/gpu_check")
@@ -74,10 +113,9 @@ def main() -> int:
     ap.add_argument("--acceptance", type=float, default=0.7, help="synthetic acceptance (timing mode)")
     ap.add_argument("--hf-prompts", type=int, default=16, help="prompts for the transformers+accelerate baseline")
     ap.add_argument("--tiny", action="store_true", help="tiny shapes (a CPU smoke run of the whole path)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
 
     from specoffload.planner.models import load_model_spec
-    from specoffload.planner.planner import PlanInfeasible, make_plan
     from specoffload.planner.schema import Workload
     from specoffload.planner.sim import simulate
     from specoffload.runtime.engine import Engine, Request
@@ -118,13 +156,7 @@ def main() -> int:
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, target.vocab_size, (args.prompt_len,), generator=g).tolist() for _ in range(args.prompts)]
     results = {}
-    for policy in ("specoffload", "offload-only", "serial-spec", "interleaved"):
-        try:
-            res = make_plan(profile, target, None if policy == "offload-only" else draft, work, policy=policy)
-        except PlanInfeasible as exc:
-            say(f"{policy}: no plan fits: {exc}")
-            continue
-        plan = res.plan
+    for policy, plan in plans_for(profile, target, draft, work, say).items():
         plan.save(out / f"plan-{policy}.yaml")
         sim = simulate(plan, profile).report
         eng = Engine(plan, tdir, ddir if plan.draft_len else None, device=device,
@@ -137,12 +169,8 @@ def main() -> int:
         wall = time.perf_counter() - t0
         tokens = sum(len(f.tokens) for f in done)
         tps = tokens / wall
-        bound = plan.prediction.physical_bound_tokens_per_s
         results[policy] = tps
-        say(f"{policy} -> {plan.policy} b={plan.decode_batch}x{plan.num_batches} k={plan.draft_len}: measured "
-            f"{tps:.1f} tok/s ({tokens} tokens in {wall:.1f} s), simulated {sim.throughput_tokens_per_s:.1f} "
-            f"({100 * (sim.throughput_tokens_per_s - tps) / tps:+.0f}%), planned {plan.prediction.throughput_tokens_per_s:.1f}; "
-            f"{100 * tps / bound:.1f}% of the physical bound ({bound:.1f})" if bound else "")
+        say(result_line(policy, plan, sim.throughput_tokens_per_s, tps, tokens, wall))
     try:
         hf = hf_accelerate(tdir, prompts[:args.hf_prompts], args.gen_len, args.cap_gib, device)
         results["transformers+accelerate"] = hf

@@ -9,7 +9,8 @@ which costs events only when there is contention (not one event per chunk).
 
 Events are immutable `Event` records ordered by (time, seq). The loop pops one, hands it to the
 resource it names, and pushes whatever events that returns; task completions cascade through
-successor lists (joins complete in the same instant, without an event).
+successor lists (joins complete in the same instant, without an event). Simulated time never goes
+backwards: the loop checks each popped event against the current time and raises SimulationError.
 """
 from __future__ import annotations
 
@@ -170,6 +171,10 @@ class Resource:
         return out
 
 
+class SimulationError(RuntimeError):
+    """An invariant of the event loop broke (a bug in the simulator, not in the plan)."""
+
+
 class Overflow(NamedTuple):
     pool: str
     time: float
@@ -193,6 +198,10 @@ class MemoryPool:
         self.peak_time = 0.0
         self.overflow: Overflow | None = None
         self._record = record
+        self.history: list[tuple[float, float]] = [(0.0, 0.0)]  # (time, bytes in use) after each change
+
+    def _log(self, now: float) -> None:
+        self.history.append((now, self._used))  # same-instant entries kept: a peak may last no time
 
     @property
     def used(self) -> float:
@@ -204,6 +213,7 @@ class MemoryPool:
         self._used += nbytes
         if self._used > self.peak:
             self.peak, self.peak_time = self._used, now
+        self._log(now)
         if self._record is not None:
             self._record(self.name, now, self._used)
         if self._used > self.capacity * (1 + 1e-9) + 1.0 and self.overflow is None:
@@ -215,6 +225,7 @@ class MemoryPool:
         if nbytes <= 0:
             return
         self._used = max(0.0, self._used - nbytes)
+        self._log(now)
         if self._record is not None:
             self._record(self.name, now, self._used)
 
@@ -329,9 +340,13 @@ class Engine:
         resources = self.resources
         complete = self._complete
         n = self.events
+        now = self.now
         while heap and not self.stopped:
             # The body of handle(), inlined: the loop runs once per event.
             ev = pop(heap)
+            if ev[0] < now:
+                raise SimulationError(f"simulated time went backwards: event at t={ev[0]!r} after t={now!r} "
+                                      f"({n} events in)")
             now = self.now = ev[0]
             res = resources[ev[3]]
             if ev[2] == PREEMPT:

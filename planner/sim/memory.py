@@ -1,12 +1,23 @@
 """What the simulator allocates in each memory pool, derived from the cost model's memory terms.
 
-The cost model gives one peak per tier (`CostModel.memory_terms`). The simulator allocates the same
-bytes as named parts at setup (resident weights, weight buffers, the draft's weights, pinned streamed
-weights, and the KV caches of every slot at full length, which the runtime preallocates), so an
-overflow names the part that does not fit. Named parts come from ModelSpec byte counts; what the cost
-model adds on top (activation and logit working sets, prefill staging, the draft's recompute
-buffers) is kept as one static "workspace" per pool, the residual, so that at full occupancy the
-simulated total equals the cost model's peak exactly (tests check this).
+The cost model gives one peak per tier (`CostModel.memory_terms`), at full occupancy: every slot's KV
+at full length, every weight buffer filled, a prefill chunk's staging. This module splits the same
+bytes into named parts, so that an overflow names the part that does not fit, and says which of them
+live for the whole run and which the simulation takes and releases over time:
+
+- "static" (allocated at setup, for the whole run): resident weights, the draft's weights, pinned
+  streamed weights, and what the cost model adds on top of the named parts on the GPU (activation
+  and logit working sets, the draft's recompute buffers) as one "workspace", the residual;
+- "buffers": the weight buffers, taken by each streamed layer's copy (the bytes actually copied) when
+  the copy is issued and released after the layer's last compute;
+- "staging": the pinned / host staging of a prefill chunk's hidden states (the residual of those
+  pools), taken while a prefill chunk runs (chunks run one at a time), scaled by the chunk's size;
+- KV caches (kv_per_sequence / kv_per_gpu_sequence, bytes per sequence at full length): taken per
+  token as sequences are admitted (their prompt) and generate (the tokens each verification keeps),
+  freed when a sequence finishes and its slot is refilled.
+
+At full occupancy these add up to the cost model's peak exactly (tests check this); over a run the
+simulated use stays at or below it.
 
 Pools: `gpu`, `pinned` (page-locked host memory, a part of host memory) and `host`. Pinned bytes are
 allocated in both `pinned` and `host`. On a CPU-only profile everything lives in `host`.
@@ -27,6 +38,7 @@ class StaticAlloc:
     pool: str
     name: str
     nbytes: float
+    kind: str = "static"  # static (whole run) | buffers (per streamed copy) | staging (per prefill chunk)
 
 
 @dataclass(frozen=True)
@@ -54,7 +66,7 @@ def memory_layout(cm: CostModel, knobs: Knobs, placement: dict[str, float], plan
     dkv_seq = cm.ctx_max * d.kv_bytes_per_token if spec else 0.0
     nb, b = knobs.num_batches, knobs.decode_batch
 
-    static: list[tuple[str, str, float]] = []
+    static: list[tuple] = []
     kv_host: dict[str, float] = {}
     kv_gpu: dict[str, float] = {}
     if cm.cpu_only:
@@ -75,7 +87,7 @@ def memory_layout(cm: CostModel, knobs: Knobs, placement: dict[str, float], plan
         static.append(("gpu", f"resident attention weights ({A} layers)", A * t.attn_bytes_per_layer))
         static.append(("gpu", f"resident FFN weights ({F} layers)", F * t.ffn_bytes_per_layer))
         static.append(("gpu", f"weight buffers ({knobs.weight_buffers} x one layer)",
-                       knobs.weight_buffers * (t.attn_bytes_per_layer + t.ffn_bytes_per_layer)))
+                       knobs.weight_buffers * (t.attn_bytes_per_layer + t.ffn_bytes_per_layer), "buffers"))
         streamed = (L - A) * t.attn_bytes_per_layer + (L - F) * t.ffn_bytes_per_layer
         static.append(("pinned", f"streamed weights ({L - A} attention, {L - F} FFN layers)", streamed))
         static.append(("host", "streamed weights (pinned)", streamed))
@@ -95,7 +107,7 @@ def memory_layout(cm: CostModel, knobs: Knobs, placement: dict[str, float], plan
     for pool, v in kv_gpu.items():
         _add(full, pool, v * nb * gpu_kv_slots)
     named: dict[str, float] = {}
-    for pool, _, v in static:
+    for pool, _, v, *_ in static:
         _add(named, pool, v)
     errors = {}
     for pool in POOLS:
@@ -106,9 +118,9 @@ def memory_layout(cm: CostModel, knobs: Knobs, placement: dict[str, float], plan
             label = {"gpu": "workspace (activations, logits, prefill, draft buffers)",
                      "pinned": "pinned staging (prefill hidden states)",
                      "host": "host staging (prefill hidden states)"}[pool]
-            static.append((pool, label, residual))
+            static.append((pool, label, residual, "static" if pool == "gpu" else "staging"))
     return MemoryLayout(
-        static=tuple(StaticAlloc(p, n, v) for p, n, v in static if v > 0),
+        static=tuple(StaticAlloc(*a) for a in static if a[2] > 0),
         kv_per_sequence=kv_host, kv_per_gpu_sequence=kv_gpu,
         capacity={p: caps[p] for p in POOLS},
         predicted_peak=peak, residual_error=errors)

@@ -16,6 +16,9 @@ Definitions (the runtime must measure the same things):
   slot_seconds_median the median verification.
 - busy_fraction: busy seconds of each resource (gpu, cpu = CPU attention, h2d, d2h) / total_seconds.
 - peak_mem_bytes / capacity_bytes: per pool (gpu, pinned, host); capacity 0 means unlimited.
+- peak_mem_seconds: when each pool first reached its peak; mem_over_time: per pool, the highest use
+  in each of MEM_BINS equal spans of [0, total_seconds] (simulated reports: memory taken and released
+  over the run; empty where not recorded).
 - acceptance: per verification of one sequence: tokens = accepted draft tokens + 1 (uncapped),
   useful tokens (capped at what the sequence still needed), observed per-position acceptance
   P(position i accepted | 1..i-1 accepted).
@@ -72,6 +75,8 @@ class Report(YamlContract):
     bound_fraction: float
     predicted: dict[str, float] = field(default_factory=dict)  # same names as figures()
     notes: tuple[str, ...] = ()
+    peak_mem_seconds: dict[str, float] = field(default_factory=dict)
+    mem_over_time: dict[str, tuple[float, ...]] = field(default_factory=dict)
     schema_version: int = REPORT_SCHEMA
     SCHEMA = REPORT_SCHEMA  # what this code reads (a class constant, not a field)
 
@@ -79,6 +84,34 @@ class Report(YamlContract):
         if self.kind not in KINDS:
             raise ValueError(f"kind must be one of {', '.join(KINDS)}; found {self.kind!r}")
 
+
+
+MEM_BINS = 20
+
+
+def binned_peaks(history: list[tuple[float, float]], total: float, bins: int = MEM_BINS) -> tuple[float, ...]:
+    """The highest value of a step function (time, value after the change) in each of `bins` equal spans
+    of [0, total]: a use taken and released inside one span still shows."""
+    if not history:
+        return ()
+    if total <= 0:
+        return (max(v for _, v in history),)
+    out = [0.0] * bins
+    value = 0.0
+    points = sorted(history, key=lambda x: x[0])
+    i = 0
+    for b in range(bins):
+        lo, hi = total * b / bins, total * (b + 1) / bins
+        while i < len(points) and points[i][0] <= lo:
+            value = points[i][1]
+            i += 1
+        peak = value
+        while i < len(points) and (points[i][0] < hi or b == bins - 1):  # the last span takes the rest
+            value = points[i][1]
+            peak = max(peak, value)
+            i += 1
+        out[b] = peak
+    return tuple(out)
 
 
 # The comparable figures, in display order: (flattened name, label, unit scale, unit).

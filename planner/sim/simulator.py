@@ -39,8 +39,12 @@ Model (what the runtime is expected to do; durations all come from the CostModel
   idle: all min(free, left) waiting prompts, in chunks of prefill_batch. Then X's draft round (its
   survivors and newcomers, after their prefill) is issued; interleaved: it runs while the other batch
   verifies; serial-spec: right before X's next verification.
-- Memory (see memory.py): static allocations at setup, including the KV caches of every slot at full
-  length (the runtime preallocates them); a plan that does not fit fails at t=0 naming the part.
+- Memory (see memory.py): weights and working sets at setup; weight buffers taken by each streamed
+  copy and released after the layer's last compute; a prefill chunk's staging while it runs; KV taken
+  per token as sequences are admitted and generate, freed when they finish. An overflow stops the run
+  at the simulated time it happens, naming the part. (The runtime reserves each slot's KV at full
+  length up front; the cost model's peak, which the planner enforces, counts it so; the simulator
+  shows the bytes in use.)
 """
 from __future__ import annotations
 
@@ -56,7 +60,7 @@ from ..strict import SchemaError
 from .engine import Engine, MemoryPool, Overflow, Task
 from .memory import POOLS, finite_capacity, memory_layout
 from .predict import plan_cost_model, predicted_figures
-from .report import AcceptanceStats, Report
+from .report import AcceptanceStats, Report, binned_peaks
 from .trace import ChromeTrace, slice_name
 
 TARGET, DRAFT, BULK = 0, 1, 2  # priority classes: lower runs first
@@ -144,6 +148,7 @@ class _Batch:
         self.seq = np.full(size, -1, dtype=np.int64)
         self.gen = np.zeros(size, dtype=np.int64)
         self.active = np.zeros(size, dtype=bool)
+        self.kv = np.zeros(size, dtype=np.int64)  # tokens each slot holds in the KV caches
         self.pending: list[Task] = []  # what the next verification (serial: the next draft) waits for
 
     def free_slots(self) -> np.ndarray:
@@ -201,6 +206,16 @@ class Simulation:
         self.pools = {p: MemoryPool(p, self.layout.capacity[p], mrec) for p in POOLS}
         self.overflow: Overflow | None = None
         self.problems: list[Problem] = []
+        # Memory taken and released over time (memory.py): KV per token per pool for a host-KV slot and
+        # for a GPU-KV slot (the first gpu_kv slots of each batch), staging per prefill prompt.
+        ctx = max(1.0, float(cm.ctx_max))
+        self.kv_token = {pool: v / ctx for pool, v in self.layout.kv_per_sequence.items()}
+        self.kv_token_gpu = {pool: v / ctx for pool, v in self.layout.kv_per_gpu_sequence.items()}
+        self.staging = [(a.pool, a.nbytes / max(1, plan.prefill_batch), a.name) for a in self.layout.static
+                        if a.kind == "staging"]
+        self.buffer_bytes = {a.pool: a.nbytes for a in self.layout.static if a.kind == "buffers"}
+        self.prefill_queue: list[_Pass] = []  # admitted chunks; the first holds the staging
+        self.buffer_taken: dict[tuple[int, int], float] = {}
 
         # Weight stream state.
         self.streamed = [j for j in range(self.L) if self.attn_streamed[j] or self.ffn_streamed[j]]
@@ -255,6 +270,40 @@ class Simulation:
                 f"{pool} memory overflows at t={over.time:.3f} s in task '{task}': {over.need_bytes / gib:.2f} GiB "
                 f"needed, capacity {over.capacity_bytes / gib:.2f} GiB (over by {over.excess_bytes / gib:.2f} GiB)")))
             self.eng.stopped = True
+
+    def _free(self, pool: str, nbytes: float) -> None:
+        self.pools[pool].free(nbytes, self.eng.now)
+
+    def _kv_bytes(self, slots: np.ndarray, tokens: np.ndarray) -> dict[str, float]:
+        """Bytes per pool that `tokens` KV entries of each of `slots` take (GPU-KV slots come first)."""
+        on_gpu = slots < self.gpu_kv
+        n_gpu, n_host = float(tokens[on_gpu].sum()), float(tokens[~on_gpu].sum())
+        out: dict[str, float] = {}
+        for rate, n in ((self.kv_token, n_host), (self.kv_token_gpu, n_gpu)):
+            for pool, v in rate.items():
+                out[pool] = out.get(pool, 0.0) + v * n
+        return out
+
+    def _kv_take(self, batch: _Batch, slots: np.ndarray, tokens: np.ndarray, what: str) -> None:
+        if not len(slots) or self.eng.stopped:
+            return
+        batch.kv[slots] += tokens
+        for pool, nbytes in self._kv_bytes(slots, tokens).items():
+            self._alloc(pool, nbytes, f"KV caches: {what} (batch {batch.index}, {len(slots)} sequences)")
+
+    def _kv_free(self, batch: _Batch, slots: np.ndarray) -> None:
+        if not len(slots):
+            return
+        for pool, nbytes in self._kv_bytes(slots, batch.kv[slots]).items():
+            self._free(pool, nbytes)
+        batch.kv[slots] = 0
+
+    def _staging(self, p: _Pass, take: bool) -> None:
+        for pool, per_prompt, name in self.staging:
+            if take:
+                self._alloc(pool, per_prompt * p.n_prompts, f"{name}, prefill chunk of {p.n_prompts} prompts")
+            else:
+                self._free(pool, per_prompt * p.n_prompts)
 
     def _ctx(self, batch: _Batch, idx: np.ndarray) -> float:
         """Keys per row of one attention call over the sequences idx: the runtime pads the call to its
@@ -317,6 +366,11 @@ class Simulation:
             ffn = Task("w-ffn", "h2d", self.h2d, secs, _prio(BULK, n, j, 1), self._quantum(secs, nbytes),
                        layer=j, pass_index=n, traced=traced)
         self.issued[(n, j)] = (attn, ffn, tokens, need)
+        if self.buffer_bytes:  # the bytes this layer's copy puts in its buffer, until the layer is done
+            nbytes = ((self.t.attn_bytes_per_layer if self.attn_streamed[j] else 0.0)
+                      + (self._ffn_copy(tokens)[1] if self.ffn_streamed[j] else 0.0))
+            self.buffer_taken[(n, j)] = nbytes
+            self._alloc("gpu", nbytes, f"weight buffer: layer {j} for pass {n}")
         for task in (attn, ffn):
             if task is not None:
                 eng.arm(task)
@@ -331,6 +385,9 @@ class Simulation:
 
     def _release_buffer(self, n: int, j: int) -> None:
         got = self.issued.pop((n, j), None)
+        taken = self.buffer_taken.pop((n, j), 0.0)
+        if taken:
+            self._free("gpu", taken)
         self.free_buffers += got[3] if got is not None else (0 if self.by_bytes else 1)
         self._pump()
 
@@ -439,6 +496,10 @@ class Simulation:
         batch.gen[slots] = 1
         batch.active[slots] = self.G > 1
         self.queue_next += n
+        self._kv_take(batch, slots, np.full(n, self.P, dtype=np.int64), f"prompts of {n} admitted sequences")
+        self.prefill_queue.append(p)
+        if len(self.prefill_queue) == 1:  # chunks run one at a time: the first admitted holds the staging
+            self._staging(p, True)
         self._build_prefill(p)
         batch.pending.append(p.gate)
         return p
@@ -494,9 +555,20 @@ class Simulation:
     def _prefill_done(self, p: _Pass, now: float) -> None:
         p.done = True
         self.generated += p.n_prompts  # the first token of each sequence
+        if p in self.prefill_queue:
+            head = self.prefill_queue[0] is p
+            self.prefill_queue.remove(p)
+            if head:
+                self._staging(p, False)
+                if self.prefill_queue:
+                    self._staging(self.prefill_queue[0], True)
         if self.G <= 1:
             self.finished += p.n_prompts
             self.batches[p.batch].seq[p.slots] = -1
+            self._kv_free(self.batches[p.batch], p.slots)
+        else:
+            self._kv_take(self.batches[p.batch], p.slots, np.ones(p.n_prompts, dtype=np.int64),
+                          "first tokens after prefill")
         start = self.last_end
         self._segment("prefill", now)
         self.prefill_log.append((p.index, p.batch, start, now, p.n_prompts))
@@ -656,11 +728,13 @@ class Simulation:
         self.tokens_sum += float(tokens.sum())
         self.kept_sum += float(kept.sum())
         self.generated += int(kept.sum())
+        self._kv_take(batch, idx, kept, "tokens kept by a verification")
         done = idx[batch.gen[idx] >= self.G]
         if len(done):
             batch.active[done] = False
             batch.seq[done] = -1
             self.finished += len(done)
+            self._kv_free(batch, done)  # the slot's KV is freed at finish, ready for a refill
         start = self.last_end
         self._segment("decode", now)
         self.slot_log.append((p.index, p.batch, start, now, n))
@@ -674,18 +748,9 @@ class Simulation:
     # --- the run -------------------------------------------------------------------------------
     def _setup(self) -> None:
         for a in self.layout.static:
+            if a.kind != "static":
+                continue
             self._alloc(a.pool, a.nbytes, f"setup: {a.name}")
-            if self.eng.stopped:
-                return
-        slots = self.nb * self.b
-        for pool, v in self.layout.kv_per_sequence.items():
-            self._alloc(pool, v * self.nb * (self.b - self.gpu_kv),
-                        f"setup: KV caches of {self.nb * (self.b - self.gpu_kv)} of {slots} slots at full length")
-            if self.eng.stopped:
-                return
-        for pool, v in self.layout.kv_per_gpu_sequence.items():
-            self._alloc(pool, v * self.nb * self.gpu_kv,
-                        f"setup: GPU-resident KV caches of {self.nb * self.gpu_kv} of {slots} slots at full length")
             if self.eng.stopped:
                 return
         need = self.P + self.G + self.k + 1
@@ -785,6 +850,8 @@ class Simulation:
             prefill_passes=len(self.prefill_log),
             busy_fraction={r: (v / T if T > 0 else 0.0) for r, v in busy.items()},
             peak_mem_bytes={p: self.pools[p].peak for p in POOLS},
+            peak_mem_seconds={p: self.pools[p].peak_time for p in POOLS},
+            mem_over_time={p: binned_peaks(self.pools[p].history, T) for p in POOLS},
             capacity_bytes={p: finite_capacity(self.layout.capacity[p]) for p in POOLS},
             acceptance=AcceptanceStats(
                 draft_len=self.k, rounds=self.rounds,

@@ -1,0 +1,76 @@
+"""tools/gpu_check.py's planning, simulation and reporting on the CPU, with the h200-24g preset's numbers
+and the shapes and job the GPU run uses (the engine part runs in the slow end-to-end smoke test)."""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from specoffload.planner.models import load_model_spec
+from specoffload.planner.schema import Workload, load_profile
+from specoffload.planner.sim import simulate
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def gc():
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "tools" / "gpu_check.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def setup(gc, tmp_path_factory):
+    """The GPU run's defaults: a 4-layer Mixtral-8x7B target, a full Mistral-7B draft, 256 prompts 128 -> 32."""
+    root = tmp_path_factory.mktemp("gpu_check")
+    dirs = []
+    for name, cfg in (("target", dict(gc.MIXTRAL, num_hidden_layers=4)), ("draft", dict(gc.MISTRAL, num_hidden_layers=32))):
+        d = root / name
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps(cfg))
+        dirs.append(d)
+    target, draft = load_model_spec(str(dirs[0])), load_model_spec(str(dirs[1]))
+    work = Workload(prompt_len_tokens=128, gen_len_tokens=32, num_prompts=256, acceptance=0.7,
+                    acceptance_source="synthetic (timing mode)")
+    said = []
+    plans = gc.plans_for(load_profile("h200-24g"), target, draft, work, said.append)
+    return plans, said, target
+
+
+def test_every_policy_plans_on_the_h200_24g_preset(setup):
+    plans, said, _ = setup
+    assert not said, said  # nothing was refused
+    assert set(plans) == {"specoffload", "offload-only", "serial-spec", "interleaved"}
+    assert plans["serial-spec"].policy == "serial-spec" and plans["interleaved"].policy == "interleaved"
+
+
+def test_offload_only_streams_every_layer(setup):
+    plans, _, target = setup
+    plan = plans["offload-only"]
+    assert plan.policy == "offload-only" and plan.draft_len == 0
+    assert plan.gpu_attn_layers == 0 and plan.gpu_ffn_layers == 0  # every layer's weights cross PCIe each pass
+    assert plan.prediction.busy_seconds_per_slot["h2d"] > 0
+    assert simulate(plan, load_profile("h200-24g")).ok
+
+
+def test_result_lines_are_never_empty(gc, setup):
+    plans, _, _ = setup
+    prof = load_profile("h200-24g")
+    for policy, plan in plans.items():
+        sim = simulate(plan, prof)
+        assert sim.ok, (policy, sim.problems)
+        line = gc.result_line(policy, plan, sim.report.throughput_tokens_per_s, 100.0, 8192, 81.92)
+        assert line.startswith(f"{policy} -> {plan.policy} b=") and "measured 100.0 tok/s" in line
+        assert "simulated" in line and "planned" in line
+        bound = plan.prediction.physical_bound_tokens_per_s
+        assert ("% of the physical bound" in line) == (bound > 0)
+        # An unbounded plan (bound written as 0) still prints its whole line.
+        unbounded = dataclasses.replace(plan, prediction=dataclasses.replace(plan.prediction,
+                                                                             physical_bound_tokens_per_s=0.0))
+        line0 = gc.result_line(policy, unbounded, sim.report.throughput_tokens_per_s, 100.0, 8192, 81.92)
+        assert line0.startswith(f"{policy} -> ") and line0.endswith("no finite physical bound")
