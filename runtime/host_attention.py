@@ -19,8 +19,8 @@ Two implementations, same contract:
   there are fewer rows than threads. A query's result does not depend on the batch, on the number
   of new queries or on the thread count.
 - ``torch``: the grouped matmul (the G query heads folded into the query axis against one K/V),
-  over rows grouped by length so no row is padded past the next multiple of 64 keys; scores and
-  softmax in fp32. Used where the kernel cannot be built (said once, with the reason), or when
+  over rows grouped by length so no row is padded past the next multiple of 64 keys; fp32 math
+  (bf16/fp16 K/V are upcast per group, a copy this path pays for exactness). Used where the kernel cannot be built (said once, with the reason), or when
   ``SPECOFFLOAD_HOST_ATTN=torch`` (tests cover both).
 
 Semantics (both): query t of row b sees key j iff j < kv_len[b], j <= q_pos[b, t] and, with a
@@ -134,8 +134,8 @@ def host_attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, kv_len: Tenso
 def grouped_attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, kv_len: Tensor,
                       sliding_window: int | None, rows: Tensor, bucket: int = 64) -> Tensor:
     """The pure-torch path: rows grouped by length (rounded up to ``bucket`` keys); per group the G query
-    heads sharing a kv head are folded into the query axis and hit the group's K/V with one matmul in
-    the cache dtype; scores, softmax and the output in fp32.  q fp32 [B, T, H, Dh] -> fp32."""
+    heads sharing a kv head are folded into the query axis and hit the group's K/V with one matmul, all
+    in fp32 (bf16/fp16 K/V are upcast per group).  q fp32 [B, T, H, Dh] -> fp32."""
     B, T, H, Dh = q.shape
     Hkv, L = k.shape[1], k.shape[2]
     G = H // Hkv
@@ -154,7 +154,8 @@ def grouped_attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, kv_len: Te
         vv = v[s0:s0 + len(src), :, :w] if contiguous else v[src, :, :w]
         b = len(sel)
         qg = (q[sel] * scale).view(b, T, Hkv, G, Dh).permute(0, 2, 3, 1, 4).reshape(b, Hkv, G * T, Dh)
-        scores = torch.matmul(qg.to(kk.dtype), kk.transpose(2, 3)).float()  # [b, Hkv, G*T, w]
+        kk, vv = kk.float(), vv.float()  # fp32 math (a copy for bf16/fp16 caches: the price of this path)
+        scores = torch.matmul(qg, kk.transpose(2, 3))  # [b, Hkv, G*T, w]
         j = torch.arange(w)
         p_ = q_pos[sel][:, :, None]
         vis = (j[None, None, :] <= p_) & (j[None, None, :] < kv_len[sel][:, None, None])
@@ -165,7 +166,7 @@ def grouped_attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, kv_len: Te
         m = scores.amax(dim=-1, keepdim=True).clamp(min=torch.finfo(torch.float32).min)
         p = torch.exp(scores - m)
         denom = p.sum(dim=-1, keepdim=True)
-        o = torch.matmul(p.to(vv.dtype), vv).float() / torch.where(denom > 0, denom, torch.ones_like(denom))
+        o = torch.matmul(p, vv) / torch.where(denom > 0, denom, torch.ones_like(denom))
         out[sel] = o.view(b, Hkv, G, T, Dh).permute(0, 3, 1, 2, 4).reshape(b, T, H, Dh)
     return out
 
