@@ -17,7 +17,10 @@ Two implementations, same contract:
   loops otherwise. Threads: torch's intra-op pool (``torch.set_num_threads``); work items are
   (row, kv head, 512-key chunk), taken longest first, so long rows split across threads even when
   there are fewer rows than threads. A query's result does not depend on the batch, on the number
-  of new queries or on the thread count.
+  of new queries or on the thread count. Scores: per key a 16-lane partial dot product per query
+  row, summed 16 keys at a time by one transpose-and-add tree; with a bf16 cache on a CPU with
+  AVX-512 BF16 the dot products take bf16 pairs straight from the cache against the queries rounded
+  to bf16 (KVCache.attend hands them over in the cache dtype anyway; products are exact in fp32).
 - ``torch``: the grouped matmul (the G query heads folded into the query axis against one K/V),
   over rows grouped by length so no row is padded past the next multiple of 64 keys; fp32 math
   (bf16/fp16 K/V are upcast per group, a copy this path pays for exactness). Used where the kernel cannot be built (said once, with the reason), or when

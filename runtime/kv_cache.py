@@ -144,8 +144,8 @@ class KVCache:
         if impl == "host":
             if dev.type != "cpu":
                 raise ValueError("impl='host' needs a cache in host memory")
-            return host_attention(q, self.k[layer], self.v[layer], q_pos, kv_len, self.sliding_window, rows=idx,
-                                  out_dtype=self.k[layer].dtype)
+            return host_attention(q.to(self.k[layer].dtype), self.k[layer], self.v[layer], q_pos, kv_len,
+                                  self.sliding_window, rows=idx, out_dtype=self.k[layer].dtype)
         k, v = self.view(layer, idx, int(kv_len.max()))
         return attention(q.to(dev, self.k[layer].dtype), k, v, q_pos.to(dev), kv_len.to(dev),
                          self.sliding_window, impl=impl)

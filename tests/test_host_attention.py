@@ -2,9 +2,9 @@
 
 Random ragged batches: rows of length 0 and 1 among longer ones, rows addressed out of order inside
 a larger cache (no gather), Q in 1..9 new queries per row, GQA group sizes 1..8, sliding windows,
-fp32 / bf16 / fp16 caches. Both paths compute in fp32 whatever the cache dtype, and bf16/fp16
-caches are compared with the reference computed from the same (rounded) cache values, so every
-case must match to 1e-5.
+fp32 / bf16 / fp16 caches. Both paths accumulate in fp32 whatever the cache dtype, and bf16/fp16
+caches are compared with the reference computed from the same (rounded) cache values and queries
+(KVCache.attend hands queries over in the cache dtype), so every case must match to 1e-5.
 """
 from __future__ import annotations
 
@@ -52,7 +52,8 @@ def case(seed, lengths, T, G, Hkv, Dh, dtype, L):
     # Each row's new queries are its last n_new positions (n_new <= T, the rest is padding past the end).
     n_new = torch.tensor([min(T, n) for n in lengths])
     q_pos = (kv_len - n_new)[:, None] + torch.arange(T)[None, :]
-    q = torch.randn(B, T, G * Hkv, Dh, generator=g) * 2.0
+    # Queries in the cache's dtype, as KVCache.attend passes them (the kernel dots bf16 queries with bf16 keys).
+    q = (torch.randn(B, T, G * Hkv, Dh, generator=g) * 2.0).to(dtype).float()
     return q, k, v, q_pos, kv_len, rows
 
 
@@ -135,7 +136,7 @@ def test_kv_cache_attend_uses_host_path_without_copies(impl, dtype, monkeypatch)
     want = cache2.attend(0, slots, q.to(dtype).float(), k_new, v_new, n_new, impl="sdpa") if dtype == torch.float32 \
         else None
     idx = torch.tensor(slots)
-    ref = reference(q, cache.k[0], cache.v[0], cache.positions(idx, 3), cache.lengths[idx] + n_new, 6, idx)
+    ref = reference(q.to(dtype).float(), cache.k[0], cache.v[0], cache.positions(idx, 3), cache.lengths[idx] + n_new, 6, idx)
     for b, n in enumerate(n_new.tolist()):  # padded query rows (t >= n_new) are not compared
         # the output is stored in the cache dtype: bf16 rounding of the result (2^-8 relative)
         tol = 1e-5 if dtype == torch.float32 else 2 ** -8

@@ -27,6 +27,7 @@
 #include <cstdint>
 #include <limits>
 #include <numeric>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX512F__)
@@ -72,6 +73,29 @@ inline __m512 exp16(__m512 x) {
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
   return _mm512_scalef_ps(p, n);
 }
+
+// Lane-wise sums of 16 vectors: out[j] = sum of the 16 lanes of v[j].
+inline __m512 sum16(const __m512* v) {
+  __m512 w[4];
+  for (int m = 0; m < 4; ++m) {
+    __m512 s2[2];
+    for (int h = 0; h < 2; ++h) {
+      const __m512 x = v[4 * m + 2 * h], y = v[4 * m + 2 * h + 1];
+      // per 128-bit lane: [x0+x2, y0+y2, x1+x3, y1+y3]
+      s2[h] = _mm512_add_ps(_mm512_unpacklo_ps(x, y), _mm512_unpackhi_ps(x, y));
+    }
+    // per 128-bit lane: that lane's sums of v[4m], v[4m+1], v[4m+2], v[4m+3]
+    w[m] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(s2[0]), _mm512_castps_pd(s2[1]))),
+                         _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(s2[0]), _mm512_castps_pd(s2[1]))));
+  }
+  // add the four 128-bit lanes: first pairwise within two vectors at a time, then across
+  const __m512 z01 = _mm512_add_ps(_mm512_shuffle_f32x4(w[0], w[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                   _mm512_shuffle_f32x4(w[0], w[1], _MM_SHUFFLE(3, 1, 3, 1)));
+  const __m512 z23 = _mm512_add_ps(_mm512_shuffle_f32x4(w[2], w[3], _MM_SHUFFLE(2, 0, 2, 0)),
+                                   _mm512_shuffle_f32x4(w[2], w[3], _MM_SHUFFLE(3, 1, 3, 1)));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(z01, z23, _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_f32x4(z01, z23, _MM_SHUFFLE(3, 1, 3, 1)));
+}
 #endif
 
 struct Shape {
@@ -88,9 +112,13 @@ struct Scratch {
   std::vector<float> m, l; // [R]
   std::vector<float> s;    // [R, BLK] scores, then probabilities
   std::vector<int64_t> lo, hi;  // [R] visible key range of each query row
+  std::vector<uint16_t> qbf;    // [R, Dh] the scaled queries in bf16 (bf16 caches with AVX-512 BF16)
+#if defined(__AVX512F__)
+  __m512 part[QG * BLK];        // per-key partial dot products of up to QG rows
+#endif
   void resize(int64_t R, int64_t Dh) {
     q.resize(R * Dh); acc.resize(R * Dh); m.resize(R); l.resize(R); s.resize(R * BLK);
-    lo.resize(R); hi.resize(R);
+    lo.resize(R); hi.resize(R); qbf.resize(R * Dh);
   }
 };
 
@@ -110,19 +138,45 @@ void attend_range(const Shape& sh, const T* kp, const T* vp, Scratch& sc, int64_
     if (!any) continue;
 #if defined(__AVX512F__)
     if (Dh % 16 == 0) {
-      // Scores: s[r, jj] = q[r] . k[j0 + jj]
-      for (int64_t jj = 0; jj < nb; ++jj) {
-        const T* kj = kp + (j0 + jj) * sh.ks2;
-        for (int64_t r0 = 0; r0 < R; r0 += QG) {
-          const int nr = static_cast<int>(std::min<int64_t>(QG, R - r0));
+      // Scores: s[r, jj] = q[r] . k[j0 + jj]. Per key and row a 16-lane partial sum; the 16 keys' partials
+      // of a row are then summed lane-wise by one transpose-and-add tree (no per-dot horizontal sums).
+#if defined(__AVX512BF16__)
+      const bool bf_dot = std::is_same<T, at::BFloat16>::value && Dh % 32 == 0;
+#else
+      const bool bf_dot = false;
+#endif
+      for (int64_t r0 = 0; r0 < R; r0 += QG) {
+        const int nr = static_cast<int>(std::min<int64_t>(QG, R - r0));
+        __m512* tmp = sc.part;
+        for (int64_t jj = 0; jj < nb; ++jj) {
+          const T* kj = kp + (j0 + jj) * sh.ks2;
           __m512 a[QG];
           for (int i = 0; i < QG; ++i) a[i] = _mm512_setzero_ps();
-          for (int64_t c = 0; c < Dh; c += 16) {
-            const __m512 kv = load16(kj + c);
-            for (int i = 0; i < QG; ++i)
-              if (i < nr) a[i] = _mm512_fmadd_ps(kv, _mm512_loadu_ps(qb + (r0 + i) * Dh + c), a[i]);
+#if defined(__AVX512BF16__)
+          if (bf_dot) {
+            // bf16 pairs straight from the cache against the bf16 queries (products exact, fp32 sums;
+            // the scale is applied to the sums)
+            const uint16_t* qh = sc.qbf.data() + r0 * Dh;
+            for (int64_t c = 0; c < Dh; c += 32) {
+              const __m512bh kv = (__m512bh)_mm512_loadu_si512(reinterpret_cast<const void*>(kj + c));
+              for (int i = 0; i < QG; ++i)
+                if (i < nr) a[i] = _mm512_dpbf16_ps(a[i], kv, (__m512bh)_mm512_loadu_si512(qh + i * Dh + c));
+            }
+          } else
+#endif
+          {
+            for (int64_t c = 0; c < Dh; c += 16) {
+              const __m512 kv = load16(kj + c);
+              for (int i = 0; i < QG; ++i)
+                if (i < nr) a[i] = _mm512_fmadd_ps(kv, _mm512_loadu_ps(qb + (r0 + i) * Dh + c), a[i]);
+            }
           }
-          for (int i = 0; i < nr; ++i) sb[(r0 + i) * BLK + jj] = _mm512_reduce_add_ps(a[i]);
+          for (int i = 0; i < nr; ++i) tmp[i * BLK + jj] = a[i];
+        }
+        for (int i = 0; i < nr; ++i) {
+          for (int64_t jj = nb; jj < BLK; ++jj) tmp[i * BLK + jj] = _mm512_setzero_ps();
+          const __m512 d = sum16(tmp + i * BLK);
+          _mm512_storeu_ps(sb + (r0 + i) * BLK, bf_dot ? _mm512_mul_ps(d, _mm512_set1_ps(sh.scale)) : d);
         }
       }
       // Online softmax update per query row, 16 keys at a time.
@@ -276,6 +330,8 @@ void run(const Shape& sh, const float* q, const T* k, const T* v, const int64_t*
           sc.hi[r] = hi[b * T_ + t];
           sc.m[r] = -std::numeric_limits<float>::infinity();
           sc.l[r] = 0.f;
+          if (std::is_same<T, at::BFloat16>::value)
+            for (int64_t c = 0; c < Dh; ++c) sc.qbf[r * Dh + c] = at::BFloat16(qs[c]).x;  // unscaled
         }
       std::fill(sc.acc.begin(), sc.acc.end(), 0.f);
       const int64_t j_begin = std::max(it.chunk * CHUNK, (klo[b] / BLK) * BLK);
