@@ -104,18 +104,24 @@ def main(argv=None) -> int:
     ap.add_argument("--min-s", type=float, default=0.02, help="each sample averages calls over this long")
     ap.add_argument("--reps", type=int, default=5, help="samples per measurement (median)")
     ap.add_argument("--impls", default="sdpa,grouped,host")
+    ap.add_argument("--dtypes", default="fp32,bf16")
+    ap.add_argument("--queries", default="1,2,5,9")
+    ap.add_argument("--contexts", default="128,512,1024,4096")
+    ap.add_argument("--batches", default="1,8,32,256")
+    ap.add_argument("--threads", default=None, help="thread counts (default: 1 and all usable cores)")
     args = ap.parse_args(argv)
     cores = usable_cores()
-    all_threads = sorted({1, cores})
+    ints = lambda text: [int(x) for x in text.split(",") if x]  # noqa: E731
+    all_threads = ints(args.threads) if args.threads else sorted({1, cores})
+    dtypes = [{"fp32": torch.float32, "bf16": torch.bfloat16}[d] for d in args.dtypes.split(",") if d]
     if args.quick:
         grid = [(d, Q, 512, 32, r, t) for d in (torch.float32, torch.bfloat16) for Q in (1, 5) for r in (False, True)
                 for t in (1,)]
         grid += [(torch.bfloat16, 1, 512, 32, False, cores)] if cores > 1 else []
     else:
         grid = []
-        for d, Q, ctx, batch, r, t in itertools.product((torch.float32, torch.bfloat16), (1, 2, 5, 9),
-                                                        (128, 512, 1024, 4096), (1, 8, 32, 256), (False, True),
-                                                        all_threads):
+        for d, Q, ctx, batch, r, t in itertools.product(dtypes, ints(args.queries), ints(args.contexts),
+                                                        ints(args.batches), (False, True), all_threads):
             if batch * ctx > 64 * 1024 or (batch == 1 and r):
                 continue
             grid.append((d, Q, ctx, batch, r, t))
