@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .config import ModelArgs, load_args
-from .host_attention import clamp_threads, set_threads
+from .host_attention import backend_note as attention_backend_note, clamp_threads, set_threads
 from .kv_cache import KVCache
 from .layers import (LayerWeights, ModelWeights, attention, attn_out, ffn, ffn_norm, moe_experts, qkv, rms_norm, route,
                      rope_cos_sin, rope_inv_freq, swiglu)
@@ -658,6 +658,7 @@ class Engine:
         (the CLIs choose it with host_attention.set_threads: usable cores less one), lowered to the cores
         this process may use if it is above them."""
         self.threads = set_threads(threads) if threads is not None else clamp_threads()
+        self.attention_path = attention_backend_note()  # builds the kernel now (once per machine), not mid-run
         self.plan = plan
         self.synthetic = synthetic_acceptance
         self._synthetic_rng = torch.Generator().manual_seed(0)
