@@ -299,6 +299,12 @@ class CostModel:
         gen = w.gen_len_tokens / 2.0 + drift * w.gen_len_tokens * (rows / (rows + 1.0) - 0.5)
         return self.padded_prompt(rows) + gen
 
+    def host_attention_context(self) -> float:
+        """Keys per row that host attention reads, averaged over the job: the runtime's host attention reads
+        each row only up to its own length (no padding to the longest row), so a call over any rows reads
+        the mean context, prompt + half the generation."""
+        return self.ctx_avg
+
     # --- primitive durations (the simulator uses these as task durations) ----------------------
     def matmul_seconds(self, flops: float, tokens: float, weight_bytes: float) -> float:
         """Roofline on the compute device: max(FLOPs / achieved rate at this token count, bytes / bandwidth)."""
@@ -352,7 +358,11 @@ class CostModel:
                 + tokens * spec.vocab_size * self.hw.device_logit_element_seconds)
 
     def cpu_attention_seconds(self, spec: ModelSpec, batch: float, query: float, context: float) -> float:
-        """One layer's decode attention on the CPU: batch sequences, `query` new tokens each."""
+        """One layer's decode/verify attention on the CPU: batch sequences, `query` new tokens each, over
+        `context` keys per sequence (the ragged mean: host attention reads each row to its own length).
+        Per call a fixed cost; per sequence a fixed cost, a cost per query row, its KV bytes (in the
+        profile's accounting) over the measured read rate and the FLOPs of its query rows over the
+        measured arithmetic rate."""
         if batch <= 0:
             return 0.0
         hw = self.hw
@@ -400,6 +410,8 @@ class CostModel:
         weights = d.b(d.layer_params)
         in_flight = batch * knobs.num_batches
         ctx = self.attention_context(batch, in_flight) if context is None else context
+        # Host attention (draft KV on the host, or everything on a CPU-only machine) reads rows to their own length.
+        host_ctx = self.host_attention_context() if context is None else context
         # Each step's linear layers for s sequences: FLOPs over the rate at s tokens, or reading all weights.
         def step(s: float, tokens_per_seq: float = 1.0) -> float:
             tok = s * tokens_per_seq
@@ -428,11 +440,11 @@ class CostModel:
         # KV kept: k steps of one token each, plus one catch-up token (the target's bonus token).
         out["gpu"] = (k - 1) * step(batch) + step(batch, 2.0) + host
         if knobs.draft_kv == "gpu" and self.cpu_only:  # the "device" is the CPU: the same attention call
-            out["gpu"] += k * L * self.cpu_attention_seconds(d, batch, 1, ctx)
+            out["gpu"] += k * L * self.cpu_attention_seconds(d, batch, 1, host_ctx)
         elif knobs.draft_kv == "gpu":
             out["gpu"] += k * L * self.gpu_attention_seconds(d, batch, 1, ctx)
         else:  # host KV, attention on the CPU workers, activations round-trip
-            out["cpu"] = k * L * self.cpu_attention_seconds(d, batch, 1, ctx)
+            out["cpu"] = k * L * self.cpu_attention_seconds(d, batch, 1, host_ctx)
             down, up = self.attention_io_bytes(d, batch)
             out["d2h"] = k * L * self.d2h_seconds(down)
             out["h2d"] = k * L * self.h2d_seconds(up)
@@ -472,10 +484,12 @@ class CostModel:
         L = t.num_layers
         tokens = b * (k + 1)
         mb_tokens = tokens / m
-        ctx = self.attention_context(b / m, b * nb)  # a micro-batch is one attention call, padded to its longest row
+        ctx = self.attention_context(b / m, b * nb)  # device attention: one call padded to its longest row
         qkv = self.qkv_seconds(t, mb_tokens)  # per micro-batch, per layer
         ffn = self.ffn_seconds(t, mb_tokens)
-        cpu_attn_seq = self.cpu_attention_seconds(t, 1, k + 1, ctx) - self.hw.cpu_attn_overhead_seconds
+        # Host attention reads each row to its own length: the mean context, whatever the micro-batch.
+        cpu_attn_seq = (self.cpu_attention_seconds(t, 1, k + 1, self.host_attention_context())
+                        - self.hw.cpu_attn_overhead_seconds)
         gpu_attn_seq = self.gpu_attention_seconds(t, 1, k + 1, ctx)
         down, up = self.attention_io_bytes(t, mb_tokens)
         d2h_mb, h2d_mb = self.d2h_seconds(down), self.h2d_seconds(up)

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .config import ModelArgs, load_args
+from .host_attention import backend_note as attention_backend_note, clamp_threads, set_threads
 from .kv_cache import KVCache
 from .layers import (LayerWeights, ModelWeights, attention, attn_out, ffn, ffn_norm, moe_experts, qkv, rms_norm, route,
                      rope_cos_sin, rope_inv_freq, swiglu)
@@ -100,8 +101,9 @@ def padded(rows: list[list[int]]) -> Tensor:
 @dataclass(frozen=True)
 class PassRecord:
     """One forward: `model` (target | draft), `batch` rows of `query` new tokens each (padded: the longest
-    row's count), `keys` the keys the attention reads per row (cached + new of the longest row: a call is
-    padded to it), start/end on the timeline's clock; `prefill` for prompts."""
+    row's count), `keys` the keys the attention reads per row (the mean over rows of cached + new: host
+    attention reads each row only up to its own length), start/end on the timeline's clock; `prefill`
+    for prompts."""
 
     model: str
     batch: int
@@ -501,7 +503,7 @@ class Target:
         t_end = time.perf_counter()
         self.tl.add("gpu", "lm_head", t0, t_end)
         if self.tl.enabled:
-            self.tl.add_pass("target", B, T, float((lengths + n_new).max()), t_pass, t_end, prefill)
+            self.tl.add_pass("target", B, T, float((lengths + n_new).float().mean()), t_pass, t_end, prefill)
         return out
 
 
@@ -648,9 +650,15 @@ class Engine:
 
     def __init__(self, plan, target_dir: str | Path, draft_dir: str | Path | None = None,
                  device: str | torch.device | None = None, dtype: torch.dtype | None = None,
-                 max_len: int | None = None, trace: bool = False, synthetic_acceptance: float | None = None):
+                 max_len: int | None = None, trace: bool = False, synthetic_acceptance: float | None = None,
+                 threads: int | None = None):
         """synthetic_acceptance: TIMING MODE ONLY. Keep each draft token with this probability whatever
-        it is (for random-weight models, which accept nothing); outputs are then not the target's."""
+        it is (for random-weight models, which accept nothing); outputs are then not the target's.
+        threads: CPU threads for host attention (torch's intra-op pool); None keeps the process's setting
+        (the CLIs choose it with host_attention.set_threads: usable cores less one), lowered to the cores
+        this process may use if it is above them."""
+        self.threads = set_threads(threads) if threads is not None else clamp_threads()
+        self.attention_path = attention_backend_note()  # builds the kernel now (once per machine), not mid-run
         self.plan = plan
         self.synthetic = synthetic_acceptance
         self._synthetic_rng = torch.Generator().manual_seed(0)

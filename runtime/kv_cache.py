@@ -6,21 +6,14 @@ prompt being prefilled next to one decoding).
 
 Layout per layer is head-major, ``[slots, Hkv, max_len, Dh]``, not token-major
 ``[slots, max_len, Hkv, Dh]``: attention reads K as a [L, Dh] matrix per (slot, kv head), and with
-the token-major layout that matrix is strided, which makes torch copy or fall off its fast path.
-Measured on this 2-core CPU (torch 2.13, fp32, L=512 keys, one layer, mask building included;
-``layers.attention``), milliseconds per call:
+the head-major layout that matrix is one contiguous run of memory (token-major makes it strided,
+which makes torch copy or fall off its fast path; measured 2-2.5x slower at Mixtral shapes).
 
-    shape (B, T, H, Hkv, Dh)        token-major sdpa / grouped    head-major sdpa / grouped
-    Mixtral decode (32, 1, 32, 8, 128)     22.2 / 74.5                  11.5 / 8.9
-    Mixtral verify (32, 5, 32, 8, 128)     40.1 / 97.7                  17.4 / 19.3
-    tiny decode    (64, 1, 8, 2, 16)        1.8 / 1.7                    1.3 / 0.9
-    tiny verify    (64, 5, 8, 2, 16)        1.6 / 3.9                    1.6 / 3.6
-
-Head-major wins by 2-2.5x at real shapes. On it, the grouped matmul is ~25% ahead for single-token
-decode and sdpa (enable_gqa) ahead for multi-token verification, which is what the speculative
-engine runs on the host; so sdpa is the default and impl="grouped" stays selectable. The price of
-head-major is that one token's keys are Hkv separate runs of Dh values instead of one contiguous
-run, which costs nothing measurable for appends on the host.
+Attention over a host cache (``impl="auto"`` on the CPU, or ``"host"``) is
+runtime/host_attention.py: it addresses the slots through an index and reads each one only up to
+its own length, so nothing is gathered, copied or padded to the longest row, and it accumulates in
+fp32 whatever the cache dtype. A cache on a GPU (``"auto"`` there) uses torch sdpa over a view up
+to the longest row. ``"sdpa"`` and ``"grouped"`` (runtime/layers.py) stay selectable anywhere.
 
 A step appends up to T new tokens per slot, at that slot's own positions ``len .. len + n_new - 1``;
 rows with fewer than T new tokens are right-padded and their padding is never written. Lengths
@@ -35,6 +28,7 @@ import torch
 from torch import Tensor
 
 from .config import ModelArgs
+from .host_attention import host_attention
 from .layers import attention
 
 
@@ -128,12 +122,14 @@ class KVCache:
         return self.k[layer][idx.to(dev), :, :upto], self.v[layer][idx.to(dev), :, :upto]
 
     def attend(self, layer: int, slots, q: Tensor, k_new: Tensor, v_new: Tensor,
-               n_new: Tensor | None = None, impl: str = "sdpa") -> Tensor:
+               n_new: Tensor | None = None, impl: str = "auto") -> Tensor:
         """Write this layer's new keys/values, then attend the new queries over the slot histories.
 
         q [B, T, H, Dh]; k_new, v_new [B, T, Hkv, Dh]; n_new [B] (default T) -> o [B, T, H, Dh].
         Runs where the cache lives (the host, in the offloaded engine); q/k/v are moved there.
-        Call :meth:`advance` once all layers of the step are done.
+        Call :meth:`advance` once all layers of the step are done. ``impl``: "auto" (host attention
+        for a host cache, sdpa for a device cache), "host", "sdpa" or "grouped". The output is in the
+        cache's dtype.
         """
         idx = _as_index(slots)
         B, T = q.shape[:2]
@@ -143,6 +139,13 @@ class KVCache:
         kv_len = self.lengths[idx] + n_new  # [B]
         q_pos = self.positions(idx, T)  # [B, T]
         dev = self.k[layer].device
+        if impl == "auto":
+            impl = "host" if dev.type == "cpu" else "sdpa"
+        if impl == "host":
+            if dev.type != "cpu":
+                raise ValueError("impl='host' needs a cache in host memory")
+            return host_attention(q.to(self.k[layer].dtype), self.k[layer], self.v[layer], q_pos, kv_len,
+                                  self.sliding_window, rows=idx, out_dtype=self.k[layer].dtype)
         k, v = self.view(layer, idx, int(kv_len.max()))
         return attention(q.to(dev, self.k[layer].dtype), k, v, q_pos.to(dev), kv_len.to(dev),
                          self.sliding_window, impl=impl)

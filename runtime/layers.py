@@ -242,9 +242,16 @@ def attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, kv_len: Tensor,
 
     impl="sdpa": torch's scaled_dot_product_attention with enable_gqa (no K/V repeat).
     impl="grouped": the G query heads sharing a kv head are folded into the query axis and hit the
-    same K/V with one plain matmul. Both are exact; see runtime/kv_cache.py for the measurement
-    that picked the default. Rows whose queries see no key at all (padding) come out finite.
+    same K/V with one plain matmul. Both are exact. Rows whose queries see no key at all (padding)
+    come out finite.
+    impl="host": runtime/host_attention.py (CPU tensors only): reads each row only up to its own
+    length, fp32 accumulation whatever the KV dtype, queries that see no key come out 0. This is
+    what the KV cache uses on the host (see runtime/kv_cache.py).
     """
+    if impl == "host":
+        from .host_attention import host_attention
+
+        return host_attention(q, k, v, q_pos, kv_len, sliding_window)
     B, T, H, Dh = q.shape
     Hkv, L = k.shape[1], k.shape[2]
     G = H // Hkv
@@ -258,7 +265,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, kv_len: Tensor,
                                            enable_gqa=True)  # [B, H, T, Dh]
         return o.transpose(1, 2)
     if impl != "grouped":
-        raise ValueError(f"unknown attention impl {impl!r} (sdpa, grouped)")
+        raise ValueError(f"unknown attention impl {impl!r} (sdpa, grouped, host)")
     qg = q.view(B, T, Hkv, G, Dh).permute(0, 2, 3, 1, 4).reshape(B, Hkv, G * T, Dh)  # [B, Hkv, G*T, Dh]
     scores = torch.matmul(qg, k.transpose(2, 3)) * scale  # [B, Hkv, G*T, L]
     scores = scores.view(B, Hkv, G, T, L).masked_fill(~visible[:, None, None], neg)

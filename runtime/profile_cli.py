@@ -41,8 +41,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="model whose shapes the matmul and attention probes use (preset or config.json; "
                          "default mixtral-8x7b)")
     hw.add_argument("--threads", type=int, default=None,
-                    help="torch intra-op threads while measuring, both modes (default: torch's, which the runtime "
-                         "uses)")
+                    help="CPU threads while measuring, both modes (default: what specoffload-run uses, the cores "
+                         "this process may use less one, at least 1)")
+    hw.add_argument("--kv-dtype", default=None, choices=("bf16", "fp16", "fp32"),
+                    help="host KV dtype the attention probe measures (default: the engine's here, bf16 beside a "
+                         "GPU, fp32 on a CPU-only machine)")
     hw.add_argument("--name", default=None, help="profile name (default: the output file's stem)")
     hw.add_argument("--no-progress", action="store_true", help="no progress bar")
     hw.add_argument("--force-fail", action="append", default=[], metavar="PROBE",
@@ -124,15 +127,22 @@ def run_hardware(args) -> int:
     from specoffload.runtime.profiler.probes import ProfileConfig, default_name, resolve_device, run_profile
 
     spec = load_model_spec(args.model)
-    cfg = (ProfileConfig.quick if args.quick else ProfileConfig.full)(model=spec,
+    from specoffload.runtime.host_attention import set_threads
+
+    cfg = (ProfileConfig.quick if args.quick else ProfileConfig.full)(model=spec, attn_kv_dtype=args.kv_dtype,
                                                                         force_fail=frozenset(args.force_fail))
+    try:
+        threads = set_threads(args.threads)
+    except ValueError as exc:
+        print(f"specoffload-profile: error: {exc}", file=sys.stderr)
+        return 2
     device = resolve_device(args.device)
     # Never into the package's profiles/ by default: a file there would pass for a shipped profile.
     out = Path(args.output) if args.output else Path(f"{default_name(device.type)}.yaml")
     if out.is_dir():
         raise SchemaError(f"-o {out} is a directory; give a file name, e.g. {out / (default_name(device.type) + '.yaml')}")
     name = args.name or out.stem
-    result = run_profile(cfg, device, name=name, progress=not args.no_progress, threads=args.threads)
+    result = run_profile(cfg, device, name=name, progress=not args.no_progress, threads=threads)
     result.profile.save(out)
     print(summary(result.profile))
     print(f"wrote {out} in {result.seconds:.1f} s ({cfg.mode} mode)")

@@ -102,7 +102,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--profile", default=None, help="profile for the pre-run simulation (default: the plan's)")
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     ap.add_argument("--threads", type=int, default=None,
-                    help="torch CPU threads (default: torch's choice); match the profile's, e.g. 1 on a busy machine")
+                    help="CPU threads for host attention and other CPU work (default: the cores this process may "
+                         "use less one for the driving thread, at least 1); match the profile's")
     ap.add_argument("--force", action="store_true",
                     help="run even if the simulator rejects the plan, or if prompts are longer than it was made for")
     ap.add_argument("--no-simulate", action="store_true", help="skip the pre-run simulation")
@@ -234,8 +235,12 @@ def _run(args: argparse.Namespace, out: OutputFile, guard: SignalGuard | None) -
     from .engine import Engine, EngineError, Request
     from .loader import CheckpointError
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    from .host_attention import set_threads
+
+    try:
+        set_threads(args.threads)
+    except ValueError as exc:
+        raise RunError(str(exc)) from None
     try:
         tokenizer = Tokenizer.from_file(str(tok_path))
     except Exception as exc:  # the tokenizers library raises its own exception types

@@ -305,9 +305,14 @@ class Simulation:
             else:
                 self._free(pool, per_prompt * p.n_prompts)
 
-    def _ctx(self, batch: _Batch, idx: np.ndarray) -> float:
-        """Keys per row of one attention call over the sequences idx: the runtime pads the call to its
-        longest row (the longest prompt among them, the furthest generation)."""
+    def _ctx(self, batch: _Batch, idx: np.ndarray, host: bool = False) -> float:
+        """Keys per row of one attention call over the sequences idx. On the device the runtime pads the
+        call to its longest row (the longest prompt among them, the furthest generation); host attention
+        reads each row to its own length (the mean prompt plus the rows' mean generation)."""
+        if host:
+            if self.opt.context == "average" or not len(idx):
+                return self.cm.host_attention_context()
+            return float(self.plan.workload.prompt_len_tokens + batch.gen[idx].mean())
         if self.opt.context == "average" or not len(idx):
             return self.cm.attention_context(max(1, len(idx)), self.knobs.decode_batch * self.knobs.num_batches)
         return float(self.cm.padded_prompt(len(idx)) + batch.gen[idx].max())
@@ -648,7 +653,7 @@ class Simulation:
             f = cm.ffn_seconds(t, tok)
             if len(on_cpu):
                 down, up = cm.attention_io_bytes(t, len(on_cpu) * k1)
-                io = (cm.d2h_seconds(down), cm.cpu_attention_seconds(t, len(on_cpu), k1, self._ctx(batch, on_cpu)),
+                io = (cm.d2h_seconds(down), cm.cpu_attention_seconds(t, len(on_cpu), k1, self._ctx(batch, on_cpu, host=True)),
                       cm.h2d_seconds(up))
             else:
                 io = None

@@ -1,0 +1,228 @@
+"""Host attention: the target's attention on the CPU over the ragged host KV cache, at memory bandwidth.
+
+Scope: one call for decode (one new query per row) and verification (k+1 new queries per row, causal
+among themselves), reading the cache as it lies: head-major ``[slots, Hkv, max_len, Dh]`` (see
+runtime/kv_cache.py), each row only up to its own length, no padding to the longest row and no
+gather or copy of K/V (rows are addressed through an index). The G query heads that share a kv head
+read its K/V once; accumulation and softmax are fp32 (online softmax, so no score matrix is built);
+caches may be fp32, bf16 or fp16.
+
+Two implementations, same contract:
+
+- ``kernel``: runtime/csrc/host_attention.cpp, built on first use with torch.utils.cpp_extension
+  (g++ and ninja) and cached in torch's extension directory (``TORCH_EXTENSIONS_DIR``, by default
+  under the user's cache directory; never the source tree). Compiled for the CPU it runs on
+  (``-march=native``; the build's name carries a digest of the CPU's feature flags, so a shared
+  cache directory never hands one CPU's build to another). AVX-512 when the CPU has it, portable
+  loops otherwise. Threads: torch's intra-op pool (``torch.set_num_threads``); work items are
+  (row, kv head, 512-key chunk), taken longest first, so long rows split across threads even when
+  there are fewer rows than threads. A query's result does not depend on the batch, on the number
+  of new queries or on the thread count. Scores: per key a 16-lane partial dot product per query
+  row, summed 16 keys at a time by one transpose-and-add tree; with a bf16 cache on a CPU with
+  AVX-512 BF16 the dot products take bf16 pairs straight from the cache against the queries rounded
+  to bf16 (KVCache.attend hands them over in the cache dtype anyway; products are exact in fp32).
+- ``torch``: the grouped matmul (the G query heads folded into the query axis against one K/V),
+  over rows grouped by length so no row is padded past the next multiple of 64 keys; fp32 math
+  (bf16/fp16 K/V are upcast per group, a copy this path pays for exactness). Used where the kernel cannot be built (said once, with the reason), or when
+  ``SPECOFFLOAD_HOST_ATTN=torch`` (tests cover both).
+
+Semantics (both): query t of row b sees key j iff j < kv_len[b], j <= q_pos[b, t] and, with a
+sliding window W, j > q_pos[b, t] - W. A query that sees no key gets 0.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+ENV_IMPL = "SPECOFFLOAD_HOST_ATTN"  # "kernel" (default: the kernel when it builds) or "torch"
+_SRC = Path(__file__).parent / "csrc" / "host_attention.cpp"
+_lock = threading.Lock()
+_state: dict[str, object] = {}
+
+
+def _cpu_tag() -> str:
+    """A short digest of this CPU's model and feature flags (the build is -march=native)."""
+    text = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "model name")):
+                    text += line
+                if line.strip() == "":
+                    break
+    except OSError:
+        import platform
+        text = platform.processor() + platform.machine()
+    return hashlib.sha1(text.encode()).hexdigest()[:10]
+
+
+def _build():
+    from torch.utils import cpp_extension
+
+    name = f"specoffload_host_attn_{_cpu_tag()}"
+    flags = ["-O3", "-march=native", "-fno-math-errno"]
+    return cpp_extension.load(name=name, sources=[str(_SRC)], extra_cflags=flags, verbose=False)
+
+
+def kernel_module():
+    """The compiled kernel module, or None (with the reason in :func:`backend_note`) when it cannot be built."""
+    with _lock:
+        if "mod" not in _state:
+            try:
+                _state["mod"] = _build()
+                _state["why"] = ""
+            except Exception as e:  # no compiler, no ninja, a failed build: fall back, say so once
+                _state["mod"] = None
+                first = str(e).strip().splitlines()
+                _state["why"] = f"{type(e).__name__}: {first[0] if first else ''}"[:300]
+                warnings.warn("host attention: the C++ kernel could not be built (" + str(_state["why"]) +
+                              "); using the pure-torch grouped matmul, which reads KV well below memory "
+                              "bandwidth. Install g++ and ninja to get the kernel.", RuntimeWarning, stacklevel=3)
+        return _state["mod"]
+
+
+def backend(impl: str | None = None) -> str:
+    """The implementation a call will use: "kernel" or "torch" (``impl``, else the environment, else the kernel)."""
+    choice = (impl or os.environ.get(ENV_IMPL) or "kernel").strip().lower()
+    if choice not in ("kernel", "torch"):
+        raise ValueError(f"{ENV_IMPL}={choice!r}: expected 'kernel' or 'torch'")
+    if choice == "kernel" and kernel_module() is None:
+        return "torch"
+    return choice
+
+
+def backend_note(impl: str | None = None) -> str:
+    """One line for provenance and reports: which path runs and, for the kernel, its instruction set."""
+    b = backend(impl)
+    if b == "kernel":
+        mod = kernel_module()
+        return "kernel (C++, " + ("AVX-512" if mod.has_avx512() else "portable loops") + ", -march=native)"
+    why = _state.get("why") or f"forced by {ENV_IMPL}=torch" if b == "torch" else ""
+    return f"torch grouped matmul ({why or 'requested'})"
+
+
+def host_attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, kv_len: Tensor,
+                   sliding_window: int | None = None, rows: Tensor | None = None, impl: str | None = None,
+                   out_dtype: torch.dtype | None = None) -> Tensor:
+    """Attention of new queries over a ragged head-major KV history, on the CPU.
+
+    q [B, T, H, Dh]; k, v [N, Hkv, L, Dh] (a whole cache or a view; last dim contiguous); row b reads
+    k[rows[b]] (default rows = arange(B)); q_pos [B, T] absolute query positions; kv_len [B] keys
+    written per row (cached + new). -> o [B, T, H, Dh] in ``out_dtype`` (default q's dtype).
+    """
+    B, T, H, Dh = q.shape
+    out_dtype = out_dtype or q.dtype
+    if k.shape != v.shape or k.dim() != 4 or k.shape[3] != Dh or H % k.shape[1]:
+        raise ValueError(f"host attention: q {tuple(q.shape)} does not fit k/v {tuple(k.shape)} / {tuple(v.shape)}")
+    if k.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"host attention supports fp32, bf16 and fp16 caches, not {k.dtype}")
+    rows = torch.arange(B) if rows is None else rows.to("cpu", torch.long)
+    q_pos, kv_len = q_pos.to("cpu", torch.long), kv_len.to("cpu", torch.long)
+    q32 = q.to("cpu", torch.float32).contiguous()
+    if backend(impl) == "kernel":
+        window = int(sliding_window) if sliding_window else 0
+        o = kernel_module().host_attention(q32, k, v, rows, q_pos.contiguous(), kv_len.contiguous(), window)
+    else:
+        o = grouped_attention(q32, k, v, q_pos, kv_len, sliding_window, rows)
+    return o.to(out_dtype)
+
+
+def grouped_attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, kv_len: Tensor,
+                      sliding_window: int | None, rows: Tensor, bucket: int = 64) -> Tensor:
+    """The pure-torch path: rows grouped by length (rounded up to ``bucket`` keys); per group the G query
+    heads sharing a kv head are folded into the query axis and hit the group's K/V with one matmul, all
+    in fp32 (bf16/fp16 K/V are upcast per group).  q fp32 [B, T, H, Dh] -> fp32."""
+    B, T, H, Dh = q.shape
+    Hkv, L = k.shape[1], k.shape[2]
+    G = H // Hkv
+    scale = 1.0 / math.sqrt(Dh)
+    out = torch.zeros(B, T, H, Dh, dtype=torch.float32)
+    need = torch.minimum(kv_len, q_pos.max(dim=1).values + 1).clamp(min=0, max=L) if T else kv_len.clamp(0, L)
+    width = ((need + bucket - 1) // bucket * bucket).clamp(max=L)
+    for w in torch.unique(width).tolist():
+        if w == 0:
+            continue
+        sel = (width == w).nonzero().flatten()
+        src = rows[sel]
+        s0 = int(src[0])
+        contiguous = bool(torch.equal(src, torch.arange(s0, s0 + len(src))))
+        kk = k[s0:s0 + len(src), :, :w] if contiguous else k[src, :, :w]  # [b, Hkv, w, Dh]
+        vv = v[s0:s0 + len(src), :, :w] if contiguous else v[src, :, :w]
+        b = len(sel)
+        qg = (q[sel] * scale).view(b, T, Hkv, G, Dh).permute(0, 2, 3, 1, 4).reshape(b, Hkv, G * T, Dh)
+        kk, vv = kk.float(), vv.float()  # fp32 math (a copy for bf16/fp16 caches: the price of this path)
+        scores = torch.matmul(qg, kk.transpose(2, 3))  # [b, Hkv, G*T, w]
+        j = torch.arange(w)
+        p_ = q_pos[sel][:, :, None]
+        vis = (j[None, None, :] <= p_) & (j[None, None, :] < kv_len[sel][:, None, None])
+        if sliding_window:
+            vis &= j[None, None, :] > p_ - sliding_window
+        vis = vis[:, None, None].expand(b, Hkv, G, T, w).reshape(b, Hkv, G * T, w)
+        scores = scores.masked_fill(~vis, float("-inf"))
+        m = scores.amax(dim=-1, keepdim=True).clamp(min=torch.finfo(torch.float32).min)
+        p = torch.exp(scores - m)
+        denom = p.sum(dim=-1, keepdim=True)
+        o = torch.matmul(p, vv) / torch.where(denom > 0, denom, torch.ones_like(denom))
+        out[sel] = o.view(b, Hkv, G, T, Dh).permute(0, 3, 1, 2, 4).reshape(b, T, H, Dh)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Threads
+# ----------------------------------------------------------------------------------------------
+
+def usable_cores() -> int:
+    """CPUs this process may run on (its affinity mask; the machine's count where that is unknown)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def default_threads() -> int:
+    """Attention threads: the usable cores less one for the driving thread, at least 1."""
+    return max(1, usable_cores() - 1)
+
+
+def set_threads(threads: int | None) -> int:
+    """Set torch's intra-op threads (what the kernel and the torch path use) and return the count.
+
+    ``threads`` None picks :func:`default_threads`. More threads than usable cores is refused with a
+    clear error: on a machine whose cores are busy, oversubscribed threads wait on each other at every
+    barrier and a run slows by an order of magnitude without saying why.
+    """
+    n = default_threads() if threads is None else int(threads)
+    cores = usable_cores()
+    if n < 1:
+        raise ValueError(f"--threads {n}: need at least 1")
+    if n > cores:
+        raise ValueError(f"--threads {n}: this process may use only {cores} CPU(s) (its affinity mask); "
+                         f"more threads than cores stall each other. Use --threads {cores} or fewer.")
+    if n > 1:
+        try:
+            load = os.getloadavg()[0]
+        except OSError:
+            load = 0.0
+        if load > cores - n + 0.5 and torch.get_num_threads() != n:
+            warnings.warn(f"{n} threads on {cores} usable CPU(s) with load average {load:.1f}: other work holds the "
+                          "cores, and threads that wait on each other can make attention many times slower. "
+                          "Use --threads 1 if the run is slow.", RuntimeWarning, stacklevel=2)
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    return n
+
+
+def clamp_threads() -> int:
+    """Keep torch's thread count, lowered to the usable cores if above them; return it."""
+    n = torch.get_num_threads()
+    if n > usable_cores():
+        n = usable_cores()
+        torch.set_num_threads(n)
+    return n

@@ -1,0 +1,153 @@
+"""Host attention against this machine's own limits, side by side in one run (a benchmark, not a test).
+
+    python tools/bench_cpu_attention.py            # the full grid (several minutes)
+    python tools/bench_cpu_attention.py --quick    # a few points (under a minute)
+
+For each (KV dtype, Q new queries per row, context, batch, ragged or uniform lengths, threads) it times:
+
+- copy: a plain ``dst.copy_(src)`` of as many bytes as the attention call reads (the memory's rate),
+- sdpa: ``layers.attention(impl="sdpa")`` over the cache view padded to the longest row (the old default),
+- grouped: ``layers.attention(impl="grouped")``, the grouped matmul, likewise padded,
+- host: ``host_attention`` (the engine's path now) over the whole cache, rows by index, each to its length,
+
+and prints GB/s of KV actually needed (the sum of each row's keys x Hkv x Dh x 2 (K and V) x element
+size; padded paths read more and are charged only this), the fraction of the copy's rate, and GFLOP/s
+at Q > 1 (4 * Q * keys * H * Dh per row). Shapes are Mixtral's attention (32 query / 8 kv heads,
+head dim 128). Each call reads a different layer's KV from a pool larger than the CPU caches, as in
+the engine. On a shared machine the absolute numbers move with the load; the ratios against the copy
+measured in the same run are what to compare.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from specoffload.runtime.host_attention import backend_note, host_attention, usable_cores  # noqa: E402
+from specoffload.runtime.layers import attention  # noqa: E402
+
+H, HKV, DH = 32, 8, 128
+POOL_BYTES = 256 * 2**20
+
+
+def timeit(fn, min_s: float, reps: int) -> float:
+    fn()
+    samples = []
+    for _ in range(reps):
+        n, t0 = 0, time.perf_counter()
+        while True:
+            fn()
+            n += 1
+            dt = time.perf_counter() - t0
+            if dt >= min_s:
+                break
+        samples.append(dt / n)
+    samples.sort()
+    return samples[len(samples) // 2]
+
+
+def lengths_for(batch: int, ctx: int, ragged: bool, g: torch.Generator) -> torch.Tensor:
+    if not ragged or batch == 1:
+        return torch.full((batch,), ctx, dtype=torch.long)
+    # Mean ctx, spread uniformly over [ctx/4, 7ctx/4].
+    return (ctx * (0.25 + 1.5 * torch.rand(batch, generator=g))).round().long().clamp(min=1)
+
+
+def run_point(dtype, Q, ctx, batch, ragged, threads, impls, args, g):
+    torch.set_num_threads(threads)
+    lens = lengths_for(batch, ctx, ragged, g)
+    L = int(lens.max())
+    esize = torch.empty((), dtype=dtype).element_size()
+    per_layer = batch * HKV * L * DH
+    n_layers = max(1, POOL_BYTES // (2 * per_layer * esize))
+    k = torch.full((n_layers, batch, HKV, L, DH), 0.01, dtype=dtype)
+    v = torch.full((n_layers, batch, HKV, L, DH), 0.01, dtype=dtype)
+    k.normal_(generator=g)
+    v.normal_(generator=g)
+    q = torch.randn(batch, Q, H, DH, generator=g)
+    q_pos = (lens - Q).clamp(min=0)[:, None] + torch.arange(Q)[None, :]
+    need_bytes = float(lens.sum()) * HKV * DH * 2 * esize
+    flops = 4.0 * Q * float(lens.sum()) * H * DH
+    src = torch.empty(int(need_bytes) // esize * max(1, min(n_layers, 4)), dtype=dtype).normal_(generator=g)
+    dst = torch.empty_like(src)
+    chunk = int(need_bytes) // esize
+    it = itertools.cycle(range(n_layers))
+    it_c = itertools.cycle(range(max(1, min(n_layers, 4))))
+    out = {}
+
+    def copy():
+        i = next(it_c)
+        dst[i * chunk:(i + 1) * chunk].copy_(src[i * chunk:(i + 1) * chunk])
+
+    out["copy"] = timeit(copy, args.min_s, args.reps)
+    qd = q.to(dtype)
+    for name in impls:
+        if name == "host":
+            fn = lambda: host_attention(q, k[next(it)], v[next(it)], q_pos, lens, out_dtype=dtype)  # noqa: E731
+        else:
+            fn = lambda n=name: attention(qd, k[next(it)], v[next(it)], q_pos, lens, impl=n)  # noqa: E731
+        out[name] = timeit(fn, args.min_s, args.reps)
+    return need_bytes, flops, out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="a few points only")
+    ap.add_argument("--min-s", type=float, default=0.02, help="each sample averages calls over this long")
+    ap.add_argument("--reps", type=int, default=5, help="samples per measurement (median)")
+    ap.add_argument("--impls", default="sdpa,grouped,host")
+    ap.add_argument("--dtypes", default="fp32,bf16")
+    ap.add_argument("--queries", default="1,2,5,9")
+    ap.add_argument("--contexts", default="128,512,1024,4096")
+    ap.add_argument("--batches", default="1,8,32,256")
+    ap.add_argument("--threads", default=None, help="thread counts (default: 1 and all usable cores)")
+    args = ap.parse_args(argv)
+    cores = usable_cores()
+    ints = lambda text: [int(x) for x in text.split(",") if x]  # noqa: E731
+    all_threads = ints(args.threads) if args.threads else sorted({1, cores})
+    dtypes = [{"fp32": torch.float32, "bf16": torch.bfloat16}[d] for d in args.dtypes.split(",") if d]
+    if args.quick:
+        grid = [(d, Q, 512, 32, r, t) for d in (torch.float32, torch.bfloat16) for Q in (1, 5) for r in (False, True)
+                for t in (1,)]
+        grid += [(torch.bfloat16, 1, 512, 32, False, cores)] if cores > 1 else []
+    else:
+        grid = []
+        for d, Q, ctx, batch, r, t in itertools.product(dtypes, ints(args.queries), ints(args.contexts),
+                                                        ints(args.batches), (False, True), all_threads):
+            if batch * ctx > 64 * 1024 or (batch == 1 and r):
+                continue
+            grid.append((d, Q, ctx, batch, r, t))
+    impls = [s for s in args.impls.split(",") if s]
+    print(f"host attention path: {backend_note()}; {cores} usable CPU(s); Mixtral heads {H}/{HKV} x {DH}; "
+          f"load average {os.getloadavg()[0]:.1f}")
+    print("GB/s of KV needed (sum of row lengths); (x.xx) = fraction of the copy's rate; GF = GFLOP/s of the host path")
+    head = f"{'dtype':5} {'Q':>2} {'ctx':>5} {'B':>4} {'rows':7} {'thr':>3} | {'copy':>6} |"
+    head += "".join(f" {n:>13} |" for n in impls) + f" {'host/grouped':>12} | {'GF':>6}"
+    print(head)
+    print("-" * len(head))
+    g = torch.Generator().manual_seed(0)
+    for dtype, Q, ctx, batch, ragged, threads in grid:
+        nbytes, flops, t = run_point(dtype, Q, ctx, batch, ragged, threads, impls, args, g)
+        copy_bw = nbytes / t["copy"] / 1e9
+        row = (f"{'bf16' if dtype == torch.bfloat16 else 'fp32':5} {Q:>2} {ctx:>5} {batch:>4} "
+               f"{'ragged' if ragged else 'uniform':7} {threads:>3} | {copy_bw:6.1f} |")
+        for n in impls:
+            bw = nbytes / t[n] / 1e9
+            row += f" {bw:6.1f} ({bw / copy_bw:4.2f}) |"
+        ratio = t["grouped"] / t["host"] if "grouped" in t and "host" in t else math.nan
+        gf = flops / t["host"] / 1e9 if "host" in t else math.nan
+        row += f" {ratio:12.2f} | {gf:6.1f}"
+        print(row, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
