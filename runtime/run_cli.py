@@ -31,7 +31,7 @@ from .outputs import OutputFile, OutputFileError, OutputWriteError, finished_ids
 from .prompts import Prompt, PromptFileError, resolve_model_dir
 from .prompts import read_prompts as _read_prompts
 
-EXAMPLE = """example (from the repository root, on the tiny pair and the demo prompts shipped with it):
+EXAMPLE = """example: from the repository root, the tiny pair and the demo prompts shipped with it
   specoffload-plan --model tiny-target --draft tiny-draft --profile cpu-2core --prompt-len 20 \\
       --max-prompt-len 32 --gen-len 32 --num-prompts 64 -o plan.yaml
   specoffload-run plan.yaml --prompts runtime/assets/demo_prompts.jsonl --output out.jsonl --report report.yaml
