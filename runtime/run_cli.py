@@ -124,6 +124,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="run even if the simulator rejects the plan, or if prompts are longer than it was made for")
     ap.add_argument("--no-simulate", action="store_true", help="skip the pre-run simulation")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
+    from .cluster import add_arguments as add_cluster_arguments
+
+    add_cluster_arguments(ap)  # --ray ADDRESS: the same run across a Ray cluster (runtime/cluster.py)
     return ap.parse_args(argv)
 
 
@@ -151,6 +154,10 @@ def main(argv=None) -> int:
     from specoffload.planner.strict import SchemaError
 
     try:
+        if args.ray:
+            from .cluster import run_cluster
+
+            return run_cluster(args)
         return _run(args)
     except (RunError, SchemaError) as exc:
         print(f"specoffload-run: error: {exc}", file=sys.stderr)

@@ -1,0 +1,425 @@
+"""specoffload-run --ray: one plan, one prompt file, one output file, many engines on a Ray cluster.
+
+    specoffload-run plan.yaml --prompts in.jsonl --output out.jsonl --ray local --ray-workers 2
+    specoffload-run plan.yaml --prompts in.jsonl --output out.jsonl --ray HEAD_IP:6379
+
+Engines are Ray actors: one per GPU, and on a node without GPUs `--ray-workers` engines (default 1),
+each pinned to its node. Each engine resolves the checkpoint folders on its own node (a path every
+node sees, e.g. a shared file system; nothing is copied) and checks them against the plan's
+fingerprints before it loads anything. The driver deals the prompts still to do in small shards
+from one queue (a faster engine takes more of them) and keeps two shards queued at each engine so
+none waits for the driver. It alone writes the output file, appending each finished shard's lines
+with the single-machine run's resume logic (`run_cli.finished_ids`): ids already in the file are
+skipped, and an id is written at most once even if its shard ran twice.
+
+An engine that dies (its process killed, its node lost) loses only its unfinished shards: they go
+back to the queue for the other engines. If every engine is lost the run stops; whatever was
+written stays, and rerunning the same command resumes from the output file. The report (YAML)
+holds the whole job and, per engine, its node, sequences, tokens and throughput, and each
+engine's measured Report (the single-machine report's fields, over the time it was running).
+
+Fault injection for tests (environment of the driver): SPECOFFLOAD_FAULT_WORKER_EXIT="I:N" ends
+engine I's process (os._exit) after it has finished N sequences; SPECOFFLOAD_FAULT_DRIVER_EXIT="N"
+ends the driver after it has written N lines.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import socket
+import sys
+import time
+from collections import deque
+from pathlib import Path
+
+from .run_cli import RunError, finished_ids, read_prompts, resolve_models, simulate_first
+
+OBJECT_STORE_BYTES = 128 * 2**20  # a local cluster's object store: results are small JSON lines
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    g = ap.add_argument_group("cluster (Ray; pip install 'specoffload[cluster]')")
+    g.add_argument("--ray", default=None, metavar="ADDRESS",
+                   help="run on a Ray cluster: its address (HOST:PORT, or 'auto' for the one this machine belongs "
+                        "to), or 'local' to start one on this machine")
+    g.add_argument("--ray-workers", type=int, default=1, metavar="N",
+                   help="engines on each node without a GPU (default 1; nodes with GPUs get one per GPU)")
+    g.add_argument("--ray-engines-per-node", type=int, default=None, metavar="N",
+                   help="at most N engines on any one node (each engine holds its own copy of the host weights)")
+    g.add_argument("--shard-size", type=int, default=None, metavar="N",
+                   help="prompts per shard (default: the plan's sequences in flight, decode batch x batches); "
+                        "a lost engine redoes at most two shards")
+
+
+# ----------------------------------------------------------------------------------------------
+# The engine actor (a plain class; Ray wraps it at run time, so importing this module needs no Ray)
+# ----------------------------------------------------------------------------------------------
+
+def output_line(f, tokenizer) -> dict:
+    """One output line, exactly as specoffload-run writes it."""
+    return {"id": f.request.id, "text": tokenizer.decode(f.tokens), "tokens": f.tokens,
+            "num_tokens": len(f.tokens), "prompt_tokens": len(f.request.prompt), "finish_reason": f.finish_reason}
+
+
+class EngineWorker:
+    """One engine on one node. Construction never raises: `info()` reports a problem as a message."""
+
+    def __init__(self, index: int, plan, target: str | None, draft: str | None, device: str | None,
+                 threads: int | None, max_len: int | None, exit_after: int | None):
+        self.index, self.plan, self.exit_after = index, plan, exit_after
+        self.finished = 0
+        self.busy = 0.0
+        self.error = None
+        self.engine = None
+        t0 = time.perf_counter()
+        try:
+            import torch
+            from tokenizers import Tokenizer
+
+            from .config import ConfigError
+            from .engine import Engine, EngineError
+            from .loader import CheckpointError
+
+            if threads:
+                torch.set_num_threads(threads)
+            # The fingerprint check, on this node, against the checkpoint this node sees.
+            target_dir, draft_dir = resolve_models(plan, target, draft)
+            tok_path = target_dir / "tokenizer.json"
+            if not tok_path.is_file():
+                raise RunError(f"{target_dir}: no tokenizer.json (the run needs the target's tokenizer)")
+            self.tokenizer = Tokenizer.from_file(str(tok_path))
+            try:
+                self.engine = Engine(plan, target_dir, draft_dir, device=device, max_len=max_len)
+            except (ConfigError, CheckpointError, EngineError) as exc:
+                raise RunError(str(exc)) from None
+        except Exception as exc:  # reported to the driver with the node's name
+            self.error = f"{type(exc).__name__}: {exc}" if not isinstance(exc, RunError) else str(exc)
+        self.load_seconds = time.perf_counter() - t0
+
+    def info(self) -> dict:
+        import torch
+
+        return {"index": self.index, "host": socket.gethostname(), "pid": os.getpid(), "error": self.error,
+                "device": str(self.engine.device) if self.engine else "", "load_seconds": self.load_seconds,
+                "threads": torch.get_num_threads(),
+                "gpus": [str(x) for x in (os.environ.get("CUDA_VISIBLE_DEVICES") or "").split(",") if x]}
+
+    def _requests(self, shard: list[dict]):
+        from .engine import Request
+
+        gen_len = self.plan.workload.gen_len_tokens
+        return [Request(p["id"], self.tokenizer.encode(p["text"]).ids, p["max_tokens"] or gen_len,
+                        p["temperature"], p["top_p"], p["seed"]) for p in shard]
+
+    def check(self, prompts: list[dict]) -> list[tuple[int, int, str]]:
+        """(line, tokens needed, message) for each prompt this engine cannot run."""
+        from .engine import EngineError
+
+        bad = []
+        for p, req in zip(prompts, self._requests(prompts)):
+            try:
+                self.engine.check(req)
+            except EngineError as exc:
+                bad.append((p["line"], len(req.prompt) + req.max_tokens + self.engine.k + 1, str(exc)))
+        return bad
+
+    def run(self, shard: list[dict]) -> dict:
+        """Generate a shard; its output lines and what it took."""
+        requests = self._requests(shard)
+        lines = []
+        before = self.engine.stats.generated_tokens
+
+        def on_finish(f) -> None:
+            lines.append(output_line(f, self.tokenizer))
+            self.finished += 1
+            if self.exit_after is not None and self.finished >= self.exit_after:
+                os._exit(1)  # fault injection: the process dies as a killed one would
+
+        t0 = time.perf_counter()
+        self.engine.run(requests, on_finish)
+        seconds = time.perf_counter() - t0
+        self.busy += seconds
+        return {"lines": lines, "tokens": self.engine.stats.generated_tokens - before, "seconds": seconds}
+
+    def report(self, profile_ref: str | None) -> dict:
+        """This engine's measured Report (the single-machine fields) over the time it ran shards."""
+        from specoffload.planner.strict import to_plain
+
+        from .run_cli import measured_report
+
+        stats = self.engine.stats
+        stats.decode_seconds = max(self.busy - stats.prefill_seconds, 0.0)  # run() counts one call only
+        rep = measured_report(self.plan, self.engine, stats, max(self.busy, 1e-9), None,
+                              [f"engine {self.index} on {socket.gethostname()}: time is the engine's busy time "
+                               "over its shards"], profile_ref)
+        return to_plain(rep)
+
+
+# ----------------------------------------------------------------------------------------------
+# The driver
+# ----------------------------------------------------------------------------------------------
+
+def _import_ray():
+    try:
+        import ray
+    except ImportError:
+        raise RunError("--ray needs Ray: pip install 'specoffload[cluster]' (or pip install ray)") from None
+    return ray
+
+
+def _fault(name: str) -> str | None:
+    return os.environ.get(name) or None
+
+
+def connect(ray, address: str, workers: int, threads: int | None) -> bool:
+    """Join (or, for 'local', start) a cluster. True when this call started Ray (and must shut it down)."""
+    if ray.is_initialized():
+        return False
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no network calls from a batch job
+    try:
+        if address == "local":
+            ray.init(num_cpus=max(1, workers) * (threads or 1), include_dashboard=False,
+                     object_store_memory=OBJECT_STORE_BYTES, log_to_driver=True, logging_level="warning")
+        else:
+            ray.init(address=address, log_to_driver=True, logging_level="warning")
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise RunError(f"--ray {address}: cannot join the Ray cluster ({exc}); start it with `ray start --head` "
+                       "on the head node, or use --ray local") from None
+    return True
+
+
+def engine_slots(ray, workers: int, per_node: int | None, threads: int | None) -> list[tuple[str, str, bool]]:
+    """(node id, node address, uses a GPU) for each engine to start: one per GPU, `workers` on a CPU node."""
+    slots = []
+    for node in ray.nodes():
+        if not node.get("Alive"):
+            continue
+        res = node.get("Resources", {})
+        gpus, cpus = int(res.get("GPU", 0)), int(res.get("CPU", 0))
+        n = gpus if gpus else min(workers, max(1, cpus // (threads or 1)))
+        if per_node:
+            n = min(n, per_node)
+        slots += [(node["NodeID"], node.get("NodeManagerAddress", "?"), bool(gpus))] * n
+    return slots
+
+
+def check_host_memory(plan, slots) -> None:
+    """Engines on one node each hold their own copy of the host weights (pinned on a GPU machine):
+    refuse a node whose engines together exceed the plan's host memory."""
+    pred = plan.prediction
+    counts: dict[str, int] = {}
+    for node, addr, gpu in slots:
+        counts[addr] = counts.get(addr, 0) + 1
+    for addr, n in counts.items():
+        if n < 2:
+            continue
+        for tier in ("pinned", "host"):
+            need, cap = pred.peak_mem_bytes.get(tier, 0.0), pred.capacity_bytes.get(tier, math.inf)
+            if need and math.isfinite(cap) and n * need > cap:
+                raise RunError(f"node {addr}: {n} engines would each hold {need / 2**30:.1f} GiB of {tier} memory "
+                               f"({n * need / 2**30:.1f} GiB) but the plan's profile has {cap / 2**30:.1f} GiB; "
+                               f"limit them with --ray-engines-per-node, or plan for one engine's share "
+                               f"(a profile with 1/{n} of the host memory)")
+
+
+def deal(prompts, size: int) -> list[list[dict]]:
+    rows = [{"line": p.line, "id": p.id, "text": p.text, "max_tokens": p.max_tokens, "temperature": p.temperature,
+             "top_p": p.top_p, "seed": p.seed} for p in prompts]
+    return [rows[i:i + size] for i in range(0, len(rows), size)]
+
+
+def run_cluster(args: argparse.Namespace) -> int:
+    ray = _import_ray()
+    from tqdm import tqdm
+
+    from specoffload.planner.schema import Plan
+    from specoffload.planner.strict import dump_yaml
+
+    if args.ray_workers < 1 or (args.ray_engines_per_node is not None and args.ray_engines_per_node < 1):
+        raise RunError("--ray-workers and --ray-engines-per-node must be >= 1")
+    if args.shard_size is not None and args.shard_size < 1:
+        raise RunError("--shard-size must be >= 1")
+    if args.trace:
+        raise RunError("--trace is for one engine; a cluster run writes per-engine reports with --report instead")
+    plan = Plan.load(args.plan)
+    prompts = read_prompts(args.prompts)
+    out_path = Path(args.output)
+    done = finished_ids(out_path)
+    todo = [p for p in prompts if p.id not in done]
+    sim, notes = (None, ["pre-run simulation skipped (--no-simulate)"]) if args.no_simulate else \
+        simulate_first(plan, args.profile, args.force)
+    started = connect(ray, args.ray, args.ray_workers, args.threads)
+    try:
+        return _drive(ray, args, plan, prompts, done, todo, notes, out_path, tqdm, dump_yaml)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _start_engines(ray, args, plan, max_len, exit_fault):
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    slots = engine_slots(ray, args.ray_workers, args.ray_engines_per_node, args.threads)
+    if not slots:
+        raise RunError(f"--ray {args.ray}: the cluster has no live node with a CPU or GPU for an engine")
+    check_host_memory(plan, slots)
+    actor_cls = ray.remote(EngineWorker)
+    handles = []
+    for i, (node, addr, gpu) in enumerate(slots):
+        opts = {"num_cpus": args.threads or 1, "num_gpus": 1 if gpu else 0, "max_restarts": 0,
+                "scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=False)}
+        exit_after = int(exit_fault[1]) if exit_fault and int(exit_fault[0]) == i else None
+        device = args.device if args.device else ("cuda" if gpu else "cpu")
+        handles.append(actor_cls.options(**opts).remote(i, plan, args.target, args.draft, device, args.threads,
+                                                        max_len, exit_after))
+    infos = ray.get([h.info.remote() for h in handles])
+    for info, (node, addr, gpu) in zip(infos, slots):
+        info["node"] = addr
+        if info["error"]:
+            raise RunError(f"engine {info['index']} on {addr} ({info['host']}): {info['error']}")
+    return handles, infos
+
+
+def _drive(ray, args, plan, prompts, done, todo, notes, out_path, tqdm, dump_yaml) -> int:
+    t_start = time.perf_counter()
+    exit_fault = _fault("SPECOFFLOAD_FAULT_WORKER_EXIT")
+    exit_fault = exit_fault.split(":") if exit_fault else None
+    driver_exit = _fault("SPECOFFLOAD_FAULT_DRIVER_EXIT")
+    driver_exit = int(driver_exit) if driver_exit else None
+    handles, infos = _start_engines(ray, args, plan, None, exit_fault)
+    shard_size = args.shard_size or plan.decode_batch * plan.num_batches
+    shards = deal(todo, shard_size)
+
+    # Every prompt checked before anything runs (the engines tokenize, in parallel), as a single run does.
+    if shards:
+        checks = ray.get([handles[i % len(handles)].check.remote(s) for i, s in enumerate(shards)])
+        bad = sorted(b for c in checks for b in c)
+        if bad:
+            planned = plan.workload.max_context_tokens + plan.draft_len + 1
+            longest = max(b[1] for b in bad)
+            fixable = all("KV cache per sequence" in b[2] for b in bad)
+            if not (args.force and fixable):
+                raise RunError(f"{args.prompts}:{bad[0][0]}: {bad[0][2]}"
+                               + (f" ({len(bad) - 1} more such prompts)" if len(bad) > 1 else ""))
+            notes.append(f"forced: KV cache sized for {longest} tokens per sequence, beyond the plan's {planned}")
+            for h in handles:
+                ray.kill(h)
+            handles, infos = _start_engines(ray, args, plan, longest, exit_fault)
+    startup = time.perf_counter() - t_start
+    n_eng = len(handles)
+    devices = sorted({i["device"] for i in infos})
+    print(f"specoffload-run: {len(prompts)} prompts, {len(done)} already in {out_path}, {len(todo)} to run in "
+          f"{len(shards)} shards of up to {shard_size}; {n_eng} engines on {len({i['node'] for i in infos})} "
+          f"node(s) ({', '.join(devices)}); policy {plan.policy}, batch {plan.decode_batch}x{plan.num_batches}, "
+          f"k={plan.draft_len}; started in {startup:.1f} s", file=sys.stderr)
+
+    per = [{"index": i["index"], "node": i["node"], "host": i["host"], "device": i["device"], "gpus": i["gpus"],
+            "load_seconds": round(i["load_seconds"], 3), "shards": 0, "sequences": 0, "tokens": 0,
+            "busy_seconds": 0.0, "lost": False} for i in infos]
+    queue = deque(range(len(shards)))
+    inflight: dict = {}  # ObjectRef -> (engine, shard)
+    alive = set(range(n_eng))
+    retried, lost_events = 0, []
+    written = set(done)
+    total_budget = sum(p.max_tokens or plan.workload.gen_len_tokens for p in todo)
+    bar = tqdm(total=total_budget, unit="tok", disable=args.quiet or not todo, file=sys.stderr, dynamic_ncols=True)
+    t0 = time.perf_counter()
+    n_written = 0
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+
+    def feed(e: int) -> None:
+        while queue and sum(1 for v in inflight.values() if v[0] == e) < 2:
+            s = queue.popleft()
+            inflight[handles[e].run.remote(shards[s])] = (e, s)
+
+    with out_path.open("a") as fh:
+        for e in sorted(alive):
+            feed(e)
+        while inflight:
+            ready, _ = ray.wait(list(inflight), num_returns=1)
+            ref = ready[0]
+            e, s = inflight.pop(ref)
+            try:
+                res = ray.get(ref)
+            except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError) as exc:
+                if e in alive:
+                    alive.discard(e)
+                    per[e]["lost"] = True
+                    why = type(exc).__name__
+                    lost_events.append(f"engine {e} on {per[e]['node']} lost ({why}) after {per[e]['shards']} shards")
+                    bar.write(f"specoffload-run: {lost_events[-1]}; its unfinished shards go to the other engines",
+                              file=sys.stderr)
+                queue.appendleft(s)
+                retried += 1
+                if not alive:
+                    break
+                for a in sorted(alive):
+                    feed(a)
+                continue
+            except ray.exceptions.RayTaskError as exc:
+                raise RunError(f"engine {e} on {per[e]['node']} failed on a shard: {exc}") from None
+            for line in res["lines"]:
+                if line["id"] in written:
+                    continue  # exactly once, even if a shard ran twice
+                fh.write(json.dumps(line) + "\n")
+                written.add(line["id"])
+                n_written += 1
+                if driver_exit is not None and n_written >= driver_exit:
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                    os._exit(137)  # fault injection: the driver dies as a killed one would
+            fh.flush()
+            os.fsync(fh.fileno())
+            p = per[e]
+            p["shards"] += 1
+            p["sequences"] += len(res["lines"])
+            p["tokens"] += res["tokens"]
+            p["busy_seconds"] += res["seconds"]
+            bar.update(sum(r["max_tokens"] or plan.workload.gen_len_tokens for r in shards[s]))
+            elapsed = max(time.perf_counter() - t0, 1e-9)
+            bar.set_postfix_str(f"{len(written) - len(done)}/{len(todo)} seq, "
+                                f"{sum(q['tokens'] for q in per) / elapsed:.1f} tok/s: "
+                                + " ".join(f"e{q['index']} {q['tokens'] / elapsed:.1f}" + ("x" if q["lost"] else "")
+                                           for q in per))
+            feed(e)
+    bar.close()
+    wall = time.perf_counter() - t0
+    missing = [p.id for p in todo if p.id not in written]
+    reports = {}
+    if args.report:
+        for e in sorted(alive):
+            try:
+                reports[e] = ray.get(handles[e].report.remote(args.profile))
+            except ray.exceptions.RayActorError:
+                pass
+    tokens = sum(q["tokens"] for q in per)
+    for q in per:
+        q["tokens_per_s_busy"] = q["tokens"] / q["busy_seconds"] if q["busy_seconds"] else 0.0
+        q["tokens_per_s_wall"] = q["tokens"] / wall if wall else 0.0
+        if q["index"] in reports:
+            q["report"] = reports[q["index"]]
+    summary = {
+        "kind": "cluster", "plan": str(args.plan), "policy": plan.policy, "prompts": len(prompts),
+        "already_done": len(done), "sequences": len(written) - len(done), "missing": len(missing),
+        "generated_tokens": tokens, "startup_seconds": startup, "run_seconds": wall,
+        "throughput_tokens_per_s": tokens / wall if wall else 0.0,
+        "predicted_tokens_per_s_per_engine": plan.prediction.throughput_tokens_per_s,
+        "engines": n_eng, "engines_lost": n_eng - len(alive), "shards": len(shards), "shard_size": shard_size,
+        "shards_retried": retried, "events": lost_events, "notes": notes, "per_engine": per,
+    }
+    print(f"cluster run: {summary['sequences']} sequences, {tokens} tokens in {wall:.2f} s "
+          f"({summary['throughput_tokens_per_s']:.1f} tok/s; start-up {startup:.1f} s); {n_eng} engines, "
+          f"{summary['engines_lost']} lost, {retried} shards retried")
+    for q in per:
+        print(f"  engine {q['index']} on {q['node']} ({q['device']}): {q['shards']} shards, {q['sequences']} seq, "
+              f"{q['tokens']} tok, {q['tokens_per_s_busy']:.1f} tok/s busy, {q['tokens_per_s_wall']:.1f} tok/s of the "
+              f"run" + (" [lost]" if q["lost"] else ""))
+    if args.report:
+        dump_yaml(summary, args.report)
+        print(f"wrote {args.report}", file=sys.stderr)
+    if missing:
+        raise RunError(f"every engine was lost; {len(written)} of {len(prompts)} ids are in {out_path}, "
+                       f"{len(missing)} are not: rerun the same command to resume")
+    return 0
