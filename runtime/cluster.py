@@ -49,8 +49,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--ray-engines-per-node", type=int, default=None, metavar="N",
                    help="at most N engines on any one node (each engine holds its own copy of the host weights)")
     g.add_argument("--shard-size", type=int, default=None, metavar="N",
-                   help="prompts per shard (default: the plan's sequences in flight, decode batch x batches); "
-                        "a lost engine redoes at most two shards")
+                   help="prompts per shard (default: the plan's sequences in flight, decode batch x batches, "
+                        "or fewer so that every engine gets two); a lost engine's two queued shards are redone")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -250,9 +250,10 @@ def run_cluster(args: argparse.Namespace) -> int:
     todo = [p for p in prompts if p.id not in done]
     sim, notes = (None, ["pre-run simulation skipped (--no-simulate)"]) if args.no_simulate else \
         simulate_first(plan, args.profile, args.force)
+    t_start = time.perf_counter()
     started = connect(ray, args.ray, args.ray_workers, args.threads)
     try:
-        return _drive(ray, args, plan, prompts, done, todo, notes, out_path, tqdm, dump_yaml)
+        return _drive(ray, args, plan, prompts, done, todo, notes, out_path, tqdm, dump_yaml, t_start)
     finally:
         if started:
             ray.shutdown()
@@ -282,14 +283,17 @@ def _start_engines(ray, args, plan, max_len, exit_fault):
     return handles, infos
 
 
-def _drive(ray, args, plan, prompts, done, todo, notes, out_path, tqdm, dump_yaml) -> int:
-    t_start = time.perf_counter()
+def _drive(ray, args, plan, prompts, done, todo, notes, out_path, tqdm, dump_yaml, t_start) -> int:
+    connect_seconds = time.perf_counter() - t_start
     exit_fault = _fault("SPECOFFLOAD_FAULT_WORKER_EXIT")
     exit_fault = exit_fault.split(":") if exit_fault else None
     driver_exit = _fault("SPECOFFLOAD_FAULT_DRIVER_EXIT")
     driver_exit = int(driver_exit) if driver_exit else None
     handles, infos = _start_engines(ray, args, plan, None, exit_fault)
-    shard_size = args.shard_size or plan.decode_batch * plan.num_batches
+    # Default: the plan's sequences in flight (one engine's full batch), but no more than gives every engine
+    # two shards from the start, so a small job still spreads over all of them.
+    shard_size = args.shard_size or max(1, min(plan.decode_batch * plan.num_batches,
+                                               math.ceil(len(todo) / (2 * len(handles)))))
     shards = deal(todo, shard_size)
 
     # Every prompt checked before anything runs (the engines tokenize, in parallel), as a single run does.
@@ -313,7 +317,7 @@ def _drive(ray, args, plan, prompts, done, todo, notes, out_path, tqdm, dump_yam
     print(f"specoffload-run: {len(prompts)} prompts, {len(done)} already in {out_path}, {len(todo)} to run in "
           f"{len(shards)} shards of up to {shard_size}; {n_eng} engines on {len({i['node'] for i in infos})} "
           f"node(s) ({', '.join(devices)}); policy {plan.policy}, batch {plan.decode_batch}x{plan.num_batches}, "
-          f"k={plan.draft_len}; started in {startup:.1f} s", file=sys.stderr)
+          f"k={plan.draft_len}; started in {startup:.1f} s (joining the cluster {connect_seconds:.1f} s)", file=sys.stderr)
 
     per = [{"index": i["index"], "node": i["node"], "host": i["host"], "device": i["device"], "gpus": i["gpus"],
             "load_seconds": round(i["load_seconds"], 3), "shards": 0, "sequences": 0, "tokens": 0,
@@ -403,7 +407,7 @@ def _drive(ray, args, plan, prompts, done, todo, notes, out_path, tqdm, dump_yam
     summary = {
         "kind": "cluster", "plan": str(args.plan), "policy": plan.policy, "prompts": len(prompts),
         "already_done": len(done), "sequences": len(written) - len(done), "missing": len(missing),
-        "generated_tokens": tokens, "startup_seconds": startup, "run_seconds": wall,
+        "generated_tokens": tokens, "startup_seconds": startup, "connect_seconds": connect_seconds, "run_seconds": wall,
         "throughput_tokens_per_s": tokens / wall if wall else 0.0,
         "predicted_tokens_per_s_per_engine": plan.prediction.throughput_tokens_per_s,
         "engines": n_eng, "engines_lost": n_eng - len(alive), "shards": len(shards), "shard_size": shard_size,
