@@ -37,6 +37,7 @@ from pathlib import Path
 from .run_cli import RunError, finished_ids, read_prompts, resolve_models, simulate_first
 
 OBJECT_STORE_BYTES = 128 * 2**20  # a local cluster's object store: results are small JSON lines
+LABEL = "specoffload-profile"  # the Ray node label that picks a node's plan among --ray-plans
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
@@ -51,6 +52,10 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--shard-size", type=int, default=None, metavar="N",
                    help="prompts per shard (default: the plan's sequences in flight, decode batch x batches, "
                         "or fewer so that every engine gets two); a lost engine's two queued shards are redone")
+    g.add_argument("--ray-plans", default=None, metavar="PLAN[,PLAN...]",
+                   help="plans for other kinds of node (specoffload-plan --cluster writes one per kind): a node started "
+                        f"with the label {LABEL}=NAME (ray start --labels) runs the plan made for profile NAME; "
+                        "unlabelled nodes run the first plan")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -190,8 +195,9 @@ def connect(ray, address: str, workers: int, threads: int | None) -> bool:
     return True
 
 
-def engine_slots(ray, workers: int, per_node: int | None, threads: int | None) -> list[tuple[str, str, bool]]:
-    """(node id, node address, uses a GPU) for each engine to start: one per GPU, `workers` on a CPU node."""
+def engine_slots(ray, workers: int, per_node: int | None, threads: int | None) -> list[tuple[str, str, bool, str]]:
+    """(node id, node address, uses a GPU, the node's profile label) for each engine to start: one per GPU,
+    `workers` on a node without one."""
     slots = []
     for node in ray.nodes():
         if not node.get("Alive"):
@@ -201,27 +207,46 @@ def engine_slots(ray, workers: int, per_node: int | None, threads: int | None) -
         n = gpus if gpus else min(workers, max(1, cpus // (threads or 1)))
         if per_node:
             n = min(n, per_node)
-        slots += [(node["NodeID"], node.get("NodeManagerAddress", "?"), bool(gpus))] * n
+        label = (node.get("Labels") or {}).get(LABEL, "")
+        slots += [(node["NodeID"], node.get("NodeManagerAddress", "?"), bool(gpus), label)] * n
     return slots
 
 
-def check_host_memory(plan, slots) -> None:
+def plan_for(label: str, plans: dict[str, object], addr: str):
+    """The plan a node runs: the one made for its labelled profile, else the first."""
+    if not label:
+        return next(iter(plans.values()))
+    for plan in plans.values():
+        if plan.profile.split("/")[0] == label:
+            return plan
+    raise RunError(f"node {addr} is labelled {LABEL}={label} but no plan was made for that profile (plans for: "
+                   f"{', '.join(p.profile for p in plans.values())}); add one with --ray-plans")
+
+
+def engine_share(plan) -> int:
+    """How many engines of one node the plan's profile is a share of (specoffload-plan --cluster: 'l4/2')."""
+    head, _, n = plan.profile.rpartition("/")
+    return int(n) if head and n.isdigit() else 1
+
+
+def check_host_memory(plans, slots) -> None:
     """Engines on one node each hold their own copy of the host weights (pinned on a GPU machine):
-    refuse a node whose engines together exceed the plan's host memory."""
-    pred = plan.prediction
-    counts: dict[str, int] = {}
-    for node, addr, gpu in slots:
-        counts[addr] = counts.get(addr, 0) + 1
-    for addr, n in counts.items():
+    refuse a node whose engines together exceed the host memory its plan was made for."""
+    counts: dict[str, list] = {}
+    for node, addr, gpu, label in slots:
+        counts.setdefault(addr, []).append(plan_for(label, plans, addr))
+    for addr, node_plans in counts.items():
+        n, plan = len(node_plans), node_plans[0]
         if n < 2:
             continue
+        pred, share = plan.prediction, engine_share(plan)
         for tier in ("pinned", "host"):
-            need, cap = pred.peak_mem_bytes.get(tier, 0.0), pred.capacity_bytes.get(tier, math.inf)
+            need, cap = pred.peak_mem_bytes.get(tier, 0.0), pred.capacity_bytes.get(tier, math.inf) * share
             if need and math.isfinite(cap) and n * need > cap:
                 raise RunError(f"node {addr}: {n} engines would each hold {need / 2**30:.1f} GiB of {tier} memory "
                                f"({n * need / 2**30:.1f} GiB) but the plan's profile has {cap / 2**30:.1f} GiB; "
                                f"limit them with --ray-engines-per-node, or plan for one engine's share "
-                               f"(a profile with 1/{n} of the host memory)")
+                               f"(specoffload-plan --cluster PROFILE:NODESx{n})")
 
 
 def deal(prompts, size: int) -> list[list[dict]]:
@@ -244,6 +269,15 @@ def run_cluster(args: argparse.Namespace) -> int:
     if args.trace:
         raise RunError("--trace is for one engine; a cluster run writes per-engine reports with --report instead")
     plan = Plan.load(args.plan)
+    plans = {str(args.plan): plan}
+    for extra in (args.ray_plans or "").split(","):
+        if extra.strip():
+            other = Plan.load(extra.strip())
+            if other.model_fingerprint != plan.model_fingerprint or (
+                    other.draft and plan.draft and other.draft_fingerprint != plan.draft_fingerprint):
+                raise RunError(f"{extra}: made for {other.model}/{other.draft or 'no draft'}, not the first plan's "
+                               f"{plan.model}/{plan.draft or 'no draft'}; every plan of one job is for the same target (and draft, if both draft)")
+            plans[extra.strip()] = other
     prompts = read_prompts(args.prompts)
     out_path = Path(args.output)
     done = finished_ids(out_path)
@@ -253,22 +287,26 @@ def run_cluster(args: argparse.Namespace) -> int:
     t_start = time.perf_counter()
     started = connect(ray, args.ray, args.ray_workers, args.threads)
     try:
-        return _drive(ray, args, plan, prompts, done, todo, notes, out_path, tqdm, dump_yaml, t_start)
+        return _drive(ray, args, plans, prompts, done, todo, notes, out_path, tqdm, dump_yaml, t_start)
     finally:
         if started:
             ray.shutdown()
 
 
-def _start_engines(ray, args, plan, max_len, exit_fault):
+def _start_engines(ray, args, plans, max_len, exit_fault):
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     slots = engine_slots(ray, args.ray_workers, args.ray_engines_per_node, args.threads)
     if not slots:
         raise RunError(f"--ray {args.ray}: the cluster has no live node with a CPU or GPU for an engine")
-    check_host_memory(plan, slots)
+    check_host_memory(plans, slots)
+    names = {id(p): name for name, p in plans.items()}
     actor_cls = ray.remote(EngineWorker)
     handles = []
-    for i, (node, addr, gpu) in enumerate(slots):
+    chosen = []
+    for i, (node, addr, gpu, label) in enumerate(slots):
+        plan = plan_for(label, plans, addr)
+        chosen.append(names[id(plan)])
         opts = {"num_cpus": args.threads or 1, "num_gpus": 1 if gpu else 0, "max_restarts": 0,
                 "scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=False)}
         exit_after = int(exit_fault[1]) if exit_fault and int(exit_fault[0]) == i else None
@@ -276,20 +314,21 @@ def _start_engines(ray, args, plan, max_len, exit_fault):
         handles.append(actor_cls.options(**opts).remote(i, plan, args.target, args.draft, device, args.threads,
                                                         max_len, exit_after))
     infos = ray.get([h.info.remote() for h in handles])
-    for info, (node, addr, gpu) in zip(infos, slots):
-        info["node"] = addr
+    for info, (node, addr, gpu, label), name in zip(infos, slots, chosen):
+        info["node"], info["plan"] = addr, name
         if info["error"]:
             raise RunError(f"engine {info['index']} on {addr} ({info['host']}): {info['error']}")
     return handles, infos
 
 
-def _drive(ray, args, plan, prompts, done, todo, notes, out_path, tqdm, dump_yaml, t_start) -> int:
+def _drive(ray, args, plans, prompts, done, todo, notes, out_path, tqdm, dump_yaml, t_start) -> int:
     connect_seconds = time.perf_counter() - t_start
     exit_fault = _fault("SPECOFFLOAD_FAULT_WORKER_EXIT")
     exit_fault = exit_fault.split(":") if exit_fault else None
     driver_exit = _fault("SPECOFFLOAD_FAULT_DRIVER_EXIT")
     driver_exit = int(driver_exit) if driver_exit else None
-    handles, infos = _start_engines(ray, args, plan, None, exit_fault)
+    plan = next(iter(plans.values()))
+    handles, infos = _start_engines(ray, args, plans, None, exit_fault)
     # Default: the plan's sequences in flight (one engine's full batch), but no more than gives every engine
     # two shards from the start, so a small job still spreads over all of them.
     shard_size = args.shard_size or max(1, min(plan.decode_batch * plan.num_batches,
@@ -298,8 +337,12 @@ def _drive(ray, args, plan, prompts, done, todo, notes, out_path, tqdm, dump_yam
 
     # Every prompt checked before anything runs (the engines tokenize, in parallel), as a single run does.
     if shards:
-        checks = ray.get([handles[i % len(handles)].check.remote(s) for i, s in enumerate(shards)])
-        bad = sorted(b for c in checks for b in c)
+        # Each plan's engines check every prompt (plans of one job may differ in the KV cache they hold).
+        groups: dict[str, list] = {}
+        for h, info in zip(handles, infos):
+            groups.setdefault(info["plan"], []).append(h)
+        refs = [g[i % len(g)].check.remote(s) for g in groups.values() for i, s in enumerate(shards)]
+        bad = sorted({b[0]: b for c in ray.get(refs) for b in c}.values())
         if bad:
             planned = plan.workload.max_context_tokens + plan.draft_len + 1
             longest = max(b[1] for b in bad)
@@ -310,7 +353,7 @@ def _drive(ray, args, plan, prompts, done, todo, notes, out_path, tqdm, dump_yam
             notes.append(f"forced: KV cache sized for {longest} tokens per sequence, beyond the plan's {planned}")
             for h in handles:
                 ray.kill(h)
-            handles, infos = _start_engines(ray, args, plan, longest, exit_fault)
+            handles, infos = _start_engines(ray, args, plans, longest, exit_fault)
     startup = time.perf_counter() - t_start
     n_eng = len(handles)
     devices = sorted({i["device"] for i in infos})
@@ -320,6 +363,8 @@ def _drive(ray, args, plan, prompts, done, todo, notes, out_path, tqdm, dump_yam
           f"k={plan.draft_len}; started in {startup:.1f} s (joining the cluster {connect_seconds:.1f} s)", file=sys.stderr)
 
     per = [{"index": i["index"], "node": i["node"], "host": i["host"], "device": i["device"], "gpus": i["gpus"],
+            "plan": i["plan"], "profile": plans[i["plan"]].profile,
+            "predicted_tokens_per_s": plans[i["plan"]].prediction.throughput_tokens_per_s,
             "load_seconds": round(i["load_seconds"], 3), "shards": 0, "sequences": 0, "tokens": 0,
             "busy_seconds": 0.0, "lost": False} for i in infos]
     queue = deque(range(len(shards)))
@@ -409,7 +454,7 @@ def _drive(ray, args, plan, prompts, done, todo, notes, out_path, tqdm, dump_yam
         "already_done": len(done), "sequences": len(written) - len(done), "missing": len(missing),
         "generated_tokens": tokens, "startup_seconds": startup, "connect_seconds": connect_seconds, "run_seconds": wall,
         "throughput_tokens_per_s": tokens / wall if wall else 0.0,
-        "predicted_tokens_per_s_per_engine": plan.prediction.throughput_tokens_per_s,
+        "predicted_tokens_per_s": sum(q["predicted_tokens_per_s"] for q in per),
         "engines": n_eng, "engines_lost": n_eng - len(alive), "shards": len(shards), "shard_size": shard_size,
         "shards_retried": retried, "events": lost_events, "notes": notes, "per_engine": per,
     }

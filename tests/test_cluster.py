@@ -32,7 +32,7 @@ def cluster():
     started = not ray.is_initialized()
     if started:
         ray.init(num_cpus=2, include_dashboard=False, object_store_memory=96 * 2**20, logging_level="warning",
-                 log_to_driver=False)
+                 log_to_driver=False, labels={"specoffload-profile": "t4"})  # the node's kind, for --ray-plans
     yield ray.get_runtime_context().gcs_address
     if started:
         ray.shutdown()
@@ -136,3 +136,20 @@ def test_resume_after_the_driver_is_killed(cluster, job, tmp_path):
         fh.write('{"id": "p15", "text": "half a li')  # a line cut short by the crash
     assert run_main(cluster_args(plan, prompts, out)) == 0
     assert_same(out, single)
+
+
+@pytest.mark.slow
+def test_each_node_runs_the_plan_made_for_its_kind(cluster, job, tmp_path):
+    plan, prompts, single = job
+    other = tmp_path / "plan.l4.yaml"
+    assert plan_main(["--model", "tiny-target", "--draft", "tiny-draft", "--profile", "l4", "--prompt-len", "8",
+                      "--max-prompt-len", "32", "--gen-len", "16", "--num-prompts", str(N), "--policy", "offload-only",
+                      "-o", str(other)]) == 0
+    out, rep = tmp_path / "out.jsonl", tmp_path / "report.yaml"
+    # The first plan (for l4) is for unlabelled nodes; this node is labelled t4 and runs the t4 plan.
+    args = cluster_args(other, prompts, out, "--ray-plans", str(plan), "--report", str(rep))
+    assert run_main(args) == 0
+    assert_same(out, single)
+    report = yaml.safe_load(rep.read_text())
+    assert [p["profile"] for p in report["per_engine"]] == ["t4", "t4"]
+    assert all(p["plan"] == str(plan) for p in report["per_engine"])
