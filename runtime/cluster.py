@@ -54,7 +54,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                         "or fewer so that every engine gets two); a lost engine's two queued shards are redone")
     g.add_argument("--ray-plans", default=None, metavar="PLAN[,PLAN...]",
                    help="plans for other kinds of node (specoffload-plan --cluster writes one per kind): a node started "
-                        f"with the label {LABEL}=NAME (ray start --labels) runs the plan made for profile NAME; "
+                        f"with the label {LABEL}=NAME (ray start --labels {LABEL}=NAME) runs the plan made for profile NAME; "
                         "unlabelled nodes run the first plan")
 
 
@@ -111,14 +111,14 @@ class EngineWorker:
                 "threads": torch.get_num_threads(),
                 "gpus": [str(x) for x in (os.environ.get("CUDA_VISIBLE_DEVICES") or "").split(",") if x]}
 
-    def _requests(self, shard: list[dict]):
+    def _requests(self, shard: list):
         from .engine import Request
 
         gen_len = self.plan.workload.gen_len_tokens
-        return [Request(p["id"], self.tokenizer.encode(p["text"]).ids, p["max_tokens"] or gen_len,
-                        p["temperature"], p["top_p"], p["seed"]) for p in shard]
+        return [Request(p.id, self.tokenizer.encode(p.text).ids, p.max_tokens or gen_len, p.temperature, p.top_p,
+                        p.seed) for p in shard]
 
-    def check(self, prompts: list[dict]) -> list[tuple[int, int, str]]:
+    def check(self, prompts: list) -> list[tuple[int, int, str]]:
         """(line, tokens needed, message) for each prompt this engine cannot run."""
         from .engine import EngineError
 
@@ -127,10 +127,10 @@ class EngineWorker:
             try:
                 self.engine.check(req)
             except EngineError as exc:
-                bad.append((p["line"], len(req.prompt) + req.max_tokens + self.engine.k + 1, str(exc)))
+                bad.append((p.line, len(req.prompt) + req.max_tokens + self.engine.k + 1, str(exc)))
         return bad
 
-    def run(self, shard: list[dict]) -> dict:
+    def run(self, shard: list) -> dict:
         """Generate a shard; its output lines and what it took."""
         requests = self._requests(shard)
         lines = []
@@ -249,10 +249,8 @@ def check_host_memory(plans, slots) -> None:
                                f"(specoffload-plan --cluster PROFILE:NODESx{n})")
 
 
-def deal(prompts, size: int) -> list[list[dict]]:
-    rows = [{"line": p.line, "id": p.id, "text": p.text, "max_tokens": p.max_tokens, "temperature": p.temperature,
-             "top_p": p.top_p, "seed": p.seed} for p in prompts]
-    return [rows[i:i + size] for i in range(0, len(rows), size)]
+def deal(prompts: list, size: int) -> list[list]:
+    return [prompts[i:i + size] for i in range(0, len(prompts), size)]
 
 
 def run_cluster(args: argparse.Namespace) -> int:
@@ -426,7 +424,7 @@ def _drive(ray, args, plans, prompts, done, todo, notes, out_path, tqdm, dump_ya
             p["sequences"] += len(res["lines"])
             p["tokens"] += res["tokens"]
             p["busy_seconds"] += res["seconds"]
-            bar.update(sum(r["max_tokens"] or plan.workload.gen_len_tokens for r in shards[s]))
+            bar.update(sum(r.max_tokens or plan.workload.gen_len_tokens for r in shards[s]))
             elapsed = max(time.perf_counter() - t0, 1e-9)
             bar.set_postfix_str(f"{len(written) - len(done)}/{len(todo)} seq, "
                                 f"{sum(q['tokens'] for q in per) / elapsed:.1f} tok/s: "
