@@ -76,6 +76,14 @@ class EngineWorker:
         self.index, self.plan, self.exit_after = index, plan, exit_after
         self.finished = 0
         self.busy = 0.0
+        import threading
+
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._inbox: list = []
+        self._owner: dict = {}  # request id -> its shard's state
+        self._thread = None
+        self._since = None
         self.error = None
         self.engine = None
         t0 = time.perf_counter()
@@ -130,23 +138,67 @@ class EngineWorker:
                 bad.append((p.line, len(req.prompt) + req.max_tokens + self.engine.k + 1, str(exc)))
         return bad
 
+    # One engine, fed as a stream: `run` calls (one per shard, up to two at once: the actor is threaded) put
+    # their requests in the inbox and wait; a single engine thread admits them into free slots as
+    # sequences finish (Engine.run's `more`), so consecutive shards share batches instead of draining.
+    def _busy_now(self) -> float:
+        return self.busy + (time.perf_counter() - self._since if self._since is not None else 0.0)
+
+    def _take(self) -> list:
+        with self._lock:
+            out, self._inbox = self._inbox, []
+            return out
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._inbox:
+                    self._wake.wait()
+                first, self._inbox = self._inbox, []
+            self._since = time.perf_counter()
+            try:
+                self.engine.run(first, self._on_finish, more=self._take)
+            except BaseException as exc:  # every waiting shard learns of it
+                with self._lock:
+                    for st in set(self._owner.values()):
+                        st["error"] = f"{type(exc).__name__}: {exc}"
+                        st["done"].set()
+            finally:
+                self.busy += time.perf_counter() - self._since
+                self._since = None
+
+    def _on_finish(self, f) -> None:
+        line = output_line(f, self.tokenizer)
+        with self._lock:
+            st = self._owner.pop(f.request.id)
+            st["lines"].append(line)
+            st["left"] -= 1
+            if st["left"] == 0:
+                st["done"].set()
+        self.finished += 1
+        if self.exit_after is not None and self.finished >= self.exit_after:
+            os._exit(1)  # fault injection: the process dies as a killed one would
+
     def run(self, shard: list) -> dict:
-        """Generate a shard; its output lines and what it took."""
+        """Generate a shard; its output lines, its tokens, and the engine's busy time so far."""
+        import threading
+
         requests = self._requests(shard)
-        lines = []
-        before = self.engine.stats.generated_tokens
-
-        def on_finish(f) -> None:
-            lines.append(output_line(f, self.tokenizer))
-            self.finished += 1
-            if self.exit_after is not None and self.finished >= self.exit_after:
-                os._exit(1)  # fault injection: the process dies as a killed one would
-
-        t0 = time.perf_counter()
-        self.engine.run(requests, on_finish)
-        seconds = time.perf_counter() - t0
-        self.busy += seconds
-        return {"lines": lines, "tokens": self.engine.stats.generated_tokens - before, "seconds": seconds}
+        st = {"lines": [], "left": len(requests), "done": threading.Event(), "error": None}
+        if not requests:
+            return {"lines": [], "tokens": 0, "busy": self._busy_now()}
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+                self._thread.start()
+            for r in requests:
+                self._owner[r.id] = st
+            self._inbox.extend(requests)
+            self._wake.notify()
+        st["done"].wait()
+        if st["error"]:
+            raise RuntimeError(f"engine {self.index}: {st['error']}")
+        return {"lines": st["lines"], "tokens": sum(x["num_tokens"] for x in st["lines"]), "busy": self._busy_now()}
 
     def report(self, profile_ref: str | None) -> dict:
         """This engine's measured Report (the single-machine fields) over the time it ran shards."""
@@ -204,7 +256,7 @@ def engine_slots(ray, workers: int, per_node: int | None, threads: int | None) -
             continue
         res = node.get("Resources", {})
         gpus, cpus = int(res.get("GPU", 0)), int(res.get("CPU", 0))
-        n = gpus if gpus else min(workers, max(1, cpus // (threads or 1)))
+        n = gpus if gpus else min(workers, cpus // (threads or 1))  # a node without the CPUs gets none
         if per_node:
             n = min(n, per_node)
         label = (node.get("Labels") or {}).get(LABEL, "")
@@ -296,7 +348,8 @@ def _start_engines(ray, args, plans, max_len, exit_fault):
 
     slots = engine_slots(ray, args.ray_workers, args.ray_engines_per_node, args.threads)
     if not slots:
-        raise RunError(f"--ray {args.ray}: the cluster has no live node with a CPU or GPU for an engine")
+        raise RunError(f"--ray {args.ray}: the cluster has no live node with a GPU, or with the {args.threads or 1} "
+                       "CPU(s) an engine asks for (--threads)")
     check_host_memory(plans, slots)
     names = {id(p): name for name, p in plans.items()}
     actor_cls = ray.remote(EngineWorker)
@@ -305,7 +358,7 @@ def _start_engines(ray, args, plans, max_len, exit_fault):
     for i, (node, addr, gpu, label) in enumerate(slots):
         plan = plan_for(label, plans, addr)
         chosen.append(names[id(plan)])
-        opts = {"num_cpus": args.threads or 1, "num_gpus": 1 if gpu else 0, "max_restarts": 0,
+        opts = {"num_cpus": args.threads or 1, "num_gpus": 1 if gpu else 0, "max_restarts": 0, "max_concurrency": 4,
                 "scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=False)}
         exit_after = int(exit_fault[1]) if exit_fault and int(exit_fault[0]) == i else None
         device = args.device if args.device else ("cuda" if gpu else "cpu")
@@ -423,7 +476,7 @@ def _drive(ray, args, plans, prompts, done, todo, notes, out_path, tqdm, dump_ya
             p["shards"] += 1
             p["sequences"] += len(res["lines"])
             p["tokens"] += res["tokens"]
-            p["busy_seconds"] += res["seconds"]
+            p["busy_seconds"] = max(p["busy_seconds"], res["busy"])
             bar.update(sum(r.max_tokens or plan.workload.gen_len_tokens for r in shards[s]))
             elapsed = max(time.perf_counter() - t0, 1e-9)
             bar.set_postfix_str(f"{len(written) - len(done)}/{len(todo)} seq, "

@@ -110,15 +110,16 @@ def test_bad_cluster_flags_are_refused_before_ray_starts(tmp_path, capsys, job):
 def test_a_worker_killed_mid_run_loses_nothing(cluster, job, tmp_path, monkeypatch):
     plan, prompts, single = job
     out, rep = tmp_path / "out.jsonl", tmp_path / "report.yaml"
-    # Engine 1 runs its first shard (4 sequences, written), then dies in its second after 2 more.
+    # Engine 1 is dealt two shards (8 prompts) and dies after finishing 6 of its sequences: mid-run.
     monkeypatch.setenv("SPECOFFLOAD_FAULT_WORKER_EXIT", "1:6")
     assert run_main(cluster_args(plan, prompts, out, "--report", str(rep))) == 0
     assert_same(out, single)
     report = yaml.safe_load(rep.read_text())
-    assert report["engines_lost"] == 1 and report["shards_retried"] == 1 and report["missing"] == 0
+    assert report["engines_lost"] == 1 and report["missing"] == 0
     assert "engine 1" in report["events"][0] and "lost" in report["events"][0]
-    per = report["per_engine"]
-    assert per[1]["lost"] and per[1]["shards"] == 1 and per[0]["shards"] == 3
+    per, retried = report["per_engine"], report["shards_retried"]
+    # What engine 1 did not return went to engine 0, and nothing else was redone.
+    assert per[1]["lost"] and retried >= 1 and per[1]["shards"] + retried == 2 and per[0]["shards"] == 2 + retried
 
 
 @pytest.mark.slow
