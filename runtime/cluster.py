@@ -7,8 +7,9 @@ Engines are Ray actors: one per GPU, and on a node without GPUs `--ray-workers` 
 each pinned to its node. Each engine resolves the checkpoint folders on its own node (a path every
 node sees, e.g. a shared file system; nothing is copied) and checks them against the plan's
 fingerprints before it loads anything. The driver deals the prompts still to do in small shards
-from one queue (a faster engine takes more of them) and keeps two shards queued at each engine so
-none waits for the driver. It alone writes the output file, appending each finished shard's lines
+from one queue (a faster engine takes more of them) and keeps two shards at each engine so none
+waits for the driver; an engine takes the second shard's prompts into its batch as the first's
+sequences finish (one continuous refill). It alone writes the output file, appending each finished shard's lines
 with the single-machine run's resume logic (`run_cli.finished_ids`): ids already in the file are
 skipped, and an id is written at most once even if its shard ran twice.
 
