@@ -327,7 +327,8 @@ def run_cluster(args: argparse.Namespace) -> int:
             if other.model_fingerprint != plan.model_fingerprint or (
                     other.draft and plan.draft and other.draft_fingerprint != plan.draft_fingerprint):
                 raise RunError(f"{extra}: made for {other.model}/{other.draft or 'no draft'}, not the first plan's "
-                               f"{plan.model}/{plan.draft or 'no draft'}; every plan of one job is for the same target (and draft, if both draft)")
+                               f"{plan.model}/{plan.draft or 'no draft'}; every plan of one job is for the same target "
+                               "(and the same draft, where both draft)")
             plans[extra.strip()] = other
     prompts = read_prompts(args.prompts)
     out_path = Path(args.output)
@@ -377,6 +378,8 @@ def _drive(ray, args, plans, prompts, done, todo, notes, out_path, tqdm, dump_ya
     connect_seconds = time.perf_counter() - t_start
     exit_fault = _fault("SPECOFFLOAD_FAULT_WORKER_EXIT")
     exit_fault = exit_fault.split(":") if exit_fault else None
+    if exit_fault and (len(exit_fault) != 2 or not all(x.isdigit() for x in exit_fault)):
+        raise RunError("SPECOFFLOAD_FAULT_WORKER_EXIT must be ENGINE:SEQUENCES, e.g. 1:6")
     driver_exit = _fault("SPECOFFLOAD_FAULT_DRIVER_EXIT")
     driver_exit = int(driver_exit) if driver_exit else None
     plan = next(iter(plans.values()))
@@ -430,14 +433,15 @@ def _drive(ray, args, plans, prompts, done, todo, notes, out_path, tqdm, dump_ya
     n_written = 0
     out_path.parent.mkdir(parents=True, exist_ok=True)
 
-    def feed(e: int) -> None:
-        while queue and sum(1 for v in inflight.values() if v[0] == e) < 2:
+    def feed(e: int, upto: int = 2) -> None:
+        while queue and sum(1 for v in inflight.values() if v[0] == e) < upto:
             s = queue.popleft()
             inflight[handles[e].run.remote(shards[s])] = (e, s)
 
     with out_path.open("a") as fh:
-        for e in sorted(alive):
-            feed(e)
+        for upto in (1, 2):  # one shard each first, so a short queue still reaches every engine
+            for e in sorted(alive):
+                feed(e, upto)
         while inflight:
             ready, _ = ray.wait(list(inflight), num_returns=1)
             ref = ready[0]
