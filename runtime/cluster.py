@@ -488,7 +488,8 @@ def _drive(ray, args, plans, prompts, done, todo, notes, out_path, tqdm, dump_ya
                                 f"{sum(q['tokens'] for q in per) / elapsed:.1f} tok/s: "
                                 + " ".join(f"e{q['index']} {q['tokens'] / elapsed:.1f}" + ("x" if q["lost"] else "")
                                            for q in per))
-            feed(e)
+            if e in alive:
+                feed(e)
     bar.close()
     wall = time.perf_counter() - t0
     missing = [p.id for p in todo if p.id not in written]
