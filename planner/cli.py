@@ -40,7 +40,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="assumed per-token acceptance of the draft (default 0.7 when no --workload)")
     ap.add_argument("--policy", default="specoffload", choices=PLAN_POLICIES,
                     help="specoffload (default) picks the best of the other three")
-    ap.add_argument("--max-draft-len", type=int, default=8)
+    ap.add_argument("--max-draft-len", type=int, default=8,
+                    help="longest draft length k the planner considers (default 8; fewer if the context is short)")
     ap.add_argument("--batch", type=int, default=None, help="pin the decode batch (sequences per batch)")
     ap.add_argument("--draft-len", type=int, default=None, help="pin the draft length k")
     ap.add_argument("--micro-batches", type=int, default=None, help="pin the micro-batch count")
@@ -133,6 +134,49 @@ def summary(result: PlanResult, requested: str, explain: bool) -> str:
     return "\n".join(lines)
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Knob values the planner cannot take, refused before any work (each names the flag and the fix)."""
+    from pathlib import Path
+
+    if args.output and Path(args.output).is_dir():
+        raise SchemaError(f"-o {args.output} is a directory; give a file name, e.g. {Path(args.output) / 'plan.yaml'}")
+    for flag, value, low in (("--batch", args.batch, 1), ("--micro-batches", args.micro_batches, 1),
+                             ("--draft-len", args.draft_len, 0), ("--max-draft-len", args.max_draft_len, 1),
+                             ("--prompt-len", args.prompt_len, 1), ("--max-prompt-len", args.max_prompt_len, 1),
+                             ("--gen-len", args.gen_len, 1), ("--num-prompts", args.num_prompts, 1)):
+        if value is not None and value < low:
+            raise SchemaError(f"{flag} must be >= {low}, got {value}")
+    if args.acceptance is not None and not 0.0 <= args.acceptance <= 1.0:
+        raise SchemaError(f"--acceptance must be in [0, 1], got {args.acceptance}")
+    speculative = args.policy in ("serial-spec", "interleaved")
+    if args.draft_len is not None:
+        if args.draft_len == 0 and speculative:
+            raise SchemaError(f"--policy {args.policy} drafts tokens: --draft-len must be >= 1 (or use "
+                              "--policy offload-only)")
+        if args.draft_len > 0 and args.policy == "offload-only":
+            raise SchemaError("--policy offload-only drafts nothing: drop --draft-len (or pick a speculative policy)")
+    if speculative and not args.draft:
+        raise SchemaError(f"--policy {args.policy} needs a draft model (--draft)")
+
+
+def context_limit(target, draft, workload: Workload, args: argparse.Namespace) -> int:
+    """The longest draft length the models' context leaves room for; SchemaError if even k=0 does not fit."""
+    models = [target] + ([draft] if draft is not None else [])
+    ctx = min(m.max_position_embeddings for m in models)
+    who = min(models, key=lambda m: m.max_position_embeddings).name
+    need = workload.max_context_tokens + 1  # + the verification's one extra position
+    if need > ctx:
+        raise SchemaError(f"the longest prompt ({workload.max_prompt_len} tokens) + generation "
+                          f"({workload.gen_len_tokens}) needs {workload.max_context_tokens} positions, over "
+                          f"{who}'s context of {ctx} tokens; shorten --prompt-len/--max-prompt-len or --gen-len")
+    room = ctx - need  # draft tokens that still fit: prompt + gen + k + 1 <= ctx
+    if args.draft_len is not None and args.draft_len > room:
+        raise SchemaError(f"--draft-len {args.draft_len}: prompt ({workload.max_prompt_len}) + generation "
+                          f"({workload.gen_len_tokens}) + k + 1 would exceed {who}'s context of {ctx} tokens; "
+                          f"the most that fits is {room}")
+    return room
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if bool(args.profile) == bool(args.cluster):
@@ -141,20 +185,31 @@ def main(argv=None) -> int:
     if args.cluster:
         return cluster_main(args)
     try:
+        check_args(args)
         profile = load_profile(args.profile)
         target = load_model_spec(args.model)
         draft = load_model_spec(args.draft) if args.draft else None
         workload = build_workload(args)
         fixed = {k: v for k, v in (("decode_batch", args.batch), ("draft_len", args.draft_len),
                                    ("micro_batches", args.micro_batches)) if v is not None}
+        room = context_limit(target, draft, workload, args)
+        max_draft_len = min(args.max_draft_len, room)
+        if draft is not None and max_draft_len < 1 and args.policy != "offload-only":
+            raise SchemaError(f"prompt ({workload.max_prompt_len}) + generation ({workload.gen_len_tokens}) + 1 "
+                              f"leaves no room in the context for draft tokens; shorten them, or --policy "
+                              "offload-only")
         result = make_plan(profile, target, draft, workload, policy=args.policy,
-                           max_draft_len=args.max_draft_len, fixed=fixed)
+                           max_draft_len=max(max_draft_len, 1), fixed=fixed)
     except SchemaError as exc:
         print(f"specoffload-plan: error: {exc}", file=sys.stderr)
         return 2
     print(summary(result, args.policy, args.explain))
     if args.output:
-        result.plan.save(args.output)
+        try:
+            result.plan.save(args.output)
+        except OSError as exc:
+            print(f"specoffload-plan: error: cannot write {args.output} ({exc.strerror or exc})", file=sys.stderr)
+            return 2
         print(f"wrote {args.output}")
     return 0
 

@@ -180,11 +180,20 @@ def load_yaml(path: str | Path) -> Any:
     path = Path(path)
     if not path.exists():
         raise SchemaError(f"{path}: file not found")
+    if path.is_dir():
+        raise SchemaError(f"{path} is a directory; give a YAML file")
     try:
-        with path.open() as fh:
+        with path.open(encoding="utf-8") as fh:
             return yaml.safe_load(fh)
     except yaml.YAMLError as exc:
         raise SchemaError(f"{path}: not valid YAML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise SchemaError(f"{path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}); "
+                          "a YAML file is expected") from None
+    except OSError as exc:
+        raise SchemaError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+    except RecursionError:
+        raise SchemaError(f"{path}: nested too deeply to read as YAML") from None
 
 
 class _Dumper(yaml.SafeDumper):

@@ -10,7 +10,7 @@ fingerprints before it loads anything. The driver deals the prompts still to do 
 from one queue (a faster engine takes more of them) and keeps two shards at each engine so none
 waits for the driver; an engine takes the second shard's prompts into its batch as the first's
 sequences finish (one continuous refill). It alone writes the output file, appending each finished shard's lines
-with the single-machine run's resume logic (`run_cli.finished_ids`): ids already in the file are
+through the single-machine run's locked output file (`outputs.OutputFile`): ids already in it are
 skipped, and an id is written at most once even if its shard ran twice.
 
 An engine that dies (its process killed, its node lost) loses only its unfinished shards: they go
@@ -26,7 +26,6 @@ ends the driver after it has written N lines.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import socket
@@ -35,7 +34,7 @@ import time
 from collections import deque
 from pathlib import Path
 
-from .run_cli import RunError, finished_ids, read_prompts, resolve_models, simulate_first
+from .run_cli import RunError, read_prompts, resolve_models, simulate_first
 
 OBJECT_STORE_BYTES = 128 * 2**20  # a local cluster's object store: results are small JSON lines
 LABEL = "specoffload-profile"  # the Ray node label that picks a node's plan among --ray-plans
@@ -306,7 +305,9 @@ def deal(prompts: list, size: int) -> list[list]:
     return [prompts[i:i + size] for i in range(0, len(prompts), size)]
 
 
-def run_cluster(args: argparse.Namespace) -> int:
+def run_cluster(args: argparse.Namespace, out, guard=None) -> int:
+    """The run across a Ray cluster. `out` is run_cli's OutputFile (opened, locked and read here, before
+    anything heavy); `guard` its SignalGuard (a line being written is finished before a signal stops us)."""
     ray = _import_ray()
     from tqdm import tqdm
 
@@ -331,15 +332,22 @@ def run_cluster(args: argparse.Namespace) -> int:
                                "(and the same draft, where both draft)")
             plans[extra.strip()] = other
     prompts = read_prompts(args.prompts)
-    out_path = Path(args.output)
-    done = finished_ids(out_path)
+    out_path = out.path
+    done = out.open()
+    if out.dropped_bytes:
+        print(f"specoffload-run: {out_path}: dropped an unfinished last line ({out.dropped_bytes} bytes, left by an "
+              "interrupted write); that sequence is run again", file=sys.stderr)
     todo = [p for p in prompts if p.id not in done]
+    if not todo:
+        print(f"specoffload-run: nothing to run: all {len(prompts)} prompts of {args.prompts} are already in "
+              f"{out_path} (give a new --output to run them again)", file=sys.stderr)
+        return 0
     sim, notes = (None, ["pre-run simulation skipped (--no-simulate)"]) if args.no_simulate else \
         simulate_first(plan, args.profile, args.force)
     t_start = time.perf_counter()
     started = connect(ray, args.ray, args.ray_workers, args.threads)
     try:
-        return _drive(ray, args, plans, prompts, done, todo, notes, out_path, tqdm, dump_yaml, t_start)
+        return _drive(ray, args, plans, prompts, done, todo, notes, out, guard, tqdm, dump_yaml, t_start)
     finally:
         if started:
             ray.shutdown()
@@ -374,7 +382,8 @@ def _start_engines(ray, args, plans, max_len, exit_fault):
     return handles, infos
 
 
-def _drive(ray, args, plans, prompts, done, todo, notes, out_path, tqdm, dump_yaml, t_start) -> int:
+def _drive(ray, args, plans, prompts, done, todo, notes, out, guard, tqdm, dump_yaml, t_start) -> int:
+    out_path = out.path
     connect_seconds = time.perf_counter() - t_start
     exit_fault = _fault("SPECOFFLOAD_FAULT_WORKER_EXIT")
     exit_fault = exit_fault.split(":") if exit_fault else None
@@ -431,68 +440,66 @@ def _drive(ray, args, plans, prompts, done, todo, notes, out_path, tqdm, dump_ya
     bar = tqdm(total=total_budget, unit="tok", disable=args.quiet or not todo, file=sys.stderr, dynamic_ncols=True)
     t0 = time.perf_counter()
     n_written = 0
-    out_path.parent.mkdir(parents=True, exist_ok=True)
 
     def feed(e: int, upto: int = 2) -> None:
         while queue and sum(1 for v in inflight.values() if v[0] == e) < upto:
             s = queue.popleft()
             inflight[handles[e].run.remote(shards[s])] = (e, s)
 
-    with out_path.open("a") as fh:
-        for upto in (1, 2):  # one shard each first, so a short queue still reaches every engine
-            for e in sorted(alive):
-                feed(e, upto)
-        while inflight:
-            ready, _ = ray.wait(list(inflight), num_returns=1)
-            ref = ready[0]
-            e, s = inflight.pop(ref)
-            try:
-                res = ray.get(ref)
-            except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError) as exc:
-                if e in alive:
-                    alive.discard(e)
-                    per[e]["lost"] = True
-                    why = type(exc).__name__
-                    lost_events.append(f"engine {e} on {per[e]['node']} lost ({why}) after {per[e]['shards']} shards")
-                    bar.write(f"specoffload-run: {lost_events[-1]}; its unfinished shards go to the other engines",
-                              file=sys.stderr)
-                queue.appendleft(s)
-                retried += 1
-                if not alive:
-                    break
-                for a in sorted(alive):
-                    feed(a)
-                continue
-            except ray.exceptions.RayTaskError as exc:
-                raise RunError(f"engine {e} on {per[e]['node']} failed on a shard: {exc}") from None
-            for line in res["lines"]:
-                if line["id"] in written:
-                    continue  # exactly once, even if a shard ran twice
-                fh.write(json.dumps(line) + "\n")
-                written.add(line["id"])
-                n_written += 1
-                if driver_exit is not None and n_written >= driver_exit:
-                    fh.flush()
-                    os.fsync(fh.fileno())
-                    os._exit(137)  # fault injection: the driver dies as a killed one would
-            fh.flush()
-            os.fsync(fh.fileno())
-            p = per[e]
-            p["shards"] += 1
-            p["sequences"] += len(res["lines"])
-            p["tokens"] += res["tokens"]
-            p["busy_seconds"] = max(p["busy_seconds"], res["busy"])
-            bar.update(sum(r.max_tokens or plan.workload.gen_len_tokens for r in shards[s]))
-            elapsed = max(time.perf_counter() - t0, 1e-9)
-            bar.set_postfix_str(f"{len(written) - len(done)}/{len(todo)} seq, "
-                                f"{sum(q['tokens'] for q in per) / elapsed:.1f} tok/s: "
-                                + " ".join(f"e{q['index']} {q['tokens'] / elapsed:.1f}" + ("x" if q["lost"] else "")
-                                           for q in per))
+    for upto in (1, 2):  # one shard each first, so a short queue still reaches every engine
+        for e in sorted(alive):
+            feed(e, upto)
+    while inflight:
+        ready, _ = ray.wait(list(inflight), num_returns=1)
+        ref = ready[0]
+        e, s = inflight.pop(ref)
+        try:
+            res = ray.get(ref)
+        except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError) as exc:
             if e in alive:
-                feed(e)
+                alive.discard(e)
+                per[e]["lost"] = True
+                why = type(exc).__name__
+                lost_events.append(f"engine {e} on {per[e]['node']} lost ({why}) after {per[e]['shards']} shards")
+                bar.write(f"specoffload-run: {lost_events[-1]}; its unfinished shards go to the other engines",
+                          file=sys.stderr)
+            queue.appendleft(s)
+            retried += 1
+            if not alive:
+                break
+            for a in sorted(alive):
+                feed(a)
+            continue
+        except ray.exceptions.RayTaskError as exc:
+            raise RunError(f"engine {e} on {per[e]['node']} failed on a shard: {exc}") from None
+        for line in res["lines"]:
+            if line["id"] in written:
+                continue  # exactly once, even if a shard ran twice
+            if guard is not None:
+                guard.write(out, line)  # whole line, fsynced
+            else:
+                out.write(line)
+            written.add(line["id"])
+            n_written += 1
+            if driver_exit is not None and n_written >= driver_exit:
+                os._exit(137)  # fault injection: the driver dies as a killed one would
+        p = per[e]
+        p["shards"] += 1
+        p["sequences"] += len(res["lines"])
+        p["tokens"] += res["tokens"]
+        p["busy_seconds"] = max(p["busy_seconds"], res["busy"])
+        bar.update(sum(r.max_tokens or plan.workload.gen_len_tokens for r in shards[s]))
+        elapsed = max(time.perf_counter() - t0, 1e-9)
+        bar.set_postfix_str(f"{len(written) - len(done)}/{len(todo)} seq, "
+                            f"{sum(q['tokens'] for q in per) / elapsed:.1f} tok/s: "
+                            + " ".join(f"e{q['index']} {q['tokens'] / elapsed:.1f}" + ("x" if q["lost"] else "")
+                                       for q in per))
+        if e in alive:
+            feed(e)
     bar.close()
     wall = time.perf_counter() - t0
     missing = [p.id for p in todo if p.id not in written]
+    out.close()  # the outputs are complete (or every engine is lost): release the lock before the reports
     reports = {}
     if args.report:
         for e in sorted(alive):

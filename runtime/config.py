@@ -11,6 +11,7 @@ optional ``rope_scaling`` dict.
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -172,9 +173,45 @@ def args_from_hf_config(cfg: Mapping[str, Any]) -> ModelArgs:
 
 def load_args(model_dir: str | Path) -> ModelArgs:
     """Read ``model_dir/config.json`` and adapt it; a missing file is a clear error."""
-    path = Path(model_dir) / "config.json"
+    folder = Path(model_dir)
+    if not folder.is_dir():
+        raise ConfigError(f"model folder {folder} does not exist" if not folder.exists()
+                          else f"{folder} is a file, not a model folder")
+    path = folder / "config.json"
     if not path.is_file():
-        raise ConfigError(f"no config.json in {Path(model_dir)} (a Hugging Face model folder needs one)")
-    with open(path) as f:
-        return args_from_hf_config(json.load(f))
+        raise ConfigError(f"no config.json in {folder} (a Hugging Face model folder needs one)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except (ValueError, OSError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ConfigError(f"{path}: not readable as JSON ({exc})") from None
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{path}: expected a JSON object, found {type(cfg).__name__}")
+    try:
+        args = args_from_hf_config(cfg)
+    except KeyError as exc:
+        raise ConfigError(f"{path}: no {exc.args[0]!r} key (needed to build the model)") from None
+    except (TypeError, ValueError) as exc:
+        if isinstance(exc, ConfigError):
+            raise ConfigError(f"{path}: {exc}") from None
+        raise ConfigError(f"{path}: a value of the wrong type ({exc})") from None
+    notice_custom_code(path, cfg, args.family)
+    return args
+
+
+_NOTICED: set[str] = set()
+
+
+def notice_custom_code(path: Path, cfg: Mapping[str, Any], family: str) -> None:
+    """A config that names custom model code (auto_map, as trust_remote_code would run) gets a notice, once:
+    that code is never run; the weights go through our own layers for the family the config declares."""
+    auto_map = cfg.get("auto_map")
+    key = str(path.resolve())
+    if not auto_map or key in _NOTICED:
+        return
+    _NOTICED.add(key)
+    names = ", ".join(sorted(map(str, auto_map))) if isinstance(auto_map, dict) else str(auto_map)
+    print(f"note: {path} names custom model code (auto_map: {names}); it is ignored, never run: the weights are "
+          f"computed by specoffload's own {family} layers, as for any {family} checkpoint. If the custom code "
+          "changes the model's math, the outputs will differ from it", file=sys.stderr)
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Callable, Mapping
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from .config import ModelArgs, load_args
@@ -95,6 +95,19 @@ def _ignorable(name: str, args: ModelArgs | None) -> bool:
 # Finding the files
 # ----------------------------------------------------------------------------------------------
 
+def _unreadable(path: Path, exc: Exception) -> CheckpointError:
+    return CheckpointError(f"{path}: not a readable safetensors file ({exc}); it may be truncated or corrupt (an "
+                           "interrupted download or copy?): fetch or copy it again")
+
+
+def _open_safetensors(path: Path):
+    """safe_open, with a damaged file reported as a CheckpointError naming it."""
+    try:
+        return safe_open(str(path), framework="pt")
+    except (SafetensorError, OSError) as exc:
+        raise _unreadable(path, exc) from None
+
+
 def _refuse_pickle(model_dir: Path, found: list[str]) -> CheckpointError:
     return CheckpointError(
         f"{model_dir} holds only pickle checkpoint files ({_names(found)}); they are refused: unpickling "
@@ -113,8 +126,13 @@ def checkpoint_layout(model_dir: str | Path) -> dict[str, Path]:
         raise CheckpointError(f"checkpoint folder {d} does not exist")
     index = d / INDEX_FILE
     if index.is_file():
-        with open(index) as f:
-            weight_map: dict[str, str] = json.load(f).get("weight_map", {})
+        try:
+            with open(index, encoding="utf-8") as f:
+                weight_map = json.load(f).get("weight_map", {})
+        except (ValueError, AttributeError, OSError) as exc:
+            raise CheckpointError(f"{index} is not a readable index (a JSON object with a weight_map): {exc}") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{index}: weight_map must map tensor names to file names")
         if not weight_map:
             raise CheckpointError(f"{index} has no weight_map")
         missing_files = sorted({fn for fn in weight_map.values() if not (d / fn).is_file()})
@@ -127,7 +145,7 @@ def checkpoint_layout(model_dir: str | Path) -> dict[str, Path]:
         return {n: d / fn for n, fn in weight_map.items()}
     files = [d / SINGLE_FILE] if (d / SINGLE_FILE).is_file() else sorted(d.glob("*.safetensors"))
     if len(files) == 1:
-        with safe_open(str(files[0]), framework="pt") as f:
+        with _open_safetensors(files[0]) as f:
             return {n: files[0] for n in f.keys()}
     if len(files) > 1:
         raise CheckpointError(f"{d} has several .safetensors files ({_names(p.name for p in files)}) "
@@ -188,23 +206,35 @@ def stream_tensors(model_dir: str | Path, name_map: Mapping[str, str], shapes: M
     for n in name_map:
         by_file.setdefault(layout[n], []).append(n)
     for path, names in sorted(by_file.items()):
-        with safe_open(str(path), framework="pt") as f:
-            present = set(f.keys())
-            for hf_name in names:
-                if hf_name not in present:
-                    raise CheckpointError(f"tensor {hf_name} is not in {path.name} (where {INDEX_FILE} says it is)")
-                ours = name_map[hf_name]
-                sl = f.get_slice(hf_name)
-                shape, disk_dtype = tuple(sl.get_shape()), sl.get_dtype()
-                if shape != tuple(shapes[ours]):
-                    raise CheckpointError(f"tensor {hf_name} in {path.name}: expected shape {tuple(shapes[ours])}, "
-                                          f"found {shape}")
-                if disk_dtype not in _FLOAT_DTYPES:
-                    raise CheckpointError(f"tensor {hf_name} in {path.name} has dtype {disk_dtype}; only float "
-                                          f"checkpoints ({', '.join(sorted(_FLOAT_DTYPES))}) are supported")
-                out[ours] = _place(f.get_tensor(hf_name), placement(ours), dtype_of(ours))
+        try:
+            _read_file(path, names, name_map, shapes, placement, dtype_of, out)
+        except SafetensorError as exc:
+            raise _unreadable(path, exc) from None
+    _audit(out, shapes, name_map, dtype_of)
+    return out
 
-    # Final audit: everything arrived, with the shape and dtype asked for.
+
+def _read_file(path: Path, names: list[str], name_map, shapes, placement, dtype_of, out: dict) -> None:
+    """Read `names` from one safetensors file into `out`, checking shape and dtype of each."""
+    with _open_safetensors(path) as f:
+        present = set(f.keys())
+        for hf_name in names:
+            if hf_name not in present:
+                raise CheckpointError(f"tensor {hf_name} is not in {path.name} (where {INDEX_FILE} says it is)")
+            ours = name_map[hf_name]
+            sl = f.get_slice(hf_name)
+            shape, disk_dtype = tuple(sl.get_shape()), sl.get_dtype()
+            if shape != tuple(shapes[ours]):
+                raise CheckpointError(f"tensor {hf_name} in {path.name}: expected shape {tuple(shapes[ours])}, "
+                                      f"found {shape}")
+            if disk_dtype not in _FLOAT_DTYPES:
+                raise CheckpointError(f"tensor {hf_name} in {path.name} has dtype {disk_dtype}; only float "
+                                      f"checkpoints ({', '.join(sorted(_FLOAT_DTYPES))}) are supported")
+            out[ours] = _place(f.get_tensor(hf_name), placement(ours), dtype_of(ours))
+
+
+def _audit(out, shapes, name_map, dtype_of) -> None:
+    """Final audit: everything arrived, with the shape and dtype asked for."""
     for ours, shape in shapes.items():
         if ours not in out:
             if ours in name_map.values():
@@ -213,7 +243,6 @@ def stream_tensors(model_dir: str | Path, name_map: Mapping[str, str], shapes: M
         t, want = out[ours], dtype_of(ours)
         if tuple(t.shape) != tuple(shape) or t.dtype != want:
             raise CheckpointError(f"tensor {ours} arrived as {tuple(t.shape)} {t.dtype}, expected {tuple(shape)} {want}")
-    return out
 
 
 def load_model(model_dir: str | Path, *, dtype: DtypeSpec = torch.float32, placement: Placement | None = None,

@@ -6,11 +6,11 @@ import sys
 from pathlib import Path
 
 EXAMPLE = """examples:
-  specoffload-profile --quick -o profiles/cpu-2core.yaml     # this machine, under a minute
-  specoffload-profile                                         # full mode, profiles/<machine>.yaml
+  specoffload-profile --quick -o my-machine.yaml              # this machine, under a minute
+  specoffload-profile -o my-machine-full.yaml                 # full mode (default file: <machine>.yaml)
   specoffload-profile --acceptance --target tiny-target --draft tiny-draft \\
       --prompts prompts.jsonl -k 8 --max-new-tokens 64 -o workload.yaml
-  specoffload-plan --model tiny-target --draft tiny-draft --profile profiles/cpu-2core.yaml \\
+  specoffload-plan --model tiny-target --draft tiny-draft --profile my-machine.yaml \\
       --workload workload.yaml
 
 Hardware mode measures what the planner's cost model consumes (transfer curves, matmul rate over
@@ -31,8 +31,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="specoffload-profile", description=__doc__, epilog=EXAMPLE,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-o", "--output", default=None,
-                    help="where to write the YAML (hardware: default profiles/<machine>.yaml; acceptance: default "
-                         "stdout)")
+                    help="where to write the YAML (hardware: default <machine>.yaml in the current folder; acceptance: "
+                         "default stdout)")
     hw = ap.add_argument_group("hardware profile")
     hw.add_argument("--quick", action="store_true", help="quick mode (under a minute), fewer and smaller points")
     hw.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
@@ -120,13 +120,17 @@ def _short(x: float) -> str:
 
 def run_hardware(args) -> int:
     from specoffload.planner.models import load_model_spec
+    from specoffload.planner.strict import SchemaError
     from specoffload.runtime.profiler.probes import ProfileConfig, default_name, resolve_device, run_profile
 
     spec = load_model_spec(args.model)
     cfg = (ProfileConfig.quick if args.quick else ProfileConfig.full)(model=spec,
                                                                         force_fail=frozenset(args.force_fail))
     device = resolve_device(args.device)
-    out = Path(args.output) if args.output else Path("profiles") / f"{default_name(device.type)}.yaml"
+    # Never into the package's profiles/ by default: a file there would pass for a shipped profile.
+    out = Path(args.output) if args.output else Path(f"{default_name(device.type)}.yaml")
+    if out.is_dir():
+        raise SchemaError(f"-o {out} is a directory; give a file name, e.g. {out / (default_name(device.type) + '.yaml')}")
     name = args.name or out.stem
     result = run_profile(cfg, device, name=name, progress=not args.no_progress, threads=args.threads)
     result.profile.save(out)
@@ -138,9 +142,11 @@ def run_hardware(args) -> int:
 
 
 def run_acceptance(args) -> int:
-    from specoffload.planner.strict import dump_yaml
+    from specoffload.planner.strict import SchemaError, dump_yaml
     from specoffload.runtime.profiler.acceptance import measure_workload
 
+    if args.output and Path(args.output).is_dir():
+        raise SchemaError(f"-o {args.output} is a directory; give a file name, e.g. {Path(args.output) / 'workload.yaml'}")
     if args.threads:
         import torch
 
@@ -162,13 +168,15 @@ def run_acceptance(args) -> int:
 
 def main(argv=None) -> int:
     from specoffload.planner.strict import SchemaError
+    from specoffload.runtime.config import ConfigError
+    from specoffload.runtime.loader import CheckpointError
     from specoffload.runtime.profiler.acceptance import AcceptanceError
     from specoffload.runtime.profiler.probes import ProbeFailure
 
     args = parse_args(argv)
     try:
         return run_acceptance(args) if args.acceptance else run_hardware(args)
-    except (AcceptanceError, SchemaError, ProbeFailure, FileNotFoundError) as exc:
+    except (AcceptanceError, SchemaError, ProbeFailure, ConfigError, CheckpointError, FileNotFoundError) as exc:
         print(f"specoffload-profile: error: {exc}", file=sys.stderr)
         return 2
 

@@ -6,7 +6,10 @@ Input lines: {"id": ..., "prompt": "...", "max_tokens": N, "temperature": T, "to
 (all but id and prompt optional; max_tokens defaults to the plan's generation length). Output lines,
 written and flushed as each sequence finishes: {"id", "text", "tokens", "num_tokens", "prompt_tokens",
 "finish_reason"}. Rerunning with the same output file skips the ids already there (a line cut short
-by a crash is dropped and redone), so nothing is duplicated or lost.
+by a crash is dropped and redone), so nothing is duplicated or lost. An existing output file that is
+not this command's JSONL is refused and left untouched; a run holds a lock on it, so a second run
+on the same file refuses at once. SIGINT and SIGTERM finish the line being written and stop; a full
+disk or a file size limit stops the run with what was finished saved.
 
 Before starting, the plan is simulated on its profile and refused if the simulator rejects it
 (--force runs it anyway). The report has the simulator's fields, measured, next to the plan's
@@ -17,21 +20,26 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import resource
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
+from .outputs import OutputFile, OutputFileError, OutputWriteError, finished_ids  # noqa: F401 (re-exported)
 from .prompts import Prompt, PromptFileError, resolve_model_dir
 from .prompts import read_prompts as _read_prompts
 
-EXAMPLE = """example:
-  specoffload-plan --model tiny-target --draft tiny-draft --profile cpu-2core --prompt-len 24 \\
-      --gen-len 32 --num-prompts 64 -o plan.yaml
-  specoffload-run plan.yaml --prompts prompts.jsonl --output out.jsonl --report report.yaml
+EXAMPLE = """example (from the repository root, on the tiny pair and the demo prompts shipped with it):
+  specoffload-plan --model tiny-target --draft tiny-draft --profile cpu-2core --prompt-len 20 \\
+      --max-prompt-len 32 --gen-len 32 --num-prompts 64 -o plan.yaml
+  specoffload-run plan.yaml --prompts runtime/assets/demo_prompts.jsonl --output out.jsonl --report report.yaml
 
-  A plan made for a preset (e.g. mixtral-8x7b) needs the checkpoint folder: --target DIR [--draft DIR].
+  --max-prompt-len is the longest prompt in tokens: the KV cache is sized for it, and longer prompts are
+  refused. A plan made for a preset (e.g. mixtral-8x7b) needs the checkpoint folder: --target DIR
+  [--draft DIR]. Rerun the same command after an interruption to resume; the output file is locked while
+  a run writes it, and a file that is not this command's output is never overwritten.
 """
 
 
@@ -47,31 +55,6 @@ def read_prompts(path: str | Path) -> list[Prompt]:
         raise RunError(str(exc)) from None
 
 
-def finished_ids(path: Path) -> set[str]:
-    """Ids already in an output file; a last line cut short by a crash is removed (it will be redone)."""
-    if not path.exists():
-        return set()
-    data = path.read_bytes()
-    done, keep = set(), 0
-    pos = 0
-    while pos < len(data):
-        end = data.find(b"\n", pos)
-        if end < 0:
-            break  # no newline: an interrupted write
-        line = data[pos:end]
-        try:
-            obj = json.loads(line)
-            done.add(str(obj["id"]))
-        except (json.JSONDecodeError, KeyError, TypeError):
-            break  # a corrupt line: keep what precedes it
-        pos = end + 1
-        keep = pos
-    if keep < len(data):
-        with path.open("r+b") as fh:
-            fh.truncate(keep)
-    return done
-
-
 def resolve_models(plan, target: str | None, draft: str | None) -> tuple[Path, Path | None]:
     """Checkpoint folders for the plan's target and draft, checked against the plan's fingerprints."""
     from specoffload.planner.models import load_model_spec
@@ -79,9 +62,9 @@ def resolve_models(plan, target: str | None, draft: str | None) -> tuple[Path, P
     def folder(ref: str, given: str | None, role: str) -> Path:
         try:
             return resolve_model_dir(given or ref)
-        except PromptFileError:
+        except PromptFileError as exc:
             if given:
-                raise RunError(f"{given}: no config.json; a checkpoint folder in Hugging Face format is needed") from None
+                raise RunError(str(exc)) from None
             raise RunError(f"the plan's {role} is {ref!r}, a preset without weights here; pass its checkpoint "
                            f"folder with --{'target' if role == 'model' else 'draft'} DIR") from None
 
@@ -149,31 +132,110 @@ def simulate_first(plan, profile_ref: str | None, force: bool) -> tuple[object |
     return result, notes
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM arrived; raised between output lines, never inside one."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+class SignalGuard:
+    """SIGINT and SIGTERM stop the run the same way: an output line being written is finished first."""
+
+    def __init__(self):
+        self.critical = False
+        self.pending: int | None = None
+        self.previous = {}
+
+    def _handler(self, signum, frame) -> None:
+        if self.critical:
+            self.pending = signum
+            return
+        raise Interrupted(signum)
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self.previous[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, h in self.previous.items():
+            signal.signal(sig, h)
+
+    def write(self, out: OutputFile, obj: dict) -> None:
+        self.critical = True
+        try:
+            out.write(obj)
+        finally:
+            self.critical = False
+        if self.pending is not None:
+            signum, self.pending = self.pending, None
+            raise Interrupted(signum)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     from specoffload.planner.strict import SchemaError
 
+    out = OutputFile(args.output)
+    guard = SignalGuard() if threading.current_thread() is threading.main_thread() else None
     try:
+        if guard is not None:
+            guard.__enter__()
         if args.ray:
             from .cluster import run_cluster
 
-            return run_cluster(args)
-        return _run(args)
-    except (RunError, SchemaError) as exc:
+            return run_cluster(args, out, guard)
+        return _run(args, out, guard)
+    except OutputWriteError as exc:
+        print(f"specoffload-run: error: {exc}", file=sys.stderr)
+        return 1
+    except (RunError, SchemaError, OutputFileError) as exc:
         print(f"specoffload-run: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"specoffload-run: interrupted; finished sequences are in {args.output} (rerun to resume)",
-              file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+        name = signal.Signals(signum).name
+        saved = (f"{len(out.done) + out.written} finished sequences are in {args.output}" if out.fd is not None
+                 else "nothing was written")
+        print(f"specoffload-run: stopped by {name}; {saved}. Rerun the same command to resume (finished ids are "
+              "skipped)", file=sys.stderr)
+        return 128 + int(signum)
+    finally:
+        out.close(failed=out.written == 0)
+        if guard is not None:
+            guard.__exit__()
 
 
-def _run(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace, out: OutputFile, guard: SignalGuard | None) -> int:
+    from specoffload.planner.schema import Plan
+
+    plan = Plan.load(args.plan)
+    prompts = read_prompts(args.prompts)
+    for flag in ("report", "trace"):
+        given = getattr(args, flag)
+        if given and Path(given).is_dir():
+            raise RunError(f"--{flag} {given} is a directory; give a file name")
+    target_dir, draft_dir = resolve_models(plan, args.target, args.draft)
+    tok_path = target_dir / "tokenizer.json"
+    if not tok_path.is_file():
+        raise RunError(f"{target_dir}: no tokenizer.json (the run needs the target's tokenizer)")
+    # The output file is checked, locked and read before anything heavy is loaded.
+    out_path = out.path
+    done = out.open()
+    if out.dropped_bytes:
+        print(f"specoffload-run: {out_path}: dropped an unfinished last line ({out.dropped_bytes} bytes, left by an "
+              "interrupted write); that sequence is run again", file=sys.stderr)
+    todo = [p for p in prompts if p.id not in done]
+    if not todo:
+        print(f"specoffload-run: nothing to run: all {len(prompts)} prompts of {args.prompts} are already in "
+              f"{out_path} (give a new --output to run them again)", file=sys.stderr)
+        return 0
+
     import torch
     from tokenizers import Tokenizer
     from tqdm import tqdm
-
-    from specoffload.planner.schema import Plan
 
     from .config import ConfigError
     from .engine import Engine, EngineError, Request
@@ -181,16 +243,10 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    plan = Plan.load(args.plan)
-    prompts = read_prompts(args.prompts)
-    target_dir, draft_dir = resolve_models(plan, args.target, args.draft)
-    tok_path = target_dir / "tokenizer.json"
-    if not tok_path.is_file():
-        raise RunError(f"{target_dir}: no tokenizer.json (the run needs the target's tokenizer)")
-    tokenizer = Tokenizer.from_file(str(tok_path))
-    out_path = Path(args.output)
-    done = finished_ids(out_path)
-    todo = [p for p in prompts if p.id not in done]
+    try:
+        tokenizer = Tokenizer.from_file(str(tok_path))
+    except Exception as exc:  # the tokenizers library raises its own exception types
+        raise RunError(f"{tok_path}: cannot read the tokenizer ({exc})") from None
 
     sim, notes = (None, ["pre-run simulation skipped (--no-simulate)"]) if args.no_simulate else \
         simulate_first(plan, args.profile, args.force)
@@ -222,28 +278,29 @@ def _run(args: argparse.Namespace) -> int:
     total_tokens = sum(r.max_tokens for r in requests)
     bar = tqdm(total=total_tokens, unit="tok", disable=args.quiet or not requests, file=sys.stderr, dynamic_ncols=True)
     t0 = time.perf_counter()
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    with out_path.open("a") as fh:
-        def on_finish(f) -> None:
-            line = {"id": f.request.id, "text": tokenizer.decode(f.tokens), "tokens": f.tokens,
-                    "num_tokens": len(f.tokens), "prompt_tokens": len(f.request.prompt),
-                    "finish_reason": f.finish_reason}
-            fh.write(json.dumps(line) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-            bar.update(f.request.max_tokens)  # a sequence done early frees its remaining budget
-            acc = engine.stats.acceptance
-            elapsed = time.perf_counter() - t0
-            bar.set_postfix_str(f"{engine.stats.generated_tokens / max(elapsed, 1e-9):.1f} tok/s"
-                                + (f", {acc.mean_tokens_per_round:.2f} tok/round" if acc.rounds else ""))
 
-        stats = engine.run(requests, on_finish)
+    def on_finish(f) -> None:
+        line = {"id": f.request.id, "text": tokenizer.decode(f.tokens), "tokens": f.tokens,
+                "num_tokens": len(f.tokens), "prompt_tokens": len(f.request.prompt),
+                "finish_reason": f.finish_reason}
+        if guard is not None:
+            guard.write(out, line)
+        else:
+            out.write(line)
+        bar.update(f.request.max_tokens)  # a sequence done early frees its remaining budget
+        acc = engine.stats.acceptance
+        elapsed = time.perf_counter() - t0
+        bar.set_postfix_str(f"{engine.stats.generated_tokens / max(elapsed, 1e-9):.1f} tok/s"
+                            + (f", {acc.mean_tokens_per_round:.2f} tok/round" if acc.rounds else ""))
+
+    stats = engine.run(requests, on_finish)
     bar.close()
     wall = time.perf_counter() - t0
     report = measured_report(plan, engine, stats, wall, sim, notes, args.profile)
     from specoffload.planner.sim import format_report
 
     print(format_report(report))
+    out.close()  # the outputs are complete: release the lock before writing the reports
     if args.report:
         report.save(args.report)
         print(f"wrote {args.report}", file=sys.stderr)

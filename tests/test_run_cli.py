@@ -100,17 +100,29 @@ def test_resume_after_kill_has_every_id_once_with_the_same_text(tmp_path):
         assert x["text"] == by_id[x["id"]]["text"] and x["tokens"] == by_id[x["id"]]["tokens"]
 
 
-def test_finished_ids_drops_a_torn_last_line(tmp_path):
+def out_line(i, **kw) -> str:
+    obj = {"id": i, "text": "t", "tokens": [1, 2], "num_tokens": 2, "prompt_tokens": 3, "finish_reason": "length"}
+    obj.update(kw)
+    return json.dumps(obj) + "\n"
+
+
+def test_torn_last_line_is_dropped_on_open_and_finished_ids_only_reads(tmp_path):
+    from specoffload.runtime.outputs import OutputFile
+
     p = tmp_path / "o.jsonl"
-    p.write_text('{"id": "a"}\n{"id": "b"}\n{"id": "c", "te')
-    assert finished_ids(p) == {"a", "b"}
-    assert p.read_text() == '{"id": "a"}\n{"id": "b"}\n'
+    text = out_line("a") + out_line("b") + '{"id": "c", "te'
+    p.write_text(text)
+    assert finished_ids(p) == {"a", "b"} and p.read_text() == text  # reading changes nothing
+    out = OutputFile(p)
+    assert out.open() == {"a", "b"} and out.dropped_bytes == len('{"id": "c", "te')
+    out.close()
+    assert p.read_text() == out_line("a") + out_line("b")
 
 
 def test_bad_input_is_named_and_outputs_are_kept(tmp_path):
     plan = make_plan(tmp_path)
     out = tmp_path / "out.jsonl"
-    out.write_text('{"id": "old", "text": "kept"}\n')
+    out.write_text(out_line("old"))
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"id": 1, "prompt": "ok"}\n{"id": 2, "prompt": \n')
     proc = cli(str(plan), "--prompts", str(bad), "--output", str(out), check=False)
@@ -123,7 +135,7 @@ def test_bad_input_is_named_and_outputs_are_kept(tmp_path):
     missing.write_text('{"id": "x"}\n')
     proc = cli(str(plan), "--prompts", str(missing), "--output", str(out), check=False)
     assert proc.returncode == 2 and 'no "prompt" key' in proc.stderr
-    assert out.read_text() == '{"id": "old", "text": "kept"}\n'
+    assert out.read_text() == out_line("old")
 
 
 def test_prompts_longer_than_the_plan_are_refused_unless_forced(tmp_path):

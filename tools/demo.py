@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -28,8 +29,24 @@ OUT = ROOT / "out" / "demo"
 PROMPTS = ROOT / "runtime" / "assets" / "demo_prompts.jsonl"
 
 
-def step(title: str, *cmd: str, quiet: bool = False) -> None:
-    print(f"\n== {title}\n$ {' '.join(cmd)}", flush=True)
+#: module each step runs -> the command a user types (installed by `pip install`)
+COMMANDS = {"specoffload.runtime.profile_cli": "specoffload-profile", "specoffload.planner.cli": "specoffload-plan",
+            "specoffload.planner.sim.cli": "specoffload-simulate", "specoffload.runtime.run_cli": "specoffload-run"}
+
+
+def shown(module: str, args: tuple[str, ...]) -> str:
+    """The command line as a user would type it from the repository root (paths made relative)."""
+    def rel(a: str) -> str:
+        try:
+            return str(Path(a).relative_to(ROOT)) if Path(a).is_absolute() else a
+        except ValueError:
+            return a
+    return shlex.join([COMMANDS[module], *map(rel, args)])
+
+
+def step(title: str, module: str, *args: str, quiet: bool = False) -> None:
+    print(f"\n== {title}\n$ {shown(module, args)}", flush=True)
+    cmd = (module, *args)
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", *cmd], cwd=ROOT, capture_output=quiet, text=True)
     if proc.returncode != 0:

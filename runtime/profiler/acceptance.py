@@ -93,7 +93,10 @@ def load_tokenizer(model_dir: Path):
     file = model_dir / "tokenizer.json"
     if not file.is_file():
         raise AcceptanceError(f"{model_dir}: no tokenizer.json (the prompts are text; a tokenizer is needed)")
-    return Tokenizer.from_file(str(file))
+    try:
+        return Tokenizer.from_file(str(file))
+    except Exception as exc:  # the tokenizers library raises its own exception types
+        raise AcceptanceError(f"{file}: cannot read the tokenizer ({exc})") from None
 
 
 # ----------------------------------------------------------------------------------------------

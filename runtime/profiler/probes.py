@@ -103,7 +103,8 @@ class ProfileConfig:
     engine_prompt_len: int = 16
     engine_gen_len: int = 24
     engine_reps: int = 2  # timed runs of each (batch, draft length), after one warm-up run
-    engine_max_bytes: int = 512 * MiB  # fp32 weights of the reference layers run; fewer layers if over
+    engine_max_bytes: int = 512 * MiB  # fp32 weights of the reference layers run; fewer layers, then narrower, if over
+    engine_overhead_reps: int = 0  # engine runs per point of the engine_overhead probe (0: max(3, reps))
     cpu_mem_margin_fraction: float = 0.05  # host memory kept free: this fraction of MemTotal ...
     cpu_mem_margin_min_bytes: int = GiB  # ... but at least this
     pinned_fraction: float = 0.9  # CUDA: share of usable host memory the planner may page-lock
@@ -115,7 +116,10 @@ class ProfileConfig:
         base = dict(mode="quick", reps=11, warmup=2, min_sample_s=0.005,
                     transfer_sizes=(64 * KiB, MiB, 16 * MiB, 128 * MiB), bandwidth_bytes=256 * MiB,
                     matmul_tokens=(1, 4, 16, 64, 256), attn_batches=(1, 4, 16, 64), attn_queries=(1, 5, 9),
-                    attn_contexts=(16, 64, 512, 2048), attn_max_kv_tokens=16 * 2048, attn_rotate_bytes=256 * MiB)
+                    attn_contexts=(16, 64, 512, 2048), attn_max_kv_tokens=16 * 2048, attn_rotate_bytes=256 * MiB,
+                    # in-engine fit: 9 timed runs of a reference layer scaled to 128 MiB (seconds, not minutes)
+                    engine_batches=(1, 4, 16), engine_draft_lens=(0, 1, 3), engine_reps=1, engine_gen_len=16,
+                    engine_max_bytes=128 * MiB, engine_overhead_reps=3)
         base.update(kw)
         return cls(**base)
 
@@ -361,6 +365,29 @@ class ProfileResult:
 def _points_json(rows: Iterable[Iterable[float]]) -> str:
     return json.dumps([[sig(v, 4) if isinstance(v, float) else v for v in row] for row in rows],
                       separators=(",", ":"))
+
+
+def engine_probe_shapes(spec: ModelSpec, vocab: int, budget_bytes: float) -> tuple[ModelSpec, int]:
+    """The reference shapes the engine_layers probe runs, and the factor its widths were divided by.
+
+    The spec itself when one fp32 layer and the embedding/head fit the budget; otherwise hidden size,
+    heads (head_dim kept), KV heads and FFN width divided by the smallest power of two that fits (expert
+    count and top-k kept), so a CPU-only machine runs the probe on the same kind of model, smaller.
+    """
+    import dataclasses
+
+    scale = 1
+    while True:
+        heads = max(1, spec.num_heads // scale)
+        kv = max(1, min(heads, spec.num_kv_heads // scale))
+        while heads % kv:
+            kv -= 1
+        cand = spec if scale == 1 else dataclasses.replace(
+            spec, hidden_size=max(spec.hidden_size // scale, 64), num_heads=heads, num_kv_heads=kv,
+            intermediate_size=max(spec.intermediate_size // scale, 64))
+        if 4.0 * (cand.layer_params + 2 * vocab * cand.hidden_size) <= budget_bytes or scale >= 256:
+            return cand, scale
+        scale *= 2
 
 
 class Profiler:
@@ -740,7 +767,7 @@ class Profiler:
                 write_random_checkpoint(Path(tmp), config, 0, torch.device("cpu"))
                 plan = probe_plan(Workload(prompt_len_tokens=4, gen_len_tokens=17, num_prompts=b), b, n_layers)
                 samples = []
-                for _ in range(max(3, self.cfg.reps)):
+                for _ in range(self.cfg.engine_overhead_reps or max(3, self.cfg.reps)):
                     eng = Engine(plan, tmp, device=self.device, trace=True)
                     eng.run([Request(str(i), [1, 2, 3, 4], 17) for i in range(b)], lambda f: None)
                     t0 = eng.timeline.t0
@@ -804,19 +831,26 @@ class Profiler:
             raise ProbeFailure(f"{n_runs} timed runs cannot fit the 6 bookkeeping terms; give engine_batches x "
                                "engine_draft_lens x engine_reps at least 7 runs, some with draft length > 0")
         vocab = min(spec.vocab_size, 8192)
+        full_spec, spec, scale = spec, *engine_probe_shapes(spec, vocab, c.engine_max_bytes)
         per_layer = 4.0 * spec.layer_params
         outer = 4.0 * 2 * vocab * spec.hidden_size
         n_layers = min(spec.num_layers, int((c.engine_max_bytes - outer) // per_layer))
         if n_layers < 1:
             raise ProbeFailure(f"one {spec.name} layer takes {per_layer / GiB:.1f} GiB in fp32, over the in-engine "
                                f"budget of {c.engine_max_bytes / GiB:.1f} GiB; the micro-benchmark figures stand")
+        scaled = "" if scale == 1 else (
+            f"; one full {full_spec.name} layer ({4.0 * full_spec.layer_params / GiB:.1f} GiB in fp32) is over the "
+            f"in-engine budget of {c.engine_max_bytes / MiB:.0f} MiB, so its widths were divided by {scale} (hidden "
+            f"{spec.hidden_size}, {spec.num_heads} query / {spec.num_kv_heads} KV heads of {spec.head_dim}, FFN "
+            f"{spec.intermediate_size}, {spec.num_experts} experts): the fixed costs fitted are per op, and the rates "
+            "above predict the arithmetic at these shapes")
         # Known parts: the rates measured above, with every fixed cost zeroed.
         base = self.assemble()
         zero = dataclasses.replace(base, device_op_overhead_seconds=0.0, device_expert_overhead_seconds=0.0,
                                    device_op_token_seconds=0.0, cpu_attn_overhead_seconds=0.0,
                                    cpu_attn_seq_overhead_seconds=0.0, cpu_attn_row_overhead_seconds=0.0,
                                    device_logit_element_seconds=0.0)
-        ref = dataclasses.replace(spec, num_layers=n_layers, vocab_size=vocab)
+        ref = dataclasses.replace(spec, num_layers=n_layers, vocab_size=vocab)  # spec: scaled to fit, if needed
         draft_spec = dataclasses.replace(ref, family="mistral", num_layers=1, num_experts=0, experts_per_token=0)
         wl = Workload(prompt_len_tokens=c.engine_prompt_len, gen_len_tokens=c.engine_gen_len, num_prompts=1)
         cm = CostModel(zero, ref, draft_spec, wl)
@@ -905,7 +939,7 @@ class Profiler:
         before = {f: self.fig.get(f) for f in out}
         self.prov["engine_layers"] = (
             f"the runtime's Engine on random weights of {spec.name}'s shapes ({n_layers} of {spec.num_layers} layers, "
-            f"vocabulary {vocab}, fp32), batches {list(c.engine_batches)} x draft lengths "
+            f"vocabulary {vocab}, fp32{scaled}), batches {list(c.engine_batches)} x draft lengths "
             f"{list(c.engine_draft_lens)} (synthetic acceptance 0.7; a one-layer dense draft of the same dimensions), "
             f"prompts {c.engine_prompt_len} -> {c.engine_gen_len} tokens, {c.engine_reps} timed run(s) each after "
             "a warm-up; per forward (decode and prefill) the timed pieces per layer, group medians per (batch, "
