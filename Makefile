@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[runtime,dev,plot]'
+	$(PY) -m pip install -q -e '.[runtime,dev,plot,cluster]'
 	touch $(STAMP)
 
 # The fast suite (what CI runs): GPU tests skip without CUDA, slow ones are deselected.

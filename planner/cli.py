@@ -26,7 +26,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="target model: preset name or HF config path")
     ap.add_argument("--draft", default=None, help="draft model (omit for offload-only)")
-    ap.add_argument("--profile", required=True, help="hardware profile YAML or shipped profile name")
+    ap.add_argument("--profile", default=None, help="hardware profile YAML or shipped profile name")
+    ap.add_argument("--cluster", default=None, metavar="PROFILE:NODES[xENGINES],...",
+                    help="plan one job for a cluster instead of --profile: a plan per kind of node, the prompts split "
+                         "by predicted speed (e.g. rtx4090-pcie4:16, or rtx4090-pcie4:12,l4:4x2)")
     ap.add_argument("--workload", default=None, help="workload YAML (e.g. from specoffload-profile --acceptance)")
     ap.add_argument("--prompt-len", type=int, help="prompt length in tokens")
     ap.add_argument("--max-prompt-len", type=int, default=None,
@@ -176,6 +179,11 @@ def context_limit(target, draft, workload: Workload, args: argparse.Namespace) -
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if bool(args.profile) == bool(args.cluster):
+        print("specoffload-plan: error: give --profile (one machine) or --cluster (a job across nodes)", file=sys.stderr)
+        return 2
+    if args.cluster:
+        return cluster_main(args)
     try:
         check_args(args)
         profile = load_profile(args.profile)
@@ -203,6 +211,32 @@ def main(argv=None) -> int:
             print(f"specoffload-plan: error: cannot write {args.output} ({exc.strerror or exc})", file=sys.stderr)
             return 2
         print(f"wrote {args.output}")
+    return 0
+
+
+def cluster_main(args: argparse.Namespace) -> int:
+    """--cluster: a plan per kind of node (planner/cluster.py) and the job's prediction."""
+    from .cluster import cluster_summary, parse_cluster, plan_cluster, plan_paths
+
+    try:
+        kinds = parse_cluster(args.cluster)
+        target = load_model_spec(args.model)
+        draft = load_model_spec(args.draft) if args.draft else None
+        workload = build_workload(args)
+        fixed = {k: v for k, v in (("decode_batch", args.batch), ("draft_len", args.draft_len),
+                                   ("micro_batches", args.micro_batches)) if v is not None}
+        plan_cluster(kinds, target, draft, workload, policy=args.policy, max_draft_len=args.max_draft_len, fixed=fixed)
+        paths = plan_paths(kinds, args.output) if args.output else []
+    except SchemaError as exc:
+        print(f"specoffload-plan: error: {exc}", file=sys.stderr)
+        return 2
+    for k in kinds:
+        print(f"== {k.profile_ref} ({k.nodes} nodes x {k.engines_per_node} engines)")
+        print(summary(k.result, args.policy, args.explain))
+    print(cluster_summary(kinds, workload))
+    for k, path in zip(kinds, paths):
+        k.result.plan.save(path)
+        print(f"wrote {path}")
     return 0
 
 

@@ -833,8 +833,11 @@ class Engine:
     # -- the schedules --------------------------------------------------------------------------
     @torch.inference_mode()  # no autograd bookkeeping: ~8% per-op overhead on small models
     def run(self, requests: list[Request], on_finish: Callable[[Finished], None],
-            progress: Callable[[int], None] | None = None) -> EngineStats:
-        """Generate every request; on_finish is called once per request, as soon as it is done."""
+            progress: Callable[[int], None] | None = None,
+            more: Callable[[], list[Request]] | None = None) -> EngineStats:
+        """Generate every request; on_finish is called once per request, as soon as it is done.
+        `more`, if given, is asked for further requests whenever slots are free and the queue is short
+        (a stream of work: the run ends when it has none and every sequence is done)."""
         for r in requests:
             self.check(r)
         queue = deque(requests)
@@ -854,6 +857,10 @@ class Engine:
 
         def refill(g: int) -> None:
             """Admit queued requests into batch g's free slots, a prefill chunk at a time."""
+            if more is not None and len(queue) < len(free[g]):
+                for r in more():
+                    self.check(r)
+                    queue.append(r)
             want = min(len(free[g]), len(queue))
             # Wait for a full chunk unless the batch is idle or the queue is short.
             if want == 0 or (want < min(self.plan.prefill_batch, len(queue)) and groups[g]):

@@ -108,6 +108,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="run even if the simulator rejects the plan, or if prompts are longer than it was made for")
     ap.add_argument("--no-simulate", action="store_true", help="skip the pre-run simulation")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
+    from .cluster import add_arguments as add_cluster_arguments
+
+    add_cluster_arguments(ap)  # --ray ADDRESS: the same run across a Ray cluster (runtime/cluster.py)
     return ap.parse_args(argv)
 
 
@@ -181,6 +184,10 @@ def main(argv=None) -> int:
     try:
         if guard is not None:
             guard.__enter__()
+        if args.ray:
+            from .cluster import run_cluster
+
+            return run_cluster(args, out, guard)
         return _run(args, out, guard)
     except OutputWriteError as exc:
         print(f"specoffload-run: error: {exc}", file=sys.stderr)
