@@ -490,3 +490,48 @@ class FeatureDraft:
         for i, (s, a, new) in enumerate(zip(seqs, n_accepted, new_tokens)):
             s.pending = list(new)
             self.feats[s.slot] = hidden[i, :a + 1].to(self.device, self.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Acceptance measurement (specoffload-profile --acceptance)
+# ----------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def count_feature_acceptance(target, head: FeatureHead, prompts, k: int, max_new_tokens: int, counts,
+                             progress=None):
+    """Per-position greedy acceptance of a feature draft, into an AcceptanceCounts.
+
+    The target decodes each prompt greedily. A verification point p (p >= 1 of the target's tokens
+    committed: the head drafts after the target's own first token, as in the engine) gives the head the
+    target's features of every committed position but the newest, paired with the token that followed
+    each; the head drafts k tokens; draft token i is tried when 1..i-1 were accepted and accepted when it
+    equals the target's token there; the next point is p + n + 1. Each point recomputes from scratch
+    (the target over the context, a fresh head cache), so it needs no rollback logic to be right.
+    """
+    from .generate import generate
+
+    outs = [g.tokens for g in generate(target, [list(p) for p in prompts], max_new_tokens)]
+    for prompt, out in zip(prompts, outs):
+        p = 1
+        while p < len(out):
+            ctx = list(prompt) + out[:p]
+            cache = target.new_cache(1, len(ctx))
+            feats = target.forward(torch.tensor([ctx]), cache, logits="hidden")[:, :-1]  # [1, L-1, D]
+            hc = head.new_cache(1, len(ctx) + k)
+            tokens = torch.tensor([ctx[1:]])
+            d = []
+            for _ in range(k):
+                pred, logits = head.forward(hc, [0], tokens, feats, torch.tensor([tokens.shape[1]]))
+                d.append(int(logits[0].argmax()))
+                tokens, feats = torch.tensor([[d[-1]]]), pred[:, None]
+            truth = out[p:p + k]
+            n_acc = 0
+            while n_acc < len(truth) and d[n_acc] == truth[n_acc]:
+                n_acc += 1
+            counts.record(n_acc, len(truth))
+            p += n_acc + 1
+        counts.target_tokens += len(out)
+        counts.sequences += 1
+        if progress is not None:
+            progress(1)
+    return counts
