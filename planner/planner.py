@@ -465,10 +465,26 @@ class Planner:
                 f"and the smaller batch")
         if self.draft is None:
             notes.append("no draft model given: offload-only")
+        if self._feature_draft and spec:
+            notes.append(self._feature_draft_note(winner if winner.knobs.speculative else
+                                                  max(spec, key=lambda c: c.throughput)))
         for p, c in sorted(best.items(), key=lambda kv: -kv[1].throughput):
             notes.append(f"best {p}: {c.throughput:.2f} tok/s (batch {c.knobs.decode_batch}, k={c.knobs.draft_len}, "
                          f"binding {c.prediction.binding})")
         return notes
+
+    def _feature_draft_note(self, c: Candidate) -> str:
+        """What the feature draft costs and buys in plan c: its bytes, its KV, its round against the slot."""
+        d, k, t = self.draft, c.knobs, self.target
+        dr = self.cm.draft_round(k, k.decode_batch)
+        pr = c.prediction
+        return (f"feature draft {d.name}: {d.total_bytes / 2**30:.2f} GiB of its own weights (embedding and LM head "
+                f"are the target's), KV {d.kv_bytes_per_token / 2**10:.0f} KiB per token in 1 layer (the target "
+                f"keeps {t.kv_bytes_per_token / 2**10:.0f} KiB), on the {'GPU' if k.draft_kv == 'gpu' else 'host'}; "
+                f"its round of k={k.draft_len} for {k.decode_batch} sequences: {dr['gpu']:.3f} s GPU"
+                + (f" + {dr['cpu']:.3f} s CPU attention" if dr["cpu"] else "")
+                + f" against a {pr.slot_seconds:.3f} s slot, for {pr.expected_tokens_per_round:.2f} tokens per "
+                f"sequence per verification instead of 1")
 
     def to_plan(self, cand: Candidate, notes: list[str]) -> Plan:
         k, t = cand.knobs, self.target

@@ -590,8 +590,6 @@ def train_eagle(out: Path, tok, train_files: list[Path], held_files: list[Path],
     stream = token_stream(tok, train_files, max_tokens=windows * (SEQ + 1))
     wins = stream[: (len(stream) // (SEQ + 1)) * (SEQ + 1)].view(-1, SEQ + 1)[:, :-1]  # [N, SEQ]
     feats = target_features(hf, wins)  # [N, SEQ, D]
-    with torch.no_grad():
-        t_logp = None  # computed per batch from the features (saves memory)
     log(f"eagle: {wins.shape[0]} windows of target features in {time.time() - t_start:.0f}s")
     head = TrainableHead(args, hf.model.embed_tokens.weight.float(), hf.lm_head.weight.float(), EAGLE_FFN)
     opt = torch.optim.AdamW(head.parameters(), lr=3e-3, weight_decay=0.0)
@@ -731,8 +729,9 @@ def main(argv=None) -> int:
     ap.add_argument("--eagle", action="store_true",
                     help="train only the tiny feature draft (EAGLE-style head) over the target in --out, into "
                          "its eagle/ folder, and measure its acceptance")
-    ap.add_argument("--eagle-steps", type=int, default=1500)
-    ap.add_argument("--eagle-windows", type=int, default=400)
+    ap.add_argument("--eagle-steps", type=int, default=600)
+    ap.add_argument("--eagle-windows", type=int, default=200)
+    ap.add_argument("--eagle-batch", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args(argv)
     if a.quick:
@@ -755,7 +754,7 @@ def main(argv=None) -> int:
             raise SystemExit("--eagle --quick needs --out (a folder holding a trained target)")
         tok = Tokenizer.from_file(str(out / "target" / "tokenizer.json"))
         steps, windows = (3, 16) if a.quick else (a.eagle_steps, a.eagle_windows)
-        r = train_eagle(out, tok, train_files, held_files, steps, windows, a.batch, a.seed, a.quick)
+        r = train_eagle(out, tok, train_files, held_files, steps, windows, a.eagle_batch, a.seed, a.quick)
         write_eagle_report(out, r)
         log(f"wrote {out / 'eagle' / 'TRAINING.md'}")
         return 0
