@@ -10,6 +10,9 @@ serial-spec and interleaved for the job (each policy forced but specoffload); si
 (device_map="auto", max_memory) on the same prompts; print throughputs, ratios, the simulator's
 prediction against the measurement, and the fraction of the physical bound.
 
+The "eagle" row plans and runs the same target with an EAGLE-shaped feature draft (the published
+Mixtral-8x7B head's shapes: fc 2H -> H, one layer, 32 KV heads, FFN 14336) instead of the draft model.
+
 Random weights accept nothing, so our runs use a TIMING MODE: each draft token is kept with
 probability --acceptance whatever it is, and every line printed says so. Outputs are meaningless;
 the timings are what is measured.
@@ -104,7 +107,16 @@ def main() -> int:
     tdir, ddir = out / "ckpt-target", out / "ckpt-draft"
     write_random_checkpoint(tdir, target_cfg, 0, device)
     write_random_checkpoint(ddir, draft_cfg, 1, device)
+    # An EAGLE-shaped feature draft over the target: the published Mixtral-8x7B head's shapes (fc 2H -> H,
+    # one layer with as many KV heads as query heads, dense FFN of the target's expert width), random weights.
+    from specoffload.runtime.config import load_args
+    from specoffload.runtime.feature_draft import write_random_head
+
+    edir = out / "ckpt-eagle"
+    targs = load_args(tdir)
+    write_random_head(edir, targs, "eagle", seed=2, n_kv_heads=targs.n_heads, ffn_dim=targs.ffn_dim)
     target, draft = load_model_spec(str(tdir)), load_model_spec(str(ddir))
+    eagle = load_model_spec(str(edir))
     say(f"checkpoints written in {time.perf_counter() - t0:.0f} s: {target.describe()}; draft {draft.describe()}")
 
     t0 = time.perf_counter()
@@ -118,16 +130,17 @@ def main() -> int:
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, target.vocab_size, (args.prompt_len,), generator=g).tolist() for _ in range(args.prompts)]
     results = {}
-    for policy in ("specoffload", "offload-only", "serial-spec", "interleaved"):
+    for policy in ("specoffload", "offload-only", "serial-spec", "interleaved", "eagle"):
+        use = None if policy == "offload-only" else (eagle if policy == "eagle" else draft)
         try:
-            res = make_plan(profile, target, None if policy == "offload-only" else draft, work, policy=policy)
+            res = make_plan(profile, target, use, work, policy="specoffload" if policy == "eagle" else policy)
         except PlanInfeasible as exc:
             say(f"{policy}: no plan fits: {exc}")
             continue
         plan = res.plan
         plan.save(out / f"plan-{policy}.yaml")
         sim = simulate(plan, profile).report
-        eng = Engine(plan, tdir, ddir if plan.draft_len else None, device=device,
+        eng = Engine(plan, tdir, (edir if policy == "eagle" else ddir) if plan.draft_len else None, device=device,
                      synthetic_acceptance=args.acceptance if plan.draft_len else None)
         done = []
         t0 = time.perf_counter()
@@ -155,7 +168,7 @@ def main() -> int:
             if name != "offload-only":
                 say(f"ratio {name} / offload-only: {tps / base:.2f}x")
     (out / "gpu_check.txt").write_text("\n".join(log_lines) + "\n")
-    for p in (tdir, ddir):  # the checkpoints are large and random: do not keep them
+    for p in (tdir, ddir, edir):  # the checkpoints are large and random: do not keep them
         for f in p.iterdir():
             f.unlink()
         p.rmdir()
