@@ -36,6 +36,7 @@ import json
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Iterator
 
 import torch
@@ -390,15 +391,9 @@ class FeatureDraft:
         target.keep_hidden = True
 
     @property
-    def w(self):
-        """The head's own tensors (for the engine's host-memory count)."""
-        class _W:
-            def __init__(s, d):
-                s.d = d
-
-            def flat(s):
-                return s.d
-        return _W(self.head.w)
+    def w(self) -> SimpleNamespace:
+        """The head's own tensors, with the `flat()` of a model's weights (the engine's host-memory count)."""
+        return SimpleNamespace(flat=lambda: dict(self.head.w))
 
     def prefill(self, seqs, prompts: list[list[int]]) -> None:
         """Feed the prompt's pairs whose next token is known (positions 0..n-2); keep f_{n-1} pending."""

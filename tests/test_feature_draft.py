@@ -213,3 +213,43 @@ def test_tiny_eagle_greedy_equals_target_and_accepts(tiny, policy, draft_kv):
         assert o == r[:cut]
     # A trained head is accepted far more often than chance.
     assert stats.acceptance.per_position()[0] > 0.3
+
+
+@pytest.mark.parametrize("family,policy,draft_kv", [("llama", "serial-spec", "gpu"), ("mistral", "interleaved", "host"),
+                                                    ("mixtral", "interleaved", "gpu")])
+def test_every_round_drafts_what_a_fresh_recompute_drafts(tmp_path, targets, family, policy, draft_kv):
+    """The head's cache bookkeeping (prefill, pending pairs, rollback after 0..k accepted) checked round by
+    round: each round's drafts equal those of a head run from scratch over the committed context with the
+    target's features. Timing mode keeps a random number of drafts per round, so every rollback length
+    occurs (outputs are then not the target's; the bookkeeping is what is checked)."""
+    head = write_random_head(tmp_path / "h", load_args(targets[family]), "eagle", seed=11, std=0.3)
+    k = 3
+    eng = Engine(make_plan(policy, 2, k, draft_kv, gen=14), targets[family], head, synthetic_acceptance=0.6)
+    model = Transformer.from_pretrained(targets[family])
+    fresh_head = FeatureHead.load(head, model.args, model.weights.embed, model.weights.lm_head)
+    checked, kept = [], []
+    orig_propose, orig_commit = eng.draft.propose, eng.draft.commit
+
+    def fresh(ctx: list[int]) -> list[int]:
+        feats = model.forward(torch.tensor([ctx]), model.new_cache(1, len(ctx)), logits="hidden")[:, :-1]
+        cache = fresh_head.new_cache(1, len(ctx) + k)
+        tokens, d = torch.tensor([ctx[1:]]), []
+        for _ in range(k):
+            pred, logits = fresh_head.forward(cache, [0], tokens, feats, torch.tensor([tokens.shape[1]]))
+            d.append(int(logits[0].argmax()))
+            tokens, feats = torch.tensor([[d[-1]]]), pred[:, None]
+        return d
+
+    def propose(seqs, k_):
+        yield from orig_propose(seqs, k_)
+        for s in seqs:
+            checked.append(s.drafted.tolist() == fresh(s.req.prompt + s.out))
+
+    def commit(seqs, n_accepted, k_, news):
+        kept.extend(n_accepted)
+        orig_commit(seqs, n_accepted, k_, news)
+
+    eng.draft.propose, eng.draft.commit = propose, commit
+    eng.run([Request(str(i), list(p), 14) for i, p in enumerate(PROMPTS)], lambda f: None)
+    assert len(checked) > 10 and all(checked), checked
+    assert set(kept) == set(range(k + 1))  # every rollback length happened
