@@ -253,3 +253,16 @@ def test_every_round_drafts_what_a_fresh_recompute_drafts(tmp_path, targets, fam
     eng.run([Request(str(i), list(p), 14) for i, p in enumerate(PROMPTS)], lambda f: None)
     assert len(checked) > 10 and all(checked), checked
     assert set(kept) == set(range(k + 1))  # every rollback length happened
+
+
+def test_profile_acceptance_measures_the_tiny_eagle(tmp_path):
+    from pathlib import Path
+
+    from specoffload.runtime.profiler.acceptance import measure_workload
+
+    prompts = Path(__file__).resolve().parent.parent / "runtime" / "assets" / "demo_prompts.jsonl"
+    res = measure_workload("tiny-target", "tiny-eagle", prompts, k=4, max_new_tokens=12, sample=4, progress=False)
+    acc = res.workload.acceptance
+    assert len(acc) == 4 and all(0.0 <= a <= 1.0 for a in acc)
+    assert acc[0] > 0.2  # a trained head, far above chance (1/4096)
+    assert "draft tiny-eagle" in res.workload.acceptance_source
