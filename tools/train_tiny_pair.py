@@ -19,7 +19,12 @@ Scope: everything on the CPU, from scratch, in about ten minutes on two cores:
    fp32: held-out loss of both, expert load, and greedy speculative decoding at k=4 (per-position
    acceptance and tokens per verification). Results go to TRAINING.md and training_report.json.
 
+6. (--eagle, separately, on the shipped target) the tiny feature draft `tiny-eagle`: an EAGLE-style head
+   trained on the target's final-norm hidden states, exported to eagle/ in the EAGLE layout and measured
+   through the engine at k=4 beside the draft model (eagle/TRAINING.md, eagle/training_report.json).
+
 Usage (from the repo root):  nice .venv/bin/python tools/train_tiny_pair.py [--out DIR] [--quick]
+                             nice .venv/bin/python tools/train_tiny_pair.py --eagle --threads 1   (~10 min)
 --quick is a smoke run (a few steps, a temporary output folder unless --out is given).
 """
 from __future__ import annotations
@@ -734,7 +739,7 @@ def main(argv=None) -> int:
     ap.add_argument("--eagle", action="store_true",
                     help="train only the tiny feature draft (EAGLE-style head) over the target in --out, into "
                          "its eagle/ folder, and measure its acceptance")
-    ap.add_argument("--eagle-steps", type=int, default=400)
+    ap.add_argument("--eagle-steps", type=int, default=1000)
     ap.add_argument("--eagle-windows", type=int, default=200)
     ap.add_argument("--eagle-batch", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
