@@ -437,8 +437,11 @@ class CostModel:
             steps = (k - 1) * (step(s) + L * attend(d, s, 1, ctx))
             out["gpu"] = subs * (pre + steps) + host
             return out
-        # KV kept: k steps of one token each, plus one catch-up token (the target's bonus token).
-        out["gpu"] = (k - 1) * step(batch) + step(batch, 2.0) + host
+        # KV kept: k steps of one token each, plus one catch-up token (the target's bonus token). A feature
+        # draft instead re-reads every position the verification kept (accepted drafts + the bonus token) with
+        # the target's true features: E[tokens per round] pairs in its first step.
+        catch_up = self.rounds(k).expected_tokens if d.feature_draft else 2.0
+        out["gpu"] = (k - 1) * step(batch) + step(batch, catch_up) + host
         if knobs.draft_kv == "gpu" and self.cpu_only:  # the "device" is the CPU: the same attention call
             out["gpu"] += k * L * self.cpu_attention_seconds(d, batch, 1, host_ctx)
         elif knobs.draft_kv == "gpu":
@@ -575,6 +578,8 @@ class CostModel:
             gpu += d.num_layers * (self.qkv_seconds(d, padded) + self.ffn_seconds(d, padded)
                                    + self.prefill_attention_seconds(d, bp, width))
             gpu += self.lm_head_seconds(d, bp)
+            if d.feature_draft:  # its fc over [embedding; feature] of every prompt position
+                gpu += self.matmul_seconds(2.0 * padded * d.fc_params, padded, d.b(d.fc_params))
             if knobs.draft_kv == "host":
                 d2h += self.d2h_seconds(tok * d.kv_bytes_per_token)
         out = {"gpu": Linear.of(gpu), "cpu": Linear.of(0.0), "d2h": Linear.of(d2h), "h2d": Linear.of(h2d)}
@@ -614,6 +619,10 @@ class CostModel:
             dkv_seq = self.ctx_max * d.kv_bytes_per_token
             gpu += d.total_bytes
             d_ws = act * (4 * d.hidden_size + 2 * d.intermediate_size)
+            if d.feature_draft:
+                # The feature hand-off: the verification's final hidden states of the k + 1 positions of
+                # every sequence in flight stay on the device until the draft has read them.
+                gpu += nb * b * (k + 1) * d.hidden_size * act
             if knobs.draft_kv == "gpu":
                 gpu += nb * b * dkv_seq + b * d_ws + b * d.vocab_size * LOGIT_BYTES
             elif knobs.draft_kv == "host":

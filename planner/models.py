@@ -34,6 +34,9 @@ class ModelSpec:
     max_position_embeddings: int
     weight_bytes_per_param: int = 2  # bf16 checkpoints
     source: str = ""  # what load_model_spec() takes to build this spec again (preset name or path)
+    # A feature draft (EAGLE-style head): fc [embedding; target feature] 2H -> H, then its layer(s); the
+    # embedding and LM head are the target's (resident with the target), so not counted here.
+    feature_draft: bool = False
 
     def __post_init__(self):
         if self.family not in FAMILIES.values():
@@ -75,21 +78,27 @@ class ModelSpec:
         return 2 * self.hidden_size
 
     @property
+    def fc_params(self) -> int:
+        """A feature draft's fc over [embedding; feature] (with bias), counted with its first layer."""
+        return 2 * self.hidden_size * self.hidden_size + self.hidden_size if self.feature_draft else 0
+
+    @property
     def layer_params(self) -> int:
         return (self.attn_params_per_layer + self.router_params_per_layer + self.ffn_params_per_layer
-                + self.norm_params_per_layer)
+                + self.norm_params_per_layer + self.fc_params // max(1, self.num_layers))
 
     @property
     def embed_params(self) -> int:
-        return self.vocab_size * self.hidden_size
+        return 0 if self.feature_draft else self.vocab_size * self.hidden_size
 
     @property
     def lm_head_params(self) -> int:
-        return 0 if self.tie_word_embeddings else self.vocab_size * self.hidden_size
+        return 0 if (self.tie_word_embeddings or self.feature_draft) else self.vocab_size * self.hidden_size
 
     @property
     def total_params(self) -> int:
-        return self.num_layers * self.layer_params + self.embed_params + self.lm_head_params + self.hidden_size
+        final_norm = 0 if self.feature_draft else self.hidden_size
+        return self.num_layers * self.layer_params + self.embed_params + self.lm_head_params + final_norm
 
     def b(self, params: float) -> float:
         """Parameters to bytes."""
@@ -142,7 +151,7 @@ class ModelSpec:
         """Projection, router and (active) FFN FLOPs for one token in one layer (2 per MAC)."""
         active_experts = self.experts_per_token if self.num_experts else 1
         return 2.0 * (self.attn_params_per_layer + self.router_params_per_layer
-                      + active_experts * self.expert_params)
+                      + active_experts * self.expert_params + self.fc_params / max(1, self.num_layers))
 
     def attention_flops(self, query_tokens: float, context: float) -> float:
         """q·K and p·V for `query_tokens` queries over `context` keys, one layer, one sequence."""
@@ -158,17 +167,36 @@ class ModelSpec:
         import dataclasses
 
         return fingerprint({f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                            if f.name not in ("name", "source")})
+                            if f.name not in ("name", "source") and not (f.name == "feature_draft"
+                                                                         and not self.feature_draft)})
 
     def describe(self) -> str:
         experts = f", {self.num_experts} experts top-{self.experts_per_token}" if self.num_experts else ""
+        if self.feature_draft:
+            return (f"{self.name}: feature draft ({self.family} target), {self.num_layers} layer, hidden "
+                    f"{self.hidden_size}, {self.total_params / 1e9:.2f} B params of its own "
+                    f"({self.total_bytes / 2**30:.2f} GiB in bf16; embedding and LM head are the target's)")
         return (f"{self.name}: {self.family}, {self.num_layers} layers, hidden {self.hidden_size}{experts}, "
                 f"{self.total_params / 1e9:.2f} B params, {self.total_bytes / 2**30:.1f} GiB in bf16")
 
 
-def from_hf_config(config: dict[str, Any], name: str, source: str = "") -> ModelSpec:
-    """Adapt an HF config.json dict (Llama, Mistral or Mixtral architecture)."""
+def from_hf_config(config: dict[str, Any], name: str, source: str = "", feature_draft: bool = False) -> ModelSpec:
+    """Adapt an HF config.json dict (Llama, Mistral or Mixtral architecture).
+
+    Feature drafts (EAGLE-style heads): a speculators-layout config (``speculators_model_type: eagle``), or an
+    EAGLE-layout config with ``feature_draft`` (set by the caller, who saw the head's ``fc.weight``, or by a
+    preset). Their layer is dense whatever the target family (as published), the target's family is kept.
+    """
     where = source or name
+    if config.get("speculators_model_type") is not None:
+        if config["speculators_model_type"] != "eagle":
+            raise SchemaError(f"{where}: speculators model type {config['speculators_model_type']!r} is not "
+                              "supported (only 'eagle')")
+        verifier = ((config.get("speculators_config") or {}).get("verifier") or {})
+        layer = dict(config.get("transformer_layer_config") or {})
+        layer["architectures"] = verifier.get("architectures") or layer.get("architectures") or ["LlamaForCausalLM"]
+        config, feature_draft = layer, True
+    feature_draft = feature_draft or bool(config.get("feature_draft"))
     archs = config.get("architectures") or []
     family = next((FAMILIES[a] for a in archs if a in FAMILIES), None)
     if family is None:
@@ -188,13 +216,15 @@ def from_hf_config(config: dict[str, Any], name: str, source: str = "") -> Model
             num_kv_heads=int(config.get("num_key_value_heads") or heads),
             head_dim=int(config.get("head_dim") or hidden // heads),
             intermediate_size=int(config["intermediate_size"]),
-            num_experts=int(config.get("num_local_experts", 0)) if family == "mixtral" else 0,
-            experts_per_token=int(config.get("num_experts_per_tok", 0)) if family == "mixtral" else 0,
+            num_experts=int(config.get("num_local_experts", 0)) if family == "mixtral" and not feature_draft else 0,
+            experts_per_token=int(config.get("num_experts_per_tok", 0)) if family == "mixtral" and not feature_draft
+            else 0,
             vocab_size=int(config["vocab_size"]),
             tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
             max_position_embeddings=int(config.get("max_position_embeddings", 4096)),
             weight_bytes_per_param=2,
             source=source or name,
+            feature_draft=feature_draft,
         )
     except KeyError as exc:
         raise SchemaError(f"{where}: config.json lacks key {exc.args[0]!r}") from None
@@ -224,10 +254,21 @@ PRESETS: dict[str, dict[str, Any]] = {
                      "num_key_value_heads": 8, "num_hidden_layers": 16, "intermediate_size": 8192,
                      "vocab_size": 128256, "max_position_embeddings": 131072, "tie_word_embeddings": True},
 }
+# Feature drafts (EAGLE heads) with public checkpoints, shapes from their published config.json and tensors:
+# Mixtral-8x7B-Instruct's head (0.28 B parameters: fc 8192 -> 4096 with bias, one layer with 32 KV heads and
+# a dense FFN of 14336) and Llama-3-Instruct-70B's (0.99 B: 8 KV heads, FFN 28672).
+PRESETS["eagle-mixtral-8x7b"] = {"architectures": ["MixtralForCausalLM"], "hidden_size": 4096,
+                                 "num_attention_heads": 32, "num_key_value_heads": 32, "num_hidden_layers": 1,
+                                 "intermediate_size": 14336, "vocab_size": 32000, "max_position_embeddings": 32768,
+                                 "tie_word_embeddings": False, "feature_draft": True}
+PRESETS["eagle-llama-3-70b"] = {"architectures": ["LlamaForCausalLM"], "hidden_size": 8192,
+                                "num_attention_heads": 64, "num_key_value_heads": 8, "num_hidden_layers": 1,
+                                "intermediate_size": 28672, "vocab_size": 128256, "max_position_embeddings": 8192,
+                                "tie_word_embeddings": False, "feature_draft": True}
 ALIASES = {"mixtral": "mixtral-8x7b", "mistral": "mistral-7b", "llama-3.3-70b": "llama-3-70b",
            "llama3-70b": "llama-3-70b"}
 # The tiny pair shipped inside the package (runtime/assets), read from its config.json.
-TINY_PAIR = {"tiny-target": "target", "tiny-draft": "draft"}
+TINY_PAIR = {"tiny-target": "target", "tiny-draft": "draft", "tiny-eagle": "eagle"}
 
 
 def tiny_pair_dir(which: str) -> Path:
@@ -250,6 +291,7 @@ def load_model_spec(name_or_path: str) -> ModelSpec:
         return from_hf_config(PRESETS[key], key, source=key)
     path = tiny_pair_dir(TINY_PAIR[key]) if key in TINY_PAIR else Path(name_or_path)
     ref = key if key in TINY_PAIR else str(path)
+    head = path.is_dir() and _has_fc_tensor(path)
     if path.is_dir():
         path = path / "config.json"
     name = key if key in TINY_PAIR else (path.parent.name if path.name == "config.json" else path.stem)
@@ -260,7 +302,43 @@ def load_model_spec(name_or_path: str) -> ModelSpec:
         config = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise SchemaError(f"{path}: not valid JSON: {exc}") from None
-    return from_hf_config(config, name, source=ref)
+    head = head or (path.name == "config.json" and _has_fc_tensor(path.parent))
+    return from_hf_config(config, name, source=ref, feature_draft=head)
+
+
+def _has_fc_tensor(folder: Path) -> bool:
+    """Whether a model folder's safetensors hold an EAGLE head's ``fc.weight`` (read from the file header,
+    without torch)."""
+    import struct
+
+    index = folder / "model.safetensors.index.json"
+    try:
+        if index.is_file():
+            return "fc.weight" in json.loads(index.read_text()).get("weight_map", {})
+        files = [folder / "model.safetensors"] if (folder / "model.safetensors").is_file() \
+            else sorted(folder.glob("*.safetensors"))
+        if len(files) != 1:
+            return False
+        with open(files[0], "rb") as f:
+            n = struct.unpack("<Q", f.read(8))[0]
+            return "fc.weight" in json.loads(f.read(n))
+    except (OSError, ValueError, struct.error):
+        return False
+
+
+def check_draft_for_target(target: ModelSpec, draft: ModelSpec | None) -> None:
+    """A feature draft reads the target's hidden states and uses its LM head: hidden size and vocabulary
+    must be the target's."""
+    if draft is None or not draft.feature_draft:
+        return
+    bad = []
+    if draft.hidden_size != target.hidden_size:
+        bad.append(f"hidden size {draft.hidden_size} (the target's is {target.hidden_size})")
+    if draft.vocab_size != target.vocab_size:
+        bad.append(f"vocabulary {draft.vocab_size} (the target's is {target.vocab_size})")
+    if bad:
+        raise SchemaError(f"feature draft {draft.name} was made for another target than {target.name}: "
+                          + "; ".join(bad) + ". Use the head trained for this target")
 
 
 def load_plan_models(plan) -> tuple[ModelSpec, ModelSpec | None]:

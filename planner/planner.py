@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 
 from .costmodel import CPU_ONLY_PLACEMENT, CostModel, Knobs, Linear, fits, streamed
 from .lp import Constraint, LpError, Variable, minimize
-from .models import ModelSpec
+from .models import ModelSpec, check_draft_for_target
 from .schema import POLICIES, HardwareProfile, Plan, Prediction, Workload
 from .strict import SchemaError
 
@@ -133,6 +133,12 @@ class Planner:
         unknown = set(self.fixed) - set(fixable)
         if unknown:
             raise SchemaError(f"cannot fix {sorted(unknown)}; fixable: {', '.join(fixable)}")
+        check_draft_for_target(target, draft)
+        # A feature draft keeps its one-layer KV (GPU or host); it has no context to re-read.
+        self._feature_draft = draft is not None and draft.feature_draft
+        if self._feature_draft and self.fixed.get("draft_kv") == "recompute":
+            raise SchemaError(f"draft KV 'recompute' does not apply to the feature draft {draft.name}: it keeps "
+                              "its one-layer KV cache (gpu or host)")
         self.cm = CostModel(profile, target, draft, workload)
         self.profile, self.target, self.draft, self.workload = profile, target, draft, workload
         self.max_draft_len = max_draft_len
@@ -155,7 +161,7 @@ class Planner:
             batches = [self.fixed["decode_batch"]]
         micro = [self.fixed["micro_batches"]] if "micro_batches" in self.fixed else MICRO_BATCHES
         modes = [("gpu", 1)] if policy == "offload-only" else (
-            [("gpu", 1), ("host", 1)] + [("recompute", s) for s in DRAFT_SUB_BATCHES])
+            [("gpu", 1), ("host", 1)] + [("recompute", s) for s in DRAFT_SUB_BATCHES if not self._feature_draft])
         if policy != "offload-only" and "draft_kv" in self.fixed:
             mode = self.fixed["draft_kv"]
             subs = [self.fixed.get("draft_sub_batch", 1)] if mode == "recompute" else [1]
@@ -338,7 +344,8 @@ class Planner:
             mem = Linear.of(0.0, attn_gpu=L * t.attn_bytes_per_layer, ffn_gpu=L * t.ffn_bytes_per_layer)
             h2d = knapsack_min(stream, mem, budget)
         serial = 0.0
-        modes = [("gpu", 1)] if not k else [("gpu", 1), ("host", 1)] + [("recompute", s) for s in DRAFT_SUB_BATCHES if s <= b]
+        modes = [("gpu", 1)] if not k else [("gpu", 1), ("host", 1)] + [
+            ("recompute", s) for s in DRAFT_SUB_BATCHES if s <= b and not self._feature_draft]
         drafts = [cm.draft_round(replace(base, draft_kv=mode, draft_sub_batch=s), b) for mode, s in modes]
         if policy == "interleaved":
             gpu += min(d["gpu"] for d in drafts)
@@ -458,10 +465,26 @@ class Planner:
                 f"and the smaller batch")
         if self.draft is None:
             notes.append("no draft model given: offload-only")
+        if self._feature_draft and spec:
+            notes.append(self._feature_draft_note(winner if winner.knobs.speculative else
+                                                  max(spec, key=lambda c: c.throughput)))
         for p, c in sorted(best.items(), key=lambda kv: -kv[1].throughput):
             notes.append(f"best {p}: {c.throughput:.2f} tok/s (batch {c.knobs.decode_batch}, k={c.knobs.draft_len}, "
                          f"binding {c.prediction.binding})")
         return notes
+
+    def _feature_draft_note(self, c: Candidate) -> str:
+        """What the feature draft costs and buys in plan c: its bytes, its KV, its round against the slot."""
+        d, k, t = self.draft, c.knobs, self.target
+        dr = self.cm.draft_round(k, k.decode_batch)
+        pr = c.prediction
+        return (f"feature draft {d.name}: {d.total_bytes / 2**30:.2f} GiB of its own weights (embedding and LM head "
+                f"are the target's), KV {d.kv_bytes_per_token / 2**10:.0f} KiB per token in 1 layer (the target "
+                f"keeps {t.kv_bytes_per_token / 2**10:.0f} KiB), on the {'GPU' if k.draft_kv == 'gpu' else 'host'}; "
+                f"its round of k={k.draft_len} for {k.decode_batch} sequences: {dr['gpu']:.3f} s GPU"
+                + (f" + {dr['cpu']:.3f} s CPU attention" if dr["cpu"] else "")
+                + f" against a {pr.slot_seconds:.3f} s slot, for {pr.expected_tokens_per_round:.2f} tokens per "
+                f"sequence per verification instead of 1")
 
     def to_plan(self, cand: Candidate, notes: list[str]) -> Plan:
         k, t = cand.knobs, self.target
@@ -488,7 +511,8 @@ class Planner:
         msgs = []
         for policy in policies:
             spec = policy != "offload-only"
-            knobs = Knobs(policy, 1, 1, 1 if spec else 0, 1, "recompute" if spec else "gpu", 1,
+            knobs = Knobs(policy, 1, 1, 1 if spec else 0, 1,
+                          ("host" if self._feature_draft else "recompute") if spec else "gpu", 1,
                           0 if self.cm.cpu_only else 2)
             box = self._placement_box(knobs)
             need = {tier: self._fixed(f, box).minimum() for tier, f in self.cm.memory_terms(knobs).items()}

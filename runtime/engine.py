@@ -384,6 +384,9 @@ class Target:
         gpu_slots = {bi * plan.decode_batch + s for bi in range(plan.num_batches) for s in range(per_batch)}
         self.kv = TargetKV(self.args, n_slots, max_len, gpu_slots, device, dtype)
         self.routed_only_below = self.args.n_experts // max(1, self.args.top_k)  # tokens under which few experts are hit
+        # A feature draft reads the final-norm hidden states of each pass ([B, T, D], kept in last_hidden).
+        self.keep_hidden = False
+        self.last_hidden: Tensor | None = None
 
     # -- one layer's attention for some rows: device partition on the device, the rest on the CPU --
     def _attend(self, j: int, slots: list[int], q: Tensor, k: Tensor, v: Tensor, n_new: Tensor,
@@ -496,6 +499,8 @@ class Target:
         # The next pass (verification of the other batch, or a prefill) starts at layer 0: fetch it now.
         self.streamer.prefetch(0, experts=[] if few_tokens else None)
         self.kv.advance(slots, n_new.tolist())
+        if self.keep_hidden:
+            self.last_hidden = rms_norm(x, self.w.norm, a.norm_eps)
         if logits_at == "last":
             x = x[torch.arange(B, device=dev), (n_new - 1).clamp(min=0).to(dev)]
         t0 = time.perf_counter()
@@ -681,7 +686,17 @@ class Engine:
         if self.k > 0:
             if draft_dir is None:
                 raise EngineError(f"plan policy {plan.policy} drafts {self.k} tokens but no draft model was given")
-            self.draft = Draft(draft_dir, plan, self.device, self.dtype, self.n_slots, self.max_len, self.timeline)
+            from .feature_draft import FeatureDraft, FeatureHeadError, is_feature_head
+
+            if is_feature_head(draft_dir):  # an EAGLE-style head over the target's hidden states
+                try:
+                    self.draft = FeatureDraft(draft_dir, plan, self.target, self.device, self.dtype, self.n_slots,
+                                              self.max_len, self.timeline)
+                except FeatureHeadError as e:
+                    raise EngineError(str(e)) from None
+            else:
+                self.draft = Draft(draft_dir, plan, self.device, self.dtype, self.n_slots, self.max_len,
+                                   self.timeline)
             if self.draft.args.vocab_size != self.target.args.vocab_size:
                 raise EngineError(f"draft vocabulary ({self.draft.args.vocab_size}) differs from the target's "
                                   f"({self.target.args.vocab_size}); the pair must share a tokenizer")

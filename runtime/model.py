@@ -69,10 +69,12 @@ class Transformer:
             x = x + ffn(a, lw.ffn, x, lw.experts)
         cache.advance(idx, n_new)
 
+        if logits == "hidden":  # the final-norm hidden states (the LM head's input; a feature draft reads them)
+            return rms_norm(x, w.norm, a.norm_eps)  # [B, T, D]
         if logits == "last":
             x = x[torch.arange(B), (n_new - 1).clamp(min=0).to(self.device)]  # [B, D]
         elif logits != "all":
-            raise ValueError(f"logits must be 'all' or 'last', not {logits!r}")
+            raise ValueError(f"logits must be 'all', 'last' or 'hidden', not {logits!r}")
         return F.linear(rms_norm(x, w.norm, a.norm_eps), w.lm_head)  # [B, T, V] or [B, V]
 
     __call__ = forward

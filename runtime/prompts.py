@@ -124,7 +124,12 @@ def read_prompts(path: str | Path, require_id: bool = False) -> list[Prompt]:
 
 
 def resolve_model_dir(ref: str) -> Path:
-    """`tiny-target` / `tiny-draft` (the shipped pair), or an HF model folder (or its config.json)."""
+    """`tiny-target` / `tiny-draft` (the shipped pair), `tiny-eagle` (its feature draft), or an HF model folder
+    (or its config.json)."""
+    if ref == "tiny-eagle":
+        from .tiny_pair import tiny_eagle_path
+
+        return tiny_eagle_path()
     if ref in ("tiny-target", "tiny-draft"):
         from .tiny_pair import tiny_pair_paths
 

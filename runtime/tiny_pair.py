@@ -1,6 +1,6 @@
 """The shipped tiny model pair (package data): a Mixtral-architecture target and its Mistral draft.
 
-Scope: locating and loading ``runtime/assets/tiny-pair/{target,draft}/`` (Hugging Face folders:
+Scope: locating and loading ``runtime/assets/tiny-pair/{target,draft,eagle}/`` (Hugging Face folders:
 config.json, bf16 model.safetensors with real-checkpoint tensor names, generation_config.json,
 tokenizer.json, tokenizer_config.json). Both share one byte-level BPE tokenizer (<s>=0, </s>=1,
 <pad>=2) trained on Python source; tools/train_tiny_pair.py made them and wrote TRAINING.md next to
@@ -21,6 +21,15 @@ def tiny_pair_paths() -> tuple[Path, Path]:
             raise FileNotFoundError(f"{d} has no model.safetensors; re-create the pair with "
                                     "`python tools/train_tiny_pair.py` from the repository root")
     return target, draft
+
+
+def tiny_eagle_path() -> Path:
+    """The shipped tiny feature draft (an EAGLE-style head over the tiny target, EAGLE layout): `tiny-eagle`."""
+    d = ASSETS / "eagle"
+    if not (d / "model.safetensors").is_file():
+        raise FileNotFoundError(f"{d} has no model.safetensors; re-create it with "
+                                "`python tools/train_tiny_pair.py --eagle` from the repository root")
+    return d
 
 
 def load_tiny_pair(dtype=None, device: str = "cpu"):

@@ -79,7 +79,11 @@ def test_speculative_sampling_follows_target_distribution(pair, policy, k, draft
             lambda f: seen.__setitem__(tuple(f.tokens), seen.get(tuple(f.tokens), 0) + 1))
     assert sum(seen.values()) == n
     assert eng.stats.acceptance.rounds > 0 and 0.0 < eng.stats.acceptance.per_position()[0] < 1.0
-    exact = exact_joint(pair[0], n_tokens, temperature, top_p)
+    assert_follows(seen, exact_joint(pair[0], n_tokens, temperature, top_p), n)
+
+
+def assert_follows(seen: dict[tuple[int, ...], int], exact: dict[tuple[int, ...], float], n: int) -> None:
+    """Chi-square of the generated sequences against the exact joint distribution."""
     # Marginals of the 2nd and 3rd tokens (decided by verification) and the joint of the 1st and 2nd.
     for keep in ((1,), (2,), (0, 1), (1, 2)):
         cells: dict[tuple[int, ...], list[float]] = {}
@@ -96,3 +100,30 @@ def test_speculative_sampling_follows_target_distribution(pair, policy, k, draft
         scale = sum(obs) / sum(exp)
         pvalue = chisquare(obs, [e * scale for e in exp]).pvalue
         assert pvalue > 1e-3, (keep, pvalue)
+
+
+@pytest.fixture(scope="module")
+def feature_head(pair, tmp_path_factory):
+    """A random feature-draft head (EAGLE layout) over the tiny-vocabulary target, large weights so its
+    proposals vary and are sometimes accepted."""
+    from specoffload.runtime.config import load_args
+    from specoffload.runtime.feature_draft import write_random_head
+
+    return write_random_head(tmp_path_factory.mktemp("head") / "h", load_args(pair[0]), "eagle", seed=5, std=0.5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("policy,k,draft_kv,temperature,top_p", [
+    ("serial-spec", 2, "gpu", 1.0, 1.0),
+    ("interleaved", 3, "host", 0.7, 0.9),
+])
+def test_speculative_sampling_with_feature_draft_follows_target_distribution(pair, feature_head, policy, k, draft_kv,
+                                                                             temperature, top_p):
+    n_tokens, n = 3, 3000
+    eng = Engine(plan_for(policy, k, draft_kv), pair[0], feature_head)
+    seen: dict[tuple[int, ...], int] = {}
+    eng.run([Request(f"s{i}", PROMPT, n_tokens, temperature, top_p, seed=7) for i in range(n)],
+            lambda f: seen.__setitem__(tuple(f.tokens), seen.get(tuple(f.tokens), 0) + 1))
+    assert sum(seen.values()) == n
+    assert eng.stats.acceptance.rounds > 0 and 0.0 < eng.stats.acceptance.per_position()[0] < 1.0
+    assert_follows(seen, exact_joint(pair[0], n_tokens, temperature, top_p), n)

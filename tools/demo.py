@@ -12,6 +12,8 @@ Steps, each the command a user would type (outputs under out/demo/):
   6. a table of predicted (cost model), simulated and measured throughput, acceptance and busy fractions.
   7. the policies the planner did not choose, planned with --policy, simulated and run the same way:
      predicted against measured side by side, so the choice can be checked against what really ran.
+  8. the feature draft `tiny-eagle` (an EAGLE-style head over the tiny target): its acceptance, its plan
+     and its run, in the same table.
 """
 from __future__ import annotations
 
@@ -129,7 +131,28 @@ def main() -> None:
              str(d / "out.jsonl"), "--profile", profile, "--report", str(d / "measured.yaml"), "--threads",
              str(args.threads), "--quiet", quiet=True)
         results.append((policy, Plan.load(alt), Report.load(d / "measured.yaml")))
-    print(f"\n== the three policies on this machine ({m.sequences} prompts, each run once, cold)")
+    # 8. The feature draft (tiny-eagle, an EAGLE-style head over the tiny target): its own acceptance, then
+    # planned (speculative) and run the same way, beside the draft-model policies.
+    d = OUT / "tiny-eagle"
+    d.mkdir()
+    wl_e = str(d / "workload.yaml")
+    step("8. the feature draft tiny-eagle: acceptance", "specoffload.runtime.profile_cli", "--acceptance", "--target",
+         "tiny-target", "--draft", "tiny-eagle", "--prompts", str(PROMPTS), "-k", "6", "--max-new-tokens",
+         str(args.gen_len), "--sample", "16", "-o", wl_e, quiet=True)
+    alt = str(d / "plan.yaml")
+    step("   tiny-eagle: plan", "specoffload.planner.cli", "--model", "tiny-target", "--draft", "tiny-eagle",
+         "--profile", profile, "--workload", wl_e, "-o", alt, quiet=True)
+    if Plan.load(alt).policy == "offload-only":  # the planner declined: show the best speculative plan anyway
+        step("   tiny-eagle: plan (serial-spec)", "specoffload.planner.cli", "--model", "tiny-target", "--draft",
+             "tiny-eagle", "--profile", profile, "--workload", wl_e, "--policy", "serial-spec", "-o", alt, quiet=True)
+    step("   tiny-eagle: run", "specoffload.runtime.run_cli", alt, "--prompts", str(PROMPTS), "--output",
+         str(d / "out.jsonl"), "--profile", profile, "--report", str(d / "measured.yaml"), "--threads",
+         str(args.threads), "--quiet", quiet=True)
+    pe = Plan.load(alt)
+    results.append((f"{pe.policy}, tiny-eagle", pe, Report.load(d / "measured.yaml")))
+
+    print(f"\n== the three policies with the draft model, and the feature draft, on this machine "
+          f"({m.sequences} prompts, each run once, cold)")
     print(f"{'policy':24}{'plan':>16}{'predicted tok/s':>17}{'measured':>10}{'meas/pred':>11}"
           f"{'tokens/verif pred':>19}{'meas':>7}")
     for name, pl, rep in results:

@@ -12,6 +12,9 @@ this check exists to measure); simulate each plan; run each on our engine; run t
 (device_map="auto", max_memory) on the same prompts; print throughputs, ratios, the simulator's
 prediction against the measurement, and the fraction of the physical bound.
 
+The "eagle" row plans and runs the same target with an EAGLE-shaped feature draft (the published
+Mixtral-8x7B head's shapes: fc 2H -> H, one layer, 32 KV heads, FFN 14336) instead of the draft model.
+
 Random weights accept nothing, so our runs use a TIMING MODE: each draft token is kept with
 probability --acceptance whatever it is, and every line printed says so. Outputs are meaningless;
 the timings are what is measured.
@@ -66,9 +69,10 @@ def hf_accelerate(target: Path, prompts: list[list[int]], gen: int, cap_gib: flo
 POLICIES = ("specoffload", "offload-only", "serial-spec", "interleaved")
 
 
-def plans_for(profile, target, draft, work, say) -> dict:
+def plans_for(profile, target, draft, work, say, eagle=None) -> dict:
     """{name: Plan} for each policy that fits. The offload-only plan is re-made with every layer streamed
-    (the planner would keep what fits resident: at 4 layers on a 24 GB card, all of them)."""
+    (the planner would keep what fits resident: at 4 layers on a 24 GB card, all of them). With `eagle`
+    (a feature draft's spec), an "eagle" entry: the planner's best plan with that head as the draft."""
     from specoffload.planner.planner import PlanInfeasible, knobs_from_plan, make_plan, placement_from_plan
     from specoffload.planner.sim.scenario import plan_at
 
@@ -84,6 +88,11 @@ def plans_for(profile, target, draft, work, say) -> dict:
             plan = plan_at(profile, target, None, work, knobs_from_plan(plan), placement,
                            notes=("offload-only with every layer streamed (gpu_check)",))
         plans[policy] = plan
+    if eagle is not None:
+        try:
+            plans["eagle"] = make_plan(profile, target, eagle, work, policy="specoffload").plan
+        except PlanInfeasible as exc:
+            say(f"eagle: no plan fits: {exc}")
     return plans
 
 
@@ -142,7 +151,16 @@ def main(argv=None) -> int:
     tdir, ddir = out / "ckpt-target", out / "ckpt-draft"
     write_random_checkpoint(tdir, target_cfg, 0, device)
     write_random_checkpoint(ddir, draft_cfg, 1, device)
+    # An EAGLE-shaped feature draft over the target: the published Mixtral-8x7B head's shapes (fc 2H -> H,
+    # one layer with as many KV heads as query heads, dense FFN of the target's expert width), random weights.
+    from specoffload.runtime.config import load_args
+    from specoffload.runtime.feature_draft import write_random_head
+
+    edir = out / "ckpt-eagle"
+    targs = load_args(tdir)
+    write_random_head(edir, targs, "eagle", seed=2, n_kv_heads=targs.n_heads, ffn_dim=targs.ffn_dim)
     target, draft = load_model_spec(str(tdir)), load_model_spec(str(ddir))
+    eagle = load_model_spec(str(edir))
     say(f"checkpoints written in {time.perf_counter() - t0:.0f} s: {target.describe()}; draft {draft.describe()}")
 
     t0 = time.perf_counter()
@@ -156,10 +174,10 @@ def main(argv=None) -> int:
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, target.vocab_size, (args.prompt_len,), generator=g).tolist() for _ in range(args.prompts)]
     results = {}
-    for policy, plan in plans_for(profile, target, draft, work, say).items():
+    for policy, plan in plans_for(profile, target, draft, work, say, eagle=eagle).items():
         plan.save(out / f"plan-{policy}.yaml")
         sim = simulate(plan, profile).report
-        eng = Engine(plan, tdir, ddir if plan.draft_len else None, device=device,
+        eng = Engine(plan, tdir, (edir if policy == "eagle" else ddir) if plan.draft_len else None, device=device,
                      synthetic_acceptance=args.acceptance if plan.draft_len else None)
         done = []
         t0 = time.perf_counter()
@@ -183,7 +201,7 @@ def main(argv=None) -> int:
             if name != "offload-only":
                 say(f"ratio {name} / offload-only: {tps / base:.2f}x")
     (out / "gpu_check.txt").write_text("\n".join(log_lines) + "\n")
-    for p in (tdir, ddir):  # the checkpoints are large and random: do not keep them
+    for p in (tdir, ddir, edir):  # the checkpoints are large and random: do not keep them
         for f in p.iterdir():
             f.unlink()
         p.rmdir()

@@ -19,7 +19,12 @@ Scope: everything on the CPU, from scratch, in about ten minutes on two cores:
    fp32: held-out loss of both, expert load, and greedy speculative decoding at k=4 (per-position
    acceptance and tokens per verification). Results go to TRAINING.md and training_report.json.
 
+6. (--eagle, separately, on the shipped target) the tiny feature draft `tiny-eagle`: an EAGLE-style head
+   trained on the target's final-norm hidden states, exported to eagle/ in the EAGLE layout and measured
+   through the engine at k=4 beside the draft model (eagle/TRAINING.md, eagle/training_report.json).
+
 Usage (from the repo root):  nice .venv/bin/python tools/train_tiny_pair.py [--out DIR] [--quick]
+                             nice .venv/bin/python tools/train_tiny_pair.py --eagle --threads 1   (~10 min)
 --quick is a smoke run (a few steps, a temporary output folder unless --out is given).
 """
 from __future__ import annotations
@@ -504,6 +509,208 @@ def evaluate(out: Path, tok, held_files: list[Path], quick: bool, seed: int) -> 
     }
 
 
+# ----------------------------------------------------------------------------------------------
+# The tiny feature draft (EAGLE-style head) over the shipped target
+# ----------------------------------------------------------------------------------------------
+
+EAGLE_FFN = 384
+
+
+class TrainableHead(torch.nn.Module):
+    """The feature head's math (runtime/feature_draft.py) with trainable parameters under the canonical
+    names: fc over [embedding; feature], one decoder layer without an input norm, the target's frozen
+    embedding and LM head."""
+
+    def __init__(self, args, embed: torch.Tensor, lm_head: torch.Tensor, ffn_dim: int):
+        super().__init__()
+        from specoffload.runtime.layers import rope_inv_freq
+
+        D, H, Hkv, Dh = args.dim, args.n_heads, args.n_kv_heads, args.head_dim
+        self.args = args
+        lin = lambda o, i: torch.nn.Parameter(torch.randn(o, i) * (1 / math.sqrt(i)))  # noqa: E731
+        self.p = torch.nn.ParameterDict({
+            "fc_w": lin(D, 2 * D), "fc_b": torch.nn.Parameter(torch.zeros(D)),
+            "wq": lin(H * Dh, D), "wk": lin(Hkv * Dh, D), "wv": lin(Hkv * Dh, D), "wo": lin(D, H * Dh),
+            "ffn_norm": torch.nn.Parameter(torch.ones(D)), "w_gate": lin(ffn_dim, D), "w_up": lin(ffn_dim, D),
+            "w_down": lin(D, ffn_dim)})
+        with torch.no_grad():
+            self.p["wo"].mul_(0.1)
+            self.p["w_down"].mul_(0.1)
+        self.register_buffer("embed", embed.detach().clone())
+        self.register_buffer("lm_head", lm_head.detach().clone())
+        self.register_buffer("inv_freq", rope_inv_freq(args))
+
+    def forward(self, tokens: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
+        """tokens [B, T], feats [B, T, D] (pair i: feature of position i, token i + 1) -> predicted
+        features [B, T, D] (of positions 1..T), causal over the window."""
+        from specoffload.runtime.layers import apply_rope, rms_norm, rope_cos_sin
+
+        a, p = self.args, self.p
+        B, T = tokens.shape
+        x = F.linear(torch.cat((F.embedding(tokens, self.embed), feats), -1), p["fc_w"], p["fc_b"])
+        cos, sin = rope_cos_sin(self.inv_freq, torch.arange(T)[None].expand(B, T))
+        q = apply_rope(F.linear(x, p["wq"]).view(B, T, a.n_heads, a.head_dim), cos, sin).transpose(1, 2)
+        k = apply_rope(F.linear(x, p["wk"]).view(B, T, a.n_kv_heads, a.head_dim), cos, sin).transpose(1, 2)
+        v = F.linear(x, p["wv"]).view(B, T, a.n_kv_heads, a.head_dim).transpose(1, 2)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).transpose(1, 2)
+        x = x + F.linear(o.reshape(B, T, -1), p["wo"])
+        h = rms_norm(x, p["ffn_norm"], a.norm_eps)
+        return x + F.linear(F.silu(F.linear(h, p["w_gate"])) * F.linear(h, p["w_up"]), p["w_down"])
+
+    def canonical(self) -> dict[str, torch.Tensor]:
+        p = self.p
+        return {"fc.w": p["fc_w"], "fc.b": p["fc_b"], "attn.wq": p["wq"], "attn.wk": p["wk"], "attn.wv": p["wv"],
+                "attn.wo": p["wo"], "ffn.norm": p["ffn_norm"], "ffn.w_gate": p["w_gate"], "ffn.w_up": p["w_up"],
+                "ffn.w_down": p["w_down"]}
+
+
+@torch.no_grad()
+def target_features(hf_target, windows: torch.Tensor) -> torch.Tensor:
+    """The target's final-norm hidden states (its LM head's input) for windows [N, SEQ] -> [N, SEQ, D]."""
+    out = []
+    for i in range(0, len(windows), 8):
+        out.append(hf_target.model(input_ids=windows[i:i + 8]).last_hidden_state.float())
+    return torch.cat(out)
+
+
+def train_eagle(out: Path, tok, train_files: list[Path], held_files: list[Path], steps: int, windows: int,
+                batch: int, seed: int, quick: bool) -> dict:
+    """Train the tiny feature draft on the shipped target's features, export it to out/eagle, measure it.
+
+    Loss per position (as EAGLE): smooth-L1 between the predicted and the target's next feature, plus
+    0.1 x cross-entropy of the LM head on the prediction against the target's next-token distribution;
+    uniform noise (+-0.1 of the feature scale) on the input features during training so the head learns
+    to continue from its own slightly-off predictions.
+    """
+    from transformers import MixtralForCausalLM
+
+    from specoffload.runtime.config import load_args
+    from specoffload.runtime.feature_draft import head_config, write_head
+    from specoffload.runtime.loader import checkpoint_size_bytes
+
+    t_start = time.time()
+    args = load_args(out / "target")
+    hf = MixtralForCausalLM.from_pretrained(out / "target", dtype=torch.float32,
+                                            experts_implementation="eager").eval()
+    stream = token_stream(tok, train_files, max_tokens=windows * (SEQ + 1))
+    wins = stream[: (len(stream) // (SEQ + 1)) * (SEQ + 1)].view(-1, SEQ + 1)[:, :-1]  # [N, SEQ]
+    feats = target_features(hf, wins)  # [N, SEQ, D]
+    log(f"eagle: {wins.shape[0]} windows of target features in {time.time() - t_start:.0f}s")
+    head = TrainableHead(args, hf.model.embed_tokens.weight.float(), hf.lm_head.weight.float(), EAGLE_FFN)
+    opt = torch.optim.AdamW(head.parameters(), lr=3e-3, weight_decay=0.0)
+    g = torch.Generator().manual_seed(seed)
+    scale = float(feats.abs().mean())
+    t0 = time.time()
+    for step in range(steps):
+        for gr in opt.param_groups:
+            gr["lr"] = lr_at(step, steps, 3e-3, warmup=max(1, steps // 20))
+        idx = torch.randint(0, len(wins), (batch,), generator=g)
+        x_tok, f = wins[idx], feats[idx]  # [b, SEQ], [b, SEQ, D]
+        inp_f = f[:, :-1] + (torch.rand(f[:, :-1].shape, generator=g) - 0.5) * 0.2 * scale
+        pred = head(x_tok[:, 1:], inp_f)  # predicts f[:, 1:]
+        want = f[:, 1:]
+        reg = F.smooth_l1_loss(pred, want)
+        # The classification term on a quarter of the positions (the LM head over the vocabulary is most
+        # of a step's cost on the CPU).
+        pick = torch.randperm(want.shape[1], generator=g)[: want.shape[1] // 4]
+        with torch.no_grad():
+            t_logp = torch.log_softmax(F.linear(want[:, pick], head.lm_head), -1)
+        s_logp = torch.log_softmax(F.linear(pred[:, pick], head.lm_head), -1)
+        cls = -(t_logp.exp() * s_logp).sum(-1).mean()
+        loss = reg + 0.1 * cls
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
+        opt.step()
+        if step % (1 if quick else 25) == 0 or step == steps - 1:
+            log(f"eagle step {step + 1}/{steps}  reg {reg.item():.4f}  cls {cls.item():.3f}")
+    train_min = (time.time() - t0) / 60
+    cfg = head_config(args, "eagle", ffn_dim=EAGLE_FFN)
+    weights = {k: v.detach().to(torch.bfloat16) for k, v in head.canonical().items()}
+    write_head(out / "eagle", cfg, weights, "eagle")
+    log(f"saved eagle head to {out / 'eagle'}")
+    result = {"params": sum(v.numel() for v in weights.values()), "steps": steps, "batch": batch,
+              "windows": int(wins.shape[0]), "train_minutes": train_min,
+              "file_mib": checkpoint_size_bytes(out / "eagle") / 2**20, "ffn_dim": EAGLE_FFN,
+              "threads": torch.get_num_threads(), "load_avg_at_end": os.getloadavg()[0]}
+    result.update(measure_eagle(out, tok, held_files, quick, seed))
+    return result
+
+
+def measure_eagle(out: Path, tok, held_files: list[Path], quick: bool, seed: int) -> dict:
+    """Greedy speculative decoding at k=4 through the engine on held-out prompts: the tiny feature draft
+    and the tiny draft model side by side, and both outputs checked against plain greedy decoding."""
+    from specoffload.planner.schema import Plan, Prediction, Workload
+    from specoffload.runtime.engine import Engine, Request
+
+    n_prompts, gen = (4, 8) if quick else (32, 48)
+    rng = random.Random(seed + 1)
+    prompts = []
+    for f in held_files[: n_prompts * 3]:
+        ids = [BOS] + tok.encode(read(f), add_special_tokens=False).ids
+        if len(ids) > 80 and len(prompts) < n_prompts:
+            prompts.append(ids[: rng.randint(16, 64)])
+    pred = Prediction(1, 1, 1, 1, 1, 1, 1, 0, 1, {}, {}, {}, "h2d", 0, 0)
+
+    def run(k: int, draft_dir):
+        plan = Plan(policy="serial-spec" if k else "offload-only", model="tiny-target", model_fingerprint="",
+                    draft="d" if k else "", draft_fingerprint="", profile="cpu", profile_fingerprint="",
+                    workload=Workload(prompt_len_tokens=64, gen_len_tokens=gen, num_prompts=len(prompts),
+                                      max_prompt_len_tokens=64),
+                    decode_batch=len(prompts), num_batches=1, prefill_batch=len(prompts), draft_sub_batch=1,
+                    draft_len=k, micro_batches=1, gpu_attn_layers=0, gpu_ffn_layers=0, gpu_kv_sequences=0,
+                    target_attention="cpu", draft_kv="gpu", weight_buffers=2, prediction=pred)
+        eng = Engine(plan, out / "target", draft_dir)
+        outs = {}
+        reqs = [Request(str(i), p, gen) for i, p in enumerate(prompts)]
+        stats = eng.run(reqs, lambda fin: outs.__setitem__(fin.request.id, fin.tokens))
+        return [outs[str(i)] for i in range(len(prompts))], stats.acceptance
+
+    greedy, _ = run(0, None)
+    res = {"prompts": len(prompts), "gen_tokens": gen, "k": 4}
+    for name, d in (("eagle", out / "eagle"), ("draft", out / "draft")):
+        outs, acc = run(4, d)
+        pp = acc.per_position()
+        res[name] = {"per_position_acceptance": pp, "tokens_per_verification": acc.mean_tokens_per_round,
+                     "equals_greedy": f"{sum(o == g_ for o, g_ in zip(outs, greedy))}/{len(prompts)} sequences"}
+        log(f"{name}: acceptance at k=4 per position {[round(x, 3) for x in pp]}, "
+            f"tokens/verification {acc.mean_tokens_per_round:.2f}, equals greedy {res[name]['equals_greedy']}")
+    return res
+
+
+def write_eagle_report(out: Path, r: dict) -> None:
+    e, d = r["eagle"], r["draft"]
+    pos = lambda xs: " | ".join(f"{x:.3f}" for x in xs)  # noqa: E731
+    lines = [
+        "# Tiny feature draft (`tiny-eagle`): training report",
+        "",
+        "Written by `tools/train_tiny_pair.py --eagle`. An EAGLE-style head over the shipped tiny target:",
+        "fc [embedding; target feature] 256 -> 128 (with bias), one decoder layer (8 heads / 2 KV heads, no",
+        f"input norm, SwiGLU FFN {r['ffn_dim']}), the target's embedding and LM head. {r['params']:,} parameters of",
+        f"its own, {r['file_mib']:.2f} MiB bf16 (EAGLE layout). Trained {r['steps']} steps x {r['batch']} windows of",
+        f"{SEQ} tokens drawn from {r['windows']} windows of the target's final-norm hidden states on the training",
+        "corpus (smooth-L1 on the next feature + 0.1 x cross-entropy against the target's next-token",
+        "distribution on a quarter of the positions, uniform noise on the input features),",
+        f"{r['train_minutes']:.1f} min on the CPU ({r.get('threads', 1)} thread, machine shared).",
+        "",
+        f"Greedy speculative decoding through the engine (serial schedule, k={r['k']}), {r['prompts']} held-out",
+        f"prompts x {r['gen_tokens']} generated tokens, the same prompts for both drafts:",
+        "",
+        "| draft | " + " | ".join(f"P(accept {i + 1})" for i in range(r["k"])) + " | tokens / verification |"
+        " output = target greedy |",
+        "|---|" + "---|" * (r["k"] + 2),
+        f"| tiny-eagle (feature draft) | {pos(e['per_position_acceptance'])} | {e['tokens_per_verification']:.2f} | "
+        f"{e['equals_greedy']} |",
+        f"| tiny-draft (2-layer model) | {pos(d['per_position_acceptance'])} | {d['tokens_per_verification']:.2f} | "
+        f"{d['equals_greedy']} |",
+        "",
+        "P(accept i) is the probability that draft position i is accepted given positions 1..i-1 were.",
+        "",
+    ]
+    (out / "eagle" / "TRAINING.md").write_text("\n".join(lines))
+    (out / "eagle" / "training_report.json").write_text(json.dumps(r, indent=1) + "\n")
+
+
 def training_part(report: dict) -> dict:
     """The training numbers of an earlier report (for --eval-only), in the shape ``train`` returns.
 
@@ -529,6 +736,12 @@ def main(argv=None) -> int:
     ap.add_argument("--draft-steps", type=int, default=600)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--eagle", action="store_true",
+                    help="train only the tiny feature draft (EAGLE-style head) over the target in --out, into "
+                         "its eagle/ folder, and measure its acceptance")
+    ap.add_argument("--eagle-steps", type=int, default=1000)
+    ap.add_argument("--eagle-windows", type=int, default=200)
+    ap.add_argument("--eagle-batch", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args(argv)
     if a.quick:
@@ -544,6 +757,17 @@ def main(argv=None) -> int:
     train_files, held_files = stdlib_files()
     random.Random(a.seed).shuffle(train_files)  # so a token budget samples the whole library
     log(f"corpus: {len(train_files)} train / {len(held_files)} held-out files")
+    if a.eagle:
+        from tokenizers import Tokenizer
+
+        if a.quick and a.out is None:
+            raise SystemExit("--eagle --quick needs --out (a folder holding a trained target)")
+        tok = Tokenizer.from_file(str(out / "target" / "tokenizer.json"))
+        steps, windows = (3, 16) if a.quick else (a.eagle_steps, a.eagle_windows)
+        r = train_eagle(out, tok, train_files, held_files, steps, windows, a.eagle_batch, a.seed, a.quick)
+        write_eagle_report(out, r)
+        log(f"wrote {out / 'eagle' / 'TRAINING.md'}")
+        return 0
     if a.eval_only:
         from tokenizers import Tokenizer
 

@@ -223,8 +223,18 @@ def measure_workload(target_ref: str, draft_ref: str, prompts_path: str | Path, 
     for p, x in zip(prompts, ids):
         if not x:
             raise AcceptanceError(f"{prompts_path}:{p.line}: prompt {p.id!r} encodes to no tokens")
+    from specoffload.runtime.feature_draft import (FeatureHead, FeatureHeadError, count_feature_acceptance,
+                                                   is_feature_head)
+
     target = Transformer.from_pretrained(tdir, dtype=torch.float32)
-    draft = Transformer.from_pretrained(ddir, dtype=torch.float32)
+    feature = is_feature_head(ddir)
+    if feature:  # an EAGLE-style head: it reads the target's features and uses its embedding and LM head
+        try:
+            draft = FeatureHead.load(ddir, target.args, target.weights.embed, target.weights.lm_head)
+        except FeatureHeadError as e:
+            raise AcceptanceError(f"draft {draft_ref!r}: {e}") from None
+    else:
+        draft = Transformer.from_pretrained(ddir, dtype=torch.float32)
     limit = min(target.args.max_position_embeddings, draft.args.max_position_embeddings)
     for p, x in zip(prompts, ids):
         if len(x) + max_new_tokens + k > limit:
@@ -238,8 +248,12 @@ def measure_workload(target_ref: str, draft_ref: str, prompts_path: str | Path, 
 
         bar = tqdm(total=len(measured), desc="acceptance", unit="prompt", dynamic_ncols=True)
     try:
-        counts = count_acceptance(target, draft, measured, k, max_new_tokens, batch=batch,
-                                  progress=bar.update if bar is not None else None)
+        if feature:
+            counts = count_feature_acceptance(target, draft, measured, k, max_new_tokens, AcceptanceCounts(k),
+                                              progress=bar.update if bar is not None else None)
+        else:
+            counts = count_acceptance(target, draft, measured, k, max_new_tokens, batch=batch,
+                                      progress=bar.update if bar is not None else None)
     finally:
         if bar is not None:
             bar.close()
