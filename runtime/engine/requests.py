@@ -11,6 +11,7 @@ class EngineError(ValueError):
     """A request or plan the engine cannot run; the message names the field and the fix."""
 
 
+@dataclass
 class Request:
     id: str
     prompt: list[int]  # token ids, BOS included if the tokenizer adds one
