@@ -43,6 +43,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from specoffload.planner.schema import Plan
+from specoffload.planner.trace_names import SPAN_DRAFT_PREFILL, SPAN_DRAFT_STEP, TRACK_GPU
+
 from .config import ConfigError, ModelArgs, args_from_hf_config
 from .kv_cache import KVCache
 from .layers import apply_rope, attn_out, rms_norm, rope_cos_sin, rope_inv_freq, swiglu
@@ -372,8 +375,9 @@ class FeatureDraft:
     (``target.keep_hidden``); prefill and commit read them right after the target's pass.
     """
 
-    def __init__(self, model_dir: str | Path, plan, target, device: torch.device, dtype: torch.dtype,
+    def __init__(self, model_dir: str | Path, plan: Plan, target, device: torch.device, dtype: torch.dtype,
                  n_slots: int, max_len: int, timeline):
+        """Reads the plan's draft_kv only: where the head's KV cache lives (gpu or host; recompute is refused)."""
         from .engine import EngineError
 
         if plan.draft_kv == "recompute":
@@ -413,7 +417,7 @@ class FeatureDraft:
             frows = [rows[i] for i in feed]
             self.head.forward(self.kv, frows, tokens, feats, n[feed] - 1)
             t1 = time.perf_counter()
-            self.tl.add("gpu", "draft prefill", t0, t1)
+            self.tl.add(TRACK_GPU, SPAN_DRAFT_PREFILL, t0, t1)
             if self.tl.enabled:
                 self.tl.add_pass("draft", len(feed), tokens.shape[1], float(int(n.max()) - 1), t0, t1, True)
         for s in seqs:
@@ -464,7 +468,7 @@ class FeatureDraft:
             tokens, feats = nxt[:, None], pred[:, None]
             n_new = torch.ones(len(seqs), dtype=torch.long)
             t1 = time.perf_counter()
-            self.tl.add("gpu", f"draft step {step}", t0, t1)
+            self.tl.add(TRACK_GPU, f"{SPAN_DRAFT_STEP} {step}", t0, t1)
             if self.tl.enabled:
                 self.tl.add_pass("draft", len(seqs), tokens.shape[1] if step else int(max(len(f) for f in first)),
                                  keys, t0, t1, False)

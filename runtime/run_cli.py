@@ -26,10 +26,16 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from specoffload.planner.trace_names import resource_of, track_name
 
 from .outputs import OutputFile, OutputFileError, OutputWriteError, finished_ids  # noqa: F401 (re-exported)
 from .prompts import Prompt, PromptFileError, resolve_model_dir
 from .prompts import read_prompts as _read_prompts
+
+if TYPE_CHECKING:  # annotations only: the functions load plans where they use them
+    from specoffload.planner.schema import Plan
 
 EXAMPLE = """example: from the repository root, the tiny pair and the demo prompts shipped with it
   specoffload-plan --model tiny-target --draft tiny-draft --profile cpu-2core --prompt-len 20 \\
@@ -55,7 +61,7 @@ def read_prompts(path: str | Path) -> list[Prompt]:
         raise RunError(str(exc)) from None
 
 
-def resolve_models(plan, target: str | None, draft: str | None) -> tuple[Path, Path | None]:
+def resolve_models(plan: Plan, target: str | None, draft: str | None) -> tuple[Path, Path | None]:
     """Checkpoint folders for the plan's target and draft, checked against the plan's fingerprints."""
     from specoffload.planner.models import load_model_spec
 
@@ -114,7 +120,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def simulate_first(plan, profile_ref: str | None, force: bool) -> tuple[object | None, list[str]]:
+def simulate_first(plan: Plan, profile_ref: str | None, force: bool) -> tuple[object | None, list[str]]:
     """Simulate the plan; refuse it (RunError) if the simulator rejects it, unless forced."""
     from specoffload.planner.sim import simulate
     from specoffload.planner.strict import SchemaError
@@ -315,7 +321,7 @@ def _run(args: argparse.Namespace, out: OutputFile, guard: SignalGuard | None) -
     return 0
 
 
-def measured_report(plan, engine, stats, wall: float, sim, notes: list[str], profile_ref: str | None):
+def measured_report(plan: Plan, engine, stats, wall: float, sim, notes: list[str], profile_ref: str | None):
     """The run as a Report(kind="measured"), with the plan's closed-form prediction alongside."""
     import torch
 
@@ -337,8 +343,8 @@ def measured_report(plan, engine, stats, wall: float, sim, notes: list[str], pro
         notes = notes + [f"no prediction: {exc}"]
     tokens = stats.generated_tokens
     decode = max(wall - stats.prefill_seconds, 1e-9)
-    busy = {"gpu": engine.timeline.busy.get("gpu", 0.0), "cpu": engine.timeline.busy.get("cpu-attn", 0.0),
-            "h2d": engine.timeline.busy.get("h2d", 0.0), "d2h": engine.timeline.busy.get("d2h", 0.0)}
+    # Busy seconds per resource key (the report's names), read from the timeline's tracks.
+    busy = {r: engine.timeline.busy.get(track_name(r), 0.0) for r in ("gpu", "cpu", "h2d", "d2h")}
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0
     host_peak = engine.host_tensor_bytes()
     notes = notes + [f"host memory: the engine's tensors (weights, KV caches) {host_peak / 2**30:.3f} GiB; the "
@@ -375,9 +381,8 @@ def write_trace(timeline, path: str) -> None:
     from specoffload.planner.sim.trace import ChromeTrace
 
     trace = ChromeTrace(process="specoffload-run")
-    names = {"cpu-attn": "cpu"}
     for track, name, start, end in timeline.spans:
-        trace.slice(names.get(track, track), name, start, end - start)
+        trace.slice(resource_of(track), name, start, end - start)  # the writer names the track again
     Path(path).write_text(json.dumps(trace.to_json()))
 
 

@@ -1,8 +1,9 @@
 """Chrome trace (Perfetto) output with the track and slice names the simulator and the runtime share.
 
 One track (thread) per resource: gpu, h2d, d2h, cpu-attn; one counter track per memory pool.
-Slices are named by `slice_name(task, layer, micro_batch, batch)`, e.g. "ffn L3 mb1 B0". The runtime
-imports `track_name`, `slice_name`, `counter_name` and `ChromeTrace` so both traces line up.
+Slices are named by `slice_name(task, layer, micro_batch, batch)`, e.g. "ffn L3 mb1 B0". The names
+live in planner/trace_names.py, which the runtime's engine, its trace writer (run_cli.write_trace,
+through this class), the profiler's in-engine fit and the run report import too.
 """
 from __future__ import annotations
 
@@ -10,26 +11,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-# Resource keys as the cost model and the reports name them -> track names in the trace.
-TRACKS = {"gpu": "gpu", "h2d": "h2d", "d2h": "d2h", "cpu": "cpu-attn"}
-TRACK_ORDER = ("gpu", "h2d", "d2h", "cpu")
+from ..trace_names import TRACK_ORDER, TRACKS, slice_name, track_name
 
-
-def track_name(resource: str) -> str:
-    """The trace track of a resource key (gpu, h2d, d2h, cpu)."""
-    return TRACKS.get(resource, resource)
-
-
-def slice_name(task: str, layer: int = -1, micro_batch: int = -1, batch: int = -1) -> str:
-    """'qkv L3 mb1 B0': task, then layer, micro-batch and batch where they apply (negative: omitted)."""
-    parts = [task]
-    if layer >= 0:
-        parts.append(f"L{layer}")
-    if micro_batch >= 0:
-        parts.append(f"mb{micro_batch}")
-    if batch >= 0:
-        parts.append(f"B{batch}")
-    return " ".join(parts)
+__all__ = ["ChromeTrace", "TRACKS", "TRACK_ORDER", "counter_name", "slice_name", "track_name"]
 
 
 def counter_name(pool: str) -> str:

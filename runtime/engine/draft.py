@@ -9,6 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from specoffload.planner.trace_names import (SPAN_DRAFT_ATTN, SPAN_DRAFT_PREFILL, SPAN_DRAFT_STEP, TRACK_CPU_ATTN,
+                                              TRACK_GPU)
+
+from specoffload.planner.schema import Plan
+
 from ..kv_cache import KVCache
 from ..layers import attn_out, ffn, qkv, rms_norm, rope_cos_sin, rope_inv_freq
 from ..loader import load_model
@@ -18,7 +23,10 @@ from .timeline import Timeline
 
 
 class Draft:
-    def __init__(self, model_dir: str | Path, plan, device: torch.device, dtype: torch.dtype, n_slots: int,
+    """The draft model, resident on the device; reads the plan's draft_kv (where its KV cache lives, or
+    recompute) and draft_sub_batch (rows per recompute group)."""
+
+    def __init__(self, model_dir: str | Path, plan: Plan, device: torch.device, dtype: torch.dtype, n_slots: int,
                  max_len: int, timeline: Timeline):
         self.args, self.w = load_model(model_dir, dtype=dtype, placement=lambda n: device)
         self.device, self.dtype, self.tl = device, dtype, timeline
@@ -43,7 +51,7 @@ class Draft:
             t0 = time.perf_counter()
             o = cache.attend(j, rows, q, k, v, n_new).to(dev, self.dtype)
             if cache.k[0].device.type == "cpu" and dev.type == "cuda":
-                self.tl.add("cpu-attn", f"draft attn L{j}", t0, time.perf_counter())
+                self.tl.add(TRACK_CPU_ATTN, f"{SPAN_DRAFT_ATTN} L{j}", t0, time.perf_counter())
             x = x + attn_out(lw.attn, o)
             x = x + ffn(a, lw.ffn, x, lw.experts)
         cache.advance(rows, n_new)
@@ -64,7 +72,7 @@ class Draft:
         tokens = padded(prompts)
         t0 = time.perf_counter()
         self._forward(self.kv, rows, tokens, n_new, record="prefill")
-        self.tl.add("gpu", "draft prefill", t0, time.perf_counter())
+        self.tl.add(TRACK_GPU, SPAN_DRAFT_PREFILL, t0, time.perf_counter())
 
     def release(self, slots: list[int]) -> None:
         if self.kv is not None:
@@ -108,7 +116,7 @@ class Draft:
                 drafted[:, step] = nxt
                 tokens = nxt[:, None]
                 n_new = torch.ones(len(group), dtype=torch.long)
-                self.tl.add("gpu", f"draft step {step}", t0, time.perf_counter())
+                self.tl.add(TRACK_GPU, f"{SPAN_DRAFT_STEP} {step}", t0, time.perf_counter())
                 yield
             for i, s in enumerate(group):
                 s.drafted = drafted[i]

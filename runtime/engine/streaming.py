@@ -5,6 +5,8 @@ import time
 
 import torch
 
+from specoffload.planner.trace_names import SPAN_WEIGHTS, TRACK_H2D
+
 from ..layers import LayerWeights, ModelWeights
 from .timeline import Timeline
 
@@ -104,7 +106,7 @@ class LayerStreamer:
                     out["experts"][e] = buf["experts"][e]
             done = torch.cuda.Event()
             done.record(self.streams.copy)
-        self.tl.add("h2d", f"weights L{j}", start, time.perf_counter())
+        self.tl.add(TRACK_H2D, f"{SPAN_WEIGHTS} L{j}", start, time.perf_counter())
         self.ready[j] = (out, done)
 
     def get(self, j: int) -> LayerWeights:

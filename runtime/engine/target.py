@@ -9,6 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from specoffload.planner.trace_names import (SPAN_ATTN, SPAN_ATTN_OUT, SPAN_FFN, SPAN_KV, SPAN_LM_HEAD, SPAN_QKV,
+                                              TRACK_CPU_ATTN, TRACK_D2H, TRACK_GPU, TRACK_H2D)
+
+from specoffload.planner.schema import Plan
+
 from ..config import load_args
 from ..layers import (LayerWeights, attention, attn_out, ffn_norm, moe_experts, qkv, rms_norm, route, rope_cos_sin,
                       rope_inv_freq, swiglu)
@@ -23,8 +28,10 @@ from .timeline import Timeline
 class Target:
     """The target model placed as the plan says; runs prefill and verification passes layer by layer."""
 
-    def __init__(self, model_dir: str | Path, plan, device: torch.device, dtype: torch.dtype, n_slots: int,
+    def __init__(self, model_dir: str | Path, plan: Plan, device: torch.device, dtype: torch.dtype, n_slots: int,
                  max_len: int, timeline: Timeline):
+        """Reads the plan's placement: gpu_attn_layers, gpu_ffn_layers (resident layers, spread evenly),
+        weight_buffers, micro_batches, and gpu_kv_sequences per batch of decode_batch x num_batches."""
         from specoffload.planner.schema import resident_layers
 
         cuda = device.type == "cuda"
@@ -71,7 +78,7 @@ class Target:
         t0 = time.perf_counter()
         cache, local = self.kv.local(slots)
         o = cache.attend(j, local, q, k, v, n_new).to(q.dtype)
-        self.tl.add("cpu-attn", f"attn L{j}", t0, time.perf_counter())
+        self.tl.add(TRACK_CPU_ATTN, f"{SPAN_ATTN} L{j}", t0, time.perf_counter())
         return o
 
     def _attend_cuda(self, j: int, slots: list[int], q: Tensor, k: Tensor, v: Tensor, n_new: Tensor,
@@ -88,7 +95,7 @@ class Target:
             if on_dev:
                 t0 = time.perf_counter()
                 o[idx] = cache.attend(j, local, qs, ks, vs, n_new[rows]).to(q.dtype)
-                self.tl.add("gpu", f"attn L{j}", t0, time.perf_counter())
+                self.tl.add(TRACK_GPU, f"{SPAN_ATTN} L{j}", t0, time.perf_counter())
             elif prefill:
                 o[idx] = self._prefill_host(j, cache, local, qs, ks, vs, n_new[rows])
             else:
@@ -108,7 +115,7 @@ class Target:
         kh, vh = ks.to("cpu", non_blocking=True), vs.to("cpu", non_blocking=True)
         torch.cuda.current_stream().synchronize()  # the host copies must land before the cache write
         cache.write(j, local, kh, vh, n_new)
-        self.tl.add("d2h", f"kv L{j}", t0, time.perf_counter())
+        self.tl.add(TRACK_D2H, f"{SPAN_KV} L{j}", t0, time.perf_counter())
         return o
 
     def _attend_host(self, j: int, cache: KVCache, local: list[int], qs: Tensor, ks: Tensor, vs: Tensor,
@@ -120,12 +127,12 @@ class Target:
         done.record(torch.cuda.current_stream())
         done.synchronize()  # wait for this micro-batch's copies only
         t1 = time.perf_counter()
-        self.tl.add("d2h", f"qkv L{j}", t0, t1)
+        self.tl.add(TRACK_D2H, f"{SPAN_QKV} L{j}", t0, t1)
         oh = cache.attend(j, local, qh, kh, vh, n_new)
         t2 = time.perf_counter()
-        self.tl.add("cpu-attn", f"attn L{j}", t1, t2)
+        self.tl.add(TRACK_CPU_ATTN, f"{SPAN_ATTN} L{j}", t1, t2)
         o = oh.pin_memory().to(qs.device, qs.dtype, non_blocking=True)
-        self.tl.add("h2d", f"attn-out L{j}", t2, time.perf_counter())
+        self.tl.add(TRACK_H2D, f"{SPAN_ATTN_OUT} L{j}", t2, time.perf_counter())
         return o
 
     def _ffn(self, j: int, lw: LayerWeights, x: Tensor) -> Tensor:
@@ -171,7 +178,7 @@ class Target:
                 xs = x if whole else x[lo:hi]
                 t0 = time.perf_counter()
                 q, k, v = qkv(a, lw.attn, xs, cos_sin if whole else (cos_sin[0][lo:hi], cos_sin[1][lo:hi]))
-                self.tl.add("gpu", f"qkv L{j} mb{i}", t0, time.perf_counter())
+                self.tl.add(TRACK_GPU, f"{SPAN_QKV} L{j} mb{i}", t0, time.perf_counter())
                 if between is not None and i == 0:
                     between(j)
                 o = self._attend(j, slots if whole else slots[lo:hi], q, k, v, n_new[lo:hi], prefill)
@@ -182,7 +189,7 @@ class Target:
                     x = xs
                 else:
                     x[lo:hi] = xs
-                self.tl.add("gpu", f"ffn L{j} mb{i}", t0, time.perf_counter())
+                self.tl.add(TRACK_GPU, f"{SPAN_FFN} L{j} mb{i}", t0, time.perf_counter())
             self.streamer.release(j)
         # The next pass (verification of the other batch, or a prefill) starts at layer 0: fetch it now.
         self.streamer.prefetch(0, experts=[] if few_tokens else None)
@@ -194,7 +201,7 @@ class Target:
         t0 = time.perf_counter()
         out = F.linear(rms_norm(x, self.w.norm, a.norm_eps), self.w.lm_head).float()
         t_end = time.perf_counter()
-        self.tl.add("gpu", "lm_head", t0, t_end)
+        self.tl.add(TRACK_GPU, SPAN_LM_HEAD, t0, t_end)
         if self.tl.enabled:
             self.tl.add_pass("target", B, T, float((lengths + n_new).float().mean()), t_pass, t_end, prefill)
         return out

@@ -7,6 +7,7 @@ import numpy as np
 import torch
 
 from specoffload.planner.models import ModelSpec
+from specoffload.planner.trace_names import FIT_ATTN_PREFIXES, FIT_LAYER_PREFIXES
 
 from .config import GiB, MiB, ProbeFailure
 from .fit import fit_excess, nnls, sig
@@ -49,6 +50,13 @@ def probe_plan(workload, batch: int, n_layers: int, draft_len: int = 0):
                 draft_len=draft_len, micro_batches=1, gpu_attn_layers=n_layers, gpu_ffn_layers=n_layers,
                 gpu_kv_sequences=0, target_attention="cpu", draft_kv="gpu", weight_buffers=0, prediction=pred)
 
+
+def layer_and_attention_seconds(spans) -> tuple[float, float]:
+    """(device layer work, attention) seconds in the engine's spans [(track, name, start, end)], selected
+    by the span names planner/trace_names.py declares (the names the engine writes)."""
+    layer = sum(e - s_ for _, nm, s_, e in spans if nm.startswith(FIT_LAYER_PREFIXES))
+    attn = sum(e - s_ for _, nm, s_, e in spans if nm.startswith(FIT_ATTN_PREFIXES))
+    return layer, attn
 
 class EngineProbes:
     """The Profiler's in-engine probes (methods of Profiler)."""
@@ -180,8 +188,7 @@ class EngineProbes:
             for rec in eng.timeline.passes:  # prefills too: long queries, many tokens
                 inside = [sp for sp in spans if sp[2] >= rec.start and sp[3] <= rec.end]
                 if rec.model == "target":
-                    layer = sum(e - s_ for tr, nm, s_, e in inside if nm.startswith(("qkv L", "ffn L")))
-                    attn = sum(e - s_ for tr, nm, s_, e in inside if nm.startswith("attn L"))
+                    layer, attn = layer_and_attention_seconds(inside)
                     target_passes.append((rec.batch, rec.query, rec.keys, layer / n_layers, attn / n_layers))
                 else:
                     draft_passes.append((rec.batch, rec.query, rec.keys, rec.end - rec.start))

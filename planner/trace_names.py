@@ -1,0 +1,67 @@
+"""Track and span names: the one vocabulary of the runtime's timeline, the simulator's trace, the profiler's
+in-engine fit and the run report (pure Python; the runtime imports it, never the reverse).
+
+Tracks are the resources work runs on. Spans are named `slice_name(kind, layer, micro_batch, batch)`,
+e.g. "qkv L3 mb1": a kind below, then the layer, micro-batch and batch where they apply. The profiler
+selects the engine's spans by `layer_prefix(kind)` ("qkv L"), so a kind renamed here is renamed for
+both the engine that writes it and the fit that reads it.
+"""
+from __future__ import annotations
+
+# -- tracks -----------------------------------------------------------------------------------------
+TRACK_GPU = "gpu"  # device compute
+TRACK_H2D = "h2d"  # host -> device copies (streamed weights, attention outputs)
+TRACK_D2H = "d2h"  # device -> host copies (q, k, v for host attention; prompt keys/values)
+TRACK_CPU_ATTN = "cpu-attn"  # attention on the CPU over the host KV cache
+
+# Resource keys as the cost model and the reports name them -> track names in traces and timelines.
+TRACKS = {"gpu": TRACK_GPU, "h2d": TRACK_H2D, "d2h": TRACK_D2H, "cpu": TRACK_CPU_ATTN}
+TRACK_ORDER = ("gpu", "h2d", "d2h", "cpu")  # resource keys, in the order traces show them
+RESOURCE_OF_TRACK = {track: resource for resource, track in TRACKS.items()}
+
+# -- span kinds the engine records --------------------------------------------------------------------
+SPAN_QKV = "qkv"  # gpu: a layer's QKV projections per micro-batch; d2h: q, k, v down to the host
+SPAN_ATTN = "attn"  # cpu-attn (host KV) or gpu (device KV partition): a layer's attention
+SPAN_ATTN_OUT = "attn-out"  # h2d: the host attention's output back to the device
+SPAN_FFN = "ffn"  # gpu: output projection + FFN/MoE of a layer per micro-batch
+SPAN_KV = "kv"  # d2h: a prompt's keys/values into the host KV cache (prefill)
+SPAN_WEIGHTS = "weights"  # h2d: a streamed layer's weights
+SPAN_LM_HEAD = "lm_head"  # gpu: final norm and LM head of a target pass
+SPAN_DRAFT_ATTN = "draft attn"  # cpu-attn: the draft's attention over a host KV cache
+SPAN_DRAFT_PREFILL = "draft prefill"  # gpu: the draft over the prompts
+SPAN_DRAFT_STEP = "draft step"  # gpu: one draft step, "draft step 2"
+
+ENGINE_SPANS = (SPAN_QKV, SPAN_ATTN, SPAN_ATTN_OUT, SPAN_FFN, SPAN_KV, SPAN_WEIGHTS, SPAN_LM_HEAD, SPAN_DRAFT_ATTN,
+                SPAN_DRAFT_PREFILL, SPAN_DRAFT_STEP)
+
+
+def track_name(resource: str) -> str:
+    """The trace track of a resource key (gpu, h2d, d2h, cpu); other names pass through."""
+    return TRACKS.get(resource, resource)
+
+
+def resource_of(track: str) -> str:
+    """The resource key of a track name (cpu-attn -> cpu); other names pass through."""
+    return RESOURCE_OF_TRACK.get(track, track)
+
+
+def slice_name(task: str, layer: int = -1, micro_batch: int = -1, batch: int = -1) -> str:
+    """'qkv L3 mb1 B0': task, then layer, micro-batch and batch where they apply (negative: omitted)."""
+    parts = [task]
+    if layer >= 0:
+        parts.append(f"L{layer}")
+    if micro_batch >= 0:
+        parts.append(f"mb{micro_batch}")
+    if batch >= 0:
+        parts.append(f"B{batch}")
+    return " ".join(parts)
+
+
+def layer_prefix(kind: str) -> str:
+    """What every per-layer span of `kind` starts with: 'qkv L' (then the layer number)."""
+    return f"{kind} L"
+
+
+# What the profiler's in-engine fit reads from the engine's spans: device work per layer, host attention.
+FIT_LAYER_PREFIXES = (layer_prefix(SPAN_QKV), layer_prefix(SPAN_FFN))
+FIT_ATTN_PREFIXES = (layer_prefix(SPAN_ATTN),)
