@@ -11,6 +11,8 @@ from typing import Callable, Iterator
 import torch
 from torch import Tensor
 
+from specoffload.planner.schema import Plan
+
 from ..config import load_args
 from ..host_attention import backend_note as attention_backend_note, clamp_threads, set_threads
 from ..verify import AcceptanceStats, accept_best, draw, processed_probs, sampling_accept
@@ -37,11 +39,16 @@ class EngineStats:
 class Engine:
     """Runs requests through a plan. `run(requests, on_finish)` calls on_finish as each sequence ends."""
 
-    def __init__(self, plan, target_dir: str | Path, draft_dir: str | Path | None = None,
+    def __init__(self, plan: Plan, target_dir: str | Path, draft_dir: str | Path | None = None,
                  device: str | torch.device | None = None, dtype: torch.dtype | None = None,
                  max_len: int | None = None, trace: bool = False, synthetic_acceptance: float | None = None,
                  threads: int | None = None):
-        """synthetic_acceptance: TIMING MODE ONLY. Keep each draft token with this probability whatever
+        """plan: the Plan contract (planner/schema.py) this engine executes. The engine reads draft_len,
+        num_batches, decode_batch, prefill_batch, policy and workload (max_context_tokens sizes the KV
+        cache; max_prompt_len and gen_len_tokens name it in errors); the target reads the placement
+        (gpu_attn_layers, gpu_ffn_layers, gpu_kv_sequences, weight_buffers) and micro_batches; the draft
+        reads draft_kv and draft_sub_batch. Nothing else of the plan (its prediction, fingerprints) is used.
+        synthetic_acceptance: TIMING MODE ONLY. Keep each draft token with this probability whatever
         it is (for random-weight models, which accept nothing); outputs are then not the target's.
         threads: CPU threads for host attention (torch's intra-op pool); None keeps the process's setting
         (the CLIs choose it with host_attention.set_threads: usable cores less one), lowered to the cores

@@ -1,6 +1,8 @@
 """Pure numerics of the profiler: robust summaries, curves from points, and the CPU-attention fit.
 
-No torch here (only numpy), so the fitting can be tested on synthetic measurements with known answers.
+This module uses numpy only, so the fitting can be tested on synthetic measurements with known answers;
+importing it through the package (specoffload.runtime.profiler.fit) still loads torch, since the
+package's __init__ imports the probes.
 
 The CPU-attention model is the cost model's (planner/costmodel.py ``cpu_attention_seconds``):
 
