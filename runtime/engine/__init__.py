@@ -18,6 +18,12 @@ The loop, per decode slot (interleaved: batch A verifies while the draft drafts 
 On CUDA, events order copy, compute and buffer reuse; nothing synchronises the whole device inside
 the loop. Without CUDA the same code runs on the CPU: streams and events become no-ops, weights
 are used where they lie, and attention and FFN share the one processor.
+
+Files: requests.py (Request, Seq, Finished, EngineError), timeline.py (Timeline, PassRecord: spans named
+as planner/trace_names.py declares), streaming.py (Streams, LayerStreamer: weight streaming),
+target_kv.py (TargetKV: the device/host KV partition), target.py (Target: the layer loop), draft.py
+(Draft), engine.py (Engine: admission, prefill, verification, the schedules and refill). A feature draft
+(runtime/feature_draft.py) is the other kind of draft the Engine runs.
 """
 from .draft import Draft
 from .engine import Engine, EngineStats
