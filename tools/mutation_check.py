@@ -74,10 +74,10 @@ MUTATIONS: tuple[Mutation, ...] = (
       'reason = "eos" if s.out and s.out[-1] in self.eos else "length"', 'reason = "length"',
       ("tests/test_engine.py", "-k", "eos or greedy_speculative"), "a sequence ended by EOS is reported as 'length'"),
     # --- cost model and models ----------------------------------------------------------------------
-    M("h2d-twice-as-fast", "planner/costmodel.py", "        return nbytes / self._h2d(nbytes)\n",
+    M("h2d-twice-as-fast", "planner/durations.py", "        return nbytes / self._h2d(nbytes)\n",
       "        return nbytes / self._h2d(nbytes) / 2\n", ("tests/test_planner.py", "-k", "by_hand"),
       "host-to-device copies take half their time"),
-    M("attention-bytes-halved", "planner/costmodel.py",
+    M("attention-bytes-halved", "planner/durations.py",
       "context * spec.kv_bytes_per_token_per_layer / self._kv_bw",
       "context * spec.kv_bytes_per_token_per_layer / 2 / self._kv_bw", ("tests/test_planner.py", "-k", "by_hand"),
       "CPU attention reads half the KV bytes"),
@@ -87,7 +87,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     M("attention-flops-halved", "planner/models.py", "return 4.0 * query_tokens * context * self.q_dim",
       "return 2.0 * query_tokens * context * self.q_dim", ("tests/test_planner.py", "-k", "by_hand"),
       "attention FLOPs count q.K but not p.V"),
-    M("expected-tokens-off-by-one", "planner/costmodel.py", "    total, alive = 1.0, 1.0\n",
+    M("expected-tokens-off-by-one", "planner/rounds.py", "    total, alive = 1.0, 1.0\n",
       "    total, alive = 0.0, 1.0\n", ("tests/test_planner.py", "-k", "expected_tokens"),
       "the target's own token is not counted in a round"),
     # --- planner ----------------------------------------------------------------------------------
