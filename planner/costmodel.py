@@ -33,7 +33,7 @@ from .schema import Prediction
 
 __all__ = [
     "CPU_ONLY_PLACEMENT", "EXACT_SUMS", "LOGIT_BYTES", "PLACEMENT_VARS", "PREFILL_MICRO_TOKENS", "CostModel",
-    "Durations", "Knobs", "Linear", "RoundStats", "SlotTerms", "expected_tokens", "fits", "round_stats",
+    "Durations", "Knobs", "Linear", "RoundStats", "StepTerms", "expected_tokens", "fits", "round_stats",
     "streamed", "token_distribution", "_sum_pmf",
 ]
 
@@ -42,13 +42,13 @@ PREFILL_MICRO_TOKENS = 8192  # tokens the GPU holds at once during prefill (see 
 
 
 @dataclass(frozen=True)
-class SlotTerms:
-    """Per-slot busy time of each resource, the dependency-chain bounds, and fixed serial parts."""
+class StepTerms:
+    """Per-step busy time of each resource, the dependency-chain bounds, and fixed serial parts."""
 
-    busy: dict[str, Linear]  # resource -> busy seconds in one slot
-    chain: tuple[Linear, ...]  # slot time >= each (per-layer critical path with micro-batches)
+    busy: dict[str, Linear]  # resource -> busy seconds in one decode step
+    chain: tuple[Linear, ...]  # step time >= each (per-layer critical path with micro-batches)
     serial_seconds: float  # added after the overlapped part (serial-spec: the draft round)
-    tokens_per_slot: float  # expected verified tokens in one slot (full batch)
+    tokens_per_step: float  # expected verified tokens in one step (full batch)
     shared_device: bool  # CPU-only machine: gpu and cpu are one resource
     host_seconds: float = 0.0  # the runtime's bookkeeping between passes (serial, on the host)
 
@@ -56,14 +56,21 @@ class SlotTerms:
     def serial_total(self) -> float:
         return self.serial_seconds + self.host_seconds
 
+    @property
+    def tokens_per_slot(self) -> float:  # the report's word for a step
+        return self.tokens_per_step
+
+
+SlotTerms = StepTerms  # the report's word for a decode step is "slot"
+
 
 class CostModel(Durations):
     """Durations and memory for one (profile, target, draft, workload)."""
 
-    # --- the slot ------------------------------------------------------------------------------
-    def slot_terms(self, knobs: Knobs) -> SlotTerms:
+    # --- the decode step -----------------------------------------------------------------------
+    def step_terms(self, knobs: Knobs) -> StepTerms:
         b, k = knobs.decode_batch, knobs.draft_len
-        busy, chain = self._target_slot(b, k, knobs.micro_batches, knobs.num_batches)
+        busy, chain = self._target_step(b, k, knobs.micro_batches, knobs.num_batches)
         busy = dict(busy)
         # The draft works on the other batch (interleaved) or on this one before verifying (serial).
         # Within one batch its steps are a chain: GPU layers, and for host KV the CPU attention between them.
@@ -77,10 +84,10 @@ class CostModel(Durations):
         elif knobs.policy == "serial-spec":
             serial = draft_chain
         stats = self.rounds(k)
-        return SlotTerms(busy, chain, serial, b * stats.expected_tokens, self.cpu_only, self.host_pass_seconds(b))
+        return StepTerms(busy, chain, serial, b * stats.expected_tokens, self.cpu_only, self.host_pass_seconds(b))
 
     @memo_method
-    def _target_slot(self, b: int, k: int, m: int, nb: int) -> tuple[dict[str, Linear], tuple[Linear, ...]]:
+    def _target_step(self, b: int, k: int, m: int, nb: int) -> tuple[dict[str, Linear], tuple[Linear, ...]]:
         """The target's verification of b sequences x (k+1) tokens in m micro-batches: busy and chain."""
         t = self.t
         L = t.num_layers
@@ -119,8 +126,8 @@ class CostModel(Durations):
         chain = tuple(L * (total + (m - 1) * s) for s in stages) if m > 1 else (L * total,)
         return {"gpu": gpu, "cpu": cpu, "h2d": h2d, "d2h": d2h}, chain
 
-    def slot_seconds(self, terms: SlotTerms, placement: dict[str, float]) -> tuple[float, str]:
-        """Closed-form slot time at a placement, and what binds it."""
+    def step_seconds(self, terms: StepTerms, placement: dict[str, float]) -> tuple[float, str]:
+        """Closed-form decode-step time at a placement, and what binds it."""
         cands = {r: f.at(placement) for r, f in terms.busy.items()}
         if terms.shared_device:
             cands = {"device": cands["gpu"] + cands["cpu"], "h2d": cands["h2d"], "d2h": cands["d2h"]}
@@ -236,16 +243,16 @@ class CostModel(Durations):
                 "host": hw.host_mem_bytes}
 
     # --- the whole job -------------------------------------------------------------------------
-    def decode_slots(self, knobs: Knobs) -> tuple[float, float]:
-        """(expected slots for the whole job, of which tail): verifications of one batch, summed over batches.
+    def decode_steps(self, knobs: Knobs) -> tuple[float, float]:
+        """(expected decode steps for the whole job, of which tail): verifications of one batch, summed over batches.
 
         Each batch serves its share of the prompts with refill; the tail is what the slowest
         sequences and the last, partly empty wave add over a perfectly packed (fluid) schedule.
         """
-        return self._decode_slots(knobs.decode_batch, knobs.draft_len, knobs.num_batches)
+        return self._decode_steps(knobs.decode_batch, knobs.draft_len, knobs.num_batches)
 
     @memo_method
-    def _decode_slots(self, b: int, k: int, nb: int) -> tuple[float, float]:
+    def _decode_steps(self, b: int, k: int, nb: int) -> tuple[float, float]:
         per_stream = math.ceil(self.w.num_prompts / nb)
         stats = self.rounds(k)
         span = stats.makespan(per_stream, b)
@@ -273,14 +280,14 @@ class CostModel(Durations):
 
     def evaluate(self, knobs: Knobs, placement: dict[str, float]) -> Prediction:
         """The closed-form Prediction at a fixed placement."""
-        terms = self.slot_terms(knobs)
-        slot, binding = self.slot_seconds(terms, placement)
+        terms = self.step_terms(knobs)
+        slot, binding = self.step_seconds(terms, placement)
         pre = self.prefill_terms(knobs)
         pre_vals = {r: f.at(placement) for r, f in pre.items()}
         chunk = (pre_vals["gpu"] + pre_vals["cpu"]) if self.cpu_only else max(pre_vals.values())
         chunk = max(chunk, pre_vals["h2d"], pre_vals["d2h"])
         prefill = self.prefill_chunks(knobs) * chunk
-        slots, tail = self.decode_slots(knobs)
+        slots, tail = self.decode_steps(knobs)
         decode = slots * slot
         tokens = self.w.num_prompts * self.w.gen_len_tokens
         total = prefill + decode
@@ -310,6 +317,11 @@ class CostModel(Durations):
             physical_bound_tokens_per_s=bound if math.isfinite(bound) else 0.0,
             bound_fraction=tput / bound if math.isfinite(bound) and bound > 0 else 0.0,
         )
+
+    # The names these had before; reports and plans still say "slot" for a decode step (schema keys).
+    slot_terms = step_terms
+    slot_seconds = step_seconds
+    decode_slots = decode_steps
 
 
 def fits(mem: dict[str, float], caps: dict[str, float], rel_tol: float = 1e-9) -> bool:

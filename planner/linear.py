@@ -13,15 +13,17 @@ CPU_ONLY_PLACEMENT = {"attn_gpu": 1.0, "ffn_gpu": 1.0, "kv_gpu": 0.0}
 
 
 class Linear:
-    """const + attn_gpu·a + ffn_gpu·f + kv_gpu·k: a linear form over the three placement variables.
+    """const + attn_gpu·attn + ffn_gpu·ffn + kv_gpu·kv: a linear form over the three placement variables.
 
-    Plain floats in slots (not a dict): the planner builds hundreds of thousands of these.
+    The coefficients are named after the placement variable they multiply (`kv` is the coefficient
+    on kv_gpu, nothing to do with the draft length k). Plain floats in slots (not a dict): the planner
+    builds hundreds of thousands of these.
     """
 
-    __slots__ = ("const", "a", "f", "k")
+    __slots__ = ("const", "attn", "ffn", "kv")
 
-    def __init__(self, const: float = 0.0, a: float = 0.0, f: float = 0.0, k: float = 0.0):
-        self.const, self.a, self.f, self.k = const, a, f, k
+    def __init__(self, const: float = 0.0, attn: float = 0.0, ffn: float = 0.0, kv: float = 0.0):
+        self.const, self.attn, self.ffn, self.kv = const, attn, ffn, kv
 
     @staticmethod
     def of(const: float = 0.0, attn_gpu: float = 0.0, ffn_gpu: float = 0.0, kv_gpu: float = 0.0) -> "Linear":
@@ -29,34 +31,34 @@ class Linear:
 
     @property
     def coef(self) -> tuple[tuple[str, float], ...]:
-        return tuple((n, v) for n, v in zip(PLACEMENT_VARS, (self.a, self.f, self.k)) if v)
+        return tuple((n, v) for n, v in zip(PLACEMENT_VARS, (self.attn, self.ffn, self.kv)) if v)
 
     def __add__(self, other: "Linear | float") -> "Linear":
         if isinstance(other, Linear):
-            return Linear(self.const + other.const, self.a + other.a, self.f + other.f, self.k + other.k)
-        return Linear(self.const + other, self.a, self.f, self.k)
+            return Linear(self.const + other.const, self.attn + other.attn, self.ffn + other.ffn, self.kv + other.kv)
+        return Linear(self.const + other, self.attn, self.ffn, self.kv)
 
     __radd__ = __add__
 
     def __mul__(self, s: float) -> "Linear":
-        return Linear(self.const * s, self.a * s, self.f * s, self.k * s)
+        return Linear(self.const * s, self.attn * s, self.ffn * s, self.kv * s)
 
     __rmul__ = __mul__
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Linear) and (self.const, self.a, self.f, self.k) == (
-            other.const, other.a, other.f, other.k)
+        return isinstance(other, Linear) and (self.const, self.attn, self.ffn, self.kv) == (
+            other.const, other.attn, other.ffn, other.kv)
 
     def __repr__(self) -> str:
-        return f"Linear({self.const!r}, attn_gpu={self.a!r}, ffn_gpu={self.f!r}, kv_gpu={self.k!r})"
+        return f"Linear({self.const!r}, attn_gpu={self.attn!r}, ffn_gpu={self.ffn!r}, kv_gpu={self.kv!r})"
 
     def at(self, placement: dict[str, float]) -> float:
-        return (self.const + self.a * placement["attn_gpu"] + self.f * placement["ffn_gpu"]
-                + self.k * placement["kv_gpu"])
+        return (self.const + self.attn * placement["attn_gpu"] + self.ffn * placement["ffn_gpu"]
+                + self.kv * placement["kv_gpu"])
 
     def minimum(self) -> float:
         """Smallest value over the unit box (a cheap bound)."""
-        return self.const + min(self.a, 0.0) + min(self.f, 0.0) + min(self.k, 0.0)
+        return self.const + min(self.attn, 0.0) + min(self.ffn, 0.0) + min(self.kv, 0.0)
 
 
 def streamed(total: float, var: str) -> Linear:

@@ -113,7 +113,7 @@ class SimOptions:
 class SimResult:
     report: Report
     problems: tuple[Problem, ...]
-    slot_log: list[tuple[int, int, float, float, int]]  # (pass, batch, start, end, live sequences)
+    step_log: list[tuple[int, int, float, float, int]]  # (pass, batch, start, end, live sequences)
     prefill_log: list[tuple[int, int, float, float, int]]  # (pass, batch, start, end, prompts)
     trace: ChromeTrace | None
     events: int
@@ -124,13 +124,17 @@ class SimResult:
     def ok(self) -> bool:
         return not self.problems
 
-    def steady_slot_seconds(self, skip: float = 0.25) -> float:
+    @property
+    def slot_log(self) -> list[tuple[int, int, float, float, int]]:  # the report's word for a decode step
+        return self.step_log
+
+    def steady_step_seconds(self, skip: float = 0.25) -> float:
         """Mean verification time in steady state: verifications of a full batch, not the first of
         their batch nor next to a prefill pass, with the first and last `skip` of those dropped."""
-        full = max((live for *_, live in self.slot_log), default=0)
+        full = max((live for *_, live in self.step_log), default=0)
         near = {p for p, *_ in self.prefill_log} | {p + 1 for p, *_ in self.prefill_log}
         seen, spans = set(), []
-        for p, batch, start, end, live in self.slot_log:
+        for p, batch, start, end, live in self.step_log:
             if batch not in seen:
                 seen.add(batch)
                 continue
@@ -141,6 +145,9 @@ class SimResult:
         lo = int(len(spans) * skip)
         mid = spans[lo:max(lo + 1, len(spans) - lo)]
         return sum(mid) / len(mid)
+
+    steady_slot_seconds = steady_step_seconds  # the report's word for a decode step is "slot"
+
 
 class Simulation(VerifyPasses, PrefillPasses, DraftRounds, WeightStream, MemoryAccounting):
     """One job's simulation. The task-graph builders live by pass kind (verify_pass.py, prefill_pass.py,
@@ -212,7 +219,7 @@ class Simulation(VerifyPasses, PrefillPasses, DraftRounds, WeightStream, MemoryA
         self.generated = 0
         self.last_end = 0.0
         self.phase = {"prefill": 0.0, "decode": 0.0}
-        self.slot_log: list[tuple[int, int, float, float, int]] = []
+        self.step_log: list[tuple[int, int, float, float, int]] = []
         self.prefill_log: list[tuple[int, int, float, float, int]] = []
         self.rounds = 0
         self.tokens_sum = 0.0
@@ -336,8 +343,8 @@ class Simulation(VerifyPasses, PrefillPasses, DraftRounds, WeightStream, MemoryA
         for res in self.eng.resources:
             for label, v in res.busy_until(T).items():
                 busy[label] = busy.get(label, 0.0) + v
-        slots = len(self.slot_log)
-        spans = sorted(end - start for _, _, start, end, _ in self.slot_log)
+        slots = len(self.step_log)
+        spans = sorted(end - start for _, _, start, end, _ in self.step_log)
         decode = self.phase["decode"]
         per_pos = tuple(float(a / t) if t else 0.0 for a, t in zip(self.pos_acc, self.pos_tried)) if self.k else ()
         bound = cm.physical_bound(self.knobs)
@@ -375,7 +382,7 @@ class Simulation(VerifyPasses, PrefillPasses, DraftRounds, WeightStream, MemoryA
             bound_fraction=tput / bound if math.isfinite(bound) and bound > 0 else 0.0,
             predicted=predicted_figures(cm, self.knobs, self.placement),
             notes=tuple(notes))
-        return SimResult(report, tuple(self.problems), self.slot_log, self.prefill_log, self.trace,
+        return SimResult(report, tuple(self.problems), self.step_log, self.prefill_log, self.trace,
                          self.eng.events, wall, self.overflow)
 
 

@@ -148,7 +148,7 @@ class VerifyPasses:
             self._kv_free(batch, done)  # the slot's KV is freed at finish, ready for a refill
         start = self.last_end
         self._segment("decode", now)
-        self.slot_log.append((p.index, p.batch, start, now, n))
+        self.step_log.append((p.index, p.batch, start, now, n))
         if self.finished >= self.N:
             self.makespan = now
             self.eng.stopped = True
