@@ -5,11 +5,12 @@ import argparse
 import sys
 
 from .models import load_model_spec
-from .planner import PLAN_POLICIES, Candidate, PlanResult, make_plan
+from .planner import DEFAULT_MAX_DRAFT_LEN, PLAN_POLICIES, Candidate, PlanResult, make_plan
 from .schema import Workload, load_profile
 from .strict import SchemaError
 
 GiB = 2**30
+_DEFAULT_ACCEPTANCE = Workload.__dataclass_fields__["acceptance"].default  # the workload's own default
 
 EXAMPLE = """example:
   specoffload-plan --model mixtral --draft mistral-7b --profile profiles/rtx4090-pcie4.yaml \\
@@ -37,11 +38,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--gen-len", type=int, help="tokens to generate per prompt")
     ap.add_argument("--num-prompts", type=int, help="number of prompts in the job")
     ap.add_argument("--acceptance", type=float, default=None,
-                    help="assumed per-token acceptance of the draft (default 0.7 when no --workload)")
+                    help=f"assumed per-token acceptance of the draft (default {_DEFAULT_ACCEPTANCE} when no --workload)")
     ap.add_argument("--policy", default="specoffload", choices=PLAN_POLICIES,
                     help="specoffload (default) picks the best of the other three")
-    ap.add_argument("--max-draft-len", type=int, default=8,
-                    help="longest draft length k the planner considers (default 8; fewer if the context is short)")
+    ap.add_argument("--max-draft-len", type=int, default=DEFAULT_MAX_DRAFT_LEN,
+                    help=f"longest draft length k the planner considers (default {DEFAULT_MAX_DRAFT_LEN}; fewer if "
+                         "the context is short)")
     ap.add_argument("--batch", type=int, default=None, help="pin the decode batch (sequences per batch)")
     ap.add_argument("--draft-len", type=int, default=None, help="pin the draft length k")
     ap.add_argument("--micro-batches", type=int, default=None, help="pin the micro-batch count")
@@ -75,7 +77,7 @@ def build_workload(args: argparse.Namespace) -> Workload:
     try:
         return Workload(prompt_len_tokens=args.prompt_len, gen_len_tokens=args.gen_len, num_prompts=args.num_prompts,
                         max_prompt_len_tokens=args.max_prompt_len or 0,
-                        acceptance=0.7 if args.acceptance is None else args.acceptance,
+                        acceptance=_DEFAULT_ACCEPTANCE if args.acceptance is None else args.acceptance,
                         acceptance_source="assumed" if args.acceptance is None else "assumed (--acceptance)")
     except ValueError as exc:
         raise SchemaError(f"workload: {exc}") from None

@@ -1,121 +1,54 @@
 """The cost model: one set of formulas for the LP (as linear forms) and the simulator (as durations).
 
-A decode *slot*: the target verifies one batch of b sequences carrying k draft tokens each
+A decode *step*: the target verifies one batch of b sequences carrying k draft tokens each
 (b·(k+1) query tokens), layer by layer, with layer j+1's streamed weights copied in while layer j
 computes; attention runs on the CPU over the host KV cache (a fraction of sequences may keep their
 KV on the GPU); the draft drafts k tokens for the other batch on the same GPU (interleaved) or
 before the verification (serial). Resources: `gpu`, `cpu` (attention workers), `h2d`, `d2h`.
+(Reports and plans call a decode step a "slot": `slot_seconds`, `slots`, `tail_slots`.)
 
-Placement variables (continuous, what the LP chooses):
-  attn_gpu  fraction of layers whose attention weights stay resident on the GPU
-  ffn_gpu   fraction of layers whose FFN / expert weights stay resident on the GPU
-  kv_gpu    fraction of each batch's sequences whose target KV cache lives on the GPU
-Every time and memory figure is a `Linear` form in these, so the LP and the closed-form
-evaluation share one definition.
+Where the parts live:
+  linear.py     Linear forms over the placement variables (attn_gpu, ffn_gpu, kv_gpu), `streamed`
+  rounds.py     acceptance and rounds: token_distribution, expected_tokens, round_stats, RoundStats
+  durations.py  per-resource time formulas (matmul, copies, attention, the draft round): `Durations`
+  knobs.py      the integer choices the planner enumerates: `Knobs`
+  this file     the step, prefill and memory terms as linear forms, the whole job, evaluate / fits
+
+Every time and memory figure is a `Linear` form in the placement variables, so the LP and the
+closed-form evaluation share one definition.
 
 All times in seconds, sizes in bytes. Activations and KV use the checkpoint's element size (bf16).
 """
 from __future__ import annotations
 
-import functools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-import numpy as np
+from .durations import Durations
+from .knobs import Knobs
+from .linear import CPU_ONLY_PLACEMENT, PLACEMENT_VARS, Linear, streamed
+from .memo import memo_method
+from .rounds import EXACT_SUMS, RoundStats, _sum_pmf, expected_tokens, round_stats, token_distribution
+from .schema import Prediction
 
-from .models import ModelSpec
-from .schema import HardwareProfile, Workload
+__all__ = [
+    "CPU_ONLY_PLACEMENT", "EXACT_SUMS", "LOGIT_BYTES", "PLACEMENT_VARS", "PREFILL_MICRO_TOKENS", "CostModel",
+    "Durations", "Knobs", "Linear", "RoundStats", "StepTerms", "expected_tokens", "fits", "round_stats",
+    "streamed", "token_distribution", "_sum_pmf",
+]
 
-PLACEMENT_VARS = ("attn_gpu", "ffn_gpu", "kv_gpu")
 LOGIT_BYTES = 4  # logits are produced in fp32
-EXACT_SUMS = 16  # sums of up to this many sequences' rounds are convolved exactly (RoundStats.sum_cdf)
 PREFILL_MICRO_TOKENS = 8192  # tokens the GPU holds at once during prefill (see prefill_split)
-# On a CPU-only machine every weight is "resident" in the one memory and attention runs in place.
-CPU_ONLY_PLACEMENT = {"attn_gpu": 1.0, "ffn_gpu": 1.0, "kv_gpu": 0.0}
-
-
-class Linear:
-    """const + attn_gpu·a + ffn_gpu·f + kv_gpu·k: a linear form over the three placement variables.
-
-    Plain floats in slots (not a dict): the planner builds hundreds of thousands of these.
-    """
-
-    __slots__ = ("const", "a", "f", "k")
-
-    def __init__(self, const: float = 0.0, a: float = 0.0, f: float = 0.0, k: float = 0.0):
-        self.const, self.a, self.f, self.k = const, a, f, k
-
-    @staticmethod
-    def of(const: float = 0.0, attn_gpu: float = 0.0, ffn_gpu: float = 0.0, kv_gpu: float = 0.0) -> "Linear":
-        return Linear(float(const), float(attn_gpu), float(ffn_gpu), float(kv_gpu))
-
-    @property
-    def coef(self) -> tuple[tuple[str, float], ...]:
-        return tuple((n, v) for n, v in zip(PLACEMENT_VARS, (self.a, self.f, self.k)) if v)
-
-    def __add__(self, other: "Linear | float") -> "Linear":
-        if isinstance(other, Linear):
-            return Linear(self.const + other.const, self.a + other.a, self.f + other.f, self.k + other.k)
-        return Linear(self.const + other, self.a, self.f, self.k)
-
-    __radd__ = __add__
-
-    def __mul__(self, s: float) -> "Linear":
-        return Linear(self.const * s, self.a * s, self.f * s, self.k * s)
-
-    __rmul__ = __mul__
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Linear) and (self.const, self.a, self.f, self.k) == (
-            other.const, other.a, other.f, other.k)
-
-    def __repr__(self) -> str:
-        return f"Linear({self.const!r}, attn_gpu={self.a!r}, ffn_gpu={self.f!r}, kv_gpu={self.k!r})"
-
-    def at(self, placement: dict[str, float]) -> float:
-        return (self.const + self.a * placement["attn_gpu"] + self.f * placement["ffn_gpu"]
-                + self.k * placement["kv_gpu"])
-
-    def minimum(self) -> float:
-        """Smallest value over the unit box (a cheap bound)."""
-        return self.const + min(self.a, 0.0) + min(self.f, 0.0) + min(self.k, 0.0)
-
-
-def streamed(total: float, var: str) -> Linear:
-    """`total * (1 - var)`: the part of `total` not resident."""
-    return Linear.of(total, **{var: -total})
 
 
 @dataclass(frozen=True)
-class Knobs:
-    """The integer choices the planner enumerates."""
+class StepTerms:
+    """Per-step busy time of each resource, the dependency-chain bounds, and fixed serial parts."""
 
-    policy: str  # offload-only | serial-spec | interleaved
-    decode_batch: int
-    prefill_batch: int
-    draft_len: int
-    micro_batches: int
-    draft_kv: str = "gpu"  # gpu | host | recompute
-    draft_sub_batch: int = 1  # sequences per draft forward when recomputing the context
-    weight_buffers: int = 2  # 0: everything resident, nothing streamed
-
-    @property
-    def num_batches(self) -> int:
-        return 2 if self.policy == "interleaved" else 1
-
-    @property
-    def speculative(self) -> bool:
-        return self.draft_len > 0
-
-
-@dataclass(frozen=True)
-class SlotTerms:
-    """Per-slot busy time of each resource, the dependency-chain bounds, and fixed serial parts."""
-
-    busy: dict[str, Linear]  # resource -> busy seconds in one slot
-    chain: tuple[Linear, ...]  # slot time >= each (per-layer critical path with micro-batches)
+    busy: dict[str, Linear]  # resource -> busy seconds in one decode step
+    chain: tuple[Linear, ...]  # step time >= each (per-layer critical path with micro-batches)
     serial_seconds: float  # added after the overlapped part (serial-spec: the draft round)
-    tokens_per_slot: float  # expected verified tokens in one slot (full batch)
+    tokens_per_step: float  # expected verified tokens in one step (full batch)
     shared_device: bool  # CPU-only machine: gpu and cpu are one resource
     host_seconds: float = 0.0  # the runtime's bookkeeping between passes (serial, on the host)
 
@@ -123,343 +56,21 @@ class SlotTerms:
     def serial_total(self) -> float:
         return self.serial_seconds + self.host_seconds
 
-
-@dataclass(frozen=True)
-class RoundStats:
-    """Verification rounds a sequence needs to reach its generation length (the first token comes
-    from the prefill, so rounds produce the other gen_len - 1)."""
-
-    expected_tokens: float  # E[tokens per round], uncapped
-    mean_rounds: float
-    cdf: tuple[float, ...]  # P(rounds <= r) for r = 0, 1, ...
-
-    def expected_max(self, n: float) -> float:
-        """E[max of n i.i.d. round counts]: the slowest of n sequences."""
-        if n <= 1:
-            return self.mean_rounds
-        return float(np.sum(1.0 - self._cdf ** n))
-
-    @functools.cached_property
-    def _cdf(self) -> np.ndarray:
-        return np.asarray(self.cdf)
-
-    @functools.cached_property
-    def pmf(self) -> np.ndarray:
-        return np.diff(self._cdf, prepend=0.0).clip(min=0.0)
-
-    @functools.cached_property
-    def _sums(self) -> dict[int, np.ndarray]:
-        return {}
-
-    def sum_cdf(self, q: int) -> tuple[int, np.ndarray]:
-        """(offset, CDF from there) of the rounds q sequences run back to back need, cached per q.
-
-        The CDF is 0 below the offset and 1 past the array. Exact (FFT convolution) up to
-        EXACT_SUMS sequences; beyond, the central limit: a normal with q times the mean and variance.
-        """
-        if q not in self._sums:
-            if q <= 1:
-                self._sums[q] = (0, self._cdf)
-            elif q <= EXACT_SUMS:
-                self._sums[q] = (0, np.cumsum(_sum_pmf(self.pmf, q)).clip(max=1.0))
-            else:
-                r = np.arange(len(self.pmf))
-                mean = float(np.sum(r * self.pmf))
-                var = float(np.sum((r - mean) ** 2 * self.pmf))
-                mu, sd = q * mean, max(math.sqrt(q * var), 1e-9)
-                lo, hi = max(0, int(mu - 10 * sd)), int(math.ceil(mu + 10 * sd)) + 1
-                z = [(x + 0.5 - mu) / (sd * math.sqrt(2.0)) for x in range(lo, hi)]
-                self._sums[q] = (lo, np.array([0.5 * (1.0 + math.erf(v)) for v in z]))
-        return self._sums[q]
-
-    def makespan(self, n: int, b: int) -> float:
-        """Expected rounds until the last of n sequences finishes on b slots with refill.
-
-        Each slot runs q = n // b sequences back to back (their rounds add: S_q), and the r = n % b
-        left over start in the slots that finish their q first (about the r/b quantile of S_q), then
-        need one more sequence's rounds: the makespan is the later of the slowest slot with q
-        sequences and the slowest of the r late starters. Exact for deterministic rounds (whole
-        waves); for random rounds it captures the nearly empty last wave that a fluid model misses.
-        """
-        if n <= 0:
-            return 0.0
-        q, r = divmod(int(math.ceil(n)), b)
-        if q == 0:
-            return self.expected_max(r)
-        offset, cdf_q = self.sum_cdf(q)
-        slow_full = offset + float(np.sum(1.0 - cdf_q ** (b - r))) if b > r else 0.0
-        if r == 0:
-            return slow_full
-        start = offset + float(np.searchsorted(cdf_q, r / b))  # quantile of S_q: when the r-th slot frees up
-        return max(slow_full, start + self.expected_max(r))
+    @property
+    def tokens_per_slot(self) -> float:  # the report's word for a step
+        return self.tokens_per_step
 
 
-def _sum_pmf(pmf: np.ndarray, q: int) -> np.ndarray:
-    """pmf of the sum of q i.i.d. copies (repeated squaring, FFT convolution, tiny tails trimmed)."""
-    def conv(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        n = len(a) + len(b) - 1
-        size = 1 << (n - 1).bit_length()
-        out = np.fft.irfft(np.fft.rfft(a, size) * np.fft.rfft(b, size), size)[:n]
-        return out.clip(min=0.0)
-
-    result, base = np.array([1.0]), pmf
-    while q:
-        if q & 1:
-            result = conv(result, base)
-        q >>= 1
-        if q:
-            base = conv(base, base)
-    return result / result.sum()
+SlotTerms = StepTerms  # the report's word for a decode step is "slot"
 
 
-def token_distribution(acceptance: tuple[float, ...]) -> list[float]:
-    """P(X = j), j = 1..k+1: tokens one verification yields (accepted draft tokens + one from the target)."""
-    probs, alive = [], 1.0
-    for a in acceptance:
-        probs.append(alive * (1.0 - a))
-        alive *= a
-    probs.append(alive)
-    return probs
-
-
-def expected_tokens(acceptance: tuple[float, ...]) -> float:
-    """E[X] = 1 + sum_i prod_{j<=i} a_j; for i.i.d. p this is (1 - p^(k+1)) / (1 - p)."""
-    total, alive = 1.0, 1.0
-    for a in acceptance:
-        alive *= a
-        total += alive
-    return total
-
-
-@functools.lru_cache(maxsize=256)
-def round_stats(acceptance: tuple[float, ...], gen_len: int) -> RoundStats:
-    """Exact distribution of rounds to produce gen_len tokens, each round capped at what is left."""
-    if gen_len <= 0:
-        return RoundStats(expected_tokens(acceptance), 0.0, (1.0,))
-    px = np.array(token_distribution(acceptance))
-    mass = np.zeros(gen_len)  # mass[n]: P(n tokens produced so far and not yet done)
-    mass[0] = 1.0
-    done, cdf, mean = 0.0, [0.0], 0.0
-    r = 0
-    while done < 1.0 - 1e-12 and r <= gen_len:
-        r += 1
-        new = np.convolve(mass, px)  # index n + j - 1 for X = j: shift by one below
-        new = np.concatenate(([0.0], new))
-        finished = float(new[gen_len:].sum())
-        mass = new[:gen_len]
-        done += finished
-        mean += r * finished
-        cdf.append(min(done, 1.0))
-    return RoundStats(expected_tokens(acceptance), mean, tuple(cdf))
-
-
-class CostModel:
+class CostModel(Durations):
     """Durations and memory for one (profile, target, draft, workload)."""
 
-    def __init__(self, profile: HardwareProfile, target: ModelSpec, draft: ModelSpec | None,
-                 workload: Workload):
-        self.hw, self.t, self.d, self.w = profile, target, draft, workload
-        self.cpu_only = profile.cpu_only
-        need = "by the cost model"
-        self._rate = profile.require("gpu_matmul_flops_per_s", need)
-        self._gpu_bw = profile.require("gpu_mem_bandwidth_bytes_per_s", need)
-        self._kv_bw = profile.require("cpu_attn_kv_read_bytes_per_s", need)
-        self._attn_rate = profile.require("cpu_attn_flops_per_s", need)
-        if not self.cpu_only:
-            self._h2d = profile.require("h2d_pinned_bytes_per_s", "to stream weights")
-            self._d2h = profile.require("d2h_pinned_bytes_per_s", "to move activations and KV")
-        self.act_bytes = target.weight_bytes_per_param
-        # On a CPU-only machine the runtime computes in fp32 (exactness; no bf16 units): weights take
-        # twice the checkpoint's bytes in memory and in every read.
-        self.weight_read_factor = 4.0 / target.weight_bytes_per_param if self.cpu_only else 1.0
-        # Average context over decoding (prompt + half the generation) and the maximum.
-        self.ctx_avg = workload.prompt_len_tokens + workload.gen_len_tokens / 2.0
-        self.ctx_max = workload.max_context_tokens
-        self._target_cache: dict[tuple, tuple] = {}
-        self._draft_cache: dict[tuple, dict[str, float]] = {}
-        self._slots_cache: dict[tuple, tuple[float, float]] = {}
-
-    # --- contexts ------------------------------------------------------------------------------
-    def padded_prompt(self, rows: float) -> float:
-        """Expected longest prompt among `rows` sequences: between the mean (one row) and the workload's
-        longest (many rows). A batched attention call reads every row up to its longest row's keys."""
-        w = self.w
-        return w.prompt_len_tokens + (w.max_prompt_len - w.prompt_len_tokens) * (1.0 - 1.0 / max(rows, 1.0))
-
-    def attention_context(self, rows: float, in_flight: float | None = None) -> float:
-        """Keys per row that one decode attention call over `rows` sequences reads, averaged over the job.
-
-        The runtime pads a call to its longest row: the longest prompt among the rows plus the generation
-        of the furthest row. `in_flight` is how many sequences the plan holds at once (default: `rows`):
-        when that covers the whole job (one wave) all rows advance together, G/2 on average; when batches
-        are refilled, rows drift apart and the furthest is rows/(rows+1) of the way through G."""
-        w = self.w
-        rows = max(rows, 1.0)
-        drift = max(0.0, 1.0 - (in_flight or rows) / w.num_prompts)  # 0 for a single wave
-        gen = w.gen_len_tokens / 2.0 + drift * w.gen_len_tokens * (rows / (rows + 1.0) - 0.5)
-        return self.padded_prompt(rows) + gen
-
-    def host_attention_context(self) -> float:
-        """Keys per row that host attention reads, averaged over the job: the runtime's host attention reads
-        each row only up to its own length (no padding to the longest row), so a call over any rows reads
-        the mean context, prompt + half the generation."""
-        return self.ctx_avg
-
-    # --- primitive durations (the simulator uses these as task durations) ----------------------
-    def matmul_seconds(self, flops: float, tokens: float, weight_bytes: float) -> float:
-        """Roofline on the compute device: max(FLOPs / achieved rate at this token count, bytes / bandwidth)."""
-        if flops <= 0:
-            return 0.0
-        return max(flops / self._rate(max(tokens, 1.0)), weight_bytes * self.weight_read_factor / self._gpu_bw)
-
-    def h2d_seconds(self, nbytes: float) -> float:
-        if self.cpu_only or nbytes <= 0:
-            return 0.0
-        return nbytes / self._h2d(nbytes)
-
-    def d2h_seconds(self, nbytes: float) -> float:
-        if self.cpu_only or nbytes <= 0:
-            return 0.0
-        return nbytes / self._d2h(nbytes)
-
-    def qkv_seconds(self, spec: ModelSpec, tokens: float) -> float:
-        """One layer's Q, K, V projections (+ norm) for `tokens` tokens."""
-        h = spec.hidden_size
-        params = h * (spec.q_dim + 2 * spec.kv_dim)
-        # The profile's per-layer fixed and per-token costs are split between the layer's two halves
-        # (QKV here, FFN below).
-        return self.matmul_seconds(2.0 * tokens * params, tokens, spec.b(params)) + self.layer_fixed_seconds(tokens) / 2
-
-    def ffn_seconds(self, spec: ModelSpec, tokens: float) -> float:
-        """One layer's output projection, router and FFN / experts for `tokens` tokens."""
-        h = spec.hidden_size
-        o = self.matmul_seconds(2.0 * tokens * spec.q_dim * h, tokens, spec.b(spec.q_dim * h))
-        if spec.num_experts:
-            touched = spec.expected_experts(tokens)
-            per_expert = tokens * spec.experts_per_token / touched
-            flops = 2.0 * tokens * spec.experts_per_token * spec.expert_params
-            ffn = self.matmul_seconds(flops, per_expert, touched * spec.expert_bytes)
-            ffn += touched * self.hw.device_expert_overhead_seconds  # launches / gathers per invoked expert
-            ffn += self.matmul_seconds(2.0 * tokens * spec.router_params_per_layer, tokens,
-                                       spec.b(spec.router_params_per_layer))
-        else:
-            ffn = self.matmul_seconds(2.0 * tokens * spec.expert_params, tokens, spec.expert_bytes)
-        return o + ffn + self.layer_fixed_seconds(tokens) / 2
-
-    def layer_fixed_seconds(self, tokens: float) -> float:
-        """One layer's device cost beyond its matmuls for one forward of `tokens` tokens: a fixed part
-        (op dispatch) and a per-token part (norms, RoPE, residual adds, routing), both profiled."""
-        return self.hw.device_op_overhead_seconds + tokens * self.hw.device_op_token_seconds
-
-    def lm_head_seconds(self, spec: ModelSpec, tokens: float) -> float:
-        """Logits for `tokens` rows: the projection, and the scan every row's logits get (argmax, acceptance)."""
-        return (self.matmul_seconds(tokens * spec.lm_head_flops_per_token, tokens,
-                                    spec.b(spec.vocab_size * spec.hidden_size))
-                + tokens * spec.vocab_size * self.hw.device_logit_element_seconds)
-
-    def cpu_attention_seconds(self, spec: ModelSpec, batch: float, query: float, context: float) -> float:
-        """One layer's decode/verify attention on the CPU: batch sequences, `query` new tokens each, over
-        `context` keys per sequence (the ragged mean: host attention reads each row to its own length).
-        Per call a fixed cost; per sequence a fixed cost, a cost per query row, its KV bytes (in the
-        profile's accounting) over the measured read rate and the FLOPs of its query rows over the
-        measured arithmetic rate."""
-        if batch <= 0:
-            return 0.0
-        hw = self.hw
-        per_seq = (hw.cpu_attn_seq_overhead_seconds + query * hw.cpu_attn_row_overhead_seconds
-                   + context * spec.kv_bytes_per_token_per_layer / self._kv_bw
-                   + spec.attention_flops(query, context) / self._attn_rate)
-        return self.hw.cpu_attn_overhead_seconds + batch * per_seq
-
-    def gpu_attention_seconds(self, spec: ModelSpec, batch: float, query: float, context: float) -> float:
-        """One layer's attention on the device over a KV cache held there (memory-bound at decode)."""
-        if batch <= 0:
-            return 0.0
-        return max(batch * spec.attention_flops(query, context) / self._rate(batch * query),
-                   batch * context * spec.kv_bytes_per_token_per_layer / self._gpu_bw)
-
-    def attention_io_bytes(self, spec: ModelSpec, tokens: float) -> tuple[float, float]:
-        """(down, up) activation bytes for one layer's CPU attention: q, k, v out; attention output in."""
-        return tokens * (spec.q_dim + 2 * spec.kv_dim) * self.act_bytes, tokens * spec.q_dim * self.act_bytes
-
-    # --- streamed weights ----------------------------------------------------------------------
-    def ffn_streamed_bytes(self, tokens: float) -> float:
-        """Bytes of one layer's FFN that must be copied for `tokens` routed tokens (routed experts only)."""
-        t = self.t
-        if t.num_experts:
-            return t.b(t.router_params_per_layer) + t.expected_experts(tokens) * t.expert_bytes
-        return t.ffn_bytes_per_layer
-
-    def draft_round(self, knobs: Knobs, batch: float, context: float | None = None) -> dict[str, float]:
-        """Busy seconds per resource for the draft proposing k tokens for `batch` sequences whose
-        mean context is `context` (default: the job's average)."""
-        d, k = self.d, knobs.draft_len
-        zero = {"gpu": 0.0, "cpu": 0.0, "h2d": 0.0, "d2h": 0.0}
-        if not knobs.speculative or d is None or batch <= 0:
-            return zero
-        key = (knobs.draft_kv, knobs.draft_sub_batch if knobs.draft_kv == "recompute" else 0, k, batch, context,
-               knobs.num_batches)
-        if key not in self._draft_cache:
-            self._draft_cache[key] = self._draft_round(knobs, batch, context)
-        return self._draft_cache[key]
-
-    def _draft_round(self, knobs: Knobs, batch: float, context: float | None) -> dict[str, float]:
-        d, k = self.d, knobs.draft_len
-        zero = {"gpu": 0.0, "cpu": 0.0, "h2d": 0.0, "d2h": 0.0}
-        L = d.num_layers
-        weights = d.b(d.layer_params)
-        in_flight = batch * knobs.num_batches
-        ctx = self.attention_context(batch, in_flight) if context is None else context
-        # Host attention (draft KV on the host, or everything on a CPU-only machine) reads rows to their own length.
-        host_ctx = self.host_attention_context() if context is None else context
-        # Each step's linear layers for s sequences: FLOPs over the rate at s tokens, or reading all weights.
-        def step(s: float, tokens_per_seq: float = 1.0) -> float:
-            tok = s * tokens_per_seq
-            lin = self.matmul_seconds(tok * d.linear_flops_per_token_per_layer * L, tok, weights * L)
-            return lin + self.lm_head_seconds(d, s) + L * self.layer_fixed_seconds(tok)
-
-        out = dict(zero)
-        hw = self.hw
-        # The runtime's bookkeeping per round (inputs, commits, the draft KV's rollback) and per step.
-        host = (hw.engine_draft_round_overhead_seconds + batch * hw.engine_draft_seq_overhead_seconds
-                + k * hw.engine_draft_step_overhead_seconds)
-        if knobs.draft_kv == "recompute":
-            s = min(knobs.draft_sub_batch, batch)
-            subs = math.ceil(batch / s)
-            if context is None:  # each sub-batch is its own forward, padded to its longest context
-                ctx = self.attention_context(s, in_flight)
-            tok = s * ctx
-            # Re-read the context: one forward over s*ctx tokens (linear + causal attention), then k-1 steps.
-            pre = (self.matmul_seconds(tok * d.linear_flops_per_token_per_layer * L, tok, weights * L)
-                   + self.matmul_seconds(s * L * d.attention_flops(ctx, ctx) / 2.0, tok, 0.0)
-                   + self.lm_head_seconds(d, s) + L * self.layer_fixed_seconds(tok))
-            attend = self.cpu_attention_seconds if self.cpu_only else self.gpu_attention_seconds
-            steps = (k - 1) * (step(s) + L * attend(d, s, 1, ctx))
-            out["gpu"] = subs * (pre + steps) + host
-            return out
-        # KV kept: k steps of one token each, plus one catch-up token (the target's bonus token). A feature
-        # draft instead re-reads every position the verification kept (accepted drafts + the bonus token) with
-        # the target's true features: E[tokens per round] pairs in its first step.
-        catch_up = self.rounds(k).expected_tokens if d.feature_draft else 2.0
-        out["gpu"] = (k - 1) * step(batch) + step(batch, catch_up) + host
-        if knobs.draft_kv == "gpu" and self.cpu_only:  # the "device" is the CPU: the same attention call
-            out["gpu"] += k * L * self.cpu_attention_seconds(d, batch, 1, host_ctx)
-        elif knobs.draft_kv == "gpu":
-            out["gpu"] += k * L * self.gpu_attention_seconds(d, batch, 1, ctx)
-        else:  # host KV, attention on the CPU workers, activations round-trip
-            out["cpu"] = k * L * self.cpu_attention_seconds(d, batch, 1, host_ctx)
-            down, up = self.attention_io_bytes(d, batch)
-            out["d2h"] = k * L * self.d2h_seconds(down)
-            out["h2d"] = k * L * self.h2d_seconds(up)
-        return out
-
-    # --- the slot ------------------------------------------------------------------------------
-    def slot_terms(self, knobs: Knobs) -> SlotTerms:
+    # --- the decode step -----------------------------------------------------------------------
+    def step_terms(self, knobs: Knobs) -> StepTerms:
         b, k = knobs.decode_batch, knobs.draft_len
-        key = (b, k, knobs.micro_batches, knobs.num_batches)
-        if key not in self._target_cache:
-            self._target_cache[key] = self._target_slot(b, k, knobs.micro_batches, knobs.num_batches)
-        busy, chain = self._target_cache[key]
+        busy, chain = self._target_step(b, k, knobs.micro_batches, knobs.num_batches)
         busy = dict(busy)
         # The draft works on the other batch (interleaved) or on this one before verifying (serial).
         # Within one batch its steps are a chain: GPU layers, and for host KV the CPU attention between them.
@@ -473,15 +84,10 @@ class CostModel:
         elif knobs.policy == "serial-spec":
             serial = draft_chain
         stats = self.rounds(k)
-        return SlotTerms(busy, chain, serial, b * stats.expected_tokens, self.cpu_only, self.host_pass_seconds(b))
+        return StepTerms(busy, chain, serial, b * stats.expected_tokens, self.cpu_only, self.host_pass_seconds(b))
 
-    def host_pass_seconds(self, batch: float) -> float:
-        """The runtime's bookkeeping per verification pass of `batch` sequences (profiled)."""
-        hw = self.hw
-        return (hw.engine_pass_overhead_seconds + batch * hw.engine_seq_overhead_seconds
-                + self.t.num_layers * hw.engine_layer_overhead_seconds)
-
-    def _target_slot(self, b: int, k: int, m: int, nb: int = 1) -> tuple[dict[str, Linear], tuple[Linear, ...]]:
+    @memo_method
+    def _target_step(self, b: int, k: int, m: int, nb: int) -> tuple[dict[str, Linear], tuple[Linear, ...]]:
         """The target's verification of b sequences x (k+1) tokens in m micro-batches: busy and chain."""
         t = self.t
         L = t.num_layers
@@ -520,12 +126,8 @@ class CostModel:
         chain = tuple(L * (total + (m - 1) * s) for s in stages) if m > 1 else (L * total,)
         return {"gpu": gpu, "cpu": cpu, "h2d": h2d, "d2h": d2h}, chain
 
-    def rounds(self, k: int) -> RoundStats:
-        """Rounds per sequence: the prefill yields the first token, verifications the other G - 1."""
-        return round_stats(self.w.acceptance_vector(k), self.w.gen_len_tokens - 1)
-
-    def slot_seconds(self, terms: SlotTerms, placement: dict[str, float]) -> tuple[float, str]:
-        """Closed-form slot time at a placement, and what binds it."""
+    def step_seconds(self, terms: StepTerms, placement: dict[str, float]) -> tuple[float, str]:
+        """Closed-form decode-step time at a placement, and what binds it."""
         cands = {r: f.at(placement) for r, f in terms.busy.items()}
         if terms.shared_device:
             cands = {"device": cands["gpu"] + cands["cpu"], "h2d": cands["h2d"], "d2h": cands["d2h"]}
@@ -546,13 +148,6 @@ class CostModel:
         tok = knobs.prefill_batch * self.w.max_prompt_len
         n = max(1, math.ceil(tok / PREFILL_MICRO_TOKENS))
         return n, math.ceil(tok / n)
-
-    def prefill_attention_seconds(self, spec: ModelSpec, prompts: float, width: float) -> float:
-        """One layer's attention of `prompts` prompts padded to `width` tokens over themselves: on the
-        device (causal half of the square), or on a CPU-only machine the CPU attention call the decode uses."""
-        if self.cpu_only:
-            return self.cpu_attention_seconds(spec, prompts, width, width)
-        return self.matmul_seconds(prompts * spec.attention_flops(width, width) / 2.0, prompts * width, 0.0)
 
     def prefill_terms(self, knobs: Knobs) -> dict[str, Linear]:
         """Busy seconds per resource for one prefill chunk (prefill_batch prompts).
@@ -648,21 +243,21 @@ class CostModel:
                 "host": hw.host_mem_bytes}
 
     # --- the whole job -------------------------------------------------------------------------
-    def decode_slots(self, knobs: Knobs) -> tuple[float, float]:
-        """(expected slots for the whole job, of which tail): verifications of one batch, summed over batches.
+    def decode_steps(self, knobs: Knobs) -> tuple[float, float]:
+        """(expected decode steps for the whole job, of which tail): verifications of one batch, summed over batches.
 
         Each batch serves its share of the prompts with refill; the tail is what the slowest
         sequences and the last, partly empty wave add over a perfectly packed (fluid) schedule.
         """
-        key = (knobs.decode_batch, knobs.draft_len, knobs.num_batches)
-        if key not in self._slots_cache:
-            b, nb = knobs.decode_batch, knobs.num_batches
-            per_stream = math.ceil(self.w.num_prompts / nb)
-            stats = self.rounds(knobs.draft_len)
-            span = stats.makespan(per_stream, b)
-            fluid = per_stream * stats.mean_rounds / b
-            self._slots_cache[key] = (nb * span, nb * max(0.0, span - fluid))
-        return self._slots_cache[key]
+        return self._decode_steps(knobs.decode_batch, knobs.draft_len, knobs.num_batches)
+
+    @memo_method
+    def _decode_steps(self, b: int, k: int, nb: int) -> tuple[float, float]:
+        per_stream = math.ceil(self.w.num_prompts / nb)
+        stats = self.rounds(k)
+        span = stats.makespan(per_stream, b)
+        fluid = per_stream * stats.mean_rounds / b
+        return nb * span, nb * max(0.0, span - fluid)
 
     def physical_bound(self, knobs: Knobs) -> float:
         """Tokens/s no plan can beat: in-flight capacity x E[tokens] per weight sweep at the H2D limit."""
@@ -683,18 +278,16 @@ class CostModel:
             b_max = max(1.0, (self.hw.host_mem_bytes - stream) / kv_seq)
         return min(self.w.num_prompts, b_max) * e / t_io
 
-    def evaluate(self, knobs: Knobs, placement: dict[str, float]):
-        """The closed-form Prediction at a fixed placement (imported lazily to avoid a cycle)."""
-        from .schema import Prediction
-
-        terms = self.slot_terms(knobs)
-        slot, binding = self.slot_seconds(terms, placement)
+    def evaluate(self, knobs: Knobs, placement: dict[str, float]) -> Prediction:
+        """The closed-form Prediction at a fixed placement."""
+        terms = self.step_terms(knobs)
+        slot, binding = self.step_seconds(terms, placement)
         pre = self.prefill_terms(knobs)
         pre_vals = {r: f.at(placement) for r, f in pre.items()}
         chunk = (pre_vals["gpu"] + pre_vals["cpu"]) if self.cpu_only else max(pre_vals.values())
         chunk = max(chunk, pre_vals["h2d"], pre_vals["d2h"])
         prefill = self.prefill_chunks(knobs) * chunk
-        slots, tail = self.decode_slots(knobs)
+        slots, tail = self.decode_steps(knobs)
         decode = slots * slot
         tokens = self.w.num_prompts * self.w.gen_len_tokens
         total = prefill + decode
@@ -724,6 +317,11 @@ class CostModel:
             physical_bound_tokens_per_s=bound if math.isfinite(bound) else 0.0,
             bound_fraction=tput / bound if math.isfinite(bound) and bound > 0 else 0.0,
         )
+
+    # The names these had before; reports and plans still say "slot" for a decode step (schema keys).
+    slot_terms = step_terms
+    slot_seconds = step_seconds
+    decode_slots = decode_steps
 
 
 def fits(mem: dict[str, float], caps: dict[str, float], rel_tol: float = 1e-9) -> bool:

@@ -27,7 +27,7 @@ class GridBest:
 
 
 def _eval(f: Linear, grid: dict[str, np.ndarray]) -> np.ndarray:
-    return f.const + f.a * grid["attn_gpu"] + f.f * grid["ffn_gpu"] + f.k * grid["kv_gpu"]
+    return f.const + f.attn * grid["attn_gpu"] + f.ffn * grid["ffn_gpu"] + f.kv * grid["kv_gpu"]
 
 
 def grid_search(planner: Planner, policies: tuple[str, ...] = POLICIES) -> GridBest | None:
@@ -49,13 +49,13 @@ def grid_search(planner: Planner, policies: tuple[str, ...] = POLICIES) -> GridB
                     for v, (lo, hi) in box.items()}
             a, f, k = np.meshgrid(axes["attn_gpu"], axes["ffn_gpu"], axes["kv_gpu"], indexing="ij")
             grid = {"attn_gpu": a.ravel(), "ffn_gpu": f.ravel(), "kv_gpu": k.ravel()}
-            terms = cm.slot_terms(knobs)
+            terms = cm.step_terms(knobs)
             busy = {r: _eval(x, grid) for r, x in terms.busy.items()}
             if terms.shared_device:
                 busy = {"device": busy["gpu"] + busy["cpu"], "h2d": busy["h2d"], "d2h": busy["d2h"]}
             slot = np.max(np.stack(list(busy.values()) + [_eval(c, grid) for c in terms.chain]), axis=0)
             slot = slot + terms.serial_total
-            slots, _ = cm.decode_slots(knobs)
+            slots, _ = cm.decode_steps(knobs)
             for bp in planner.prefill_grid():
                 kb = replace(knobs, prefill_batch=bp)
                 mem_ok = np.ones_like(slot, dtype=bool)

@@ -1,10 +1,16 @@
-"""ModelSpec: the one adapter from an HF config.json to byte, FLOP and KV counts.
+"""The HF config.json adapter for shapes, and ModelSpec: byte, FLOP and KV counts from them.
 
-Nothing else in the project reads config.json for sizes. Presets are HF configs written out here
-(from the models' published config.json files), so they go through the same adapter.
+This module owns the shape facts of a config.json: the family, layers, hidden size, heads and
+key/value heads (GQA), head_dim, FFN width, experts and top-k, vocabulary, tied embeddings and
+context length (`config_shape`). The planner's ModelSpec is built from them here; the runtime's
+ModelArgs (runtime/config.py) takes the same facts from `config_shape` and adds only what running
+the model needs (RoPE, norm epsilon, sliding window, special tokens, dtype). Nothing else reads
+config.json for sizes. Presets are HF configs written out here (from the models' published
+config.json files), so they go through the same adapter.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 from dataclasses import dataclass
@@ -15,6 +21,46 @@ from .schema import fingerprint
 from .strict import SchemaError
 
 FAMILIES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "MixtralForCausalLM": "mixtral"}
+MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "mixtral": "mixtral"}  # model_type -> family
+
+
+@dataclass(frozen=True)
+class ConfigShape:
+    """The shape facts of one decoder-only config.json (no validation: ModelSpec and ModelArgs check)."""
+
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int  # GQA: num_heads = num_kv_heads x groups
+    head_dim: int
+    intermediate_size: int  # dense MLP width, or one expert's width
+    num_experts: int  # 0 for dense models
+    experts_per_token: int  # top-k; 0 for dense
+    vocab_size: int
+    tie_word_embeddings: bool
+    max_position_embeddings: int
+
+
+def config_shape(config: dict[str, Any], family: str, feature_draft: bool = False) -> ConfigShape:
+    """Read the shape facts of a config.json dict of `family`. A missing key raises KeyError, a value of
+    the wrong type ValueError / TypeError: the caller words the error for its own users. Experts count
+    for the mixtral family only, and never for a feature draft (its layer is dense)."""
+    hidden = int(config["hidden_size"])
+    heads = int(config["num_attention_heads"])
+    moe = family == "mixtral" and not feature_draft
+    return ConfigShape(
+        num_layers=int(config["num_hidden_layers"]),
+        hidden_size=hidden,
+        num_heads=heads,
+        num_kv_heads=int(config.get("num_key_value_heads") or heads),
+        head_dim=int(config.get("head_dim") or hidden // heads),
+        intermediate_size=int(config["intermediate_size"]),
+        num_experts=int(config.get("num_local_experts", 0)) if moe else 0,
+        experts_per_token=int(config.get("num_experts_per_tok", 0)) if moe else 0,
+        vocab_size=int(config["vocab_size"]),
+        tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+        max_position_embeddings=int(config.get("max_position_embeddings", 4096)),
+    )
 
 
 @dataclass(frozen=True)
@@ -200,32 +246,14 @@ def from_hf_config(config: dict[str, Any], name: str, source: str = "", feature_
     archs = config.get("architectures") or []
     family = next((FAMILIES[a] for a in archs if a in FAMILIES), None)
     if family is None:
-        family = {"llama": "llama", "mistral": "mistral", "mixtral": "mixtral"}.get(config.get("model_type", ""))
+        family = MODEL_TYPES.get(config.get("model_type", ""))
     if family is None:
         raise SchemaError(f"{where}: unsupported architecture {archs or config.get('model_type')!r}; "
                           f"supported: {', '.join(FAMILIES)}")
     try:
-        hidden = int(config["hidden_size"])
-        heads = int(config["num_attention_heads"])
-        spec = ModelSpec(
-            name=name,
-            family=family,
-            num_layers=int(config["num_hidden_layers"]),
-            hidden_size=hidden,
-            num_heads=heads,
-            num_kv_heads=int(config.get("num_key_value_heads") or heads),
-            head_dim=int(config.get("head_dim") or hidden // heads),
-            intermediate_size=int(config["intermediate_size"]),
-            num_experts=int(config.get("num_local_experts", 0)) if family == "mixtral" and not feature_draft else 0,
-            experts_per_token=int(config.get("num_experts_per_tok", 0)) if family == "mixtral" and not feature_draft
-            else 0,
-            vocab_size=int(config["vocab_size"]),
-            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-            max_position_embeddings=int(config.get("max_position_embeddings", 4096)),
-            weight_bytes_per_param=2,
-            source=source or name,
-            feature_draft=feature_draft,
-        )
+        shape = config_shape(config, family, feature_draft)
+        spec = ModelSpec(name=name, family=family, **dataclasses.asdict(shape), weight_bytes_per_param=2,
+                         source=source or name, feature_draft=feature_draft)
     except KeyError as exc:
         raise SchemaError(f"{where}: config.json lacks key {exc.args[0]!r}") from None
     except ValueError as exc:

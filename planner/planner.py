@@ -24,6 +24,7 @@ from .strict import SchemaError
 GiB = 2**30
 PLAN_POLICIES = POLICIES + ("specoffload",)
 MICRO_BATCHES = (1, 2, 4, 8, 16)
+DEFAULT_MAX_DRAFT_LEN = 8  # longest draft length k considered unless told otherwise (the CLI reads it)
 DRAFT_SUB_BATCHES = (1, 2, 4, 8, 16, 32, 64)
 # The search stops once no remaining candidate can beat the best plan by more than this fraction:
 # the plan is within 0.2% of the best over the candidate grid (near-ties are not worth an LP each).
@@ -103,29 +104,29 @@ def layer_knapsack_min(f: Linear, g: Linear, cap: float, layers: int) -> float:
 
     Tries every FFN layer count; attention layers fill what is left, then GPU-KV fractionally.
     """
-    if f.a >= 0 and f.f >= 0:
+    if f.attn >= 0 and f.ffn >= 0:
         return knapsack_min(f, g, cap)
-    budget = cap - g.const - min(g.k, 0.0)
+    budget = cap - g.const - min(g.kv, 0.0)
     if budget < 0:
         return math.inf
     best = math.inf
-    wa, wf = max(g.a, 0.0) / layers, max(g.f, 0.0) / layers
-    for nf in range(layers + 1) if f.f < 0 else (0,):
+    wa, wf = max(g.attn, 0.0) / layers, max(g.ffn, 0.0) / layers
+    for nf in range(layers + 1) if f.ffn < 0 else (0,):
         left = budget - nf * wf
         if left < 0:
             break
-        na = layers if (f.a < 0 and wa == 0) else (min(layers, int(left // wa)) if f.a < 0 else 0)
+        na = layers if (f.attn < 0 and wa == 0) else (min(layers, int(left // wa)) if f.attn < 0 else 0)
         left -= na * wa
-        value = f.const + f.f * nf / layers + f.a * na / layers
-        if f.k < 0:
-            value += f.k * (1.0 if g.k <= 0 else min(1.0, left / g.k))
+        value = f.const + f.ffn * nf / layers + f.attn * na / layers
+        if f.kv < 0:
+            value += f.kv * (1.0 if g.kv <= 0 else min(1.0, left / g.kv))
         best = min(best, value)
     return best
 
 
 class Planner:
     def __init__(self, profile: HardwareProfile, target: ModelSpec, draft: ModelSpec | None, workload: Workload,
-                 max_draft_len: int = 8, fixed: dict[str, int | str] | None = None):
+                 max_draft_len: int = DEFAULT_MAX_DRAFT_LEN, fixed: dict[str, int | str] | None = None):
         """`fixed` pins knobs: decode_batch, draft_len, micro_batches, prefill_batch (e.g. to reproduce
         a setting from a paper); the rest is still searched."""
         self.fixed = dict(fixed or {})
@@ -220,11 +221,11 @@ class Planner:
         mem = self.cm.memory_terms(knobs)
         if not self._memory_possible(knobs, box, mem):
             return math.inf
-        terms = self.cm.slot_terms(knobs)
+        terms = self.cm.step_terms(knobs)
         gpu_mem = mem["gpu"]
         slot = max([self._resource_lb(terms.busy, terms.shared_device, gpu_mem, box)]
                    + [self._fixed(c, box).minimum() for c in terms.chain]) + terms.serial_total
-        slots, _ = self.cm.decode_slots(knobs)
+        slots, _ = self.cm.decode_steps(knobs)
         return slots * slot + self.prefill_lb(knobs)
 
     def prefill_seconds_lb(self, knobs: Knobs) -> float:
@@ -286,7 +287,7 @@ class Planner:
             coef, const = lhs(f, epigraph)
             cons.append(Constraint(name, coef, "<=", cap - const))
 
-        terms = cm.slot_terms(knobs)
+        terms = cm.step_terms(knobs)
         busy = dict(terms.busy)
         pre = cm.prefill_terms(knobs)
         if terms.shared_device:
@@ -301,7 +302,7 @@ class Planner:
         for tier, f in cm.memory_terms(knobs).items():
             if math.isfinite(self.caps[tier]):
                 at_most(f"mem_{tier}", f, None, self.caps[tier])
-        slots, _ = cm.decode_slots(knobs)
+        slots, _ = cm.decode_steps(knobs)
         chunks = cm.prefill_chunks(knobs)
         self.lp_solves += 1
         sol = minimize("placement", variables, {"slot_seconds": slots, "chunk_seconds": chunks}, cons,
@@ -320,7 +321,7 @@ class Planner:
         cm, t = self.cm, self.target
         buffers = 0 if cm.cpu_only else 2
         base = Knobs(policy, b, 1, k, 1, "gpu", 1, buffers)
-        slots, _ = cm.decode_slots(base)
+        slots, _ = cm.decode_steps(base)
         L, tokens = t.num_layers, b * (k + 1)
         rate, bw = cm._rate.peak, cm._gpu_bw
         gpu = L * (tokens * t.linear_flops_per_token_per_layer / rate + cm.layer_fixed_seconds(tokens))
@@ -555,6 +556,6 @@ def profile_fingerprint(profile: HardwareProfile) -> str:
 
 
 def make_plan(profile: HardwareProfile, target: ModelSpec, draft: ModelSpec | None, workload: Workload,
-              policy: str = "specoffload", max_draft_len: int = 8,
+              policy: str = "specoffload", max_draft_len: int = DEFAULT_MAX_DRAFT_LEN,
               fixed: dict[str, int | str] | None = None) -> PlanResult:
     return Planner(profile, target, draft, workload, max_draft_len, fixed).plan(policy)

@@ -1,4 +1,10 @@
-"""Model arguments: the one adapter from a Hugging Face ``config.json`` to what our layers need.
+"""Model arguments: what the runtime's layers need from a Hugging Face ``config.json``.
+
+The shape facts (layers, hidden size, heads and key/value heads, head_dim, FFN width, experts and
+top-k, vocabulary, tied embeddings, context length) come from the planner's adapter,
+``specoffload.planner.models.config_shape``, which owns them; this module adds what only running the
+model needs (RoPE theta and scaling, norm epsilon, sliding window, special tokens) and refuses what our
+layers cannot compute (activations, biases, RoPE types).
 
 Scope: decoder-only Llama, Mistral and Mixtral checkpoints (the families whose layers live in
 ``specoffload.runtime.layers``). Everything else is refused with an error naming the families we
@@ -16,14 +22,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-#: architecture name in config.json -> our family name
-SUPPORTED_ARCHITECTURES: dict[str, str] = {
-    "LlamaForCausalLM": "llama",
-    "MistralForCausalLM": "mistral",
-    "MixtralForCausalLM": "mixtral",
-}
+from specoffload.planner.models import FAMILIES, MODEL_TYPES, config_shape
+
+#: architecture name in config.json -> our family name (the planner's table)
+SUPPORTED_ARCHITECTURES: dict[str, str] = dict(FAMILIES)
 #: model_type in config.json -> our family name (used when "architectures" is absent)
-SUPPORTED_MODEL_TYPES: dict[str, str] = {"llama": "llama", "mistral": "mistral", "mixtral": "mixtral"}
+SUPPORTED_MODEL_TYPES: dict[str, str] = dict(MODEL_TYPES)
 
 
 class ConfigError(ValueError):
@@ -135,35 +139,32 @@ def args_from_hf_config(cfg: Mapping[str, Any]) -> ModelArgs:
     for flag in ("attention_bias", "mlp_bias"):
         if cfg.get(flag):
             raise ConfigError(f"{flag}=true is not supported (bias-free projections only)")
-    dim = int(cfg["hidden_size"])
-    n_heads = int(cfg["num_attention_heads"])
-    n_kv = int(cfg.get("num_key_value_heads") or n_heads)
-    head_dim = int(cfg.get("head_dim") or dim // n_heads)
+    shape = config_shape(dict(cfg), family)
     theta, scaling = _rope(cfg)
-    if family == "mixtral":
-        n_experts, top_k = int(cfg["num_local_experts"]), int(cfg["num_experts_per_tok"])
-    else:
-        n_experts, top_k = 0, 0
+    if family == "mixtral":  # the runtime builds the experts: both keys are required, not defaulted
+        for key in ("num_local_experts", "num_experts_per_tok"):
+            if key not in cfg:
+                raise KeyError(key)
     # Llama has no sliding window; Mistral/Mixtral may (None or absent = full attention).
     window = cfg.get("sliding_window") if family != "llama" else None
     eos = cfg.get("eos_token_id")
     eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (int(eos),))
     return ModelArgs(
         family=family,
-        vocab_size=int(cfg["vocab_size"]),
-        dim=dim,
-        n_layers=int(cfg["num_hidden_layers"]),
-        n_heads=n_heads,
-        n_kv_heads=n_kv,
-        head_dim=head_dim,
-        ffn_dim=int(cfg["intermediate_size"]),
+        vocab_size=shape.vocab_size,
+        dim=shape.hidden_size,
+        n_layers=shape.num_layers,
+        n_heads=shape.num_heads,
+        n_kv_heads=shape.num_kv_heads,
+        head_dim=shape.head_dim,
+        ffn_dim=shape.intermediate_size,
         norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
         rope_theta=theta,
         rope_scaling=scaling,
-        n_experts=n_experts,
-        top_k=top_k,
-        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
+        n_experts=shape.num_experts,
+        top_k=shape.experts_per_token,
+        tie_word_embeddings=shape.tie_word_embeddings,
+        max_position_embeddings=shape.max_position_embeddings,
         sliding_window=None if window is None else int(window),
         bos_token_id=cfg.get("bos_token_id"),
         eos_token_id=eos_ids,

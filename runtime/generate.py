@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from .model import Transformer
+from .verify import top_p_filter  # the one nucleus rule (re-exported here)
 
 _FROM_CONFIG = object()
 
@@ -29,21 +30,6 @@ class Generation:
 
     tokens: list[int]
     finish_reason: str  # "eos" | "length"
-
-
-def top_p_filter(probs: Tensor, top_p: float) -> Tensor:
-    """Keep the nucleus: the most probable tokens whose mass reaches top_p; renormalise.
-
-    A token is kept if the mass of the tokens ranked above it is still below top_p, so the token that
-    crosses top_p is included and the most probable token always is. probs [B, V] -> [B, V]
-    """
-    if top_p >= 1.0:
-        return probs
-    sorted_p, order = probs.sort(dim=-1, descending=True)  # [B, V]
-    mass_above = sorted_p.cumsum(-1) - sorted_p
-    keep = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, order, mass_above < top_p)
-    kept = probs * keep
-    return kept / kept.sum(-1, keepdim=True)
 
 
 def sample_next(logits: Tensor, temperature: float = 0.0, top_p: float = 1.0,

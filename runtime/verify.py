@@ -60,13 +60,24 @@ def processed_probs(logits: Tensor, temperature: Tensor, top_p: Tensor) -> Tenso
     t = temperature.to(logits.device, torch.float32).view(-1, *([1] * (len(shape) - 1)))
     probs = torch.softmax(logits.float() / t, dim=-1)
     tp = top_p.to(logits.device, torch.float32).view(-1, *([1] * (len(shape) - 1)))
-    if bool((tp < 1.0).any()):
-        sorted_p, order = probs.sort(dim=-1, descending=True)
-        mass_above = sorted_p.cumsum(-1) - sorted_p
-        keep = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, order, mass_above < tp)
-        probs = probs * keep
-        probs = probs / probs.sum(-1, keepdim=True)
-    return probs
+    return top_p_filter(probs, tp)
+
+
+def top_p_filter(probs: Tensor, top_p: float | Tensor) -> Tensor:
+    """Keep the nucleus: the most probable tokens whose mass reaches top_p; renormalise.
+
+    A token is kept if the mass of the tokens ranked above it is still below top_p, so the token that
+    crosses top_p is included and the most probable token always is. probs [B, ..., V] -> [B, ..., V];
+    top_p a float, or a tensor that broadcasts against probs (one value per row: [B, 1, ..., 1]).
+    The one nucleus rule of the runtime: plain generation and speculative verification both use it.
+    """
+    if (bool((top_p >= 1.0).all()) if isinstance(top_p, Tensor) else top_p >= 1.0):
+        return probs
+    sorted_p, order = probs.sort(dim=-1, descending=True)
+    mass_above = sorted_p.cumsum(-1) - sorted_p
+    keep = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, order, mass_above < top_p)
+    kept = probs * keep
+    return kept / kept.sum(-1, keepdim=True)
 
 
 def draw(probs: Tensor, generators: list[torch.Generator]) -> Tensor:

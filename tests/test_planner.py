@@ -494,7 +494,7 @@ def test_device_attention_pads_to_the_longest_row_host_attention_does_not():
     assert cm.host_attention_context() == even.host_attention_context() == pytest.approx(20 + 16)
     knobs = Knobs("offload-only", 64, 64, 0, 1)
     assert cm.slot_terms(knobs).busy["cpu"].const == pytest.approx(even.slot_terms(knobs).busy["cpu"].const)
-    assert cm.slot_terms(knobs).busy["gpu"].k > even.slot_terms(knobs).busy["gpu"].k
+    assert cm.slot_terms(knobs).busy["gpu"].kv > even.slot_terms(knobs).busy["gpu"].kv
 
 
 # --- cost-model formulas, worked out by hand on a tiny hand-written profile ------------------------

@@ -32,6 +32,9 @@ sequence that never finishes; the reason is printed); 2 bad input.
 """
 
 
+_DEFAULTS = SimOptions()  # the CLI's defaults are the options' own
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="specoffload-simulate",
@@ -43,16 +46,18 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                     help="override a profile field (repeatable); aliases h2d_bytes_per_s, d2h_bytes_per_s, "
                          "gpu_flops_per_s set the whole curve to a constant")
-    ap.add_argument("--seed", type=int, default=0, help="acceptance draws (default 0)")
-    ap.add_argument("--context", choices=("live", "average"), default="live",
+    ap.add_argument("--seed", type=int, default=_DEFAULTS.seed, help=f"acceptance draws (default {_DEFAULTS.seed})")
+    ap.add_argument("--context", choices=("live", "average"), default=_DEFAULTS.context,
                     help="durations at each verification's live contexts (default) or at the cost model's "
                          "average context")
-    ap.add_argument("--copy-chunk-bytes", type=float, default=4 * 2**20, metavar="BYTES",
+    ap.add_argument("--copy-chunk-bytes", type=float, default=_DEFAULTS.weight_chunk_bytes, metavar="BYTES",
                     help="granularity at which a weight copy yields the copy engine to an activation transfer "
-                         "(default 4 MiB; e.g. 117e6 for whole Mixtral expert matrices)")
+                         f"(default {_DEFAULTS.weight_chunk_bytes / 2**20:g} MiB; e.g. 117e6 for whole Mixtral "
+                         "expert matrices)")
     ap.add_argument("--trace", metavar="PATH", help="write a Chrome trace (JSON; opens in Perfetto)")
-    ap.add_argument("--trace-slots", type=int, default=12, metavar="N",
-                    help="trace the tasks of the first N passes (default 12; memory counters cover the whole run)")
+    ap.add_argument("--trace-slots", type=int, default=_DEFAULTS.trace_slots, metavar="N",
+                    help=f"trace the tasks of the first N passes (default {_DEFAULTS.trace_slots}; memory counters "
+                         "cover the whole run)")
     ap.add_argument("--report", metavar="PATH", help="write the report as YAML")
     ap.add_argument("--sweep", action="append", default=[], metavar="FIELD=START:STOP:N",
                     help="sweep a profile field (or FIELD=V1,V2,..., or a+b=... for several fields); twice "

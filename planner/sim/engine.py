@@ -35,12 +35,13 @@ _event = tuple.__new__  # builds an Event from a tuple without the keyword-argum
 
 
 class Task:
-    """One unit of work. Mutable bookkeeping (waiting count, successors) is owned by the Engine."""
+    """One unit of work. Mutable bookkeeping (waiting count, successors) is owned by the EventLoop: wire
+    dependencies with `EventLoop.depend` (or `hold` + `attach`), never by editing `successors`."""
 
     __slots__ = ("kind", "label", "resource", "duration", "remaining", "quantum", "priority", "waiting",
                  "successors", "done", "on_done", "layer", "micro_batch", "batch", "pass_index", "traced")
 
-    def __init__(self, kind: str, label: str | None, resource: "Resource | None", duration: float,
+    def __init__(self, kind: str, label: str | None, resource: "Resource | None", duration: float, *,
                  priority: int = 0, quantum: float = 0.0, layer: int = -1, micro_batch: int = -1,
                  batch: int = -1, pass_index: int = -1, on_done: Callable[[float], None] | None = None,
                  traced: bool = False):
@@ -51,7 +52,7 @@ class Task:
         self.remaining = duration
         self.quantum = quantum  # > 0: may be cut every `quantum` seconds of service
         self.priority = priority
-        self.waiting = 1  # a construction hold, dropped by Engine.arm()
+        self.waiting = 1  # a construction hold, dropped by EventLoop.arm()
         self.successors: list[Task] = []
         self.done = False
         self.on_done = on_done
@@ -230,7 +231,7 @@ class MemoryPool:
             self._record(self.name, now, self._used)
 
 
-class Engine:
+class EventLoop:
     """The heap loop and the dependency bookkeeping (the only code that touches waiting counts).
 
     Everything a handler causes (tasks made ready, cascaded completions) is collected as new events
@@ -370,3 +371,6 @@ class Engine:
 
     def pending(self) -> int:
         return len(self._heap)
+
+
+Engine = EventLoop  # the name this class had before; the runtime's Engine is a different thing

@@ -1,7 +1,7 @@
 """The cost model's closed-form figures for a plan, under the report's flattened names.
 
 Used for `Report.predicted` by the simulator, and by the runtime for its measured report. All
-numbers come from CostModel.evaluate / slot_terms / prefill_terms / draft_round at the plan's
+numbers come from CostModel.evaluate / step_terms / prefill_terms / draft_round at the plan's
 knobs and placement on the given profile; nothing is recomputed here.
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ def predicted_figures(cm: CostModel, knobs: Knobs, placement: dict[str, float],
     pred = prediction or cm.evaluate(knobs, placement)
     chunks = cm.prefill_chunks(knobs)
     prefill = {r: f.at(placement) for r, f in cm.prefill_terms(knobs).items()}
-    terms = cm.slot_terms(knobs)
+    terms = cm.step_terms(knobs)
     busy = {r: f.at(placement) for r, f in terms.busy.items()}
     if knobs.policy == "serial-spec":  # the draft round runs before the verification, on its own resources
         dr = cm.draft_round(knobs, knobs.decode_batch)

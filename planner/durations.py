@@ -1,0 +1,230 @@
+"""Per-resource time formulas: how long one piece of work takes on the GPU, the CPU attention pool
+and the two copy engines, for a (profile, target, draft, workload).
+
+The simulator uses these as task durations; the cost model (costmodel.py) sums them into the
+per-step terms the LP sees. All times in seconds, sizes in bytes.
+"""
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+from .memo import memo_method
+from .models import ModelSpec
+from .rounds import RoundStats, round_stats
+from .schema import HardwareProfile, Workload
+
+if TYPE_CHECKING:
+    from .knobs import Knobs
+
+
+class Durations:
+    """Durations of the primitive pieces of work for one (profile, target, draft, workload)."""
+
+    def __init__(self, profile: HardwareProfile, target: ModelSpec, draft: ModelSpec | None,
+                 workload: Workload):
+        self.hw, self.t, self.d, self.w = profile, target, draft, workload
+        self.cpu_only = profile.cpu_only
+        need = "by the cost model"
+        self._rate = profile.require("gpu_matmul_flops_per_s", need)
+        self._gpu_bw = profile.require("gpu_mem_bandwidth_bytes_per_s", need)
+        self._kv_bw = profile.require("cpu_attn_kv_read_bytes_per_s", need)
+        self._attn_rate = profile.require("cpu_attn_flops_per_s", need)
+        if not self.cpu_only:
+            self._h2d = profile.require("h2d_pinned_bytes_per_s", "to stream weights")
+            self._d2h = profile.require("d2h_pinned_bytes_per_s", "to move activations and KV")
+        self.act_bytes = target.weight_bytes_per_param
+        # On a CPU-only machine the runtime computes in fp32 (exactness; no bf16 units): weights take
+        # twice the checkpoint's bytes in memory and in every read.
+        self.weight_read_factor = 4.0 / target.weight_bytes_per_param if self.cpu_only else 1.0
+        # Average context over decoding (prompt + half the generation) and the maximum.
+        self.ctx_avg = workload.prompt_len_tokens + workload.gen_len_tokens / 2.0
+        self.ctx_max = workload.max_context_tokens
+
+    # --- contexts ------------------------------------------------------------------------------
+    def padded_prompt(self, rows: float) -> float:
+        """Expected longest prompt among `rows` sequences: between the mean (one row) and the workload's
+        longest (many rows). A batched attention call reads every row up to its longest row's keys."""
+        w = self.w
+        return w.prompt_len_tokens + (w.max_prompt_len - w.prompt_len_tokens) * (1.0 - 1.0 / max(rows, 1.0))
+
+    def attention_context(self, rows: float, in_flight: float | None = None) -> float:
+        """Keys per row that one decode attention call over `rows` sequences reads, averaged over the job.
+
+        The runtime pads a call to its longest row: the longest prompt among the rows plus the generation
+        of the furthest row. `in_flight` is how many sequences the plan holds at once (default: `rows`):
+        when that covers the whole job (one wave) all rows advance together, G/2 on average; when batches
+        are refilled, rows drift apart and the furthest is rows/(rows+1) of the way through G."""
+        w = self.w
+        rows = max(rows, 1.0)
+        drift = max(0.0, 1.0 - (in_flight or rows) / w.num_prompts)  # 0 for a single wave
+        gen = w.gen_len_tokens / 2.0 + drift * w.gen_len_tokens * (rows / (rows + 1.0) - 0.5)
+        return self.padded_prompt(rows) + gen
+
+    def host_attention_context(self) -> float:
+        """Keys per row that host attention reads, averaged over the job: the runtime's host attention reads
+        each row only up to its own length (no padding to the longest row), so a call over any rows reads
+        the mean context, prompt + half the generation."""
+        return self.ctx_avg
+
+    # --- primitive durations (the simulator uses these as task durations) ----------------------
+    def matmul_seconds(self, flops: float, tokens: float, weight_bytes: float) -> float:
+        """Roofline on the compute device: max(FLOPs / achieved rate at this token count, bytes / bandwidth)."""
+        if flops <= 0:
+            return 0.0
+        return max(flops / self._rate(max(tokens, 1.0)), weight_bytes * self.weight_read_factor / self._gpu_bw)
+
+    def h2d_seconds(self, nbytes: float) -> float:
+        if self.cpu_only or nbytes <= 0:
+            return 0.0
+        return nbytes / self._h2d(nbytes)
+
+    def d2h_seconds(self, nbytes: float) -> float:
+        if self.cpu_only or nbytes <= 0:
+            return 0.0
+        return nbytes / self._d2h(nbytes)
+
+    def qkv_seconds(self, spec: ModelSpec, tokens: float) -> float:
+        """One layer's Q, K, V projections (+ norm) for `tokens` tokens."""
+        h = spec.hidden_size
+        params = h * (spec.q_dim + 2 * spec.kv_dim)
+        # The profile's per-layer fixed and per-token costs are split between the layer's two halves
+        # (QKV here, FFN below).
+        return self.matmul_seconds(2.0 * tokens * params, tokens, spec.b(params)) + self.layer_fixed_seconds(tokens) / 2
+
+    def ffn_seconds(self, spec: ModelSpec, tokens: float) -> float:
+        """One layer's output projection, router and FFN / experts for `tokens` tokens."""
+        h = spec.hidden_size
+        o = self.matmul_seconds(2.0 * tokens * spec.q_dim * h, tokens, spec.b(spec.q_dim * h))
+        if spec.num_experts:
+            touched = spec.expected_experts(tokens)
+            per_expert = tokens * spec.experts_per_token / touched
+            flops = 2.0 * tokens * spec.experts_per_token * spec.expert_params
+            ffn = self.matmul_seconds(flops, per_expert, touched * spec.expert_bytes)
+            ffn += touched * self.hw.device_expert_overhead_seconds  # launches / gathers per invoked expert
+            ffn += self.matmul_seconds(2.0 * tokens * spec.router_params_per_layer, tokens,
+                                       spec.b(spec.router_params_per_layer))
+        else:
+            ffn = self.matmul_seconds(2.0 * tokens * spec.expert_params, tokens, spec.expert_bytes)
+        return o + ffn + self.layer_fixed_seconds(tokens) / 2
+
+    def layer_fixed_seconds(self, tokens: float) -> float:
+        """One layer's device cost beyond its matmuls for one forward of `tokens` tokens: a fixed part
+        (op dispatch) and a per-token part (norms, RoPE, residual adds, routing), both profiled."""
+        return self.hw.device_op_overhead_seconds + tokens * self.hw.device_op_token_seconds
+
+    def lm_head_seconds(self, spec: ModelSpec, tokens: float) -> float:
+        """Logits for `tokens` rows: the projection, and the scan every row's logits get (argmax, acceptance)."""
+        return (self.matmul_seconds(tokens * spec.lm_head_flops_per_token, tokens,
+                                    spec.b(spec.vocab_size * spec.hidden_size))
+                + tokens * spec.vocab_size * self.hw.device_logit_element_seconds)
+
+    def cpu_attention_seconds(self, spec: ModelSpec, batch: float, query: float, context: float) -> float:
+        """One layer's decode/verify attention on the CPU: batch sequences, `query` new tokens each, over
+        `context` keys per sequence (the ragged mean: host attention reads each row to its own length).
+        Per call a fixed cost; per sequence a fixed cost, a cost per query row, its KV bytes (in the
+        profile's accounting) over the measured read rate and the FLOPs of its query rows over the
+        measured arithmetic rate."""
+        if batch <= 0:
+            return 0.0
+        hw = self.hw
+        per_seq = (hw.cpu_attn_seq_overhead_seconds + query * hw.cpu_attn_row_overhead_seconds
+                   + context * spec.kv_bytes_per_token_per_layer / self._kv_bw
+                   + spec.attention_flops(query, context) / self._attn_rate)
+        return self.hw.cpu_attn_overhead_seconds + batch * per_seq
+
+    def gpu_attention_seconds(self, spec: ModelSpec, batch: float, query: float, context: float) -> float:
+        """One layer's attention on the device over a KV cache held there (memory-bound at decode)."""
+        if batch <= 0:
+            return 0.0
+        return max(batch * spec.attention_flops(query, context) / self._rate(batch * query),
+                   batch * context * spec.kv_bytes_per_token_per_layer / self._gpu_bw)
+
+    def attention_io_bytes(self, spec: ModelSpec, tokens: float) -> tuple[float, float]:
+        """(down, up) activation bytes for one layer's CPU attention: q, k, v out; attention output in."""
+        return tokens * (spec.q_dim + 2 * spec.kv_dim) * self.act_bytes, tokens * spec.q_dim * self.act_bytes
+
+    # --- streamed weights ----------------------------------------------------------------------
+    def ffn_streamed_bytes(self, tokens: float) -> float:
+        """Bytes of one layer's FFN that must be copied for `tokens` routed tokens (routed experts only)."""
+        t = self.t
+        if t.num_experts:
+            return t.b(t.router_params_per_layer) + t.expected_experts(tokens) * t.expert_bytes
+        return t.ffn_bytes_per_layer
+
+    def draft_round(self, knobs: Knobs, batch: float, context: float | None = None) -> dict[str, float]:
+        """Busy seconds per resource for the draft proposing k tokens for `batch` sequences whose
+        mean context is `context` (default: the job's average)."""
+        if not knobs.speculative or self.d is None or batch <= 0:
+            return {"gpu": 0.0, "cpu": 0.0, "h2d": 0.0, "d2h": 0.0}
+        sub_batch = knobs.draft_sub_batch if knobs.draft_kv == "recompute" else 0  # read only when recomputing
+        return self._draft_round(knobs.draft_kv, sub_batch, knobs.draft_len, knobs.num_batches, batch, context)
+
+    @memo_method
+    def _draft_round(self, draft_kv: str, sub_batch: int, k: int, num_batches: int, batch: float,
+                     context: float | None) -> dict[str, float]:
+        d = self.d
+        zero = {"gpu": 0.0, "cpu": 0.0, "h2d": 0.0, "d2h": 0.0}
+        L = d.num_layers
+        weights = d.b(d.layer_params)
+        in_flight = batch * num_batches
+        ctx = self.attention_context(batch, in_flight) if context is None else context
+        # Host attention (draft KV on the host, or everything on a CPU-only machine) reads rows to their own length.
+        host_ctx = self.host_attention_context() if context is None else context
+        # Each step's linear layers for s sequences: FLOPs over the rate at s tokens, or reading all weights.
+        def step(s: float, tokens_per_seq: float = 1.0) -> float:
+            tok = s * tokens_per_seq
+            lin = self.matmul_seconds(tok * d.linear_flops_per_token_per_layer * L, tok, weights * L)
+            return lin + self.lm_head_seconds(d, s) + L * self.layer_fixed_seconds(tok)
+
+        out = dict(zero)
+        hw = self.hw
+        # The runtime's bookkeeping per round (inputs, commits, the draft KV's rollback) and per step.
+        host = (hw.engine_draft_round_overhead_seconds + batch * hw.engine_draft_seq_overhead_seconds
+                + k * hw.engine_draft_step_overhead_seconds)
+        if draft_kv == "recompute":
+            s = min(sub_batch, batch)
+            subs = math.ceil(batch / s)
+            if context is None:  # each sub-batch is its own forward, padded to its longest context
+                ctx = self.attention_context(s, in_flight)
+            tok = s * ctx
+            # Re-read the context: one forward over s*ctx tokens (linear + causal attention), then k-1 steps.
+            pre = (self.matmul_seconds(tok * d.linear_flops_per_token_per_layer * L, tok, weights * L)
+                   + self.matmul_seconds(s * L * d.attention_flops(ctx, ctx) / 2.0, tok, 0.0)
+                   + self.lm_head_seconds(d, s) + L * self.layer_fixed_seconds(tok))
+            attend = self.cpu_attention_seconds if self.cpu_only else self.gpu_attention_seconds
+            steps = (k - 1) * (step(s) + L * attend(d, s, 1, ctx))
+            out["gpu"] = subs * (pre + steps) + host
+            return out
+        # KV kept: k steps of one token each, plus one catch-up token (the target's bonus token). A feature
+        # draft instead re-reads every position the verification kept (accepted drafts + the bonus token) with
+        # the target's true features: E[tokens per round] pairs in its first step.
+        catch_up = self.rounds(k).expected_tokens if d.feature_draft else 2.0
+        out["gpu"] = (k - 1) * step(batch) + step(batch, catch_up) + host
+        if draft_kv == "gpu" and self.cpu_only:  # the "device" is the CPU: the same attention call
+            out["gpu"] += k * L * self.cpu_attention_seconds(d, batch, 1, host_ctx)
+        elif draft_kv == "gpu":
+            out["gpu"] += k * L * self.gpu_attention_seconds(d, batch, 1, ctx)
+        else:  # host KV, attention on the CPU workers, activations round-trip
+            out["cpu"] = k * L * self.cpu_attention_seconds(d, batch, 1, host_ctx)
+            down, up = self.attention_io_bytes(d, batch)
+            out["d2h"] = k * L * self.d2h_seconds(down)
+            out["h2d"] = k * L * self.h2d_seconds(up)
+        return out
+
+    def host_pass_seconds(self, batch: float) -> float:
+        """The runtime's bookkeeping per verification pass of `batch` sequences (profiled)."""
+        hw = self.hw
+        return (hw.engine_pass_overhead_seconds + batch * hw.engine_seq_overhead_seconds
+                + self.t.num_layers * hw.engine_layer_overhead_seconds)
+
+    def rounds(self, k: int) -> RoundStats:
+        """Rounds per sequence: the prefill yields the first token, verifications the other G - 1."""
+        return round_stats(self.w.acceptance_vector(k), self.w.gen_len_tokens - 1)
+
+    def prefill_attention_seconds(self, spec: ModelSpec, prompts: float, width: float) -> float:
+        """One layer's attention of `prompts` prompts padded to `width` tokens over themselves: on the
+        device (causal half of the square), or on a CPU-only machine the CPU attention call the decode uses."""
+        if self.cpu_only:
+            return self.cpu_attention_seconds(spec, prompts, width, width)
+        return self.matmul_seconds(prompts * spec.attention_flops(width, width) / 2.0, prompts * width, 0.0)

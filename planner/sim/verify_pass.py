@@ -1,0 +1,157 @@
+"""The verification pass as tasks, acceptance drawn per sequence, and the order of passes
+(draft / verify, the interleave). Methods of `Simulation`.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .engine import Task
+from .state import TARGET, _Batch, _Pass, _prio
+
+
+class VerifyPasses:
+    """Build each verification's per-layer, per-micro-batch tasks; apply its outcome; pick the next."""
+
+    def _draft_for(self, batch: _Batch) -> None:
+        """Issue the batch's draft round (after its pending prefills); the next verification waits for it."""
+        live = int(batch.active.sum())
+        if self.k and live:
+            dj = self._draft_round(batch.index, live, batch.pending, len(self.passes))
+            if dj is not None:
+                batch.pending = [dj]
+
+    def _next_verification(self, after: _Batch) -> None:
+        """After a verification of `after`: refill it, issue its draft, and start the next verification
+        (the other batch under the interleaved policy, unless that one has nothing to verify)."""
+        self._refill(after)
+        self._draft_for(after)
+        nxt = after
+        if self.nb == 2:
+            other = self.batches[1 - after.index]
+            if not other.active.any() and self.queue_next < self.N:  # an idle batch is refilled on its turn
+                self._refill(other)
+                self._draft_for(other)
+            if other.active.any():
+                nxt = other
+        live = np.flatnonzero(nxt.active)
+        if len(live):
+            self._verify_pass(nxt, live)
+
+    def _verify_pass(self, batch: _Batch, live: np.ndarray) -> None:
+        eng, cm, t = self.eng, self.cm, self.t
+        p = self._new_pass("verify")
+        p.batch, p.slots = batch.index, live
+        k1 = self.k + 1
+        p.tokens = float(len(live) * k1)
+        n, traced, X = p.index, self._traced(p.index), batch.index
+        gate = Task("gate", None, None, 0.0, batch=X, pass_index=n)
+        for dep in batch.pending:
+            eng.depend(dep, gate)
+        batch.pending = []
+        p.gate = gate
+        # Per micro-batch durations (contexts do not change within a verification).
+        mbs = []
+        m = self.m
+        for i in range(m):
+            idx = live[live % m == i]
+            if not len(idx):
+                continue
+            on_gpu = idx[idx < self.gpu_kv]
+            on_cpu = idx[idx >= self.gpu_kv]
+            tok = len(idx) * k1
+            q = cm.qkv_seconds(t, tok)
+            if len(on_gpu):
+                q += len(on_gpu) * cm.gpu_attention_seconds(t, 1, k1, self._ctx(batch, on_gpu))
+            f = cm.ffn_seconds(t, tok)
+            if len(on_cpu):
+                down, up = cm.attention_io_bytes(t, len(on_cpu) * k1)
+                io = (cm.d2h_seconds(down), cm.cpu_attention_seconds(t, len(on_cpu), k1, self._ctx(batch, on_cpu, host=True)),
+                      cm.h2d_seconds(up))
+            else:
+                io = None
+            mbs.append((i, q, io, f))
+        gpu, cpu, d2h, h2d = self.gpu, self.cpu, self.d2h, self.h2d
+        depend = eng.depend
+        prev = {i: gate for i, *_ in mbs}
+        base_n = _prio(TARGET, n)
+        for j in range(self.L):
+            release = self._layer_release(p, j)
+            attn_users, ffn_users, layer_tasks = [], [], []
+            base = base_n | (min(j, 255) << 8)
+            for i, q, io, f in mbs:
+                prio = base | i
+                where = dict(priority=prio, layer=j, micro_batch=i, batch=X, pass_index=n, traced=traced)
+                Q = Task("qkv", "gpu", gpu, q, **where)
+                depend(prev[i], Q)
+                layer_tasks.append(Q)
+                last = Q
+                if io is not None:  # host attention: q/k/v down, attention on the CPU pool, output up
+                    D = Task("d2h qkv", "d2h", d2h, io[0], **where)
+                    C = Task("attention", "cpu", cpu, io[1], **where)
+                    U = Task("h2d attn-out", "h2d", h2d, io[2], **where)
+                    depend(Q, D)
+                    depend(D, C)
+                    depend(C, U)
+                    layer_tasks += (D, C, U)
+                    last = U
+                F = Task("ffn", "gpu", gpu, f, **where)
+                depend(last, F)
+                depend(F, release)
+                layer_tasks.append(F)
+                attn_users.append(Q)
+                ffn_users.append(F)
+                prev[i] = F
+            self._wire_weights(p, j, attn_users, ffn_users)
+            for task in layer_tasks:
+                eng.arm(task)
+            eng.arm(release)
+        # The LM head, then the runtime's bookkeeping for the pass (verify, roll back, commit: host time).
+        lm = Task("lm-head", "gpu", gpu, cm.lm_head_seconds(t, p.tokens) + cm.host_pass_seconds(len(p.slots)),
+                  priority=_prio(TARGET, n, self.L, 0), batch=X, pass_index=n, traced=traced)
+        for task in prev.values():
+            eng.depend(task, lm)
+        end = Task("verified", None, None, 0.0, batch=X, pass_index=n,
+                   on_done=lambda now, p=p: self._verify_done(p, now))
+        eng.depend(lm, end)
+        eng.arm(lm)
+        eng.arm(end)
+        eng.arm(gate)
+        self._pump()
+
+    def _verify_done(self, p: _Pass, now: float) -> None:
+        p.done = True
+        batch = self.batches[p.batch]
+        idx = p.slots
+        n = len(idx)
+        k = self.k
+        if k:
+            accepted = (self.rng.random((n, k)) < self.acc).cumprod(axis=1).sum(axis=1)
+            counts = np.bincount(accepted, minlength=k + 1)
+            at_least = counts[::-1].cumsum()[::-1]  # at_least[i] = #(accepted >= i)
+            self.pos_tried += at_least[:k]
+            self.pos_acc += at_least[1:k + 1]
+        else:
+            accepted = np.zeros(n, dtype=np.int64)
+        tokens = accepted + 1
+        kept = np.minimum(tokens, self.G - batch.gen[idx])
+        batch.gen[idx] += kept
+        self.rounds += n
+        self.tokens_sum += float(tokens.sum())
+        self.kept_sum += float(kept.sum())
+        self.generated += int(kept.sum())
+        self._kv_take(batch, idx, kept, "tokens kept by a verification")
+        done = idx[batch.gen[idx] >= self.G]
+        if len(done):
+            batch.active[done] = False
+            batch.seq[done] = -1
+            self.finished += len(done)
+            self._kv_free(batch, done)  # the slot's KV is freed at finish, ready for a refill
+        start = self.last_end
+        self._segment("decode", now)
+        self.step_log.append((p.index, p.batch, start, now, n))
+        if self.finished >= self.N:
+            self.makespan = now
+            self.eng.stopped = True
+            return
+        self._next_verification(batch)
+        self._pump()
