@@ -102,7 +102,7 @@ def _drop_cache(fd: int, size: int) -> None:
         os.posix_fadvise(fd, 0, size, os.POSIX_FADV_DONTNEED)
 
 
-def _write_test_file(folder: Path, nbytes: int) -> Path:
+def write_test_file(folder: Path, nbytes: int) -> Path:
     """A file of ``nbytes`` random bytes in ``folder``, synced to disk and out of the page cache."""
     path = folder / f"{PROBE_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
     chunk = os.urandom(min(nbytes, 8 << 20))
@@ -184,7 +184,7 @@ def measure_disk(folder: str | os.PathLike = ".", *, file: str | os.PathLike | N
         folder = check_folder(folder)
         if file_bytes < ALIGN:
             raise DiskProbeError(f"test file size {file_bytes} bytes is below {ALIGN}; give at least 1 MiB")
-        path = created = _write_test_file(folder, file_bytes)
+        path = created = write_test_file(folder, file_bytes)
     try:
         size = path.stat().st_size // ALIGN * ALIGN
         if size < ALIGN:
