@@ -434,18 +434,18 @@ class DiskReader:
                              "alloc_staging")
         files = sorted({e.file for e in extents})
         self.index.check_files(files)
-        jobs: list[tuple[_Extent, int, Future]] = []
-        for ext in extents:
+        jobs: list[tuple[int, Future]] = []
+        for i, ext in enumerate(extents):
             for off in range(ext.start, ext.end, self.block_bytes):
                 length = min(self.block_bytes, ext.end - off)
                 lo = ext.slot + off - ext.start
-                jobs.append((ext, off, self._pool.submit(self._read_block, ext.file, mem[lo:lo + length], off,
+                jobs.append((i, self._pool.submit(self._read_block, ext.file, mem[lo:lo + length], off,
                                                          length)))
-        got = Counter()
+        got = [0] * len(extents)  # bytes read per extent
         first_error = None
-        for ext, off, fut in jobs:
+        for i, fut in jobs:
             try:
-                got[(ext.file, ext.start)] += fut.result()
+                got[i] += fut.result()
             except Exception as exc:  # noqa: BLE001 - re-raised after every block finished
                 first_error = first_error or exc
         self.index.check_files(files)
@@ -453,12 +453,12 @@ class DiskReader:
             raise first_error
         out: dict[str, torch.Tensor] = {}
         payload = disk = 0
-        for ext in extents:
+        for ext, n_read in zip(extents, got):
             last = ext.members[-1]
-            if ext.start + got[(ext.file, ext.start)] < last.offset + last.nbytes:
+            if ext.start + n_read < last.offset + last.nbytes:
                 raise CheckpointChanged(f"checkpoint file {ext.file} ended before tensor {last.name!r}: the file "
                                         "was truncated during the run; restore it and resume the run")
-            disk += got[(ext.file, ext.start)]
+            disk += n_read
             for e in ext.members:
                 lo = ext.slot + e.offset - ext.start
                 raw = staging[lo:lo + e.nbytes]

@@ -111,6 +111,12 @@ def test_sharded_index(tmp_path):
         with DiskReader(idx, threads=4, direct=direct) as reader:
             _assert_identical(_read_all(reader), REF)
             assert len(reader.modes) == 3
+            for layer in range(idx.n_layers):
+                names = idx.layer_names(layer)
+                assert reader.layer_payload_bytes[layer] == idx.layer_bytes(layer)
+                # each tensor of the layer is its own extent here (neighbours in a shard belong to others)
+                assert idx.layer_bytes(layer) <= reader.layer_disk_bytes[layer] <= (idx.layer_bytes(layer)
+                                                                                   + 2 * ALIGN * len(names))
 
 
 def test_sharded_index_naming_a_missing_shard(tmp_path):
