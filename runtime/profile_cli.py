@@ -27,6 +27,7 @@ DIR (the disk tier's figure, disk_read_bytes_per_s): a temporary test file is wr
 with O_DIRECT (or buffered + posix_fadvise where the file system refuses O_DIRECT) over block sizes
 and reader threads, and deleted. Without --disk the figure is 0 (not measured). --disk-only skips
 the other probes: it writes the figure into the existing profile -o names, or prints it.
+--disk-file FILE reads an existing large file there (a checkpoint shard) instead of writing one.
 
 Acceptance mode runs the target greedily on the prompts (JSONL lines {"id": ..., "prompt": "..."})
 and counts, per draft position i, how often the draft's i-th greedy proposal is accepted given
@@ -62,6 +63,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     hw.add_argument("--disk-only", action="store_true",
                     help="with --disk: measure only the disk and write the figure into the existing profile -o "
                          "names (without -o, print it)")
+    hw.add_argument("--disk-file", default=None, metavar="FILE",
+                    help="with --disk: read this existing large file (e.g. a checkpoint shard) instead of writing "
+                         "a test file")
     hw.add_argument("--disk-size-mib", type=int, default=None,
                     help="size of the disk probe's test file in MiB (default 1024, --quick 64)")
     hw.add_argument("--force-fail", action="append", default=[], metavar="PROBE",
@@ -80,6 +84,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     if args.disk_only and args.disk is None:
         args.disk = "."
+    if args.disk_file and args.disk is None:
+        args.disk = str(Path(args.disk_file).parent)
     if args.disk_size_mib is not None and args.disk_size_mib < 1:
         ap.error(f"--disk-size-mib must be >= 1, found {args.disk_size_mib}")
     if args.acceptance and args.disk is not None:
@@ -150,7 +156,7 @@ def measure_disk_figure(args, quiet: bool = False) -> tuple[float, dict[str, str
     from specoffload.runtime.profiler.disk import measure_disk
 
     size = (args.disk_size_mib << 20) if args.disk_size_mib else (64 << 20 if args.quick else 1 << 30)
-    rate = measure_disk(args.disk, file_bytes=size, quick=args.quick)
+    rate = measure_disk(args.disk, file=args.disk_file, file_bytes=size, quick=args.quick)
     if not quiet:
         print(f"disk: {rate.bytes_per_s / 1e9:.3g} GB/s sequential read ({rate.mode}, {rate.fs_type}, block "
               f"{rate.block_bytes >> 10} KiB x {rate.threads} thread(s), {rate.seconds:.1f} s)", file=sys.stderr)
@@ -164,7 +170,8 @@ def run_disk_only(args) -> int:
     from specoffload.planner.strict import SchemaError, dump_yaml
     from specoffload.runtime.profiler.disk import check_folder
 
-    check_folder(args.disk)
+    if not args.disk_file:
+        check_folder(args.disk)
     out = Path(args.output) if args.output else None
     if out is not None and not out.is_file():
         raise SchemaError(f"--disk-only -o {out}: no such profile; --disk-only adds the disk figure to an existing "
@@ -207,7 +214,8 @@ def run_hardware(args) -> int:
     if args.disk is not None:
         from specoffload.runtime.profiler.disk import check_folder
 
-        check_folder(args.disk)  # before minutes of other probes
+        if not args.disk_file:
+            check_folder(args.disk)  # before minutes of other probes
     result = run_profile(cfg, device, name=name, progress=not args.no_progress, threads=threads)
     if args.disk is not None:
         import dataclasses

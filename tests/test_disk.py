@@ -244,6 +244,14 @@ def test_cli_disk_only_writes_into_a_profile(tmp_path, capsys):
     import dataclasses
     assert dataclasses.replace(after, disk_read_bytes_per_s=0.0, provenance=before.provenance) == before
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(PROBE_PREFIX)]
+    # an existing file: read in place, nothing written beside it
+    big = tmp_path / "shard.safetensors"
+    big.write_bytes(os.urandom(1 << 20))
+    assert profile_main(["--disk-file", str(big), "--disk-only", "--quick", "-o", str(prof)]) == 0
+    assert str(big) in HardwareProfile.load(prof).provenance["disk_read_bytes_per_s"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.yaml", "shard.safetensors"]
+    assert profile_main(["--disk-file", str(tmp_path / "nope"), "--disk-only"]) == 2
+    assert "no such file" in capsys.readouterr().err
     # without -o: printed
     assert profile_main(["--disk", str(tmp_path), "--disk-only", "--quick", "--disk-size-mib", "1"]) == 0
     assert "disk_read_bytes_per_s:" in capsys.readouterr().out
