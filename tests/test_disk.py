@@ -281,3 +281,21 @@ def test_cli_refuses_bad_folders(tmp_path, capsys, monkeypatch):
         assert "cannot write" in capsys.readouterr().err
     finally:
         ro.chmod(0o700)
+
+
+@pytest.mark.gpu
+def test_pinned_staging_to_gpu_is_exact():
+    idx = CheckpointIndex.open(TARGET)
+    with DiskReader(idx, threads=2) as reader:
+        pf = Prefetcher(reader, range(idx.n_layers), depth=2)  # pinned where CUDA exists
+        assert all(b.is_pinned() for b in pf._free)
+        for layer in range(idx.n_layers):
+            views = pf.wait(layer)
+            on_gpu = {n: t.to("cuda", non_blocking=True) for n, t in views.items()}
+            torch.cuda.synchronize()
+            pf.release(layer)
+            if layer + 1 < idx.n_layers:
+                pf.start(layer + 1)
+            for n, t in on_gpu.items():
+                assert torch.equal(t.cpu(), REF[n]), n
+        pf.close()
