@@ -220,7 +220,14 @@ def run_hardware(args) -> int:
     if args.disk is not None:
         import dataclasses
 
-        rate, prov = measure_disk_figure(args)
+        from specoffload.runtime.profiler.disk import DiskProbeError
+
+        try:
+            rate, prov = measure_disk_figure(args)
+        except (DiskProbeError, OSError) as exc:  # keep the other probes' minutes of work
+            print(f"specoffload-profile: warning: the disk probe failed ({exc}); disk_read_bytes_per_s stays 0 "
+                  "(not measured); retry with --disk DIR --disk-only -o FILE", file=sys.stderr)
+            rate, prov = 0.0, {"disk_read_bytes_per_s": f"not measured: the disk probe failed ({exc})"}
         result.profile = dataclasses.replace(result.profile, disk_read_bytes_per_s=rate,
                                              provenance={**result.profile.provenance, **prov})
     result.profile.save(out)
