@@ -299,3 +299,32 @@ def test_pinned_staging_to_gpu_is_exact():
             for n, t in on_gpu.items():
                 assert torch.equal(t.cpu(), REF[n]), n
         pf.close()
+
+
+def test_cli_hardware_profile_with_disk(tmp_path, capsys, monkeypatch):
+    """--disk beside the other probes (stubbed here: they have their own tests) adds the figure; a failing
+    disk probe keeps the rest of the profile."""
+    from specoffload.runtime.profiler import disk as disk_probe
+    from specoffload.runtime.profiler import probes
+
+    base = HardwareProfile.load(PROFILES / "cpu-2core.yaml")
+    monkeypatch.setattr(probes, "run_profile",
+                        lambda cfg, device, name, progress, threads: probes.ProfileResult(profile=base))
+    out = tmp_path / "m.yaml"
+    args = ["--quick", "--device", "cpu", "--no-progress", "-o", str(out), "--disk", str(tmp_path),
+            "--disk-size-mib", "1"]
+    assert profile_main(args) == 0
+    p = HardwareProfile.load(out)
+    assert p.disk_read_bytes_per_s > 0 and "disk sequential read" in capsys.readouterr().out
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["m.yaml"]
+
+    def boom(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(disk_probe, "measure_disk", boom)
+    assert profile_main(args) == 0
+    assert "disk probe failed" in capsys.readouterr().err
+    p = HardwareProfile.load(out)
+    assert p.disk_read_bytes_per_s == 0.0 and "not measured" in p.provenance["disk_read_bytes_per_s"]
+    assert profile_main(args[:-4] + ["--disk", str(tmp_path / "nope")]) == 2  # refused before the probes
+    assert "no such folder" in capsys.readouterr().err
