@@ -131,20 +131,33 @@ def read_header(path: Path) -> tuple[dict, int, int]:
     """
     path = Path(path)
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise DiskTierError(f"{path}: {size} bytes, too short to be a safetensors file (no 8-byte header "
-                                    "length); re-download or re-save the checkpoint")
-            (n,) = struct.unpack("<Q", head)
-            if n > MAX_HEADER or 8 + n > size:
-                raise DiskTierError(f"{path}: header length {n} does not fit in the file ({size} bytes); the file is "
-                                    "truncated or not safetensors; re-download or re-save the checkpoint")
-            raw = f.read(n)
+        fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
         raise DiskTierError(f"checkpoint file {path} does not exist; check the folder (and its "
                             f"{INDEX_FILE}, which names the shards)") from None
+    try:
+        fadvise = hasattr(os, "posix_fadvise")
+        if fadvise:  # no readahead: the header's pages alone are read, then dropped
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        size = os.fstat(fd).st_size
+        head = os.pread(fd, 8, 0)
+        if len(head) < 8:
+            raise DiskTierError(f"{path}: {size} bytes, too short to be a safetensors file (no 8-byte header "
+                                "length); re-download or re-save the checkpoint")
+        (n,) = struct.unpack("<Q", head)
+        if n > MAX_HEADER or 8 + n > size:
+            raise DiskTierError(f"{path}: header length {n} does not fit in the file ({size} bytes); the file is "
+                                "truncated or not safetensors; re-download or re-save the checkpoint")
+        raw = b""
+        while len(raw) < n:
+            chunk = os.pread(fd, n - len(raw), 8 + len(raw))
+            if not chunk:
+                break
+            raw += chunk
+        if fadvise:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
     try:
         header = json.loads(raw)
         if not isinstance(header, dict):
@@ -380,6 +393,9 @@ class DiskReader:
                 stamp.check()
                 raise CheckpointChanged(f"checkpoint file {path} changed since the checkpoint was opened; "
                                         "restore it and resume the run")
+            if mode == "buffered" and hasattr(os, "posix_fadvise"):
+                # no readahead: it would cache pages past the blocks read (and dropped) here
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
             self._fds[path] = fd
             self.modes[path] = mode
             return fd
@@ -391,6 +407,8 @@ class DiskReader:
             if old is not None:
                 os.close(old)
             fd = os.open(path, os.O_RDONLY)
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
             self._fds[path] = fd
             self.modes[path] = "buffered"
             return fd
@@ -449,6 +467,9 @@ class DiskReader:
             except Exception as exc:  # noqa: BLE001 - re-raised after every block finished
                 first_error = first_error or exc
         self.index.check_files(files)
+        for f in files:  # readahead may have cached pages past the ranges dropped per block
+            if self.modes.get(f) == "buffered" and hasattr(os, "posix_fadvise") and f in self._fds:
+                os.posix_fadvise(self._fds[f], 0, 0, os.POSIX_FADV_DONTNEED)
         if first_error is not None:
             raise first_error
         out: dict[str, torch.Tensor] = {}

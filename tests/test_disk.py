@@ -328,3 +328,46 @@ def test_cli_hardware_profile_with_disk(tmp_path, capsys, monkeypatch):
     assert p.disk_read_bytes_per_s == 0.0 and "not measured" in p.provenance["disk_read_bytes_per_s"]
     assert profile_main(args[:-4] + ["--disk", str(tmp_path / "nope")]) == 2  # refused before the probes
     assert "no such folder" in capsys.readouterr().err
+
+
+def _resident_pages(path) -> int | None:
+    """Pages of ``path`` in the page cache (mincore over a private map), None where that cannot be asked."""
+    import ctypes
+    import mmap
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        mincore = libc.mincore
+    except (OSError, AttributeError):
+        return None
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        mm = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY)
+    try:
+        anchor = ctypes.c_char.from_buffer(mm)
+        pages = -(-size // mmap.PAGESIZE)
+        vec = (ctypes.c_ubyte * pages)()
+        rc = mincore(ctypes.c_void_p(ctypes.addressof(anchor)), ctypes.c_size_t(size), vec)
+        del anchor
+        return None if rc != 0 else sum(v & 1 for v in vec)
+    finally:
+        mm.close()
+
+
+@pytest.mark.parametrize("direct", [None, False], ids=["direct-if-possible", "buffered"])
+def test_reads_leave_no_page_cache_behind(tmp_path, direct):
+    d = _copy(tmp_path)
+    f = d / "model.safetensors"
+    fd = os.open(f, os.O_RDONLY)
+    os.fsync(fd)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    os.close(fd)
+    before = _resident_pages(f)
+    if before is None or before > 2:
+        pytest.skip("this kernel does not report or drop the file's page cache (mincore / fadvise)")
+    idx = CheckpointIndex.open(d)  # reads the header, buffered, and drops it
+    assert _resident_pages(f) == 0
+    with DiskReader(idx, threads=2, direct=direct) as reader:
+        _read_all(reader)
+        assert reader.payload_bytes == sum(t.numel() * t.element_size() for t in REF.values())
+    assert _resident_pages(f) == 0  # 6.6 MB read, nothing of it cached
