@@ -142,6 +142,8 @@ class HardwareProfile(YamlContract):
     engine_draft_round_overhead_seconds: float = 0.0  # the runtime's bookkeeping per draft round (speculative)
     engine_draft_seq_overhead_seconds: float = 0.0  # ... and per sequence in the round
     engine_draft_step_overhead_seconds: float = 0.0  # ... and per draft step (one token for the batch)
+    # sequential read rate of the disk holding the checkpoint (the disk tier); 0.0 = not measured / unknown
+    disk_read_bytes_per_s: float = 0.0
     provenance: dict[str, str] = field(default_factory=dict)
     missing: tuple[str, ...] = ()
     schema_version: int = PROFILE_SCHEMA
@@ -161,9 +163,12 @@ class HardwareProfile(YamlContract):
                      "device_expert_overhead_seconds", "device_op_token_seconds", "cpu_attn_seq_overhead_seconds", "cpu_attn_row_overhead_seconds",
                      "engine_pass_overhead_seconds", "engine_seq_overhead_seconds", "engine_layer_overhead_seconds",
                      "device_logit_element_seconds", "engine_draft_round_overhead_seconds",
-                     "engine_draft_seq_overhead_seconds", "engine_draft_step_overhead_seconds"):
+                     "engine_draft_seq_overhead_seconds", "engine_draft_step_overhead_seconds",
+                     "disk_read_bytes_per_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, found {getattr(self, name)}")
+        if not math.isfinite(self.disk_read_bytes_per_s):
+            raise ValueError(f"disk_read_bytes_per_s must be finite (0 = unknown), found {self.disk_read_bytes_per_s}")
         if self.gpu_mem_reserve_bytes >= self.gpu_mem_bytes:
             raise ValueError("gpu_mem_reserve_bytes must be below gpu_mem_bytes")
         for name in OPTIONAL_FIGURES:

@@ -12,6 +12,8 @@ EXAMPLE = """examples:
       --prompts prompts.jsonl -k 8 --max-new-tokens 64 -o workload.yaml
   specoffload-plan --model tiny-target --draft tiny-draft --profile my-machine.yaml \\
       --workload workload.yaml
+  specoffload-profile --quick -o my-machine.yaml --disk /nvme/models  # ... and the disk holding a checkpoint
+  specoffload-profile --disk /nvme/models --disk-only -o my-machine.yaml  # add the disk to an existing profile
 
 Hardware mode measures what the planner's cost model consumes (transfer curves, matmul rate over
 token count, memory bandwidth, the runtime's own CPU attention fitted to overhead + bytes/bandwidth
@@ -19,6 +21,13 @@ token count, memory bandwidth, the runtime's own CPU attention fitted to overhea
 measured) with medians, spreads and raw points in `provenance`. On a machine without CUDA the
 device is the CPU (fp32), and the transfer curves are host memcpy rates. A probe that fails is
 reported on stderr; its figures are written as null and listed in `missing`.
+
+--disk DIR (default: the current folder) also measures the sequential read rate of the disk holding
+DIR (the disk tier's figure, disk_read_bytes_per_s): a temporary test file is written there, read
+with O_DIRECT (or buffered + posix_fadvise where the file system refuses O_DIRECT) over block sizes
+and reader threads, and deleted. Without --disk the figure is 0 (not measured). --disk-only skips
+the other probes: it writes the figure into the existing profile -o names, or prints it.
+--disk-file FILE reads an existing large file there (a checkpoint shard) instead of writing one.
 
 Acceptance mode runs the target greedily on the prompts (JSONL lines {"id": ..., "prompt": "..."})
 and counts, per draft position i, how often the draft's i-th greedy proposal is accepted given
@@ -48,6 +57,17 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "GPU, fp32 on a CPU-only machine)")
     hw.add_argument("--name", default=None, help="profile name (default: the output file's stem)")
     hw.add_argument("--no-progress", action="store_true", help="no progress bar")
+    hw.add_argument("--disk", nargs="?", const=".", default=None, metavar="DIR",
+                    help="also measure the read rate of the disk holding DIR (default DIR: the current folder); "
+                         "writes a temporary test file there")
+    hw.add_argument("--disk-only", action="store_true",
+                    help="with --disk: measure only the disk and write the figure into the existing profile -o "
+                         "names (without -o, print it)")
+    hw.add_argument("--disk-file", default=None, metavar="FILE",
+                    help="with --disk: read this existing large file (e.g. a checkpoint shard) instead of writing "
+                         "a test file")
+    hw.add_argument("--disk-size-mib", type=int, default=None,
+                    help="size of the disk probe's test file in MiB (default 1024, --quick 64)")
     hw.add_argument("--force-fail", action="append", default=[], metavar="PROBE",
                     help=argparse.SUPPRESS)  # test hook: make a probe fail (also SPECOFFLOAD_PROFILE_FAIL)
     acc = ap.add_argument_group("acceptance (writes a Workload)")
@@ -62,6 +82,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                      help="measure on the first N prompts only (lengths and num_prompts still use all)")
     acc.add_argument("--batch", type=int, default=32, help="prompts processed together (default 32)")
     args = ap.parse_args(argv)
+    if args.disk_only and args.disk is None:
+        args.disk = "."
+    if args.disk_file and args.disk is None:
+        args.disk = str(Path(args.disk_file).parent)
+    if args.disk_size_mib is not None and args.disk_size_mib < 1:
+        ap.error(f"--disk-size-mib must be >= 1, found {args.disk_size_mib}")
+    if args.acceptance and args.disk is not None:
+        ap.error("--disk goes with the hardware profile, not --acceptance")
     if args.acceptance:
         missing = [f"--{n}" for n in ("target", "draft", "prompts") if not getattr(args, n)]
         if missing:
@@ -105,6 +133,8 @@ def summary(profile) -> str:
              f"  draft bookkeeping          {p.engine_draft_round_overhead_seconds * 1e6:.1f} us per round + "
              f"{p.engine_draft_seq_overhead_seconds * 1e6:.2f} us per sequence + "
              f"{p.engine_draft_step_overhead_seconds * 1e6:.1f} us per step"]
+    if p.disk_read_bytes_per_s:
+        lines.append(f"  disk sequential read       {p.disk_read_bytes_per_s / 1e9:.3g} GB/s")
     if "engine_layers" in p.provenance:
         lines.append("  (fixed costs fitted inside the engine: provenance engine_layers)")
     if "fit.cpu_attention" in p.provenance:
@@ -121,7 +151,46 @@ def _short(x: float) -> str:
     return f"{x:g}"
 
 
+def measure_disk_figure(args, quiet: bool = False) -> tuple[float, dict[str, str]]:
+    """(disk_read_bytes_per_s, provenance entries) for --disk, with a line on stderr."""
+    from specoffload.runtime.profiler.disk import measure_disk
+
+    size = (args.disk_size_mib << 20) if args.disk_size_mib else (64 << 20 if args.quick else 1 << 30)
+    rate = measure_disk(args.disk, file=args.disk_file, file_bytes=size, quick=args.quick)
+    if not quiet:
+        print(f"disk: {rate.bytes_per_s / 1e9:.3g} GB/s sequential read ({rate.mode}, {rate.fs_type}, block "
+              f"{rate.block_bytes >> 10} KiB x {rate.threads} thread(s), {rate.seconds:.1f} s)", file=sys.stderr)
+    return rate.bytes_per_s, rate.provenance
+
+
+def run_disk_only(args) -> int:
+    import dataclasses
+
+    from specoffload.planner.schema import HardwareProfile
+    from specoffload.planner.strict import SchemaError, dump_yaml
+    from specoffload.runtime.profiler.disk import check_folder
+
+    if not args.disk_file:
+        check_folder(args.disk)
+    out = Path(args.output) if args.output else None
+    if out is not None and not out.is_file():
+        raise SchemaError(f"--disk-only -o {out}: no such profile; --disk-only adds the disk figure to an existing "
+                          "profile (make one with specoffload-profile -o FILE, or drop --disk-only to profile "
+                          "everything)")
+    base = HardwareProfile.load(out) if out is not None else None
+    rate, prov = measure_disk_figure(args)
+    if base is None:
+        sys.stdout.write(dump_yaml({"disk_read_bytes_per_s": rate, "provenance": prov}))
+        return 0
+    p = dataclasses.replace(base, disk_read_bytes_per_s=rate, provenance={**base.provenance, **prov})
+    p.save(out)
+    print(f"wrote disk_read_bytes_per_s {rate:.4g} into {out}")
+    return 0
+
+
 def run_hardware(args) -> int:
+    if args.disk_only:
+        return run_disk_only(args)
     from specoffload.planner.models import load_model_spec
     from specoffload.planner.strict import SchemaError
     from specoffload.runtime.profiler.probes import ProfileConfig, default_name, resolve_device, run_profile
@@ -142,7 +211,25 @@ def run_hardware(args) -> int:
     if out.is_dir():
         raise SchemaError(f"-o {out} is a directory; give a file name, e.g. {out / (default_name(device.type) + '.yaml')}")
     name = args.name or out.stem
+    if args.disk is not None:
+        from specoffload.runtime.profiler.disk import check_folder
+
+        if not args.disk_file:
+            check_folder(args.disk)  # before minutes of other probes
     result = run_profile(cfg, device, name=name, progress=not args.no_progress, threads=threads)
+    if args.disk is not None:
+        import dataclasses
+
+        from specoffload.runtime.profiler.disk import DiskProbeError
+
+        try:
+            rate, prov = measure_disk_figure(args)
+        except (DiskProbeError, OSError) as exc:  # keep the other probes' minutes of work
+            print(f"specoffload-profile: warning: the disk probe failed ({exc}); disk_read_bytes_per_s stays 0 "
+                  "(not measured); retry with --disk DIR --disk-only -o FILE", file=sys.stderr)
+            rate, prov = 0.0, {"disk_read_bytes_per_s": f"not measured: the disk probe failed ({exc})"}
+        result.profile = dataclasses.replace(result.profile, disk_read_bytes_per_s=rate,
+                                             provenance={**result.profile.provenance, **prov})
     result.profile.save(out)
     print(summary(result.profile))
     print(f"wrote {out} in {result.seconds:.1f} s ({cfg.mode} mode)")
@@ -181,12 +268,14 @@ def main(argv=None) -> int:
     from specoffload.runtime.config import ConfigError
     from specoffload.runtime.loader import CheckpointError
     from specoffload.runtime.profiler.acceptance import AcceptanceError
+    from specoffload.runtime.profiler.disk import DiskProbeError
     from specoffload.runtime.profiler.probes import ProbeFailure
 
     args = parse_args(argv)
     try:
         return run_acceptance(args) if args.acceptance else run_hardware(args)
-    except (AcceptanceError, SchemaError, ProbeFailure, ConfigError, CheckpointError, FileNotFoundError) as exc:
+    except (AcceptanceError, SchemaError, ProbeFailure, ConfigError, CheckpointError, FileNotFoundError,
+            DiskProbeError) as exc:
         print(f"specoffload-profile: error: {exc}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,242 @@
+"""Disk probe: the sequential read rate of the file system holding a folder (the disk tier's figure).
+
+A test file is written in the folder (random bytes, fsync'd, then dropped from the page cache), or
+an existing large file is used, and read start to end by T reader threads in blocks of B bytes
+(thread i reads blocks i, i+T, i+2T ...: one sequential stream split the way the disk tier's
+readers split a layer), into a destination as large as a staging buffer (``dest_bytes``, default
+256 MiB, touched before timing; a small buffer reused per read stays in the CPU cache and, on a
+virtual disk whose host copies into guest memory, reads up to 1.5x faster than the disk tier's
+staging buffers ever will). The page cache is kept out of the way: O_DIRECT where the file system
+allows it, else buffered reads with ``posix_fadvise(DONTNEED)`` on the whole file before each
+timed read (then the rate is what the device gives only if the kernel honours the advice; the
+mode is stated). Every (block size, threads) point is timed ``repeats`` times; the figure is the
+best point's median. A file system backed by memory (tmpfs) is said to be one in the provenance.
+
+API: :func:`measure_disk` (folder) -> :class:`DiskRate`; :func:`check_folder` validates a folder
+first (exists, is a folder, writable) with an error naming the fix.
+"""
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import secrets
+import statistics
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ALIGN = 4096
+FULL_BLOCKS = (256 << 10, 1 << 20, 4 << 20, 16 << 20)
+FULL_THREADS = (1, 2, 4, 8)
+QUICK_BLOCKS = (1 << 20, 4 << 20)
+QUICK_THREADS = (1, 4)
+PROBE_PREFIX = ".specoffload-disk-probe-"
+
+
+class DiskProbeError(ValueError):
+    """The disk probe cannot run on the folder given; the message names the fix."""
+
+
+@dataclass(frozen=True)
+class DiskRate:
+    """What the probe found: the best sequential read rate and the settings that reach it."""
+
+    bytes_per_s: float
+    block_bytes: int
+    threads: int
+    mode: str  # "direct" (O_DIRECT) or "buffered" (fadvise DONTNEED before each read)
+    file: str
+    file_bytes: int
+    fs_type: str
+    points: tuple[tuple[int, int, float, float], ...]  # (block, threads, median bytes/s, spread)
+    seconds: float
+    provenance: dict[str, str] = field(default_factory=dict)
+
+
+def fs_type(path: Path) -> tuple[str, str]:
+    """(file system type, mount point) of the mount holding ``path``, from /proc/mounts ('unknown' elsewhere)."""
+    path = Path(os.path.realpath(path))
+    best = ("unknown", "")
+    try:
+        with open("/proc/mounts") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) < 3:
+                    continue
+                mnt = parts[1].replace("\\040", " ")
+                if (str(path) == mnt or str(path).startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best[1]):
+                    best = (parts[2], mnt)
+    except OSError:
+        pass
+    return best
+
+
+def check_folder(folder: str | os.PathLike) -> Path:
+    """The folder as a Path, or a :class:`DiskProbeError` saying what is wrong with it."""
+    p = Path(folder)
+    if not p.exists():
+        raise DiskProbeError(f"--disk {folder}: no such folder; give the folder that holds (or will hold) the "
+                             "checkpoint, e.g. --disk /nvme/models")
+    if not p.is_dir():
+        raise DiskProbeError(f"--disk {folder}: not a folder; give the folder that holds the checkpoint "
+                             f"(e.g. --disk {p.parent})")
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise DiskProbeError(f"--disk {folder}: this user cannot write there, and the probe writes a temporary "
+                             "test file in the folder; give a writable folder on the same disk, or run as a user "
+                             "who may write there")
+    return p
+
+
+def _open_direct(path: Path, want_direct: bool) -> tuple[int, str]:
+    if want_direct and hasattr(os, "O_DIRECT"):
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+            return fd, "direct"
+        except OSError as exc:
+            if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
+                raise
+    return os.open(path, os.O_RDONLY), "buffered"
+
+
+def _drop_cache(fd: int, size: int) -> None:
+    if hasattr(os, "posix_fadvise"):
+        os.posix_fadvise(fd, 0, size, os.POSIX_FADV_DONTNEED)
+
+
+def write_test_file(folder: Path, nbytes: int) -> Path:
+    """A file of ``nbytes`` random bytes in ``folder``, synced to disk and out of the page cache."""
+    path = folder / f"{PROBE_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
+    chunk = os.urandom(min(nbytes, 8 << 20))
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as exc:
+        raise DiskProbeError(f"--disk {folder}: cannot create the test file {path.name} ({exc.strerror}); give a "
+                             "writable folder on the disk to measure") from None
+    try:
+        done = 0
+        while done < nbytes:
+            done += os.write(fd, chunk[:nbytes - done])
+        os.fsync(fd)
+        _drop_cache(fd, nbytes)
+    except OSError as exc:
+        os.close(fd)
+        path.unlink(missing_ok=True)
+        raise DiskProbeError(f"--disk {folder}: writing the {nbytes >> 20} MiB test file failed ({exc.strerror}); "
+                             "free some space there or pass a smaller --disk-size-mib") from None
+    os.close(fd)
+    return path
+
+
+DEST_BYTES = 256 << 20
+
+
+def read_once(path: Path, block: int, threads: int, direct: bool = True, dest_bytes: int = DEST_BYTES
+              ) -> tuple[float, int, str]:
+    """(seconds, bytes, mode) of one full sequential read of ``path`` by ``threads`` readers in ``block`` chunks.
+
+    Block k lands at offset (k * block) mod the destination's size, as a staging buffer fills.
+    """
+    size = path.stat().st_size
+    size = size // ALIGN * ALIGN  # O_DIRECT reads whole aligned blocks; the tail (< 4 KiB) is left out
+    fd, mode = _open_direct(path, direct)
+    try:
+        if mode == "buffered":
+            _drop_cache(fd, size)
+        slots = max(1, min(size, dest_bytes) // block)
+        dest = mmap.mmap(-1, slots * block)  # anonymous maps are page-aligned
+        for i in range(0, slots * block, mmap.PAGESIZE):
+            dest[i] = 0  # first touch outside the timing
+        mem_all = memoryview(dest)
+        try:
+            def worker(i: int) -> int:
+                got = 0
+                for off in range(i * block, size, threads * block):
+                    n = min(block, size - off)
+                    d = (off // block) % slots * block
+                    r = os.preadv(fd, [mem_all[d:d + n]], off)
+                    got += r
+                if mode == "buffered":
+                    _drop_cache(fd, size)
+                return got
+
+            t0 = time.perf_counter()
+            with ThreadPoolExecutor(max_workers=threads) as ex:
+                total = sum(ex.map(worker, range(threads)))
+            dt = time.perf_counter() - t0
+        finally:
+            mem_all.release()
+            dest.close()
+    except OSError as exc:
+        if mode == "direct" and exc.errno == errno.EINVAL:
+            os.close(fd)
+            return read_once(path, block, threads, direct=False)
+        raise
+    os.close(fd)
+    return dt, total, mode
+
+
+def measure_disk(folder: str | os.PathLike = ".", *, file: str | os.PathLike | None = None,
+                 file_bytes: int = 1 << 30, blocks=FULL_BLOCKS, threads=FULL_THREADS, repeats: int = 3,
+                 direct: bool = True, quick: bool = False) -> DiskRate:
+    """Measure the folder's disk; with ``file`` (an existing large file there) nothing is written.
+
+    ``quick``: a 64 MiB file, 2 block sizes x 2 thread counts, 2 repeats (unless given explicitly).
+    """
+    if quick:
+        blocks, threads, repeats = QUICK_BLOCKS, QUICK_THREADS, 2
+        file_bytes = min(file_bytes, 64 << 20)
+    t_start = time.perf_counter()
+    created = None
+    if file is not None:
+        path = Path(file)
+        if not path.is_file():
+            raise DiskProbeError(f"--disk-file {file}: no such file; give an existing large file on the disk "
+                                 "(a checkpoint shard is ideal) or leave it out to write a test file")
+        folder = path.parent
+    else:
+        folder = check_folder(folder)
+        if file_bytes < ALIGN:
+            raise DiskProbeError(f"test file size {file_bytes} bytes is below {ALIGN}; give at least 1 MiB")
+        path = created = write_test_file(folder, file_bytes)
+    try:
+        size = path.stat().st_size // ALIGN * ALIGN
+        if size < ALIGN:
+            raise DiskProbeError(f"{path}: {path.stat().st_size} bytes is too small to time; use a file of at "
+                                 "least 64 MiB")
+        fs, mnt = fs_type(path)
+        points, modes = [], set()
+        read_once(path, max(blocks), max(threads), direct)  # warm-up: opens, first-touch of buffers
+        for b in blocks:
+            for t in threads:
+                rates = []
+                for _ in range(repeats):
+                    dt, got, mode = read_once(path, b, t, direct)
+                    modes.add(mode)
+                    rates.append(got / dt)
+                med = statistics.median(rates)
+                spread = (max(rates) - min(rates)) / med if med else 0.0
+                points.append((b, t, med, spread))
+    finally:
+        if created is not None:
+            created.unlink(missing_ok=True)
+    best = max(points, key=lambda p: p[2])
+    mode = modes.pop() if len(modes) == 1 else "mixed"
+    seconds = time.perf_counter() - t_start
+    cache = ("O_DIRECT (page cache bypassed)" if mode == "direct" else
+             "buffered reads with posix_fadvise(DONTNEED) on the whole file before and after each read "
+             "(the file system refused O_DIRECT)")
+    memfs = fs in ("tmpfs", "ramfs")
+    prov = {
+        "disk_read_bytes_per_s": (
+            f"sequential read of {'the existing file ' + str(path) if created is None else 'a fresh test file'} "
+            f"({size / 2**20:.0f} MiB) in {folder} on {fs} mounted at {mnt or '?'} into a "
+            f"{min(size, DEST_BYTES) >> 20} MiB destination (as a staging buffer); {cache}; best of "
+            f"{len(points)} (block, threads) points, each the median of {repeats} full reads; best at block "
+            f"{best[0] >> 10} KiB x {best[1]} thread(s), spread {best[3]:.3f}"
+            + ("; NOTE: this file system lives in memory, so this is a memory rate, not a disk's" if memfs else "")),
+        "data.disk": "[block_bytes, threads, bytes_per_s, spread]: "
+                     + "[" + ",".join(f"[{b},{t},{r:.4g},{s:.3g}]" for b, t, r, s in points) + "]",
+    }
+    return DiskRate(best[2], best[0], best[1], mode, str(path), size, fs, tuple(points), seconds, prov)
