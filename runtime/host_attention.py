@@ -13,7 +13,7 @@ Two implementations, same contract:
   (g++ and ninja) and cached in torch's extension directory (``TORCH_EXTENSIONS_DIR``, by default
   under the user's cache directory; never the source tree). Compiled for the CPU it runs on
   (``-march=native``; the build's name carries a digest of the CPU's feature flags, so a shared
-  cache directory never hands one CPU's build to another). AVX-512 when the CPU has it, portable
+  cache directory never hands one CPU's build to another, nor one source's build to another source). AVX-512 when the CPU has it, portable
   loops otherwise. Threads: torch's intra-op pool (``torch.set_num_threads``); work items are
   (row, kv head, 512-key chunk), taken longest first, so long rows split across threads even when
   there are fewer rows than threads. A query's result does not depend on the batch, on the number
@@ -66,7 +66,10 @@ def _cpu_tag() -> str:
 def _build():
     from torch.utils import cpp_extension
 
-    name = f"specoffload_host_attn_{_cpu_tag()}"
+    # The source's digest in the name too: checkouts with different kernel sources sharing one extension
+    # directory then never rebuild over each other's builds.
+    src_tag = hashlib.sha1(_SRC.read_bytes()).hexdigest()[:8]
+    name = f"specoffload_host_attn_{_cpu_tag()}_{src_tag}"
     flags = ["-O3", "-march=native", "-fno-math-errno"]
     return cpp_extension.load(name=name, sources=[str(_SRC)], extra_cflags=flags, verbose=False)
 
