@@ -205,10 +205,11 @@ struct Scratch {
   std::vector<float> s;    // [R, BLK] scores, then probabilities
   std::vector<int64_t> lo, hi;  // [R] visible key range of each query row
   std::vector<uint16_t> qbf;    // [R, Dh] the scaled queries in bf16 (bf16 caches with AVX-512 BF16)
+  std::vector<float> lv;        // [R, BLK] softmax denominators per lane (summed over lanes at the end)
   std::vector<float> kt;        // [Dh, BLK] the block's keys transposed (bf16 pairs: [Dh / 2, BLK] dwords)
   void resize(int64_t R, int64_t Dh) {
     q.resize(R * Dh); acc.resize(R * Dh); m.resize(R); l.resize(R); s.resize(R * BLK);
-    lo.resize(R); hi.resize(R); qbf.resize(R * Dh); kt.resize(Dh * BLK);
+    lo.resize(R); hi.resize(R); qbf.resize(R * Dh); kt.resize(Dh * BLK); lv.resize(R * BLK);
   }
 };
 
@@ -220,6 +221,10 @@ void attend_range(const Shape& sh, const T* kp, const T* vp, Scratch& sc, int64_
   float* qb = sc.q.data();
   float* acc = sc.acc.data();
   float* sb = sc.s.data();
+#if defined(__AVX512F__)
+  float* lvb = sc.lv.data();
+  std::fill(sc.lv.begin(), sc.lv.end(), 0.f);
+#endif
   for (int64_t j0 = j_begin; j0 < j_end; j0 += BLK) {
     const int64_t nb = std::min<int64_t>(BLK, j_end - j0);
     // Which rows see any key of this block.
@@ -298,13 +303,13 @@ void attend_range(const Shape& sh, const T* kp, const T* vp, Scratch& sc, int64_
         _mm512_storeu_ps(srow, p);
         if (mnew > sc.m[r]) {
           const float corr = std::exp(sc.m[r] - mnew);  // 0 when m was -inf
-          sc.l[r] *= corr;
           const __m512 cv = _mm512_set1_ps(corr);
+          _mm512_storeu_ps(lvb + r * BLK, _mm512_mul_ps(cv, _mm512_loadu_ps(lvb + r * BLK)));
           for (int64_t c = 0; c < Dh; c += 16)
             _mm512_storeu_ps(acc + r * Dh + c, _mm512_mul_ps(cv, _mm512_loadu_ps(acc + r * Dh + c)));
           sc.m[r] = mnew;
         }
-        sc.l[r] += _mm512_reduce_add_ps(p);
+        _mm512_storeu_ps(lvb + r * BLK, _mm512_add_ps(p, _mm512_loadu_ps(lvb + r * BLK)));
       }
       // acc[r] += sum_jj p[r, jj] * v[j0 + jj], rows in register-blocked groups.
       const T* v0 = vp + j0 * sh.vs2;
@@ -368,6 +373,10 @@ void attend_range(const Shape& sh, const T* kp, const T* vp, Scratch& sc, int64_
       }
     }
   }
+#if defined(__AVX512F__)
+  if (Dh % 16 == 0)
+    for (int64_t r = 0; r < R; ++r) sc.l[r] += _mm512_reduce_add_ps(_mm512_loadu_ps(lvb + r * BLK));
+#endif
 }
 
 struct Item {
