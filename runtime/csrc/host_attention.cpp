@@ -107,6 +107,7 @@ inline void transpose16(__m512* r) {
 // Scores of NR query rows against one block of 16 keys whose K is stored transposed: kt[d] holds
 // element d of the 16 keys. s[i] lane jj = sum over d (in order) of q[i, d] * k[jj, d]: every key
 // vector read once serves all NR rows, and the scores come out with keys in lanes (no horizontal sums).
+// q: the group's scaled queries transposed, q[d * NR + i] (one pointer serves all NR broadcasts).
 template <int NR>
 inline void scores_f32(const float* kt, const float* q, int64_t Dh, float* out) {
   __m512 s[NR];
@@ -115,14 +116,15 @@ inline void scores_f32(const float* kt, const float* q, int64_t Dh, float* out) 
   for (int64_t d = 0; d < Dh; ++d) {
     const __m512 kv = _mm512_loadu_ps(kt + d * 16);
     UNROLL
-    for (int i = 0; i < NR; ++i) s[i] = _mm512_fmadd_ps(_mm512_set1_ps(q[i * Dh + d]), kv, s[i]);
+    for (int i = 0; i < NR; ++i) s[i] = _mm512_fmadd_ps(_mm512_set1_ps(q[d * NR + i]), kv, s[i]);
   }
   UNROLL
   for (int i = 0; i < NR; ++i) _mm512_storeu_ps(out + i * 16, s[i]);
 }
 
 #if defined(__AVX512BF16__)
-// The same with bf16 pairs: kt2[p] lane jj holds (k[jj, 2p], k[jj, 2p + 1]); q in bf16, unscaled.
+// The same with bf16 pairs: kt2[p] lane jj holds (k[jj, 2p], k[jj, 2p + 1]); q: the group's queries in
+// bf16, unscaled, as pairs transposed, q[(p * NR + i) * 2 + e] = q[i, 2p + e].
 template <int NR>
 inline void scores_bf16(const float* kt2, const uint16_t* q, int64_t Dh, float scale, float* out) {
   __m512 s[NR];
@@ -133,7 +135,7 @@ inline void scores_bf16(const float* kt2, const uint16_t* q, int64_t Dh, float s
     UNROLL
     for (int i = 0; i < NR; ++i) {
       int32_t pair;
-      std::memcpy(&pair, q + i * Dh + 2 * p, sizeof(pair));
+      std::memcpy(&pair, q + (p * NR + i) * 2, sizeof(pair));
       s[i] = _mm512_dpbf16_ps(s[i], kv, (__m512bh)_mm512_set1_epi32(pair));
     }
   }
@@ -205,11 +207,13 @@ struct Scratch {
   std::vector<float> s;    // [R, BLK] scores, then probabilities
   std::vector<int64_t> lo, hi;  // [R] visible key range of each query row
   std::vector<uint16_t> qbf;    // [R, Dh] the scaled queries in bf16 (bf16 caches with AVX-512 BF16)
+  std::vector<float> qt;        // [R, Dh] scaled queries, each row group transposed (see scores_f32)
+  std::vector<uint16_t> qbt;    // [R, Dh] bf16 queries, each row group transposed in pairs (see scores_bf16)
   std::vector<float> lv;        // [R, BLK] softmax denominators per lane (summed over lanes at the end)
   std::vector<float> kt;        // [Dh, BLK] the block's keys transposed (bf16 pairs: [Dh / 2, BLK] dwords)
   void resize(int64_t R, int64_t Dh) {
     q.resize(R * Dh); acc.resize(R * Dh); m.resize(R); l.resize(R); s.resize(R * BLK);
-    lo.resize(R); hi.resize(R); qbf.resize(R * Dh); kt.resize(Dh * BLK); lv.resize(R * BLK);
+    lo.resize(R); hi.resize(R); qbf.resize(R * Dh); kt.resize(Dh * BLK); lv.resize(R * BLK); qt.resize(R * Dh); qbt.resize(R * Dh);
   }
 };
 
@@ -262,7 +266,7 @@ void attend_range(const Shape& sh, const T* kp, const T* vp, Scratch& sc, int64_
       for_row_groups(R, [&](int64_t r0, int nr) {
 #if defined(__AVX512BF16__)
         if (bf_dot) {
-          const uint16_t* qh = sc.qbf.data() + r0 * Dh;
+          const uint16_t* qh = sc.qbt.data() + r0 * Dh;
           float* o = sb + r0 * BLK;
           switch (nr) {
             case 24: scores_bf16<24>(kt, qh, Dh, sh.scale, o); break;
@@ -275,7 +279,7 @@ void attend_range(const Shape& sh, const T* kp, const T* vp, Scratch& sc, int64_
           return;
         }
 #endif
-        const float* qr = qb + r0 * Dh;
+        const float* qr = sc.qt.data() + r0 * Dh;
         float* o = sb + r0 * BLK;
         switch (nr) {
           case 24: scores_f32<24>(kt, qr, Dh, o); break;
@@ -445,6 +449,16 @@ void run(const Shape& sh, const float* q, const T* k, const T* v, const int64_t*
             for (int64_t c = 0; c < Dh; ++c) sc.qbf[r * Dh + c] = at::BFloat16(qs[c]).x;  // unscaled
         }
       std::fill(sc.acc.begin(), sc.acc.end(), 0.f);
+#if defined(__AVX512F__)
+      if (Dh % 16 == 0)
+        for_row_groups(R, [&](int64_t r0, int nr) {
+          for (int i = 0; i < nr; ++i)
+            for (int64_t d = 0; d < Dh; ++d) {
+              sc.qt[r0 * Dh + d * nr + i] = sc.q[(r0 + i) * Dh + d];
+              sc.qbt[r0 * Dh + ((d / 2) * nr + i) * 2 + d % 2] = sc.qbf[(r0 + i) * Dh + d];
+            }
+        });
+#endif
       const int64_t j_begin = std::max(it.chunk * CHUNK, (klo[b] / BLK) * BLK);
       const int64_t j_end = std::min((it.chunk + 1) * CHUNK, khi[b]);
       if (j_end > j_begin)
