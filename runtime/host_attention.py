@@ -63,14 +63,18 @@ def _cpu_tag() -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:10]
 
 
-def _build():
+def _build(extra_flags: tuple[str, ...] = ()):
+    """Build (or load the cached build of) the kernel; ``extra_flags`` (e.g. ``-mno-avx512f`` to build
+    the portable loops on an AVX-512 machine, as a test does) go into the build's name too."""
     from torch.utils import cpp_extension
 
     # The source's digest in the name too: checkouts with different kernel sources sharing one extension
     # directory then never rebuild over each other's builds.
     src_tag = hashlib.sha1(_SRC.read_bytes()).hexdigest()[:8]
     name = f"specoffload_host_attn_{_cpu_tag()}_{src_tag}"
-    flags = ["-O3", "-march=native", "-fno-math-errno"]
+    if extra_flags:
+        name += "_" + hashlib.sha1(" ".join(extra_flags).encode()).hexdigest()[:6]
+    flags = ["-O3", "-march=native", "-fno-math-errno", *extra_flags]
     return cpp_extension.load(name=name, sources=[str(_SRC)], extra_cflags=flags, verbose=False)
 
 
