@@ -15,7 +15,10 @@
 // that share a kv head and all T queries of the row are handled together, so each K/V vector is
 // read from memory once per (row, kv head). Chunks and the 16-key blocks inside them sit at fixed
 // absolute positions, so a query's result does not depend on the batch it is in, on T, or on the
-// number of threads (the same sums in the same order). Rows with several chunks write one partial
+// number of threads (the same sums in the same order). Inside a 16-key block (AVX-512 path) the keys
+// are transposed once into scratch, and the R = T*G query rows run in register-blocked groups of up to
+// 24: scores are sums over the head dim in order, one vector of 16 keys per row (no horizontal sums),
+// and P.V reads each V vector once per group. A row's sums never depend on the group it lands in. Rows with several chunks write one partial
 // (max, sum, accumulator) per chunk, merged in chunk order afterwards. Items are taken from a
 // shared counter, longest rows first, by as many threads as the torch intra-op pool has.
 #include <torch/extension.h>
@@ -237,6 +240,17 @@ void attend_range(const Shape& sh, const T* kp, const T* vp, Scratch& sc, int64_
     if (!any) continue;
 #if defined(__AVX512F__)
     if (Dh % 16 == 0) {
+      // Ask for the next block's K and V while this one is computed.
+      const int64_t n_next = std::min<int64_t>(BLK, j_end - (j0 + BLK));
+      const int64_t row_bytes = Dh * static_cast<int64_t>(sizeof(T));
+      for (int64_t jj = 0; jj < n_next; ++jj) {
+        const char* kn = reinterpret_cast<const char*>(kp + (j0 + BLK + jj) * sh.ks2);
+        const char* vn = reinterpret_cast<const char*>(vp + (j0 + BLK + jj) * sh.vs2);
+        for (int64_t off = 0; off < row_bytes; off += 64) {
+          _mm_prefetch(kn + off, _MM_HINT_T0);
+          _mm_prefetch(vn + off, _MM_HINT_T0);
+        }
+      }
       // Scores: s[r, jj] = q[r] . k[j0 + jj]. The block's keys are transposed once (keys into lanes),
       // then each query row's 16 scores are one vector of sums over d in order, whatever the row count.
 #if defined(__AVX512BF16__)
