@@ -12,15 +12,19 @@ Two implementations, same contract:
 - ``kernel``: runtime/csrc/host_attention.cpp, built on first use with torch.utils.cpp_extension
   (g++ and ninja) and cached in torch's extension directory (``TORCH_EXTENSIONS_DIR``, by default
   under the user's cache directory; never the source tree). Compiled for the CPU it runs on
-  (``-march=native``; the build's name carries a digest of the CPU's feature flags, so a shared
-  cache directory never hands one CPU's build to another). AVX-512 when the CPU has it, portable
-  loops otherwise. Threads: torch's intra-op pool (``torch.set_num_threads``); work items are
+  (``-march=native``; the build's name carries digests of the CPU's feature flags and of the source,
+  so a shared cache directory never hands one CPU's or one source's build to another). AVX-512 when
+  the CPU has it, portable loops otherwise. Threads: torch's intra-op pool (``torch.set_num_threads``); work items are
   (row, kv head, 512-key chunk), taken longest first, so long rows split across threads even when
   there are fewer rows than threads. A query's result does not depend on the batch, on the number
-  of new queries or on the thread count. Scores: per key a 16-lane partial dot product per query
-  row, summed 16 keys at a time by one transpose-and-add tree; with a bf16 cache on a CPU with
-  AVX-512 BF16 the dot products take bf16 pairs straight from the cache against the queries rounded
-  to bf16 (KVCache.attend hands them over in the cache dtype anyway; products are exact in fp32).
+  of new queries or on the thread count. Per block of 16 keys (AVX-512): the block's K is transposed
+  once in L1 (keys into lanes), then the query rows of a kv head (G heads x the new queries) run in
+  register-blocked groups of up to 24 rows, so each K vector loaded serves every row of the group and
+  each row's 16 scores come out as one vector (no horizontal sums); P.V likewise reads each V vector
+  once per group into up to 24 accumulators. With a bf16 cache on a CPU with AVX-512 BF16 the scores
+  take bf16 pairs straight from the cache against the queries rounded to bf16 (KVCache.attend hands
+  them over in the cache dtype anyway; products are exact in fp32); P.V stays fp32 for every cache
+  dtype (rounding P to bf16 would cost the 1e-5 exactness the tests hold it to).
 - ``torch``: the grouped matmul (the G query heads folded into the query axis against one K/V),
   over rows grouped by length so no row is padded past the next multiple of 64 keys; fp32 math
   (bf16/fp16 K/V are upcast per group, a copy this path pays for exactness). Used where the kernel cannot be built (said once, with the reason), or when
@@ -63,11 +67,18 @@ def _cpu_tag() -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:10]
 
 
-def _build():
+def _build(extra_flags: tuple[str, ...] = ()):
+    """Build (or load the cached build of) the kernel; ``extra_flags`` (e.g. ``-mno-avx512f`` to build
+    the portable loops on an AVX-512 machine, as a test does) go into the build's name too."""
     from torch.utils import cpp_extension
 
-    name = f"specoffload_host_attn_{_cpu_tag()}"
-    flags = ["-O3", "-march=native", "-fno-math-errno"]
+    # The source's digest in the name too: checkouts with different kernel sources sharing one extension
+    # directory then never rebuild over each other's builds.
+    src_tag = hashlib.sha1(_SRC.read_bytes()).hexdigest()[:8]
+    name = f"specoffload_host_attn_{_cpu_tag()}_{src_tag}"
+    if extra_flags:
+        name += "_" + hashlib.sha1(" ".join(extra_flags).encode()).hexdigest()[:6]
+    flags = ["-O3", "-march=native", "-fno-math-errno", *extra_flags]
     return cpp_extension.load(name=name, sources=[str(_SRC)], extra_cflags=flags, verbose=False)
 
 

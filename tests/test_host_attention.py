@@ -92,6 +92,43 @@ def test_matches_reference_on_random_ragged_batches(impl_name, data):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
+def test_portable_loops_match_reference():
+    """The kernel built without AVX-512 (the loops a CPU without it runs) against the reference."""
+    if ha.backend("kernel") != "kernel":
+        pytest.skip("the C++ kernel could not be built here")
+    mod = ha._build(("-mno-avx512f",))
+    assert not mod.has_avx512()
+    for seed, (lengths, T, G, Hkv, Dh, dtype, L, window) in enumerate([
+            ([0, 1, 70, 33], 5, 4, 2, 32, torch.float32, 80, None),
+            ([600, 3, 1100], 9, 3, 1, 16, torch.bfloat16, 1100, 37),
+            ([20, 80], 2, 8, 2, 20, torch.float16, 80, None)]):
+        q, k, v, q_pos, kv_len, rows = case(seed, lengths, T, G, Hkv, Dh, dtype, L)
+        got = mod.host_attention(q, k, v, rows, q_pos, kv_len, window or 0)
+        want = reference(q, k, v, q_pos, kv_len, window, rows).float()
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype,T,G,Dh", [(torch.float32, 9, 8, 128), (torch.bfloat16, 9, 5, 128),
+                                          (torch.float32, 3, 7, 16)])
+def test_row_groups_do_not_change_results(dtype, T, G, Dh):
+    """Many query rows per kv head (split into register-blocked groups) give each row bitwise what it gets
+    decoded alone, and match the reference."""
+    if ha.backend("kernel") != "kernel":
+        pytest.skip("the C++ kernel could not be built here")
+    q, k, v, q_pos, kv_len, rows = case(7, [530, 9, 200], T, G, 1, Dh, dtype, 600)
+    batch = ha.host_attention(q, k, v, q_pos, kv_len, rows=rows, impl="kernel")
+    torch.testing.assert_close(batch, reference(q, k, v, q_pos, kv_len, None, rows).float(), atol=1e-5, rtol=1e-5)
+    for b in range(3):
+        for t in range(T):
+            if int(q_pos[b, t]) >= int(kv_len[b]):
+                continue
+            alone = ha.host_attention(q[b:b + 1, t:t + 1], k, v, q_pos[b:b + 1, t:t + 1],
+                                      torch.minimum(kv_len[b:b + 1], q_pos[b:b + 1, t] + 1), rows=rows[b:b + 1],
+                                      impl="kernel")
+            assert torch.equal(alone[0, 0], batch[b, t])
+
+
 def test_query_seeing_no_key_is_zero(impl):
     q, k, v, q_pos, kv_len, rows = case(1, [0, 5], 2, 2, 2, 16, torch.float32, 8)
     q_pos[0] = torch.tensor([0, 1])  # row 0 has no keys at all

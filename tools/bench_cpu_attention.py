@@ -2,6 +2,7 @@
 
     python tools/bench_cpu_attention.py            # the full grid (several minutes)
     python tools/bench_cpu_attention.py --quick    # a few points (under a minute)
+    python tools/bench_cpu_attention.py --focus    # host vs grouped vs copy, interleaved, ratios only
 
 For each (KV dtype, Q new queries per row, context, batch, ragged or uniform lengths, threads) it times:
 
@@ -98,6 +99,63 @@ def run_point(dtype, Q, ctx, batch, ragged, threads, impls, args, g):
     return need_bytes, flops, out
 
 
+def focus(args) -> int:
+    """Q = 1, 2, 5, 9 at context 512, batch 32, one thread, fp32 and bf16, uniform and ragged: copy,
+    grouped and host timed in turn (interleaved) ``--rounds`` times; the medians of the per-round
+    ratios are printed, so load from other processes hits all three alike."""
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(0)
+    ints = lambda text: [int(x) for x in text.split(",") if x]  # noqa: E731
+    print(f"host attention path: {backend_note()}; one thread; context {args.focus_ctx}, batch {args.focus_batch}; "
+          f"load average {os.getloadavg()[0]:.1f}; medians of {args.rounds} interleaved rounds")
+    print(f"{'dtype':5} {'Q':>2} {'rows':7} | {'host/grouped':>12} | {'host/copy':>9} | {'grouped/copy':>12} | {'host GF':>7}")
+    for dname in args.dtypes.split(","):
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dname]
+        for Q in ints(args.queries):
+            for ragged in (False, True):
+                fns = make_fns(dtype, Q, args.focus_ctx, args.focus_batch, ragged, g)
+                nbytes, flops = fns.pop("_bytes"), fns.pop("_flops")
+                r_hg, r_hc, r_gc, gfs = [], [], [], []
+                for _ in range(args.rounds):
+                    t = {n: timeit(f, args.min_s, 1) for n, f in fns.items()}
+                    r_hg.append(t["grouped"] / t["host"])
+                    r_hc.append(t["copy"] / t["host"])
+                    r_gc.append(t["copy"] / t["grouped"])
+                    gfs.append(flops / t["host"] / 1e9)
+                med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+                print(f"{dname:5} {Q:>2} {'ragged' if ragged else 'uniform':7} | {med(r_hg):12.2f} | {med(r_hc):9.2f} | "
+                      f"{med(r_gc):12.2f} | {med(gfs):7.1f}", flush=True)
+    return 0
+
+
+def make_fns(dtype, Q, ctx, batch, ragged, g):
+    """Callables for copy, grouped and host over one point's data (each call reads another layer's KV)."""
+    lens = lengths_for(batch, ctx, ragged, g)
+    L = int(lens.max())
+    esize = torch.empty((), dtype=dtype).element_size()
+    n_layers = max(1, POOL_BYTES // (2 * batch * HKV * L * DH * esize))
+    k = torch.empty((n_layers, batch, HKV, L, DH), dtype=dtype).normal_(generator=g)
+    v = torch.empty((n_layers, batch, HKV, L, DH), dtype=dtype).normal_(generator=g)
+    q = torch.randn(batch, Q, H, DH, generator=g)
+    q_pos = (lens - Q).clamp(min=0)[:, None] + torch.arange(Q)[None, :]
+    need_bytes = float(lens.sum()) * HKV * DH * 2 * esize
+    n_src = max(1, min(n_layers, 4))
+    chunk = int(need_bytes) // esize
+    src = torch.empty(chunk * n_src, dtype=dtype).normal_(generator=g)
+    dst = torch.empty_like(src)
+    it, it_c = itertools.cycle(range(n_layers)), itertools.cycle(range(n_src))
+    qd = q.to(dtype)
+
+    def copy():
+        i = next(it_c)
+        dst[i * chunk:(i + 1) * chunk].copy_(src[i * chunk:(i + 1) * chunk])
+
+    return {"copy": copy,
+            "grouped": lambda: attention(qd, k[next(it)], v[next(it)], q_pos, lens, impl="grouped"),
+            "host": lambda: host_attention(qd, k[next(it)], v[next(it)], q_pos, lens, out_dtype=dtype),
+            "_bytes": need_bytes, "_flops": 4.0 * Q * float(lens.sum()) * H * DH}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="a few points only")
@@ -109,7 +167,14 @@ def main(argv=None) -> int:
     ap.add_argument("--contexts", default="128,512,1024,4096")
     ap.add_argument("--batches", default="1,8,32,256")
     ap.add_argument("--threads", default=None, help="thread counts (default: 1 and all usable cores)")
+    ap.add_argument("--focus", action="store_true",
+                    help="Q = --queries at one context and batch, one thread: interleaved ratios host/grouped, host/copy")
+    ap.add_argument("--rounds", type=int, default=7, help="--focus: interleaved rounds (median)")
+    ap.add_argument("--focus-ctx", type=int, default=512)
+    ap.add_argument("--focus-batch", type=int, default=32)
     args = ap.parse_args(argv)
+    if args.focus:
+        return focus(args)
     cores = usable_cores()
     ints = lambda text: [int(x) for x in text.split(",") if x]  # noqa: E731
     all_threads = ints(args.threads) if args.threads else sorted({1, cores})

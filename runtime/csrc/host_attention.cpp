@@ -15,7 +15,10 @@
 // that share a kv head and all T queries of the row are handled together, so each K/V vector is
 // read from memory once per (row, kv head). Chunks and the 16-key blocks inside them sit at fixed
 // absolute positions, so a query's result does not depend on the batch it is in, on T, or on the
-// number of threads (the same sums in the same order). Rows with several chunks write one partial
+// number of threads (the same sums in the same order). Inside a 16-key block (AVX-512 path) the keys
+// are transposed once into scratch, and the R = T*G query rows run in register-blocked groups of up to
+// 24: scores are sums over the head dim in order, one vector of 16 keys per row (no horizontal sums),
+// and P.V reads each V vector once per group. A row's sums never depend on the group it lands in. Rows with several chunks write one partial
 // (max, sum, accumulator) per chunk, merged in chunk order afterwards. Items are taken from a
 // shared counter, longest rows first, by as many threads as the torch intra-op pool has.
 #include <torch/extension.h>
@@ -25,6 +28,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <numeric>
 #include <type_traits>
@@ -36,9 +40,11 @@
 
 namespace {
 
+// Register-blocked loops must be unrolled completely for their accumulators to stay in registers.
+#define UNROLL _Pragma("GCC unroll 32")
+
 constexpr int64_t BLK = 16;      // keys per block (one vector of scores)
 constexpr int64_t CHUNK = 512;   // keys per work item (a multiple of BLK)
-constexpr int QG = 8;            // query rows kept in registers at once
 
 inline float to_f32(float x) { return x; }
 inline float to_f32(at::BFloat16 x) { return static_cast<float>(x); }
@@ -74,27 +80,118 @@ inline __m512 exp16(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
-// Lane-wise sums of 16 vectors: out[j] = sum of the 16 lanes of v[j].
-inline __m512 sum16(const __m512* v) {
-  __m512 w[4];
-  for (int m = 0; m < 4; ++m) {
-    __m512 s2[2];
-    for (int h = 0; h < 2; ++h) {
-      const __m512 x = v[4 * m + 2 * h], y = v[4 * m + 2 * h + 1];
-      // per 128-bit lane: [x0+x2, y0+y2, x1+x3, y1+y3]
-      s2[h] = _mm512_add_ps(_mm512_unpacklo_ps(x, y), _mm512_unpackhi_ps(x, y));
-    }
-    // per 128-bit lane: that lane's sums of v[4m], v[4m+1], v[4m+2], v[4m+3]
-    w[m] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(s2[0]), _mm512_castps_pd(s2[1]))),
-                         _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(s2[0]), _mm512_castps_pd(s2[1]))));
+// In-place transpose of a 16 x 16 matrix of 32-bit elements held as 16 vectors (row i -> vector i).
+inline void transpose16(__m512* r) {
+  __m512 t[16], u[16];
+  UNROLL
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
   }
-  // add the four 128-bit lanes: first pairwise within two vectors at a time, then across
-  const __m512 z01 = _mm512_add_ps(_mm512_shuffle_f32x4(w[0], w[1], _MM_SHUFFLE(2, 0, 2, 0)),
-                                   _mm512_shuffle_f32x4(w[0], w[1], _MM_SHUFFLE(3, 1, 3, 1)));
-  const __m512 z23 = _mm512_add_ps(_mm512_shuffle_f32x4(w[2], w[3], _MM_SHUFFLE(2, 0, 2, 0)),
-                                   _mm512_shuffle_f32x4(w[2], w[3], _MM_SHUFFLE(3, 1, 3, 1)));
-  return _mm512_add_ps(_mm512_shuffle_f32x4(z01, z23, _MM_SHUFFLE(2, 0, 2, 0)),
-                       _mm512_shuffle_f32x4(z01, z23, _MM_SHUFFLE(3, 1, 3, 1)));
+  // u[4i + k], 128-bit lane L: element 4L + k of rows 4i .. 4i + 3
+  UNROLL
+  for (int i = 0; i < 4; ++i) {
+    u[4 * i + 0] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+    u[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
+    u[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+    u[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+  }
+  UNROLL
+  for (int k = 0; k < 4; ++k) {
+    const __m512 a0 = _mm512_shuffle_f32x4(u[k], u[4 + k], 0x88), a1 = _mm512_shuffle_f32x4(u[k], u[4 + k], 0xDD);
+    const __m512 b0 = _mm512_shuffle_f32x4(u[8 + k], u[12 + k], 0x88), b1 = _mm512_shuffle_f32x4(u[8 + k], u[12 + k], 0xDD);
+    r[k] = _mm512_shuffle_f32x4(a0, b0, 0x88);
+    r[4 + k] = _mm512_shuffle_f32x4(a1, b1, 0x88);
+    r[8 + k] = _mm512_shuffle_f32x4(a0, b0, 0xDD);
+    r[12 + k] = _mm512_shuffle_f32x4(a1, b1, 0xDD);
+  }
+}
+
+// Scores of NR query rows against one block of 16 keys whose K is stored transposed: kt[d] holds
+// element d of the 16 keys. s[i] lane jj = sum over d (in order) of q[i, d] * k[jj, d]: every key
+// vector read once serves all NR rows, and the scores come out with keys in lanes (no horizontal sums).
+// q: the group's scaled queries transposed, q[d * NR + i] (one pointer serves all NR broadcasts).
+template <int NR>
+inline void scores_f32(const float* kt, const float* q, int64_t Dh, float* out) {
+  __m512 s[NR];
+  UNROLL
+  for (int i = 0; i < NR; ++i) s[i] = _mm512_setzero_ps();
+  for (int64_t d = 0; d < Dh; ++d) {
+    const __m512 kv = _mm512_loadu_ps(kt + d * 16);
+    UNROLL
+    for (int i = 0; i < NR; ++i) s[i] = _mm512_fmadd_ps(_mm512_set1_ps(q[d * NR + i]), kv, s[i]);
+  }
+  UNROLL
+  for (int i = 0; i < NR; ++i) _mm512_storeu_ps(out + i * 16, s[i]);
+}
+
+#if defined(__AVX512BF16__)
+// The same with bf16 pairs: kt2[p] lane jj holds (k[jj, 2p], k[jj, 2p + 1]); q: the group's queries in
+// bf16, unscaled, as pairs transposed, q[(p * NR + i) * 2 + e] = q[i, 2p + e].
+template <int NR>
+inline void scores_bf16(const float* kt2, const uint16_t* q, int64_t Dh, float scale, float* out) {
+  __m512 s[NR];
+  UNROLL
+  for (int i = 0; i < NR; ++i) s[i] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < Dh / 2; ++p) {
+    const __m512bh kv = (__m512bh)_mm512_castps_si512(_mm512_loadu_ps(kt2 + p * 16));
+    UNROLL
+    for (int i = 0; i < NR; ++i) {
+      int32_t pair;
+      std::memcpy(&pair, q + (p * NR + i) * 2, sizeof(pair));
+      s[i] = _mm512_dpbf16_ps(s[i], kv, (__m512bh)_mm512_set1_epi32(pair));
+    }
+  }
+  const __m512 sc = _mm512_set1_ps(scale);
+  UNROLL
+  for (int i = 0; i < NR; ++i) _mm512_storeu_ps(out + i * 16, _mm512_mul_ps(s[i], sc));
+}
+#endif
+
+// acc[i, :] += sum over jj < nb (in order) of p[i, jj] * v[jj, :], NC 16-wide slices of Dh at a time;
+// each V vector read once serves all NR rows.
+template <int NR, int NC, typename T>
+inline void pv_block(const T* v0, int64_t vs, int64_t nb, const float* p, float* acc, int64_t Dh) {
+  for (int64_t c = 0; c < Dh; c += 16 * NC) {
+    __m512 a[NR][NC];
+    UNROLL
+    for (int i = 0; i < NR; ++i)
+      UNROLL
+      for (int n = 0; n < NC; ++n) a[i][n] = _mm512_loadu_ps(acc + i * Dh + c + 16 * n);
+    for (int64_t jj = 0; jj < nb; ++jj) {
+      __m512 vv[NC];
+      UNROLL
+      for (int n = 0; n < NC; ++n) vv[n] = load16(v0 + jj * vs + c + 16 * n);
+      UNROLL
+      for (int i = 0; i < NR; ++i) {
+        const __m512 pb = _mm512_set1_ps(p[i * 16 + jj]);
+        UNROLL
+        for (int n = 0; n < NC; ++n) a[i][n] = _mm512_fmadd_ps(pb, vv[n], a[i][n]);
+      }
+    }
+    UNROLL
+    for (int i = 0; i < NR; ++i)
+      UNROLL
+      for (int n = 0; n < NC; ++n) _mm512_storeu_ps(acc + i * Dh + c + 16 * n, a[i][n]);
+  }
+}
+
+template <int NR, typename T>
+inline void pv_rows(const T* v0, int64_t vs, int64_t nb, const float* p, float* acc, int64_t Dh) {
+  constexpr int NC = NR >= 16 ? 1 : NR >= 8 ? 2 : 4;
+  if (Dh % (16 * NC) == 0) pv_block<NR, NC>(v0, vs, nb, p, acc, Dh);
+  else pv_block<NR, 1>(v0, vs, nb, p, acc, Dh);
+}
+
+// Rows [0, R) in groups of 24, 16, 8, 4, 2, 1 (a row's sums do not depend on its group).
+template <typename F>
+inline void for_row_groups(int64_t R, F&& f) {
+  for (int64_t r0 = 0; r0 < R;) {
+    const int64_t rem = R - r0;
+    const int nr = rem >= 24 ? 24 : rem >= 16 ? 16 : rem >= 8 ? 8 : rem >= 4 ? 4 : rem >= 2 ? 2 : 1;
+    f(r0, nr);
+    r0 += nr;
+  }
 }
 #endif
 
@@ -113,12 +210,13 @@ struct Scratch {
   std::vector<float> s;    // [R, BLK] scores, then probabilities
   std::vector<int64_t> lo, hi;  // [R] visible key range of each query row
   std::vector<uint16_t> qbf;    // [R, Dh] the scaled queries in bf16 (bf16 caches with AVX-512 BF16)
-#if defined(__AVX512F__)
-  __m512 part[QG * BLK];        // per-key partial dot products of up to QG rows
-#endif
+  std::vector<float> qt;        // [R, Dh] scaled queries, each row group transposed (see scores_f32)
+  std::vector<uint16_t> qbt;    // [R, Dh] bf16 queries, each row group transposed in pairs (see scores_bf16)
+  std::vector<float> lv;        // [R, BLK] softmax denominators per lane (summed over lanes at the end)
+  std::vector<float> kt;        // [Dh, BLK] the block's keys transposed (bf16 pairs: [Dh / 2, BLK] dwords)
   void resize(int64_t R, int64_t Dh) {
     q.resize(R * Dh); acc.resize(R * Dh); m.resize(R); l.resize(R); s.resize(R * BLK);
-    lo.resize(R); hi.resize(R); qbf.resize(R * Dh);
+    lo.resize(R); hi.resize(R); qbf.resize(R * Dh); kt.resize(Dh * BLK); lv.resize(R * BLK); qt.resize(R * Dh); qbt.resize(R * Dh);
   }
 };
 
@@ -130,6 +228,10 @@ void attend_range(const Shape& sh, const T* kp, const T* vp, Scratch& sc, int64_
   float* qb = sc.q.data();
   float* acc = sc.acc.data();
   float* sb = sc.s.data();
+#if defined(__AVX512F__)
+  float* lvb = sc.lv.data();
+  std::fill(sc.lv.begin(), sc.lv.end(), 0.f);
+#endif
   for (int64_t j0 = j_begin; j0 < j_end; j0 += BLK) {
     const int64_t nb = std::min<int64_t>(BLK, j_end - j0);
     // Which rows see any key of this block.
@@ -138,47 +240,70 @@ void attend_range(const Shape& sh, const T* kp, const T* vp, Scratch& sc, int64_
     if (!any) continue;
 #if defined(__AVX512F__)
     if (Dh % 16 == 0) {
-      // Scores: s[r, jj] = q[r] . k[j0 + jj]. Per key and row a 16-lane partial sum; the 16 keys' partials
-      // of a row are then summed lane-wise by one transpose-and-add tree (no per-dot horizontal sums).
+      // Ask for the next block's K and V while this one is computed.
+      const int64_t n_next = std::min<int64_t>(BLK, j_end - (j0 + BLK));
+      const int64_t row_bytes = Dh * static_cast<int64_t>(sizeof(T));
+      for (int64_t jj = 0; jj < n_next; ++jj) {
+        const char* kn = reinterpret_cast<const char*>(kp + (j0 + BLK + jj) * sh.ks2);
+        const char* vn = reinterpret_cast<const char*>(vp + (j0 + BLK + jj) * sh.vs2);
+        for (int64_t off = 0; off < row_bytes; off += 64) {
+          _mm_prefetch(kn + off, _MM_HINT_T0);
+          _mm_prefetch(vn + off, _MM_HINT_T0);
+        }
+      }
+      // Scores: s[r, jj] = q[r] . k[j0 + jj]. The block's keys are transposed once (keys into lanes),
+      // then each query row's 16 scores are one vector of sums over d in order, whatever the row count.
 #if defined(__AVX512BF16__)
       const bool bf_dot = std::is_same<T, at::BFloat16>::value && Dh % 32 == 0;
 #else
       const bool bf_dot = false;
 #endif
-      for (int64_t r0 = 0; r0 < R; r0 += QG) {
-        const int nr = static_cast<int>(std::min<int64_t>(QG, R - r0));
-        __m512* tmp = sc.part;
-        for (int64_t jj = 0; jj < nb; ++jj) {
-          const T* kj = kp + (j0 + jj) * sh.ks2;
-          __m512 a[QG];
-          for (int i = 0; i < QG; ++i) a[i] = _mm512_setzero_ps();
-#if defined(__AVX512BF16__)
-          if (bf_dot) {
-            // bf16 pairs straight from the cache against the bf16 queries (products exact, fp32 sums;
-            // the scale is applied to the sums)
-            const uint16_t* qh = sc.qbf.data() + r0 * Dh;
-            for (int64_t c = 0; c < Dh; c += 32) {
-              const __m512bh kv = (__m512bh)_mm512_loadu_si512(reinterpret_cast<const void*>(kj + c));
-              for (int i = 0; i < QG; ++i)
-                if (i < nr) a[i] = _mm512_dpbf16_ps(a[i], kv, (__m512bh)_mm512_loadu_si512(qh + i * Dh + c));
-            }
-          } else
-#endif
-          {
-            for (int64_t c = 0; c < Dh; c += 16) {
-              const __m512 kv = load16(kj + c);
-              for (int i = 0; i < QG; ++i)
-                if (i < nr) a[i] = _mm512_fmadd_ps(kv, _mm512_loadu_ps(qb + (r0 + i) * Dh + c), a[i]);
-            }
-          }
-          for (int i = 0; i < nr; ++i) tmp[i * BLK + jj] = a[i];
+      float* kt = sc.kt.data();
+      __m512 rr[16];
+      if (bf_dot) {
+        // 32 bf16 of a key = 16 dwords (pairs); transpose dwords so kt[p] lane jj = pair p of key jj
+        for (int64_t c = 0; c < Dh; c += 32) {
+          for (int64_t jj = 0; jj < BLK; ++jj)
+            rr[jj] = jj < nb ? _mm512_loadu_ps(reinterpret_cast<const float*>(kp + (j0 + jj) * sh.ks2 + c))
+                             : _mm512_setzero_ps();
+          transpose16(rr);
+          for (int i = 0; i < 16; ++i) _mm512_storeu_ps(kt + (c / 2 + i) * BLK, rr[i]);
         }
-        for (int i = 0; i < nr; ++i) {
-          for (int64_t jj = nb; jj < BLK; ++jj) tmp[i * BLK + jj] = _mm512_setzero_ps();
-          const __m512 d = sum16(tmp + i * BLK);
-          _mm512_storeu_ps(sb + (r0 + i) * BLK, bf_dot ? _mm512_mul_ps(d, _mm512_set1_ps(sh.scale)) : d);
+      } else {
+        for (int64_t c = 0; c < Dh; c += 16) {
+          for (int64_t jj = 0; jj < BLK; ++jj)
+            rr[jj] = jj < nb ? load16(kp + (j0 + jj) * sh.ks2 + c) : _mm512_setzero_ps();
+          transpose16(rr);
+          for (int i = 0; i < 16; ++i) _mm512_storeu_ps(kt + (c + i) * BLK, rr[i]);
         }
       }
+      for_row_groups(R, [&](int64_t r0, int nr) {
+#if defined(__AVX512BF16__)
+        if (bf_dot) {
+          const uint16_t* qh = sc.qbt.data() + r0 * Dh;
+          float* o = sb + r0 * BLK;
+          switch (nr) {
+            case 24: scores_bf16<24>(kt, qh, Dh, sh.scale, o); break;
+            case 16: scores_bf16<16>(kt, qh, Dh, sh.scale, o); break;
+            case 8: scores_bf16<8>(kt, qh, Dh, sh.scale, o); break;
+            case 4: scores_bf16<4>(kt, qh, Dh, sh.scale, o); break;
+            case 2: scores_bf16<2>(kt, qh, Dh, sh.scale, o); break;
+            default: scores_bf16<1>(kt, qh, Dh, sh.scale, o); break;
+          }
+          return;
+        }
+#endif
+        const float* qr = sc.qt.data() + r0 * Dh;
+        float* o = sb + r0 * BLK;
+        switch (nr) {
+          case 24: scores_f32<24>(kt, qr, Dh, o); break;
+          case 16: scores_f32<16>(kt, qr, Dh, o); break;
+          case 8: scores_f32<8>(kt, qr, Dh, o); break;
+          case 4: scores_f32<4>(kt, qr, Dh, o); break;
+          case 2: scores_f32<2>(kt, qr, Dh, o); break;
+          default: scores_f32<1>(kt, qr, Dh, o); break;
+        }
+      });
       // Online softmax update per query row, 16 keys at a time.
       const __m512i jv = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(j0)),
                                           _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
@@ -196,28 +321,28 @@ void attend_range(const Shape& sh, const T* kp, const T* vp, Scratch& sc, int64_
         _mm512_storeu_ps(srow, p);
         if (mnew > sc.m[r]) {
           const float corr = std::exp(sc.m[r] - mnew);  // 0 when m was -inf
-          sc.l[r] *= corr;
           const __m512 cv = _mm512_set1_ps(corr);
+          _mm512_storeu_ps(lvb + r * BLK, _mm512_mul_ps(cv, _mm512_loadu_ps(lvb + r * BLK)));
           for (int64_t c = 0; c < Dh; c += 16)
             _mm512_storeu_ps(acc + r * Dh + c, _mm512_mul_ps(cv, _mm512_loadu_ps(acc + r * Dh + c)));
           sc.m[r] = mnew;
         }
-        sc.l[r] += _mm512_reduce_add_ps(p);
+        _mm512_storeu_ps(lvb + r * BLK, _mm512_add_ps(p, _mm512_loadu_ps(lvb + r * BLK)));
       }
-      // acc[r] += sum_jj p[r, jj] * v[j0 + jj], one 16-wide slice of Dh at a time.
-      for (int64_t c = 0; c < Dh; c += 16) {
-        for (int64_t r0 = 0; r0 < R; r0 += QG) {
-          const int nr = static_cast<int>(std::min<int64_t>(QG, R - r0));
-          __m512 a[QG];
-          for (int i = 0; i < QG; ++i) a[i] = i < nr ? _mm512_loadu_ps(acc + (r0 + i) * Dh + c) : _mm512_setzero_ps();
-          for (int64_t jj = 0; jj < nb; ++jj) {
-            const __m512 vv = load16(vp + (j0 + jj) * sh.vs2 + c);
-            for (int i = 0; i < QG; ++i)
-              if (i < nr) a[i] = _mm512_fmadd_ps(_mm512_set1_ps(sb[(r0 + i) * BLK + jj]), vv, a[i]);
-          }
-          for (int i = 0; i < nr; ++i) _mm512_storeu_ps(acc + (r0 + i) * Dh + c, a[i]);
+      // acc[r] += sum_jj p[r, jj] * v[j0 + jj], rows in register-blocked groups.
+      const T* v0 = vp + j0 * sh.vs2;
+      for_row_groups(R, [&](int64_t r0, int nr) {
+        const float* pr = sb + r0 * BLK;
+        float* ar = acc + r0 * Dh;
+        switch (nr) {
+          case 24: pv_rows<24>(v0, sh.vs2, nb, pr, ar, Dh); break;
+          case 16: pv_rows<16>(v0, sh.vs2, nb, pr, ar, Dh); break;
+          case 8: pv_rows<8>(v0, sh.vs2, nb, pr, ar, Dh); break;
+          case 4: pv_rows<4>(v0, sh.vs2, nb, pr, ar, Dh); break;
+          case 2: pv_rows<2>(v0, sh.vs2, nb, pr, ar, Dh); break;
+          default: pv_rows<1>(v0, sh.vs2, nb, pr, ar, Dh); break;
         }
-      }
+      });
       continue;
     }
 #endif
@@ -266,6 +391,10 @@ void attend_range(const Shape& sh, const T* kp, const T* vp, Scratch& sc, int64_
       }
     }
   }
+#if defined(__AVX512F__)
+  if (Dh % 16 == 0)
+    for (int64_t r = 0; r < R; ++r) sc.l[r] += _mm512_reduce_add_ps(_mm512_loadu_ps(lvb + r * BLK));
+#endif
 }
 
 struct Item {
@@ -334,6 +463,16 @@ void run(const Shape& sh, const float* q, const T* k, const T* v, const int64_t*
             for (int64_t c = 0; c < Dh; ++c) sc.qbf[r * Dh + c] = at::BFloat16(qs[c]).x;  // unscaled
         }
       std::fill(sc.acc.begin(), sc.acc.end(), 0.f);
+#if defined(__AVX512F__)
+      if (Dh % 16 == 0)
+        for_row_groups(R, [&](int64_t r0, int nr) {
+          for (int i = 0; i < nr; ++i)
+            for (int64_t d = 0; d < Dh; ++d) {
+              sc.qt[r0 * Dh + d * nr + i] = sc.q[(r0 + i) * Dh + d];
+              sc.qbt[r0 * Dh + ((d / 2) * nr + i) * 2 + d % 2] = sc.qbf[(r0 + i) * Dh + d];
+            }
+        });
+#endif
       const int64_t j_begin = std::max(it.chunk * CHUNK, (klo[b] / BLK) * BLK);
       const int64_t j_end = std::min((it.chunk + 1) * CHUNK, khi[b]);
       if (j_end > j_begin)
