@@ -280,7 +280,7 @@ def test_nothing_left_to_run_says_so(plan, tmp_path, capsys, no_model):
     out.write_text(out_line("p0") + out_line("p1"))
     assert run(plan, prompts, out, "--report", str(tmp_path / "r.yaml")) == 0
     cap = capsys.readouterr()
-    assert "nothing to run: all 2 prompts" in cap.err and "-100" not in cap.out + cap.err and cap.out == ""
+    assert "nothing to run: all 2 prompts" in cap.err and "-100%" not in cap.out + cap.err and cap.out == ""
     assert out.read_text() == out_line("p0") + out_line("p1")
 
 
