@@ -34,7 +34,7 @@ import time
 from collections import deque
 from pathlib import Path
 
-from .run_cli import RunError, read_prompts, resolve_models, simulate_first
+from .run_cli import RunError, open_output, read_prompts, resolve_models, simulate_first
 
 OBJECT_STORE_BYTES = 128 * 2**20  # a local cluster's object store: results are small JSON lines
 LABEL = "specoffload-profile"  # the Ray node label that picks a node's plan among --ray-plans
@@ -332,15 +332,8 @@ def run_cluster(args: argparse.Namespace, out, guard=None) -> int:
                                "(and the same draft, where both draft)")
             plans[extra.strip()] = other
     prompts = read_prompts(args.prompts)
-    out_path = out.path
-    done = out.open()
-    if out.dropped_bytes:
-        print(f"specoffload-run: {out_path}: dropped an unfinished last line ({out.dropped_bytes} bytes, left by an "
-              "interrupted write); that sequence is run again", file=sys.stderr)
-    todo = [p for p in prompts if p.id not in done]
+    done, todo = open_output(out, prompts, args.prompts)
     if not todo:
-        print(f"specoffload-run: nothing to run: all {len(prompts)} prompts of {args.prompts} are already in "
-              f"{out_path} (give a new --output to run them again)", file=sys.stderr)
         return 0
     sim, notes = (None, ["pre-run simulation skipped (--no-simulate)"]) if args.no_simulate else \
         simulate_first(plan, args.profile, args.force)

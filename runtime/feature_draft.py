@@ -524,10 +524,7 @@ def count_feature_acceptance(target, head: FeatureHead, prompts, k: int, max_new
                 d.append(int(logits[0].argmax()))
                 tokens, feats = torch.tensor([[d[-1]]]), pred[:, None]
             truth = out[p:p + k]
-            n_acc = 0
-            while n_acc < len(truth) and d[n_acc] == truth[n_acc]:
-                n_acc += 1
-            counts.record(n_acc, len(truth))
+            n_acc = counts.record_match(d, truth)
             p += n_acc + 1
         counts.target_tokens += len(out)
         counts.sequences += 1

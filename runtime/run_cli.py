@@ -120,6 +120,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
+def open_output(out: OutputFile, prompts: list[Prompt], prompts_path: str) -> tuple[set[str], list[Prompt]]:
+    """Check, lock and read the output file; (ids already finished, prompts still to run). Says so when a torn
+    last line was dropped, and when nothing is left to run (the caller then stops)."""
+    done = out.open()
+    if out.dropped_bytes:
+        print(f"specoffload-run: {out.path}: dropped an unfinished last line ({out.dropped_bytes} bytes, left by an "
+              "interrupted write); that sequence is run again", file=sys.stderr)
+    todo = [p for p in prompts if p.id not in done]
+    if not todo:
+        print(f"specoffload-run: nothing to run: all {len(prompts)} prompts of {prompts_path} are already in "
+              f"{out.path} (give a new --output to run them again)", file=sys.stderr)
+    return done, todo
+
+
 def simulate_first(plan: Plan, profile_ref: str | None, force: bool) -> tuple[object | None, list[str]]:
     """Simulate the plan; refuse it (RunError) if the simulator rejects it, unless forced."""
     from specoffload.planner.sim import simulate
@@ -230,14 +244,8 @@ def _run(args: argparse.Namespace, out: OutputFile, guard: SignalGuard | None) -
         raise RunError(f"{target_dir}: no tokenizer.json (the run needs the target's tokenizer)")
     # The output file is checked, locked and read before anything heavy is loaded.
     out_path = out.path
-    done = out.open()
-    if out.dropped_bytes:
-        print(f"specoffload-run: {out_path}: dropped an unfinished last line ({out.dropped_bytes} bytes, left by an "
-              "interrupted write); that sequence is run again", file=sys.stderr)
-    todo = [p for p in prompts if p.id not in done]
+    done, todo = open_output(out, prompts, args.prompts)
     if not todo:
-        print(f"specoffload-run: nothing to run: all {len(prompts)} prompts of {args.prompts} are already in "
-              f"{out_path} (give a new --output to run them again)", file=sys.stderr)
         return 0
 
     import torch

@@ -57,6 +57,14 @@ class AcceptanceCounts:
             self.accepted[i] += 1
         self.rounds += 1
 
+    def record_match(self, proposed: Sequence[int], truth: Sequence[int]) -> int:
+        """One greedy round: record how many leading draft tokens equal the target's, and return that count."""
+        n = 0
+        while n < len(truth) and proposed[n] == truth[n]:
+            n += 1
+        self.record(n, len(truth))
+        return n
+
     def per_position(self) -> tuple[float, ...]:
         """a_i for the positions that were tried at least once (a vector ends at its last tried position;
         Workload reuses the last value beyond it)."""
@@ -156,10 +164,7 @@ def _draft_rounds(draft, prompts: list[list[int]], outs: list[list[int]], k: int
         for b, s in enumerate(active):
             p, P = done_p[s], len(prompts[s])
             truth = outs[s][p:p + k]
-            n_acc = 0
-            while n_acc < len(truth) and proposals[b][n_acc] == truth[n_acc]:
-                n_acc += 1
-            counts.record(n_acc, len(truth))
+            n_acc = counts.record_match(proposals[b], truth)
             # The cache holds the context (P + p tokens) then d_1..d_{k-1}; keep the accepted ones.
             keep = P + p + min(n_acc, k - 1)
             cache.rollback([s], [keep])
@@ -187,10 +192,7 @@ def acceptance_reference(target, draft, prompts: Sequence[Sequence[int]], k: int
                     logits = draft.logits_full(torch.tensor([ctx + d]))
                     d.append(int(logits[0, -1].argmax()))
                 truth = out[p:p + k]
-                n_acc = 0
-                while n_acc < len(truth) and d[n_acc] == truth[n_acc]:
-                    n_acc += 1
-                counts.record(n_acc, len(truth))
+                n_acc = counts.record_match(d, truth)
                 p += n_acc + 1
             counts.target_tokens += len(out)
             counts.sequences += 1
