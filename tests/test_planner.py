@@ -246,6 +246,11 @@ def test_placement_lp_matches_closed_form(monkeypatch, knobs):
     box = pl._placement_box(knobs)
     caps = pl.caps
     mem = pl.cm.memory_terms(knobs)
+    # The LP's own placement keeps every finite memory tier (Mixtral's 87 GiB of weights cannot all sit on
+    # a 24 GiB card, so an LP that dropped its memory rows would place them there and fail here at once).
+    for tier, form in mem.items():
+        if math.isfinite(caps[tier]):
+            assert form.at(cand.placement) <= caps[tier] * (1 + 1e-9) + 1, tier
     for a in range(0, L + 1, 4):
         for f in range(0, L + 1, 4):
             for kv in sorted({0, b // 4, b // 2, b}):

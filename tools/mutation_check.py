@@ -95,7 +95,7 @@ MUTATIONS: tuple[Mutation, ...] = (
       "objective_const=0.0)", ("tests/test_planner.py", "-k", "closed_form or by_hand or worked_out"),
       "the LP's objective leaves out the serial part of a slot"),
     M("lp-ignores-memory", "planner/planner.py", "            if math.isfinite(self.caps[tier]):\n                at_most(",
-      "            if False:\n                at_most(", ("tests/test_planner.py", "-k", "plan_fits_memory or grid_search"),
+      "            if False:\n                at_most(", ("tests/test_planner.py", "-k", "lp_matches_closed_form"),
       "the placement LP ignores memory capacities"),
     # --- simulator --------------------------------------------------------------------------------
     M("heap-popped-in-list-order", "planner/sim/engine.py", "            ev = pop(heap)\n",
