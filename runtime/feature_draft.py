@@ -504,27 +504,38 @@ def count_feature_acceptance(target, head: FeatureHead, prompts, k: int, max_new
     committed: the head drafts after the target's own first token, as in the engine) gives the head the
     target's features of every committed position but the newest, paired with the token that followed
     each; the head drafts k tokens; draft token i is tried when 1..i-1 were accepted and accepted when it
-    equals the target's token there; the next point is p + n + 1. Each point recomputes from scratch
-    (the target over the context, a fresh head cache), so it needs no rollback logic to be right.
+    equals the target's token there; the next point is p + n + 1.
+
+    Incremental, as the engine runs: the target's features come from one pass over the prompt and its
+    greedy output (position i's feature depends on tokens 0..i only, so every point reads the same ones);
+    the head's one-layer cache keeps the true-feature pairs fed so far, each point feeds only the pairs
+    since the last one, drafts, and rolls its k - 1 predicted entries back. Linear in the output's length
+    (recomputing each point from scratch was quadratic: slow on long prompts); same counts.
     """
     from .generate import generate
 
     outs = [g.tokens for g in generate(target, [list(p) for p in prompts], max_new_tokens)]
     for prompt, out in zip(prompts, outs):
+        seq = list(prompt) + out
+        n_prompt = len(prompt)
+        if len(out) > 1:
+            cache = target.new_cache(1, len(seq))
+            feats_all = target.forward(torch.tensor([seq[:-1]]), cache, logits="hidden")  # [1, len-1, D]: f_0..
+            hc = head.new_cache(1, len(seq) + k)
+            fed = 0  # pairs (t_{i+1}, f_i) in the head's cache: i < fed
         p = 1
         while p < len(out):
-            ctx = list(prompt) + out[:p]
-            cache = target.new_cache(1, len(ctx))
-            feats = target.forward(torch.tensor([ctx]), cache, logits="hidden")[:, :-1]  # [1, L-1, D]
-            hc = head.new_cache(1, len(ctx) + k)
-            tokens = torch.tensor([ctx[1:]])
+            n_ctx = n_prompt + p  # the context: prompt + out[:p]; pairs i = 0 .. n_ctx - 2 are known
+            tokens = torch.tensor([seq[fed + 1:n_ctx]])
+            feats = feats_all[:, fed:n_ctx - 1]
             d = []
             for _ in range(k):
                 pred, logits = head.forward(hc, [0], tokens, feats, torch.tensor([tokens.shape[1]]))
                 d.append(int(logits[0].argmax()))
                 tokens, feats = torch.tensor([[d[-1]]]), pred[:, None]
-            truth = out[p:p + k]
-            n_acc = counts.record_match(d, truth)
+            fed = n_ctx - 1
+            hc.rollback([0], [fed])  # keep the true-feature pairs only
+            n_acc = counts.record_match(d, out[p:p + k])
             p += n_acc + 1
         counts.target_tokens += len(out)
         counts.sequences += 1
