@@ -222,7 +222,8 @@ def measure_here(args, name: str, progress: bool = True, warn=None, quiet_disk: 
 
         if not args.disk_file:
             check_folder(args.disk)  # before minutes of other probes
-    result = run_profile(cfg, device, name=name, progress=progress, threads=threads, warn=warn)
+    result = run_profile(cfg, device, name=name, progress=progress, threads=threads,
+                         **({"warn": warn} if warn is not None else {}))
     if args.disk is not None:
         import dataclasses
 
