@@ -533,6 +533,8 @@ def _drive(ray, args, plans, prompts, done, todo, notes, out, guard, tqdm, dump_
     print(f"cluster run: {summary['sequences']} sequences, {tokens} tokens in {wall:.2f} s "
           f"({summary['throughput_tokens_per_s']:.1f} tok/s; start-up {startup:.1f} s); {n_eng} engines, "
           f"{summary['engines_lost']} lost, {retried} shards retried")
+    for ev in lost_events:  # what happened to a lost engine, in the end summary as in the report's events
+        print(f"  {ev}; its unfinished shards went back to the queue")
     for q in per:
         print(f"  engine {q['index']} on {q['node']} ({q['device']}): {q['shards']} shards, {q['sequences']} seq, "
               f"{q['tokens']} tok, {q['tokens_per_s_busy']:.1f} tok/s busy, {q['tokens_per_s_wall']:.1f} tok/s of the "
