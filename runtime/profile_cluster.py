@@ -123,7 +123,7 @@ def merge_profiles(profiles: list, name: str, nodes: list[str]):
     changes: dict = {}
     for f in dataclasses.fields(HardwareProfile):
         vals = [getattr(p, f.name) for p in profiles]
-        v0 = vals[0]
+        v0 = next((v for v in vals if v is not None), None)  # a figure one node could not measure: the others'
         if f.name in _FLOOR:
             changes[f.name] = min(vals)
         elif f.name in _CEIL:
@@ -134,9 +134,8 @@ def merge_profiles(profiles: list, name: str, nodes: list[str]):
             if all(x == xs[0] for x in xs):
                 changes[f.name] = Curve(tuple((x, statistics.median(c.points[i][1] for c in curves))
                                               for i, x in enumerate(xs[0])))
-        elif isinstance(v0, float) or (v0 is None and any(isinstance(v, float) for v in vals)):
-            nums = [v for v in vals if v is not None]
-            changes[f.name] = statistics.median(nums) if nums else None
+        elif isinstance(v0, float):
+            changes[f.name] = statistics.median(v for v in vals if v is not None)
     missing = tuple(m for m in first.missing if changes.get(m, getattr(first, m)) is None)
     prov = dict(first.provenance)
     prov["host"] = ", ".join(p.provenance.get("host", "?") for p in profiles)

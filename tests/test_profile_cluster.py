@@ -58,6 +58,10 @@ def test_a_kind_s_profile_is_the_median_of_its_nodes_with_the_smallest_memory():
         [2 * y for _, y in base.gpu_matmul_flops_per_s.points])
     assert m.provenance["cluster.nodes"] == "a, b, c" and "median" in m.provenance["cluster.merge"]
     assert all(f"cluster.node.{n}" in m.provenance for n in "abc")
+    # A figure one node could not measure comes from the others, and is no longer missing.
+    lacking = dataclasses.replace(profs[0], cpu_mem_bandwidth_bytes_per_s=None, missing=("cpu_mem_bandwidth_bytes_per_s",))
+    m2 = merge_profiles([lacking, profs[1]], "k", ["a", "b"])
+    assert m2.cpu_mem_bandwidth_bytes_per_s == profs[1].cpu_mem_bandwidth_bytes_per_s and not m2.missing
     one = merge_profiles(profs[:1], "solo", ["a"])
     assert one.name == "solo" and one.host_mem_bytes == 30 * 2**30 and one.provenance["cluster.nodes"] == "a"
 
