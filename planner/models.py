@@ -334,9 +334,55 @@ def load_model_spec(name_or_path: str) -> ModelSpec:
     return from_hf_config(config, name, source=ref, feature_draft=head)
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
+
+
+def pickle_weights_file(folder: Path) -> Path | None:
+    """The one pickle weights file (pytorch_model.bin, as EAGLE-1 heads ship) of a folder without safetensors."""
+    try:
+        if any(folder.glob("*.safetensors")) or (folder / "model.safetensors.index.json").is_file():
+            return None
+        found = sorted(p for p in folder.iterdir() if p.name.endswith(PICKLE_SUFFIXES) and p.is_file())
+    except OSError:
+        return None
+    return found[0] if len(found) == 1 else None
+
+
+def pickle_strings(path: Path, limit: int = 1 << 26) -> set[str]:
+    """The strings a torch.save pickle holds (a state dict's tensor names among them), read with pickletools'
+    opcode reader: nothing is unpickled, no code runs. Zip files (torch >= 1.6) read their data.pkl; the
+    legacy format its first pickles (magic, protocol, system info, the object)."""
+    import io
+    import pickletools
+    import zipfile
+
+    def scan(stream, count: int) -> set[str]:
+        out: set[str] = set()
+        for _ in range(count):
+            try:
+                for op, arg, _pos in pickletools.genops(stream):
+                    if isinstance(arg, str):
+                        out.add(arg)
+            except Exception:  # noqa: BLE001 - not a pickle (or its end): what was read so far is the answer
+                break
+        return out
+
+    if zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as z:
+                pkl = next((n for n in z.namelist() if n.endswith("data.pkl")), None)
+                if pkl is None or z.getinfo(pkl).file_size > limit:
+                    return set()
+                return scan(io.BytesIO(z.read(pkl)), 1)
+        except zipfile.BadZipFile:
+            return set()
+    with open(path, "rb") as f:
+        return scan(f, 4)
+
+
 def _has_fc_tensor(folder: Path) -> bool:
-    """Whether a model folder's safetensors hold an EAGLE head's ``fc.weight`` (read from the file header,
-    without torch)."""
+    """Whether a model folder's weights hold an EAGLE head's ``fc.weight`` (read from the safetensors header, or
+    from a pickle's opcodes without unpickling it; without torch)."""
     import struct
 
     index = folder / "model.safetensors.index.json"
@@ -345,6 +391,8 @@ def _has_fc_tensor(folder: Path) -> bool:
             return "fc.weight" in json.loads(index.read_text()).get("weight_map", {})
         files = [folder / "model.safetensors"] if (folder / "model.safetensors").is_file() \
             else sorted(folder.glob("*.safetensors"))
+        if not files and pickle_weights_file(folder) is not None:
+            return "fc.weight" in pickle_strings(pickle_weights_file(folder))
         if len(files) != 1:
             return False
         with open(files[0], "rb") as f:

@@ -235,6 +235,8 @@ def connect(ray, address: str, workers: int, threads: int | None) -> bool:
     if ray.is_initialized():
         return False
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no network calls from a batch job
+    if address != "local":
+        check_reachable(address)
     try:
         if address == "local":
             ray.init(num_cpus=max(1, workers) * (threads or 1), include_dashboard=False,
@@ -245,6 +247,19 @@ def connect(ray, address: str, workers: int, threads: int | None) -> bool:
         raise RunError(f"--ray {address}: cannot join the Ray cluster ({exc}); start it with `ray start --head` "
                        "on the head node, or use --ray local") from None
     return True
+
+
+def check_reachable(address: str, timeout: float = 10.0) -> None:
+    """A HOST:PORT nobody answers on is refused at once (ray.init would retry it for many minutes)."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or "://" in address:
+        return  # 'auto', ray://... : Ray resolves these itself and fails fast when there is nothing
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise RunError(f"--ray {address}: nothing answers there ({exc.strerror or exc}); start the cluster with "
+                       "`ray start --head` on the head node and give its address (HOST:6379), or use --ray local") \
+            from None
 
 
 def engine_slots(ray, workers: int, per_node: int | None, threads: int | None) -> list[tuple[str, str, bool, str]]:
@@ -518,6 +533,8 @@ def _drive(ray, args, plans, prompts, done, todo, notes, out, guard, tqdm, dump_
     print(f"cluster run: {summary['sequences']} sequences, {tokens} tokens in {wall:.2f} s "
           f"({summary['throughput_tokens_per_s']:.1f} tok/s; start-up {startup:.1f} s); {n_eng} engines, "
           f"{summary['engines_lost']} lost, {retried} shards retried")
+    for ev in lost_events:  # what happened to a lost engine, in the end summary as in the report's events
+        print(f"  {ev}; its unfinished shards went back to the queue")
     for q in per:
         print(f"  engine {q['index']} on {q['node']} ({q['device']}): {q['shards']} shards, {q['sequences']} seq, "
               f"{q['tokens']} tok, {q['tokens_per_s_busy']:.1f} tok/s busy, {q['tokens_per_s_wall']:.1f} tok/s of the "

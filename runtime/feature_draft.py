@@ -28,7 +28,9 @@ Layouts read:
     ``transformer_layer_config``, ``fusion_bias`` / ``layernorms`` flags, and tensors ``fusion_fc.*``,
     ``transformer.*`` (the layer, same inner names), ``embedding_layernorm.weight``,
     ``pre_lm_head_layernorm.weight``.
-Both are safetensors only (a single file or an index of shards), as the rest of the loader.
+Both in safetensors (a single file or an index of shards), as the rest of the loader, or, as EAGLE-1 heads are
+published, one pickle file (``pytorch_model.bin``): read with ``torch.load(weights_only=True)``, which
+rebuilds tensors and plain containers only and runs no code from the file; a pickle it refuses is refused.
 """
 from __future__ import annotations
 
@@ -103,6 +105,70 @@ _OPTIONAL = {"fc.b", "embed_norm", "out_norm", "attn.norm"}
 _SHARED = {"embed_tokens.weight", "lm_head.weight", "model.embed_tokens.weight"}
 
 
+def _pickle_file(d: Path) -> Path | None:
+    from specoffload.planner.models import pickle_weights_file
+
+    return pickle_weights_file(d) if d.is_dir() else None
+
+
+def _tensor_names(d: Path) -> set[str]:
+    """The head's tensor names: from the safetensors headers, or from a pickle's opcodes (nothing unpickled)."""
+    from specoffload.planner.models import pickle_strings
+
+    pkl = _pickle_file(d)
+    if pkl is not None:
+        return pickle_strings(pkl)
+    return set(checkpoint_layout(d))
+
+
+def load_pickle_state(path: Path) -> dict[str, Tensor]:
+    """A pickled state dict, loaded with torch.load(weights_only=True): tensors and plain containers only, no code
+    run. Anything else (a pickled module, custom classes) is refused naming the file and the fix."""
+    import pickle
+
+    fix = ("only plain tensor state dicts are read from pickle files (no code from them runs); convert it once to "
+           "safetensors where you trust it: safetensors.torch.save_file(torch.load(f), 'model.safetensors')")
+    try:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):  # the legacy (pre-zip) format cannot be memory-mapped: read it whole
+                raise
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError, TypeError) as exc:
+        why = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise FeatureHeadError(f"{path}: torch.load(weights_only=True) cannot load it safely ({why}); {fix}") from None
+    if isinstance(obj, dict) and set(obj) <= {"state_dict", "model"} and len(obj) == 1:
+        obj = next(iter(obj.values()))  # {"state_dict": {...}} as some trainers save
+    if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items()):
+        raise FeatureHeadError(f"{path}: not a state dict (a mapping of tensor names to tensors) but a "
+                               f"{type(obj).__name__}; {fix}")
+    return obj
+
+
+def _tensors_from_state(state: dict[str, Tensor], name_map: dict[str, str], shapes, dtype, device, ignorable,
+                        where: Path) -> dict[str, Tensor]:
+    """stream_tensors' checks and placement for an in-memory state dict (a pickled head)."""
+    missing = [n for n in name_map if n not in state]
+    if missing:
+        raise FeatureHeadError(f"feature-draft head {where} is missing {len(missing)} tensor(s): "
+                               f"{', '.join(sorted(missing)[:8])}")
+    extra = [n for n in state if n not in name_map and not ignorable(n)]
+    if extra:
+        raise FeatureHeadError(f"feature-draft head {where} has {len(extra)} unexpected tensor(s): "
+                               f"{', '.join(sorted(extra)[:8])}")
+    out = {}
+    for disk, ours in name_map.items():
+        t = state[disk]
+        if tuple(t.shape) != tuple(shapes[ours]):
+            raise FeatureHeadError(f"tensor {disk} in {where.name}: expected shape {tuple(shapes[ours])}, found "
+                                   f"{tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise FeatureHeadError(f"tensor {disk} in {where.name} has dtype {t.dtype}; only float heads are supported")
+        out[ours] = t.to(device=device, dtype=dtype).clone()
+    return out
+
+
 def _read_config(model_dir: Path) -> dict:
     path = model_dir / "config.json"
     if not path.is_file():
@@ -123,7 +189,7 @@ def is_feature_head(model_dir: str | Path) -> bool:
     if cfg.get("speculators_model_type") == "eagle":
         return True
     try:
-        names = checkpoint_layout(d)
+        names = _tensor_names(d)
     except CheckpointError:
         return False
     return "fc.weight" in names or "fusion_fc.weight" in names
@@ -148,7 +214,7 @@ def head_spec(model_dir: str | Path) -> HeadSpec:
     except (ConfigError, KeyError) as e:
         raise FeatureHeadError(f"{d}/config.json: {e}") from None
     try:
-        names = set(checkpoint_layout(d))
+        names = _tensor_names(d)
     except CheckpointError as e:
         raise FeatureHeadError(str(e)) from None
     col = 1 if speculators else 0
@@ -225,26 +291,39 @@ class FeatureHead:
         check_against_target(spec, target_args, d)
         col = 1 if spec.layout == "speculators" else 0
         name_map = head_name_map(spec)
-        if spec.layout == "eagle" and spec.input_norm and _NAMES["attn.norm"][0] not in checkpoint_layout(d):
+        pkl = _pickle_file(d)
+        state = load_pickle_state(pkl) if pkl is not None else None
+        names = set(state) if state is not None else set(checkpoint_layout(d))
+        if spec.layout == "eagle" and spec.input_norm and _NAMES["attn.norm"][0] not in names:
             name_map = {("hidden_layernorm.weight" if v == "attn.norm" else k): v for k, v in name_map.items()}
         shared_shapes = {"embed_tokens.weight": (target_args.vocab_size, target_args.dim),
                          "model.embed_tokens.weight": (target_args.vocab_size, target_args.dim),
                          "lm_head.weight": (target_args.vocab_size, target_args.dim)}
-        layout = checkpoint_layout(d)
-        for n in _SHARED & set(layout):
-            from safetensors import safe_open
+        for n in _SHARED & names:
+            if state is not None:
+                shape = tuple(state[n].shape)
+            else:
+                from safetensors import safe_open
 
-            with safe_open(str(layout[n]), framework="pt") as f:
-                shape = tuple(f.get_slice(n).get_shape())
+                with safe_open(str(checkpoint_layout(d)[n]), framework="pt") as f:
+                    shape = tuple(f.get_slice(n).get_shape())
             if shape != shared_shapes[n]:
                 raise FeatureHeadError(f"feature-draft head {d}: {n} is {shape}, the target's is "
                                        f"{shared_shapes[n]}; the head was made for another target")
-        try:
-            w = stream_tensors(d, name_map, head_shapes(spec), dtype=dtype, placement=lambda n: device,
-                               ignorable=lambda n: n in _SHARED or n.endswith("rotary_emb.inv_freq")
-                               or (col == 0 and n == "hidden_layernorm.weight" and not spec.input_norm))
-        except CheckpointError as e:
-            raise FeatureHeadError(str(e)) from None
+
+        def ignorable(n: str) -> bool:
+            return (n in _SHARED or n.endswith("rotary_emb.inv_freq")
+                    or (col == 0 and n == "hidden_layernorm.weight" and not spec.input_norm))
+
+        if state is not None:
+            w = _tensors_from_state(state, name_map, head_shapes(spec), dtype, device, ignorable, pkl)
+            del state
+        else:
+            try:
+                w = stream_tensors(d, name_map, head_shapes(spec), dtype=dtype, placement=lambda n: device,
+                                   ignorable=ignorable)
+            except CheckpointError as e:
+                raise FeatureHeadError(str(e)) from None
         return cls(spec, w, embed.to(device, dtype), lm_head.to(device, dtype))
 
     def new_cache(self, n_slots: int, max_len: int, device=None) -> KVCache:
@@ -316,10 +395,9 @@ def head_config(target_args: ModelArgs, layout: str = "eagle", ffn_dim: int | No
 
 
 def write_head(folder: str | Path, config: dict, weights: dict[str, Tensor], layout: str = "eagle",
-               embed: Tensor | None = None) -> None:
-    """Save canonical head weights under a layout's tensor names (bf16 unless given otherwise)."""
-    from safetensors.torch import save_file
-
+               embed: Tensor | None = None, pickle_file: str | None = None) -> None:
+    """Save canonical head weights under a layout's tensor names (bf16 unless given otherwise): model.safetensors,
+    or with `pickle_file` (e.g. "pytorch_model.bin", as EAGLE-1 heads are published) a torch.save state dict."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(config, indent=1))
@@ -327,6 +405,11 @@ def write_head(folder: str | Path, config: dict, weights: dict[str, Tensor], lay
     out = {_NAMES[k][col]: t.contiguous().cpu() for k, t in weights.items()}
     if embed is not None:
         out["embed_tokens.weight"] = embed.contiguous().cpu()
+    if pickle_file:
+        torch.save(out, folder / pickle_file)
+        return
+    from safetensors.torch import save_file
+
     save_file(out, str(folder / "model.safetensors"), metadata={"format": "pt"})
 
 
@@ -504,27 +587,38 @@ def count_feature_acceptance(target, head: FeatureHead, prompts, k: int, max_new
     committed: the head drafts after the target's own first token, as in the engine) gives the head the
     target's features of every committed position but the newest, paired with the token that followed
     each; the head drafts k tokens; draft token i is tried when 1..i-1 were accepted and accepted when it
-    equals the target's token there; the next point is p + n + 1. Each point recomputes from scratch
-    (the target over the context, a fresh head cache), so it needs no rollback logic to be right.
+    equals the target's token there; the next point is p + n + 1.
+
+    Incremental, as the engine runs: the target's features come from one pass over the prompt and its
+    greedy output (position i's feature depends on tokens 0..i only, so every point reads the same ones);
+    the head's one-layer cache keeps the true-feature pairs fed so far, each point feeds only the pairs
+    since the last one, drafts, and rolls its k - 1 predicted entries back. Linear in the output's length
+    (recomputing each point from scratch was quadratic: slow on long prompts); same counts.
     """
     from .generate import generate
 
     outs = [g.tokens for g in generate(target, [list(p) for p in prompts], max_new_tokens)]
     for prompt, out in zip(prompts, outs):
+        seq = list(prompt) + out
+        n_prompt = len(prompt)
+        if len(out) > 1:
+            cache = target.new_cache(1, len(seq))
+            feats_all = target.forward(torch.tensor([seq[:-1]]), cache, logits="hidden")  # [1, len-1, D]: f_0..
+            hc = head.new_cache(1, len(seq) + k)
+            fed = 0  # pairs (t_{i+1}, f_i) in the head's cache: i < fed
         p = 1
         while p < len(out):
-            ctx = list(prompt) + out[:p]
-            cache = target.new_cache(1, len(ctx))
-            feats = target.forward(torch.tensor([ctx]), cache, logits="hidden")[:, :-1]  # [1, L-1, D]
-            hc = head.new_cache(1, len(ctx) + k)
-            tokens = torch.tensor([ctx[1:]])
+            n_ctx = n_prompt + p  # the context: prompt + out[:p]; pairs i = 0 .. n_ctx - 2 are known
+            tokens = torch.tensor([seq[fed + 1:n_ctx]])
+            feats = feats_all[:, fed:n_ctx - 1]
             d = []
             for _ in range(k):
                 pred, logits = head.forward(hc, [0], tokens, feats, torch.tensor([tokens.shape[1]]))
                 d.append(int(logits[0].argmax()))
                 tokens, feats = torch.tensor([[d[-1]]]), pred[:, None]
-            truth = out[p:p + k]
-            n_acc = counts.record_match(d, truth)
+            fed = n_ctx - 1
+            hc.rollback([0], [fed])  # keep the true-feature pairs only
+            n_acc = counts.record_match(d, out[p:p + k])
             p += n_acc + 1
         counts.target_tokens += len(out)
         counts.sequences += 1

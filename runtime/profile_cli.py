@@ -14,6 +14,7 @@ EXAMPLE = """examples:
       --workload workload.yaml
   specoffload-profile --quick -o my-machine.yaml --disk /nvme/models  # ... and the disk holding a checkpoint
   specoffload-profile --disk /nvme/models --disk-only -o my-machine.yaml  # add the disk to an existing profile
+  specoffload-profile --ray HEAD_IP:6379 --quick -o cluster/   # every node of a Ray cluster, a file per kind
 
 Hardware mode measures what the planner's cost model consumes (transfer curves, matmul rate over
 token count, memory bandwidth, the runtime's own CPU attention fitted to overhead + bytes/bandwidth
@@ -28,6 +29,12 @@ with O_DIRECT (or buffered + posix_fadvise where the file system refuses O_DIREC
 and reader threads, and deleted. Without --disk the figure is 0 (not measured). --disk-only skips
 the other probes: it writes the figure into the existing profile -o names, or prints it.
 --disk-file FILE reads an existing large file there (a checkpoint shard) instead of writing one.
+
+--ray ADDRESS profiles every node of a Ray cluster on itself (one task per node, pinned to it, with all its
+CPUs and GPUs; the same probes and options), groups the nodes by hardware (GPU model and count, CPU model,
+cores, host memory), writes one profile per kind into the -o folder (FOLDER/KIND.yaml; the median of each
+figure over the kind's nodes) and prints the `specoffload-plan --cluster` argument that uses them, and the
+node labels `specoffload-run --ray` needs where the kinds differ. Needs pip install 'specoffload[cluster]'.
 
 Acceptance mode runs the target greedily on the prompts (JSONL lines {"id": ..., "prompt": "..."})
 and counts, per draft position i, how often the draft's i-th greedy proposal is accepted given
@@ -68,6 +75,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "a test file")
     hw.add_argument("--disk-size-mib", type=int, default=None,
                     help="size of the disk probe's test file in MiB (default 1024, --quick 64)")
+    hw.add_argument("--ray", default=None, metavar="ADDRESS",
+                    help="profile every node of a Ray cluster (HOST:PORT, 'auto', or 'local' to start one here), each "
+                         "on itself; -o is then a folder (default: the current one) that gets one profile per kind of "
+                         "node, and the specoffload-plan --cluster argument for them is printed")
     hw.add_argument("--force-fail", action="append", default=[], metavar="PROBE",
                     help=argparse.SUPPRESS)  # test hook: make a probe fail (also SPECOFFLOAD_PROFILE_FAIL)
     acc = ap.add_argument_group("acceptance (writes a Workload)")
@@ -90,6 +101,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         ap.error(f"--disk-size-mib must be >= 1, found {args.disk_size_mib}")
     if args.acceptance and args.disk is not None:
         ap.error("--disk goes with the hardware profile, not --acceptance")
+    if args.ray is not None and (args.acceptance or args.disk_only):
+        ap.error("--ray profiles the nodes' hardware; it does not go with --acceptance or --disk-only")
     if args.acceptance:
         missing = [f"--{n}" for n in ("target", "draft", "prompts") if not getattr(args, n)]
         if missing:
@@ -188,51 +201,68 @@ def run_disk_only(args) -> int:
     return 0
 
 
-def run_hardware(args) -> int:
-    if args.disk_only:
-        return run_disk_only(args)
+def measure_here(args, name: str, progress: bool = True, warn=None, quiet_disk: bool = False):
+    """Run the hardware probes on this machine as `args` say (--quick, --model, --threads, --device, --kv-dtype,
+    --disk ...) and return the ProfileResult (not written). specoffload-profile --ray runs this on every node."""
     from specoffload.planner.models import load_model_spec
     from specoffload.planner.strict import SchemaError
-    from specoffload.runtime.profiler.probes import ProfileConfig, default_name, resolve_device, run_profile
+    from specoffload.runtime.host_attention import set_threads
+    from specoffload.runtime.profiler.probes import ProfileConfig, resolve_device, run_profile
 
     spec = load_model_spec(args.model)
-    from specoffload.runtime.host_attention import set_threads
-
     cfg = (ProfileConfig.quick if args.quick else ProfileConfig.full)(model=spec, attn_kv_dtype=args.kv_dtype,
                                                                         force_fail=frozenset(args.force_fail))
     try:
         threads = set_threads(args.threads)
     except ValueError as exc:
-        print(f"specoffload-profile: error: {exc}", file=sys.stderr)
-        return 2
+        raise SchemaError(str(exc)) from None
     device = resolve_device(args.device)
-    # Never into the package's profiles/ by default: a file there would pass for a shipped profile.
-    out = Path(args.output) if args.output else Path(f"{default_name(device.type)}.yaml")
-    if out.is_dir():
-        raise SchemaError(f"-o {out} is a directory; give a file name, e.g. {out / (default_name(device.type) + '.yaml')}")
-    name = args.name or out.stem
     if args.disk is not None:
         from specoffload.runtime.profiler.disk import check_folder
 
         if not args.disk_file:
             check_folder(args.disk)  # before minutes of other probes
-    result = run_profile(cfg, device, name=name, progress=not args.no_progress, threads=threads)
+    result = run_profile(cfg, device, name=name, progress=progress, threads=threads,
+                         **({"warn": warn} if warn is not None else {}))
     if args.disk is not None:
         import dataclasses
 
         from specoffload.runtime.profiler.disk import DiskProbeError
 
         try:
-            rate, prov = measure_disk_figure(args)
+            rate, prov = measure_disk_figure(args, quiet=quiet_disk)
         except (DiskProbeError, OSError) as exc:  # keep the other probes' minutes of work
-            print(f"specoffload-profile: warning: the disk probe failed ({exc}); disk_read_bytes_per_s stays 0 "
-                  "(not measured); retry with --disk DIR --disk-only -o FILE", file=sys.stderr)
+            msg = (f"the disk probe failed ({exc}); disk_read_bytes_per_s stays 0 (not measured); retry with --disk "
+                   "DIR --disk-only -o FILE")
+            if warn is not None:
+                warn(msg)
+            else:
+                print(f"specoffload-profile: warning: {msg}", file=sys.stderr)
             rate, prov = 0.0, {"disk_read_bytes_per_s": f"not measured: the disk probe failed ({exc})"}
         result.profile = dataclasses.replace(result.profile, disk_read_bytes_per_s=rate,
                                              provenance={**result.profile.provenance, **prov})
+    return result
+
+
+def run_hardware(args) -> int:
+    if args.disk_only:
+        return run_disk_only(args)
+    if args.ray:
+        from specoffload.runtime.profile_cluster import gather_profiles
+
+        return gather_profiles(args)
+    from specoffload.planner.strict import SchemaError
+    from specoffload.runtime.profiler.probes import default_name, resolve_device
+
+    device = resolve_device(args.device)
+    # Never into the package's profiles/ by default: a file there would pass for a shipped profile.
+    out = Path(args.output) if args.output else Path(f"{default_name(device.type)}.yaml")
+    if out.is_dir():
+        raise SchemaError(f"-o {out} is a directory; give a file name, e.g. {out / (default_name(device.type) + '.yaml')}")
+    result = measure_here(args, args.name or out.stem, progress=not args.no_progress)
     result.profile.save(out)
     print(summary(result.profile))
-    print(f"wrote {out} in {result.seconds:.1f} s ({cfg.mode} mode)")
+    print(f"wrote {out} in {result.seconds:.1f} s ({result.profile.provenance.get('mode', '?')} mode)")
     if result.failed:
         print(f"{len(result.failed)} probe(s) failed: {', '.join(result.failed)} (see warnings above)", file=sys.stderr)
     return 0
@@ -270,12 +300,13 @@ def main(argv=None) -> int:
     from specoffload.runtime.profiler.acceptance import AcceptanceError
     from specoffload.runtime.profiler.disk import DiskProbeError
     from specoffload.runtime.profiler.probes import ProbeFailure
+    from specoffload.runtime.run_cli import RunError
 
     args = parse_args(argv)
     try:
         return run_acceptance(args) if args.acceptance else run_hardware(args)
     except (AcceptanceError, SchemaError, ProbeFailure, ConfigError, CheckpointError, FileNotFoundError,
-            DiskProbeError) as exc:
+            DiskProbeError, RunError) as exc:
         print(f"specoffload-profile: error: {exc}", file=sys.stderr)
         return 2
 

@@ -107,7 +107,7 @@ def test_bad_cluster_flags_are_refused_before_ray_starts(tmp_path, capsys, job):
 
 
 @pytest.mark.slow
-def test_a_worker_killed_mid_run_loses_nothing(cluster, job, tmp_path, monkeypatch):
+def test_a_worker_killed_mid_run_loses_nothing(cluster, job, tmp_path, monkeypatch, capsys):
     plan, prompts, single = job
     out, rep = tmp_path / "out.jsonl", tmp_path / "report.yaml"
     # Engine 1 is dealt two shards (8 prompts) and dies after finishing 6 of its sequences: mid-run.
@@ -120,6 +120,10 @@ def test_a_worker_killed_mid_run_loses_nothing(cluster, job, tmp_path, monkeypat
     per, retried = report["per_engine"], report["shards_retried"]
     # What engine 1 did not return went to engine 0, and nothing else was redone.
     assert per[1]["lost"] and retried >= 1 and per[1]["shards"] + retried == 2 and per[0]["shards"] == 2 + retried
+    # The end summary says it too: which engine was lost, and that its shards were redone elsewhere.
+    out = capsys.readouterr().out
+    assert "1 lost" in out and f"{retried} shards retried" in out and "engine 1 on" in out and "[lost]" in out
+    assert "lost (" in out and "went back to the queue" in out
 
 
 @pytest.mark.slow

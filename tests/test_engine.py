@@ -300,6 +300,7 @@ def test_gpu_check_smoke_on_cpu(tmp_path):
     text = (tmp_path / "gpu_check.txt").read_text()
     assert all(line.startswith("[timing mode") for line in text.splitlines())
     assert "serial-spec -> serial-spec" in text and "ratio" in text
+    assert "eagle -> " in text  # the EAGLE-shaped head's row ran
 
 
 def test_timeline_records_every_forward_with_its_shape(pair, prompts):

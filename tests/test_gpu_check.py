@@ -74,3 +74,36 @@ def test_result_lines_are_never_empty(gc, setup):
                                                                              physical_bound_tokens_per_s=0.0))
         line0 = gc.result_line(policy, unbounded, sim.report.throughput_tokens_per_s, 100.0, 8192, 81.92)
         assert line0.startswith(f"{policy} -> ") and line0.endswith("no finite physical bound")
+
+
+def test_the_eagle_row_plans_an_eagle_shaped_head_on_the_h200_24g_preset(gc, setup, tmp_path):
+    """The GPU run's "eagle" row: a head written at the published Mixtral-8x7B EAGLE head's shapes over the
+    run's target (tools/gpu_check.py writes it with random weights), planned, simulated and reported."""
+    from specoffload.planner.models import PRESETS, from_hf_config
+    from specoffload.runtime.config import args_from_hf_config
+    from specoffload.runtime.feature_draft import head_config
+
+    _, _, target = setup
+    targs = args_from_hf_config(dict(gc.MIXTRAL, num_hidden_layers=4))
+    cfg = head_config(targs, "eagle", n_kv_heads=targs.n_heads, ffn_dim=targs.ffn_dim)  # as gpu_check writes it
+    edir = tmp_path / "ckpt-eagle"  # its config (the weights, 0.28 B random parameters, are the GPU run's)
+    edir.mkdir()
+    (edir / "config.json").write_text(json.dumps({**cfg, "feature_draft": True}))
+    head = load_model_spec(str(edir))
+    preset = from_hf_config(PRESETS["eagle-mixtral-8x7b"], "eagle-mixtral-8x7b")
+    shape = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "intermediate_size", "vocab_size")
+    assert {f: getattr(head, f) for f in shape} == {f: getattr(preset, f) for f in shape}
+    assert head.feature_draft and head.num_experts <= 1
+    work = Workload(prompt_len_tokens=128, gen_len_tokens=32, num_prompts=256, acceptance=0.7,
+                    acceptance_source="synthetic (timing mode)")
+    said = []
+    draft = from_hf_config(dict(gc.MISTRAL, num_hidden_layers=32), "draft")
+    plans = gc.plans_for(load_profile("h200-24g"), target, draft, work, said.append, eagle=head)
+    assert "eagle" in plans and not [s for s in said if s.startswith("eagle")], said
+    plan = plans["eagle"]
+    # A speculative plan with the head, even where the planner's own pick would be offload-only: the head runs.
+    assert plan.draft == str(edir) and plan.draft_len >= 1 and plan.policy in ("serial-spec", "interleaved")
+    sim = simulate(plan, load_profile("h200-24g"))
+    assert sim.ok, sim.problems
+    line = gc.result_line("eagle", plan, sim.report.throughput_tokens_per_s, 100.0, 8192, 81.92)
+    assert line.startswith(f"eagle -> {plan.policy} b=")
