@@ -7,6 +7,7 @@ from dataclasses import replace
 
 import numpy as np
 
+from ..schedule import admit_count, prefill_chunks
 from .engine import Task
 from .state import BULK, TARGET, _Batch, _Pass, _prio
 
@@ -110,13 +111,9 @@ class PrefillPasses:
             self.eng.stopped = True
 
     def _refill(self, batch: _Batch) -> None:
-        """Admit waiting prompts into the batch's free slots, in prefill chunks (the runtime's rule:
-        only when a whole chunk's worth can go in, or the batch is idle)."""
-        bp = self.plan.prefill_batch
-        left = self.N - self.queue_next
+        """Admit waiting prompts into the batch's free slots, in prefill chunks (the schedule's rule,
+        planner/schedule.py: only when a whole chunk's worth can go in, or the batch is idle)."""
         free = batch.free_slots()
-        want = min(len(free), left)
-        if want == 0 or (want < min(bp, left) and batch.active.any()):
-            return
-        for start in range(0, want, bp):
-            self._prefill_pass(batch, free[start:min(want, start + bp)])
+        want = admit_count(len(free), self.N - self.queue_next, self.plan.prefill_batch, bool(batch.active.any()))
+        for start, end in prefill_chunks(want, self.plan.prefill_batch):
+            self._prefill_pass(batch, free[start:end])

@@ -61,6 +61,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..schedule import schedule_for
 from ..schema import HardwareProfile, Plan, load_profile, resident_layers
 from ..strict import SchemaError
 from .accounting import MemoryAccounting
@@ -220,6 +221,7 @@ class Simulation(VerifyPasses, PrefillPasses, DraftRounds, WeightStream, MemoryA
         self.last_end = 0.0
         self.phase = {"prefill": 0.0, "decode": 0.0}
         self.step_log: list[tuple[int, int, float, float, int]] = []
+        self.schedule_log: list[tuple[str, int, int]] = []  # the schedule's steps taken: (op, batch, sequences)
         self.prefill_log: list[tuple[int, int, float, float, int]] = []
         self.rounds = 0
         self.tokens_sum = 0.0
@@ -280,12 +282,10 @@ class Simulation(VerifyPasses, PrefillPasses, DraftRounds, WeightStream, MemoryA
                 f"= {need} exceeds {self.t.name}'s context of {self.t.max_position_embeddings} tokens")))
             self.eng.stopped = True
             return
-        # Initial fill as the runtime does it: batch 0 first, then batch 1, each in prefill chunks.
-        for batch in self.batches:
-            self._refill(batch)
-            self._draft_for(batch)
-        if self.batches[0].active.any():
-            self._verify_pass(self.batches[0], np.flatnonzero(self.batches[0].active))
+        # The schedule's steps (planner/schedule.py), as the runtime's engine follows them: the initial fill
+        # (batch 0 first, then batch 1, each in prefill chunks), then verifications, refills and draft rounds.
+        self._steps = schedule_for(self.nb, self.k).steps(self)
+        self._advance()
 
     def _check(self, now: float, events: int) -> None:
         if now > self.time_limit:

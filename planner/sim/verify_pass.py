@@ -1,10 +1,12 @@
-"""The verification pass as tasks, acceptance drawn per sequence, and the order of passes
-(draft / verify, the interleave). Methods of `Simulation`.
+"""The verification pass as tasks, acceptance drawn per sequence, and the order of passes: the steps
+of the schedule (planner/schedule.py, the rules the runtime's engine follows too) turned into tasks.
+Methods of `Simulation`.
 """
 from __future__ import annotations
 
 import numpy as np
 
+from ..schedule import DRAFT, REFILL
 from .engine import Task
 from .state import TARGET, _Batch, _Pass, _prio
 
@@ -20,22 +22,29 @@ class VerifyPasses:
             if dj is not None:
                 batch.pending = [dj]
 
-    def _next_verification(self, after: _Batch) -> None:
-        """After a verification of `after`: refill it, issue its draft, and start the next verification
-        (the other batch under the interleaved policy, unless that one has nothing to verify)."""
-        self._refill(after)
-        self._draft_for(after)
-        nxt = after
-        if self.nb == 2:
-            other = self.batches[1 - after.index]
-            if not other.active.any() and self.queue_next < self.N:  # an idle batch is refilled on its turn
-                self._refill(other)
-                self._draft_for(other)
-            if other.active.any():
-                nxt = other
-        live = np.flatnonzero(nxt.active)
-        if len(live):
-            self._verify_pass(nxt, live)
+    def _advance(self) -> None:
+        """Follow the schedule (planner/schedule.py) up to its next verification, issuing the refills and
+        draft rounds before it; the verification's end (`_verify_done`) resumes it."""
+        for step in self._steps:
+            batch = self.batches[step.batch]
+            if step.op == REFILL:
+                before = self.queue_next
+                self._refill(batch)
+                self.schedule_log.append((step.op, step.batch, self.queue_next - before))
+            elif step.op == DRAFT:
+                self.schedule_log.append((step.op, step.batch, int(batch.active.sum())))
+                self._draft_for(batch)
+            else:
+                live = np.flatnonzero(batch.active)
+                self.schedule_log.append((step.op, step.batch, len(live)))
+                self._verify_pass(batch, live)
+                return
+
+    def live(self, batch: int) -> bool:  # the ScheduleView the schedule reads
+        return bool(self.batches[batch].active.any())
+
+    def waiting(self) -> bool:
+        return self.queue_next < self.N
 
     def _verify_pass(self, batch: _Batch, live: np.ndarray) -> None:
         eng, cm, t = self.eng, self.cm, self.t
@@ -153,5 +162,5 @@ class VerifyPasses:
             self.makespan = now
             self.eng.stopped = True
             return
-        self._next_verification(batch)
+        self._advance()
         self._pump()

@@ -15,6 +15,8 @@ from specoffload.planner.schema import Plan
 
 from ..config import load_args
 from ..host_attention import backend_note as attention_backend_note, clamp_threads, set_threads
+from specoffload.planner.schedule import DRAFT, REFILL, admit_count, draft_step_layers, schedule_for
+
 from ..verify import AcceptanceStats, accept_best, draw, processed_probs, sampling_accept
 from .draft import Draft
 from .requests import EngineError, Finished, Request, Seq, padded
@@ -93,6 +95,7 @@ class Engine:
                                   f"({self.target.args.vocab_size}); the pair must share a tokenizer")
         self.eos = set(self.target.args.eos_token_id)
         self.stats = EngineStats()
+        self.schedule_log: list[tuple[str, int, int]] = []  # the schedule's steps taken: (op, batch, sequences)
 
     def host_tensor_bytes(self) -> float:
         """Bytes of the engine's own host tensors: weights held on the host (pinned or not) and KV caches.
@@ -261,16 +264,16 @@ class Engine:
             if progress:
                 progress(len(s.out))
 
-        def refill(g: int) -> None:
-            """Admit queued requests into batch g's free slots, a prefill chunk at a time."""
+        def refill(g: int) -> int:
+            """Admit queued requests into batch g's free slots, a prefill chunk at a time (the schedule's
+            admission rule); returns how many were admitted."""
             if more is not None and len(queue) < len(free[g]):
                 for r in more():
                     self.check(r)
                     queue.append(r)
-            want = min(len(free[g]), len(queue))
-            # Wait for a full chunk unless the batch is idle or the queue is short.
-            if want == 0 or (want < min(self.plan.prefill_batch, len(queue)) and groups[g]):
-                return
+            want = admit_count(len(free[g]), len(queue), self.plan.prefill_batch, bool(groups[g]))
+            if want == 0:
+                return 0
             new = []
             for _ in range(want):
                 req = queue.popleft()
@@ -281,9 +284,7 @@ class Engine:
                 if s not in alive:
                     finish(s)
             groups[g].extend(alive)
-
-        def drafts(g: int) -> Iterator[None]:
-            return self.draft.propose(groups[g], self.k) if self.draft is not None else iter(())
+            return want
 
         def verify(g: int, between: Callable[[int], None] | None = None) -> None:
             running = self._verify(groups[g], between)
@@ -292,35 +293,48 @@ class Engine:
             for s in done:
                 finish(s)
 
-        t_start = time.perf_counter()
-        for g in range(self.num_batches):
-            refill(g)
-        if self.num_batches == 2:
-            # Interleaved: the draft drafts for batch b while the target verifies batch a, then they swap.
-            for _ in drafts(0):
+        class View:  # what the schedule reads (planner/schedule.py ScheduleView)
+            @staticmethod
+            def live(g: int) -> bool:
+                return bool(groups[g])
+
+            @staticmethod
+            def waiting() -> bool:
+                return bool(queue)
+
+        # The schedule's steps (planner/schedule.py; the simulator follows the same ones). A draft round is
+        # created when its step comes and run lazily: in full before its own batch's verification, or, when
+        # another batch is verified first (interleaved), one draft step every `every` target layers.
+        pending: dict[int, Iterator[None]] = {}
+        every = draft_step_layers(self.target.args.n_layers, self.k)
+
+        def interleave(steps: Iterator[None]) -> Callable[[int], None]:
+            def between(j: int) -> None:
+                if j % every == 0:
+                    next(steps, None)
+            return between
+
+        def drain(g: int) -> None:
+            for _ in pending.pop(g, ()):
                 pass
-            a = 0
-            every = max(1, self.target.args.n_layers // max(1, self.k))
-            while any(groups) or queue:
-                b = 1 - a
-                steps = drafts(b)
 
-                def between(j: int, steps=steps) -> None:
-                    if j % every == 0:
-                        next(steps, None)
-
-                if groups[a]:
-                    verify(a, between)
-                for _ in steps:  # what the layers did not absorb
-                    pass
-                refill(a)  # newcomers in a are drafted in the next slot, while b verifies
-                a = b
-        else:
-            while any(groups) or queue:
-                for _ in drafts(0):
-                    pass
-                if groups[0]:
-                    verify(0)
-                refill(0)
+        t_start = time.perf_counter()
+        for step in schedule_for(self.num_batches, self.k).steps(View):
+            g = step.batch
+            if step.op == REFILL:
+                drain(g)
+                self.schedule_log.append((step.op, g, refill(g)))
+            elif step.op == DRAFT:
+                drain(g)
+                self.schedule_log.append((step.op, g, len(groups[g])))
+                if self.draft is not None:
+                    pending[g] = self.draft.propose(groups[g], self.k)
+            else:
+                drain(g)
+                self.schedule_log.append((step.op, g, len(groups[g])))
+                others = [b for b in pending if b != g]
+                verify(g, interleave(pending[others[0]]) if others else None)
+                for b in others:  # what the layers did not absorb
+                    drain(b)
         self.stats.decode_seconds = time.perf_counter() - t_start - self.stats.prefill_seconds
         return self.stats
