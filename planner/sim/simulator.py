@@ -120,6 +120,7 @@ class SimResult:
     events: int
     wall_seconds: float
     overflow: Overflow | None = None
+    schedule_log: tuple[tuple[str, int, int], ...] = ()  # the schedule's steps taken: (op, batch, sequences)
 
     @property
     def ok(self) -> bool:
@@ -383,7 +384,7 @@ class Simulation(VerifyPasses, PrefillPasses, DraftRounds, WeightStream, MemoryA
             predicted=predicted_figures(cm, self.knobs, self.placement),
             notes=tuple(notes))
         return SimResult(report, tuple(self.problems), self.step_log, self.prefill_log, self.trace,
-                         self.eng.events, wall, self.overflow)
+                         self.eng.events, wall, self.overflow, tuple(self.schedule_log))
 
 
 def _fingerprint(obj) -> str:

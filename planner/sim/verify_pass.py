@@ -161,6 +161,7 @@ class VerifyPasses:
         if self.finished >= self.N:
             self.makespan = now
             self.eng.stopped = True
+            self._advance()  # the schedule's closing steps: nothing waits, nothing is live, so no tasks
             return
         self._advance()
         self._pump()
