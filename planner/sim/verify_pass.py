@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..schedule import DRAFT, REFILL
+from ..trace_names import SPAN_ATTN, SPAN_ATTN_OUT, SPAN_FFN, SPAN_LM_HEAD, SPAN_QKV
 from .engine import Task
 from .state import TARGET, _Batch, _Pass, _prio
 
@@ -90,20 +91,20 @@ class VerifyPasses:
             for i, q, io, f in mbs:
                 prio = base | i
                 where = dict(priority=prio, layer=j, micro_batch=i, batch=X, pass_index=n, traced=traced)
-                Q = Task("qkv", "gpu", gpu, q, **where)
+                Q = Task(SPAN_QKV, "gpu", gpu, q, **where)
                 depend(prev[i], Q)
                 layer_tasks.append(Q)
                 last = Q
                 if io is not None:  # host attention: q/k/v down, attention on the CPU pool, output up
-                    D = Task("d2h qkv", "d2h", d2h, io[0], **where)
-                    C = Task("attention", "cpu", cpu, io[1], **where)
-                    U = Task("h2d attn-out", "h2d", h2d, io[2], **where)
+                    D = Task(SPAN_QKV, "d2h", d2h, io[0], **where)
+                    C = Task(SPAN_ATTN, "cpu", cpu, io[1], **where)
+                    U = Task(SPAN_ATTN_OUT, "h2d", h2d, io[2], **where)
                     depend(Q, D)
                     depend(D, C)
                     depend(C, U)
                     layer_tasks += (D, C, U)
                     last = U
-                F = Task("ffn", "gpu", gpu, f, **where)
+                F = Task(SPAN_FFN, "gpu", gpu, f, **where)
                 depend(last, F)
                 depend(F, release)
                 layer_tasks.append(F)
@@ -115,7 +116,7 @@ class VerifyPasses:
                 eng.arm(task)
             eng.arm(release)
         # The LM head, then the runtime's bookkeeping for the pass (verify, roll back, commit: host time).
-        lm = Task("lm-head", "gpu", gpu, cm.lm_head_seconds(t, p.tokens) + cm.host_pass_seconds(len(p.slots)),
+        lm = Task(SPAN_LM_HEAD, "gpu", gpu, cm.lm_head_seconds(t, p.tokens) + cm.host_pass_seconds(len(p.slots)),
                   priority=_prio(TARGET, n, self.L, 0), batch=X, pass_index=n, traced=traced)
         for task in prev.values():
             eng.depend(task, lm)
