@@ -61,6 +61,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..acceptance import AcceptanceCounts
 from ..schedule import schedule_for
 from ..schema import HardwareProfile, Plan, load_profile, resident_layers
 from ..strict import SchemaError
@@ -224,11 +225,8 @@ class Simulation(VerifyPasses, PrefillPasses, DraftRounds, WeightStream, MemoryA
         self.step_log: list[tuple[int, int, float, float, int]] = []
         self.schedule_log: list[tuple[str, int, int]] = []  # the schedule's steps taken: (op, batch, sequences)
         self.prefill_log: list[tuple[int, int, float, float, int]] = []
-        self.rounds = 0
-        self.tokens_sum = 0.0
+        self.acceptance = AcceptanceCounts(self.k)  # per-position counts over every verification round
         self.kept_sum = 0.0
-        self.pos_tried = np.zeros(max(self.k, 1))
-        self.pos_acc = np.zeros(max(self.k, 1))
         self.makespan = 0.0
         self._wall0 = 0.0
         self._progress_shown = False
@@ -347,7 +345,8 @@ class Simulation(VerifyPasses, PrefillPasses, DraftRounds, WeightStream, MemoryA
         slots = len(self.step_log)
         spans = sorted(end - start for _, _, start, end, _ in self.step_log)
         decode = self.phase["decode"]
-        per_pos = tuple(float(a / t) if t else 0.0 for a, t in zip(self.pos_acc, self.pos_tried)) if self.k else ()
+        acc = self.acceptance
+        per_pos = tuple(acc.per_position()) if self.k else ()
         bound = cm.physical_bound(self.knobs)
         tput = self.generated / T if T > 0 else 0.0
         notes = [f"simulated {self.eng.events} events in {wall:.2f} s"]
@@ -375,9 +374,8 @@ class Simulation(VerifyPasses, PrefillPasses, DraftRounds, WeightStream, MemoryA
             mem_over_time={p: binned_peaks(self.pools[p].history, T) for p in POOLS},
             capacity_bytes={p: finite_capacity(self.layout.capacity[p]) for p in POOLS},
             acceptance=AcceptanceStats(
-                draft_len=self.k, rounds=self.rounds,
-                tokens_per_round=self.tokens_sum / self.rounds if self.rounds else 0.0,
-                useful_tokens_per_round=self.kept_sum / self.rounds if self.rounds else 0.0,
+                draft_len=self.k, rounds=acc.rounds, tokens_per_round=acc.mean_tokens_per_round,
+                useful_tokens_per_round=self.kept_sum / acc.rounds if acc.rounds else 0.0,
                 per_position=per_pos),
             physical_bound_tokens_per_s=bound if math.isfinite(bound) else 0.0,
             bound_fraction=tput / bound if math.isfinite(bound) and bound > 0 else 0.0,

@@ -136,17 +136,12 @@ class VerifyPasses:
         k = self.k
         if k:
             accepted = (self.rng.random((n, k)) < self.acc).cumprod(axis=1).sum(axis=1)
-            counts = np.bincount(accepted, minlength=k + 1)
-            at_least = counts[::-1].cumsum()[::-1]  # at_least[i] = #(accepted >= i)
-            self.pos_tried += at_least[:k]
-            self.pos_acc += at_least[1:k + 1]
         else:
             accepted = np.zeros(n, dtype=np.int64)
+        self.acceptance.record_rounds(accepted, k)
         tokens = accepted + 1
         kept = np.minimum(tokens, self.G - batch.gen[idx])
         batch.gen[idx] += kept
-        self.rounds += n
-        self.tokens_sum += float(tokens.sum())
         self.kept_sum += float(kept.sum())
         self.generated += int(kept.sum())
         self._kv_take(batch, idx, kept, "tokens kept by a verification")

@@ -15,9 +15,10 @@ from specoffload.planner.schema import Plan
 
 from ..config import load_args
 from ..host_attention import backend_note as attention_backend_note, clamp_threads, set_threads
+from specoffload.planner.acceptance import AcceptanceCounts
 from specoffload.planner.schedule import DRAFT, REFILL, admit_count, draft_step_layers, schedule_for
 
-from ..verify import AcceptanceStats, accept_best, draw, processed_probs, sampling_accept
+from ..verify import accept_best, draw, processed_probs, sampling_accept
 from .draft import Draft
 from .requests import EngineError, Finished, Request, Seq, padded
 from .target import Target
@@ -35,7 +36,7 @@ class EngineStats:
     slot_windows: list[tuple[float, float]] = field(default_factory=list)  # (start, end), perf_counter clock
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
-    acceptance: AcceptanceStats = field(default_factory=AcceptanceStats)
+    acceptance: AcceptanceCounts = field(default_factory=AcceptanceCounts)
 
 
 class Engine:
@@ -221,7 +222,7 @@ class Engine:
             keep = torch.rand(len(seqs), k, generator=self._synthetic_rng) < self.synthetic
             n_acc = keep.long().cumprod(dim=1).sum(dim=1)
             nxt = best.cpu().gather(1, n_acc[:, None])[:, 0]
-        self.stats.acceptance.record(n_acc, k)  # k = 0 too: one token per round
+        self.stats.acceptance.record_rounds(n_acc, k)  # k = 0 too: one token per round
         n_list, nxt_list = n_acc.tolist(), nxt.tolist()
         news = [drafted[i, :a].tolist() + [nxt_list[i]] for i, a in enumerate(n_list)]
         keep = [b + 1 + a for b, a in zip(base.tolist(), n_list)]  # last + accepted drafts are now in the KV
