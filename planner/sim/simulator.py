@@ -35,7 +35,8 @@ Model (what the runtime is expected to do; durations all come from the CostModel
   chain of pieces gpu -> d2h -> cpu -> h2d. Interleaved: the draft for batch X runs after X's
   verification, concurrently with the other batch's, at lower priority than target work on every
   resource (CUDA stream priorities). Serial-spec: the draft runs before each verification.
-- Schedule and refill, as the runtime's engine loop does them (runtime/engine.py `run`): prompts are
+- Schedule and refill: the steps of planner/schedule.py, which the runtime's engine takes too
+  (runtime/engine/engine.py `run`; tests/test_schedule.py compares the two step for step): prompts are
   prefilled in chunks of plan.prefill_batch, each chunk its own weight sweep (`CostModel.prefill_terms`
   for the chunk's size, spread over layers and over up to `prefill_groups` groups of its micro-chunks:
   h2d hidden in -> gpu -> d2h out); the prefill's logits give each sequence its first token. The

@@ -1,4 +1,4 @@
-"""The engine: admission, prefill, verification, and the schedules with continuous refill."""
+"""The engine: admission, prefill, verification, and the schedule's steps (planner/schedule.py)."""
 from __future__ import annotations
 
 import time

@@ -1,39 +1,14 @@
 """Measure this machine and build a HardwareProfile (source: measured) that the planner reads unchanged.
 
-Every figure is measured the way the cost model consumes it (planner/costmodel.py):
-
-=============================  ======================================================================
-figure                         probe
-=============================  ======================================================================
-h2d/d2h_{pinned,pageable}      CUDA: ``dst.copy_(src, non_blocking=True)`` between a pinned or pageable
-  _bytes_per_s (curves, x =    host tensor and a device tensor, timed with CUDA events, per transfer
-  transfer bytes)              size. CPU-only: the device *is* the CPU, so one host-to-host memcpy curve
-                               is measured and written to all four (the cost model ignores them there).
-gpu_matmul_flops_per_s         ``F.linear(x[tokens, hidden], W[ffn, hidden])`` at the reference model's
-  (curve, x = tokens)          FFN shape; 2*tokens*hidden*ffn / time. bf16 on CUDA, fp32 on the CPU
-                               (what the runtime computes in there).
-gpu_mem_bandwidth_bytes_per_s  a large copy on the device, (read + write bytes) / time (STREAM "copy").
-cpu_mem_bandwidth_bytes_per_s  the same on host memory (on a CPU-only machine: the same measurement).
-cpu_attn_kv_read_bytes_per_s,  the runtime's own attention call (:func:`attention_call`, host attention)
-cpu_attn_flops_per_s,          over a grid of (batch, query tokens, mean context) with ragged rows, in the
-cpu_attn_overhead_seconds      dtype the engine stores host KV in here (bf16 beside a GPU, fp32 CPU-only),
-                               then a nonnegative relative least-squares fit of overhead + kv_bytes / bw +
-                               flops / rate with the cost model's byte (bf16) and FLOP accounting
-                               (fit.fit_attention); path and dtype go into provenance.
-device_op_overhead_seconds     one decoder layer's device ops (qkv, output projection, FFN) at a tiny
-                               size and one token: all fixed cost, no arithmetic to speak of.
-engine_*_overhead_seconds      the Engine itself on tiny random MoE checkpoints at (layers, batch)
-  (pass, seq, layer)           points: the slot time outside its timed pieces.
-CPU devices, in the engine     ``engine_layers``: the Engine on random weights of the reference shapes
-  (engine_layers)              over a (batch, draft length) grid; fitted on top of the rates above:
-                               device_op_overhead / _token / expert, cpu_attn_overhead / seq / row,
-                               device_logit_element, engine_pass / seq and engine_draft_round / seq /
-                               step. They replace the micro-benchmark values (kept in provenance).
-gpu_mem_bytes,                 CUDA: allocate chunks until the allocator refuses, then free; reserve =
-gpu_mem_reserve_bytes          allocator fragmentation and workspace seen during the probes + the chunk
-                               granularity. CPU-only: MemAvailable, and a stated margin.
-host_mem_bytes, pinned, cores  /proc/meminfo MemAvailable minus a stated margin; CPUs this process may use.
-=============================  ======================================================================
+Every figure is measured the way the cost model consumes it (planner/costmodel.py). Which probe fills
+which figure on each kind of device, how its samples are fitted and what stands when it fails are
+declared once, in planner/cost_terms.py; `probes()` takes each probe's figures from there. In short:
+copy-rate curves per transfer size (CUDA events; on a CPU-only machine one memcpy curve for all four),
+the matmul rate over tokens at the reference FFN shape, device and host memory bandwidth (STREAM copy),
+the runtime's own host attention over a grid fitted by `fit.fit_attention`, one layer's fixed cost,
+the Engine's bookkeeping on tiny random checkpoints (`engine_overhead`) and, on CPU devices, the Engine
+on random weights of the reference shapes (`engine_layers`), whose fit replaces the micro-benchmark
+fixed costs (kept in provenance); memory from the allocator (CUDA) or /proc/meminfo.
 
 Each timing: warm-up calls, then `reps` samples, each averaging enough calls to last at least
 `min_sample_s` (synchronised on CUDA); the figure uses the median, and the spread (IQR / median)
