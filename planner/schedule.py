@@ -45,6 +45,15 @@ class ScheduleView(Protocol):
         """Prompts wait for admission."""
 
 
+LOG_STEPS = 100_000  # an executor's schedule_log keeps the first this many steps (a long run takes millions)
+
+
+def log_step(log: list, op: str, batch: int, sequences: int) -> None:
+    """Append (op, batch, sequences) to an executor's step log, up to LOG_STEPS entries."""
+    if len(log) < LOG_STEPS:
+        log.append((op, batch, sequences))
+
+
 def admit_count(free: int, waiting: int, prefill_batch: int, live: bool) -> int:
     """How many waiting prompts a batch with `free` free rows admits now: all it can take, but only when
     that fills a whole prefill chunk (min(prefill_batch, waiting)) or the batch is idle; else none, so a

@@ -131,3 +131,13 @@ def test_engine_and_simulator_take_the_same_steps(case, one_torch_thread):
     # ... and a different plan's steps differ (the comparison can fail).
     other = simulate(dataclasses.replace(plan, decode_batch=batch + 1), "cpu-2core")
     assert other.schedule_log != steps
+
+
+def test_step_logs_are_bounded(monkeypatch):
+    from specoffload.planner import schedule
+
+    monkeypatch.setattr(schedule, "LOG_STEPS", 3)
+    log = []
+    for i in range(5):
+        schedule.log_step(log, VERIFY, 0, i)
+    assert log == [(VERIFY, 0, 0), (VERIFY, 0, 1), (VERIFY, 0, 2)]

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..schedule import DRAFT, REFILL
+from ..schedule import DRAFT, REFILL, log_step
 from ..trace_names import SPAN_ATTN, SPAN_ATTN_OUT, SPAN_FFN, SPAN_LM_HEAD, SPAN_QKV
 from .engine import Task
 from .state import TARGET, _Batch, _Pass, _prio
@@ -31,13 +31,13 @@ class VerifyPasses:
             if step.op == REFILL:
                 before = self.queue_next
                 self._refill(batch)
-                self.schedule_log.append((step.op, step.batch, self.queue_next - before))
+                log_step(self.schedule_log, step.op, step.batch, self.queue_next - before)
             elif step.op == DRAFT:
-                self.schedule_log.append((step.op, step.batch, int(batch.active.sum())))
+                log_step(self.schedule_log, step.op, step.batch, int(batch.active.sum()))
                 self._draft_for(batch)
             else:
                 live = np.flatnonzero(batch.active)
-                self.schedule_log.append((step.op, step.batch, len(live)))
+                log_step(self.schedule_log, step.op, step.batch, len(live))
                 self._verify_pass(batch, live)
                 return
 

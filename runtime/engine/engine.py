@@ -16,7 +16,8 @@ from specoffload.planner.schema import Plan
 from ..config import load_args
 from ..host_attention import backend_note as attention_backend_note, clamp_threads, set_threads
 from specoffload.planner.acceptance import AcceptanceCounts
-from specoffload.planner.schedule import DRAFT, REFILL, admit_count, draft_step_layers, schedule_for
+from specoffload.planner.schedule import (DRAFT, REFILL, admit_count, draft_step_layers, log_step,
+                                          schedule_for)
 
 from ..verify import accept_best, draw, processed_probs, sampling_accept
 from .draft import Draft
@@ -96,7 +97,8 @@ class Engine:
                                   f"({self.target.args.vocab_size}); the pair must share a tokenizer")
         self.eos = set(self.target.args.eos_token_id)
         self.stats = EngineStats()
-        self.schedule_log: list[tuple[str, int, int]] = []  # the schedule's steps taken: (op, batch, sequences)
+        # the schedule's steps taken: (op, batch, sequences), the first planner.schedule.LOG_STEPS of them
+        self.schedule_log: list[tuple[str, int, int]] = []
 
     def host_tensor_bytes(self) -> float:
         """Bytes of the engine's own host tensors: weights held on the host (pinned or not) and KV caches.
@@ -324,15 +326,15 @@ class Engine:
             g = step.batch
             if step.op == REFILL:
                 drain(g)
-                self.schedule_log.append((step.op, g, refill(g)))
+                log_step(self.schedule_log, step.op, g, refill(g))
             elif step.op == DRAFT:
                 drain(g)
-                self.schedule_log.append((step.op, g, len(groups[g])))
+                log_step(self.schedule_log, step.op, g, len(groups[g]))
                 if self.draft is not None:
                     pending[g] = self.draft.propose(groups[g], self.k)
             else:
                 drain(g)
-                self.schedule_log.append((step.op, g, len(groups[g])))
+                log_step(self.schedule_log, step.op, g, len(groups[g]))
                 others = [b for b in pending if b != g]
                 verify(g, interleave(pending[others[0]]) if others else None)
                 for b in others:  # what the layers did not absorb
