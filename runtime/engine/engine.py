@@ -267,13 +267,17 @@ class Engine:
             if progress:
                 progress(len(s.out))
 
-        def refill(g: int) -> int:
-            """Admit queued requests into batch g's free slots, a prefill chunk at a time (the schedule's
-            admission rule); returns how many were admitted."""
-            if more is not None and len(queue) < len(free[g]):
+        def take_more() -> None:
+            if more is not None:
                 for r in more():
                     self.check(r)
                     queue.append(r)
+
+        def refill(g: int) -> int:
+            """Admit queued requests into batch g's free slots, a prefill chunk at a time (the schedule's
+            admission rule); returns how many were admitted."""
+            if len(queue) < len(free[g]):
+                take_more()
             want = admit_count(len(free[g]), len(queue), self.plan.prefill_batch, bool(groups[g]))
             if want == 0:
                 return 0
@@ -302,7 +306,9 @@ class Engine:
                 return bool(groups[g])
 
             @staticmethod
-            def waiting() -> bool:
+            def waiting() -> bool:  # a stream of work (`more`) is asked when the queue is empty
+                if not queue:
+                    take_more()
                 return bool(queue)
 
         # The schedule's steps (planner/schedule.py; the simulator follows the same ones). A draft round is
