@@ -11,14 +11,12 @@ from typing import Callable, Iterator
 import torch
 from torch import Tensor
 
+from specoffload.planner.acceptance import AcceptanceCounts
+from specoffload.planner.schedule import DRAFT, REFILL, admit_count, draft_step_layers, log_step, schedule_for
 from specoffload.planner.schema import Plan
 
 from ..config import load_args
 from ..host_attention import backend_note as attention_backend_note, clamp_threads, set_threads
-from specoffload.planner.acceptance import AcceptanceCounts
-from specoffload.planner.schedule import (DRAFT, REFILL, admit_count, draft_step_layers, log_step,
-                                          schedule_for)
-
 from ..verify import accept_best, draw, processed_probs, sampling_accept
 from .draft import Draft
 from .requests import EngineError, Finished, Request, Seq, padded
