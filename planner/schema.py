@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .cost_terms import OPTIONAL as COST_TERM_OPTIONAL
+from .cost_terms import TERMS as COST_TERMS
 from .strict import SchemaError, YamlContract, to_plain
 
 PROFILE_SCHEMA = 1
@@ -93,13 +95,9 @@ class Curve:
         return Curve(tuple((x, y * factor) for x, y in self.points))
 
 
-# Figures the profiler may fail to measure: listed in `missing` and null in the file.
-OPTIONAL_FIGURES = (
-    "gpu_matmul_flops_per_s", "gpu_mem_bandwidth_bytes_per_s",
-    "h2d_pinned_bytes_per_s", "h2d_pageable_bytes_per_s",
-    "d2h_pinned_bytes_per_s", "d2h_pageable_bytes_per_s",
-    "cpu_attn_kv_read_bytes_per_s", "cpu_attn_flops_per_s", "cpu_mem_bandwidth_bytes_per_s",
-)
+# Figures the profiler may fail to measure: listed in `missing` and null in the file (planner/cost_terms.py
+# declares each figure once: unit, probe, fit, fallback).
+OPTIONAL_FIGURES = COST_TERM_OPTIONAL
 
 
 @dataclass(frozen=True)
@@ -154,19 +152,14 @@ class HardwareProfile(YamlContract):
             raise ValueError(f"source must be 'measured' or 'spec-sheet', not {self.source!r}")
         if self.device_kind not in ("cuda", "cpu"):
             raise ValueError(f"device_kind must be 'cuda' or 'cpu', not {self.device_kind!r}")
-        if self.cpu_cores < 1:
-            raise ValueError(f"cpu_cores must be >= 1, found {self.cpu_cores}")
-        for name in ("host_mem_bytes", "pinned_mem_bytes", "gpu_mem_bytes"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be positive, found {getattr(self, name)}")
-        for name in ("gpu_mem_reserve_bytes", "cpu_attn_overhead_seconds", "device_op_overhead_seconds",
-                     "device_expert_overhead_seconds", "device_op_token_seconds", "cpu_attn_seq_overhead_seconds", "cpu_attn_row_overhead_seconds",
-                     "engine_pass_overhead_seconds", "engine_seq_overhead_seconds", "engine_layer_overhead_seconds",
-                     "device_logit_element_seconds", "engine_draft_round_overhead_seconds",
-                     "engine_draft_seq_overhead_seconds", "engine_draft_step_overhead_seconds",
-                     "disk_read_bytes_per_s"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, found {getattr(self, name)}")
+        for term in COST_TERMS:  # the bounds each figure's row in planner/cost_terms.py implies
+            value = getattr(self, term.name)
+            if term.bound == "count" and value < 1:
+                raise ValueError(f"{term.name} must be >= 1, found {value}")
+            if term.bound == "positive" and not term.optional and not value > 0:
+                raise ValueError(f"{term.name} must be positive, found {value}")
+            if term.bound == "nonneg" and value < 0:
+                raise ValueError(f"{term.name} must be >= 0, found {value}")
         if not math.isfinite(self.disk_read_bytes_per_s):
             raise ValueError(f"disk_read_bytes_per_s must be finite (0 = unknown), found {self.disk_read_bytes_per_s}")
         if self.gpu_mem_reserve_bytes >= self.gpu_mem_bytes:

@@ -34,6 +34,45 @@ SPAN_DRAFT_STEP = "draft step"  # gpu: one draft step, "draft step 2"
 ENGINE_SPANS = (SPAN_QKV, SPAN_ATTN, SPAN_ATTN_OUT, SPAN_FFN, SPAN_KV, SPAN_WEIGHTS, SPAN_LM_HEAD, SPAN_DRAFT_ATTN,
                 SPAN_DRAFT_PREFILL, SPAN_DRAFT_STEP)
 
+# -- the simulator's tasks ------------------------------------------------------------------------------
+# The simulator names its tasks with the kinds above, so a simulated and a measured trace lie side by side:
+# qkv, attn, attn-out, ffn and lm_head of a verification; kv (a prompt's keys/values down); weights (a
+# streamed layer's copy: its attention and FFN halves are two tasks, the engine copies a layer in one
+# span); draft step (a draft round's device work: one task preemptible at each step, or pieces of a
+# host-KV round) and draft attn. Where it models more coarsely, or work the engine does inside another
+# span, it uses the kinds below.
+SPAN_PREFILL = "prefill"  # gpu: one layer of a prefill chunk (a group of its micro-chunks), target and draft
+SPAN_HIDDEN = "hidden"  # h2d: a long prefill chunk's hidden states back from host memory (the engine keeps them)
+SPAN_DRAFT_QKV = "draft qkv"  # d2h: a host-KV draft round's q, k, v down (in the engine: inside `draft attn`)
+SPAN_DRAFT_ATTN_OUT = "draft attn-out"  # h2d: ... and its attention output back up (likewise)
+
+SIM_SPANS = (SPAN_QKV, SPAN_ATTN, SPAN_ATTN_OUT, SPAN_FFN, SPAN_KV, SPAN_WEIGHTS, SPAN_LM_HEAD, SPAN_DRAFT_ATTN,
+             SPAN_DRAFT_STEP, SPAN_PREFILL, SPAN_HIDDEN, SPAN_DRAFT_QKV, SPAN_DRAFT_ATTN_OUT)
+# What the engine writes for the work one simulator kind stands for (kinds the simulator does not name itself).
+SIM_COVERS = {
+    SPAN_PREFILL: (SPAN_QKV, SPAN_ATTN, SPAN_FFN, SPAN_DRAFT_PREFILL),  # a prefill pass: the same layer spans
+    SPAN_HIDDEN: (),
+    SPAN_DRAFT_QKV: (SPAN_DRAFT_ATTN,),
+    SPAN_DRAFT_ATTN_OUT: (SPAN_DRAFT_ATTN,),
+}
+
+
+def span_kind(name: str) -> str:
+    """The kind of a span or slice name: 'qkv L3 mb1 B0' -> 'qkv', 'draft step 2' -> 'draft step'."""
+    parts = name.split(" ")
+    while len(parts) > 1 and (parts[-1].isdigit() or (parts[-1][:1] in "LB" and parts[-1][1:].isdigit())
+                              or (parts[-1][:2] == "mb" and parts[-1][2:].isdigit())):
+        parts.pop()
+    return " ".join(parts)
+
+
+def engine_kinds(sim_kinds) -> set[str]:
+    """The span kinds the engine writes for the work of these simulator kinds."""
+    out = set()
+    for kind in sim_kinds:
+        out.update(SIM_COVERS.get(kind, (kind,)))
+    return out
+
 
 def track_name(resource: str) -> str:
     """The trace track of a resource key (gpu, h2d, d2h, cpu); other names pass through."""

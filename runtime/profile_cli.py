@@ -113,41 +113,28 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def summary(profile) -> str:
-    """A short human-readable table of the figures."""
+    """A short human-readable table of the figures: a line per summary group of planner/cost_terms.py."""
+    from specoffload.planner.cost_terms import CURVE, summary_lines
     from specoffload.planner.schema import Curve
 
-    def fig(v, unit=""):
+    def fig(term, v):
         if v is None:
             return "MISSING"
-        if isinstance(v, Curve):
+        if term.kind == CURVE and isinstance(v, Curve):
             return ", ".join(f"{_short(x)}:{y / 1e9:.3g}G" for x, y in v.points)
-        return f"{v:.4g}{unit}"
+        if term.scale != 1.0:
+            return f"{v * term.scale:.3g}{term.shown_unit}"
+        return f"{v:.4g}{term.shown_unit}"
 
     p = profile
     lines = [f"profile {p.name} ({p.device_kind}: {p.device_name})",
              f"  cores {p.cpu_cores}, host memory {p.host_mem_bytes / 2**30:.1f} GiB usable, device memory "
-             f"{p.gpu_mem_bytes / 2**30:.1f} GiB (reserve {p.gpu_mem_reserve_bytes / 2**30:.2f} GiB)",
-             f"  matmul flops/s by tokens   {fig(p.gpu_matmul_flops_per_s)}",
-             f"  device memory bandwidth    {fig(p.gpu_mem_bandwidth_bytes_per_s, ' B/s')}",
-             f"  host memory bandwidth      {fig(p.cpu_mem_bandwidth_bytes_per_s, ' B/s')}",
-             f"  h2d pinned by bytes        {fig(p.h2d_pinned_bytes_per_s)}",
-             f"  d2h pinned by bytes        {fig(p.d2h_pinned_bytes_per_s)}",
-             f"  cpu attention              overhead {p.cpu_attn_overhead_seconds * 1e6:.1f} us, KV read "
-             f"{fig(p.cpu_attn_kv_read_bytes_per_s, ' B/s')}, {fig(p.cpu_attn_flops_per_s, ' flop/s')}",
-             f"  cpu attention per seq/row  {p.cpu_attn_seq_overhead_seconds * 1e6:.2f} us, "
-             f"{p.cpu_attn_row_overhead_seconds * 1e6:.2f} us",
-             f"  device layer cost          {p.device_op_overhead_seconds * 1e6:.1f} us + "
-             f"{p.device_op_token_seconds * 1e6:.2f} us per token, + {p.device_expert_overhead_seconds * 1e6:.1f} us "
-             "per expert invoked",
-             f"  logits scanned             {p.device_logit_element_seconds * 1e9:.2f} ns per element",
-             f"  engine bookkeeping         {p.engine_pass_overhead_seconds * 1e6:.1f} us per pass + "
-             f"{p.engine_seq_overhead_seconds * 1e6:.2f} us per sequence + {p.engine_layer_overhead_seconds * 1e6:.1f} "
-             "us per layer",
-             f"  draft bookkeeping          {p.engine_draft_round_overhead_seconds * 1e6:.1f} us per round + "
-             f"{p.engine_draft_seq_overhead_seconds * 1e6:.2f} us per sequence + "
-             f"{p.engine_draft_step_overhead_seconds * 1e6:.1f} us per step"]
-    if p.disk_read_bytes_per_s:
-        lines.append(f"  disk sequential read       {p.disk_read_bytes_per_s / 1e9:.3g} GB/s")
+             f"{p.gpu_mem_bytes / 2**30:.1f} GiB (reserve {p.gpu_mem_reserve_bytes / 2**30:.2f} GiB)"]
+    for label, terms in summary_lines():
+        if label == "disk sequential read" and not p.disk_read_bytes_per_s:
+            continue  # not measured
+        parts = [f"{fig(t, getattr(p, t.name))}{' ' + t.summary_as if t.summary_as else ''}" for t in terms]
+        lines.append(f"  {label:<26} {', '.join(parts)}")
     if "engine_layers" in p.provenance:
         lines.append("  (fixed costs fitted inside the engine: provenance engine_layers)")
     if "fit.cpu_attention" in p.provenance:

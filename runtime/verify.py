@@ -14,41 +14,8 @@ p and q are the *processed* distributions (temperature and top-p applied to both
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 from torch import Tensor
-
-
-@dataclass
-class AcceptanceStats:
-    """Per-position counts: tried[i] verifications reached draft position i+1, accepted[i] kept it."""
-
-    tried: list[int] = field(default_factory=list)
-    accepted: list[int] = field(default_factory=list)
-    rounds: int = 0
-    tokens: int = 0  # tokens committed by verification rounds (before capping at a sequence's length)
-
-    def record(self, n_accepted: Tensor, k: int) -> None:
-        while len(self.tried) < k:
-            self.tried.append(0)
-            self.accepted.append(0)
-        for n in n_accepted.tolist():
-            # positions 1..n accepted, position n+1 tried and rejected (if n < k)
-            for i in range(min(n + 1, k)):
-                self.tried[i] += 1
-            for i in range(n):
-                self.accepted[i] += 1
-            self.rounds += 1
-            self.tokens += n + 1
-
-    def per_position(self) -> list[float]:
-        """Conditional acceptance a_i = P(position i kept | 1..i-1 kept) (the Workload's definition)."""
-        return [a / t if t else 0.0 for a, t in zip(self.accepted, self.tried)]
-
-    @property
-    def mean_tokens_per_round(self) -> float:
-        return self.tokens / self.rounds if self.rounds else 0.0
 
 
 def processed_probs(logits: Tensor, temperature: Tensor, top_p: Tensor) -> Tensor:

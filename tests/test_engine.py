@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 from specoffload.planner.schema import Plan, Prediction, Workload
 from specoffload.runtime.engine import Engine, EngineError, Request
 from specoffload.runtime.tiny_pair import tiny_pair_paths, tiny_pair_tokenizer
-from specoffload.runtime.verify import AcceptanceStats, greedy_accept, sampling_accept
+from specoffload.planner.acceptance import AcceptanceCounts
+from specoffload.runtime.verify import greedy_accept, sampling_accept
 
 TEXTS = ["def foo(x):\n    return", "import os\nimport", "class A:\n    def __init__(self, value", "for i in range(10):\n",
          "# comment\n", "x = [1, 2, 3]\nprint(", "while True:\n    if", "try:\n    import numpy as np\nexcept"]
@@ -220,8 +221,8 @@ def test_greedy_accept_prefix_and_bonus():
 
 
 def test_acceptance_stats_per_position():
-    st_ = AcceptanceStats()
-    st_.record(torch.tensor([0, 2, 3, 1]), 3)
+    st_ = AcceptanceCounts()
+    st_.record_rounds(torch.tensor([0, 2, 3, 1]), 3)
     # position 1 tried 4x accepted 3x; position 2 tried 3x accepted 2x; position 3 tried 2x accepted 1x
     assert st_.per_position() == [0.75, 2 / 3, 0.5]
     assert st_.mean_tokens_per_round == pytest.approx((1 + 3 + 4 + 2) / 4)

@@ -59,3 +59,27 @@ def test_a_streamed_request_is_checked():
 
     with pytest.raises(EngineError, match="'long'"):
         eng.run([Request("a", [1, 2, 3], 2)], lambda f: None, more=more)
+
+
+def test_streamed_requests_fill_an_idle_batch_while_the_other_runs():
+    """Interleaved: batch 0 holds the first requests, batch 1 is idle; requests that arrive later go into
+    batch 1 on its turn (the schedule asks the stream when its queue is empty), not after batch 0 drains."""
+    target, draft = tiny_pair_paths()
+    plan = make_plan("interleaved", batch=2, k=1)
+    eng = Engine(plan, target, draft)
+    eng.eos = set()  # every sequence runs to its length
+    later = [Request("c", [1, 2, 3], 3), Request("d", [4, 5], 3)]
+    calls = []
+
+    def more():
+        calls.append(1)
+        if len(calls) < 3:
+            return []
+        out = later[:]
+        later.clear()
+        return out
+
+    done = []
+    eng.run([Request("a", [1, 2, 3], 20), Request("b", [2, 3], 20)], lambda f: done.append(f.request.id), more=more)
+    assert sorted(done) == ["a", "b", "c", "d"] and done.index("c") < done.index("a")
+    assert any(op == "refill" and g == 1 and n == 2 for op, g, n in eng.schedule_log)

@@ -78,8 +78,9 @@ def test_record_counts_conditional_positions():
     c.record(1, 1)  # only one position verifiable (end of the output): accepted
     assert c.tried == [4, 2, 2, 1]
     assert c.accepted == [3, 2, 1, 1]
-    assert c.per_position() == (0.75, 1.0, 0.5, 1.0)
-    assert AcceptanceCounts(3, tried=[2, 0, 0], accepted=[1, 0, 0]).per_position() == (0.5,)
+    assert c.acceptance_vector() == (0.75, 1.0, 0.5, 1.0)
+    assert AcceptanceCounts(3, tried=[2, 0, 0], accepted=[1, 0, 0]).acceptance_vector() == (0.5,)
+    assert AcceptanceCounts(3, tried=[2, 0, 0], accepted=[1, 0, 0]).per_position() == [0.5, 0.0, 0.0]
 
 
 @pytest.mark.parametrize("k", [1, 4])
@@ -98,7 +99,7 @@ def test_a_draft_identical_to_the_target_is_always_accepted(pair_dirs):
     tdir, _ = pair_dirs
     target = Transformer.from_pretrained(tdir)
     c = count_acceptance(target, Transformer.from_pretrained(tdir), token_prompts(tdir), 4, max_new_tokens=16)
-    assert c.per_position() == (1.0,) * len(c.per_position()) and len(c.per_position()) >= 2
+    assert c.acceptance_vector() == (1.0,) * len(c.acceptance_vector()) and len(c.acceptance_vector()) >= 2
     # Each round commits its k accepted tokens plus the target's own: ceil(len / (k + 1)) rounds per sequence.
     from specoffload.runtime.generate import generate
 
@@ -148,7 +149,7 @@ def test_workload_fields(pair_dirs, prompts_file):
     assert w.num_prompts == len(TEXTS) and w.gen_len_tokens == 10
     assert w.prompt_len_tokens == round(sum(lengths) / len(lengths)) and w.max_prompt_len_tokens == max(lengths)
     assert isinstance(w.acceptance, tuple) and 1 <= len(w.acceptance) <= 3
-    assert w.acceptance == tuple(round(a, 4) for a in res.counts.per_position())
+    assert w.acceptance == tuple(round(a, 4) for a in res.counts.acceptance_vector())
     assert "greedy" in w.acceptance_source and "k=3" in w.acceptance_source and "in.jsonl" in w.acceptance_source
     assert w.temperature == 0.0
 

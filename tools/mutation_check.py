@@ -57,8 +57,9 @@ MUTATIONS: tuple[Mutation, ...] = (
     M("acceptance-ratio-inverted", "runtime/verify.py", "if qx > 0 and u * qx <= px:", "if qx > 0 and u * px <= qx:",
       ("tests/test_engine.py", "-k", "sampling", "tests/test_engine_sampling.py"),
       "a draft token kept with probability min(1, q/p) instead of min(1, p/q)"),
-    M("acceptance-stats-miss-rejections", "runtime/verify.py", "for i in range(min(n + 1, k)):", "for i in range(n):",
-      ("tests/test_engine.py", "-k", "acceptance_stats"), "a rejected position is not counted as tried"),
+    M("acceptance-stats-miss-rejections", "planner/acceptance.py", "for i in range(min(n + 1, k)):", "for i in range(n):",
+      ("tests/test_engine.py", "-k", "acceptance_stats", "tests/test_acceptance_counts.py"),
+      "a rejected position is not counted as tried"),
     # --- engine -----------------------------------------------------------------------------------
     M("eos-not-stopping", "runtime/engine/engine.py", "            if t in self.eos:\n                return False\n",
       "            if t in self.eos:\n                pass\n", ("tests/test_engine.py", "-k", "eos or greedy_speculative"),

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 
+from ..trace_names import SPAN_DRAFT_ATTN, SPAN_DRAFT_ATTN_OUT, SPAN_DRAFT_QKV, SPAN_DRAFT_STEP
 from .engine import Task
 from .state import DRAFT, _prio
 
@@ -28,7 +29,7 @@ class DraftRounds:
             # the granularity at which the runtime launches draft work; stream priorities are finer still.
             subs = math.ceil(n_seqs / min(self.plan.draft_sub_batch, n_seqs)) if self.plan.draft_kv == "recompute" else 1
             steps = self.k * Ld * subs
-            g = Task("draft", "gpu", self.gpu, dr["gpu"], priority=_prio(DRAFT, n_ref),
+            g = Task(SPAN_DRAFT_STEP, "gpu", self.gpu, dr["gpu"], priority=_prio(DRAFT, n_ref),
                      quantum=dr["gpu"] / steps, batch=batch,
                      pass_index=n_ref, traced=traced)
             for dep in deps:
@@ -40,8 +41,8 @@ class DraftRounds:
             prev = None
             for i in range(pieces):
                 chain = []
-                for kind, label, res in (("draft", "gpu", self.gpu), ("draft d2h", "d2h", self.d2h),
-                                         ("draft attention", "cpu", self.cpu), ("draft h2d", "h2d", self.h2d)):
+                for kind, label, res in ((SPAN_DRAFT_STEP, "gpu", self.gpu), (SPAN_DRAFT_QKV, "d2h", self.d2h),
+                                         (SPAN_DRAFT_ATTN, "cpu", self.cpu), (SPAN_DRAFT_ATTN_OUT, "h2d", self.h2d)):
                     dur = dr[label] / pieces
                     if dur <= 0:
                         continue

@@ -45,7 +45,7 @@ class Task:
                  priority: int = 0, quantum: float = 0.0, layer: int = -1, micro_batch: int = -1,
                  batch: int = -1, pass_index: int = -1, on_done: Callable[[float], None] | None = None,
                  traced: bool = False):
-        self.kind = kind  # what it is: "qkv", "ffn", "w-ffn", "draft", ... (trace slice name)
+        self.kind = kind  # what it is: a span kind of planner/trace_names.py ("qkv", "ffn", "weights", ...)
         self.label = label  # resource class for accounting: gpu | cpu | h2d | d2h (None: a join)
         self.resource = resource
         self.duration = duration

@@ -7,6 +7,8 @@ from dataclasses import replace
 
 import numpy as np
 
+from ..schedule import admit_count, prefill_chunks
+from ..trace_names import SPAN_HIDDEN, SPAN_KV, SPAN_PREFILL
 from .engine import Task
 from .state import BULK, TARGET, _Batch, _Pass, _prio
 
@@ -59,15 +61,15 @@ class PrefillPasses:
             for g in range(groups):
                 first = None
                 if micro > 1 and i_dur > 0:
-                    first = Task("prefill h2d hidden", "h2d", self.h2d, i_dur, priority=_prio(TARGET, n, j, g),
+                    first = Task(SPAN_HIDDEN, "h2d", self.h2d, i_dur, priority=_prio(TARGET, n, j, g),
                                  quantum=i_q, layer=j,
                                  micro_batch=g, pass_index=n, traced=traced)
                     eng.depend(prev_out[g], first)
                     layer_tasks.append(first)
-                comp = Task("prefill", "gpu", self.gpu, g_dur, priority=_prio(TARGET, n, j, g), layer=j, micro_batch=g,
+                comp = Task(SPAN_PREFILL, "gpu", self.gpu, g_dur, priority=_prio(TARGET, n, j, g), layer=j, micro_batch=g,
                             pass_index=n, traced=traced)
                 eng.depend(first if first is not None else prev_gpu[g], comp)
-                out = Task("prefill d2h kv", "d2h", self.d2h, o_dur, priority=_prio(BULK, n, j, g), quantum=o_q,
+                out = Task(SPAN_KV, "d2h", self.d2h, o_dur, priority=_prio(BULK, n, j, g), quantum=o_q,
                            layer=j,
                            micro_batch=g, pass_index=n, traced=traced)
                 eng.depend(comp, out)
@@ -110,13 +112,9 @@ class PrefillPasses:
             self.eng.stopped = True
 
     def _refill(self, batch: _Batch) -> None:
-        """Admit waiting prompts into the batch's free slots, in prefill chunks (the runtime's rule:
-        only when a whole chunk's worth can go in, or the batch is idle)."""
-        bp = self.plan.prefill_batch
-        left = self.N - self.queue_next
+        """Admit waiting prompts into the batch's free slots, in prefill chunks (the schedule's rule,
+        planner/schedule.py: only when a whole chunk's worth can go in, or the batch is idle)."""
         free = batch.free_slots()
-        want = min(len(free), left)
-        if want == 0 or (want < min(bp, left) and batch.active.any()):
-            return
-        for start in range(0, want, bp):
-            self._prefill_pass(batch, free[start:min(want, start + bp)])
+        want = admit_count(len(free), self.N - self.queue_next, self.plan.prefill_batch, bool(batch.active.any()))
+        for start, end in prefill_chunks(want, self.plan.prefill_batch):
+            self._prefill_pass(batch, free[start:end])

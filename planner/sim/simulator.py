@@ -35,7 +35,8 @@ Model (what the runtime is expected to do; durations all come from the CostModel
   chain of pieces gpu -> d2h -> cpu -> h2d. Interleaved: the draft for batch X runs after X's
   verification, concurrently with the other batch's, at lower priority than target work on every
   resource (CUDA stream priorities). Serial-spec: the draft runs before each verification.
-- Schedule and refill, as the runtime's engine loop does them (runtime/engine.py `run`): prompts are
+- Schedule and refill: the steps of planner/schedule.py, which the runtime's engine takes too
+  (runtime/engine/engine.py `run`; tests/test_schedule.py compares the two step for step): prompts are
   prefilled in chunks of plan.prefill_batch, each chunk its own weight sweep (`CostModel.prefill_terms`
   for the chunk's size, spread over layers and over up to `prefill_groups` groups of its micro-chunks:
   h2d hidden in -> gpu -> d2h out); the prefill's logits give each sequence its first token. The
@@ -61,6 +62,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..acceptance import AcceptanceCounts
+from ..schedule import schedule_for
 from ..schema import HardwareProfile, Plan, load_profile, resident_layers
 from ..strict import SchemaError
 from .accounting import MemoryAccounting
@@ -119,6 +122,7 @@ class SimResult:
     events: int
     wall_seconds: float
     overflow: Overflow | None = None
+    schedule_log: tuple[tuple[str, int, int], ...] = ()  # the schedule's steps taken: (op, batch, sequences)
 
     @property
     def ok(self) -> bool:
@@ -220,12 +224,10 @@ class Simulation(VerifyPasses, PrefillPasses, DraftRounds, WeightStream, MemoryA
         self.last_end = 0.0
         self.phase = {"prefill": 0.0, "decode": 0.0}
         self.step_log: list[tuple[int, int, float, float, int]] = []
+        self.schedule_log: list[tuple[str, int, int]] = []  # the schedule's steps taken: (op, batch, sequences)
         self.prefill_log: list[tuple[int, int, float, float, int]] = []
-        self.rounds = 0
-        self.tokens_sum = 0.0
+        self.acceptance = AcceptanceCounts(self.k)  # per-position counts over every verification round
         self.kept_sum = 0.0
-        self.pos_tried = np.zeros(max(self.k, 1))
-        self.pos_acc = np.zeros(max(self.k, 1))
         self.makespan = 0.0
         self._wall0 = 0.0
         self._progress_shown = False
@@ -280,12 +282,10 @@ class Simulation(VerifyPasses, PrefillPasses, DraftRounds, WeightStream, MemoryA
                 f"= {need} exceeds {self.t.name}'s context of {self.t.max_position_embeddings} tokens")))
             self.eng.stopped = True
             return
-        # Initial fill as the runtime does it: batch 0 first, then batch 1, each in prefill chunks.
-        for batch in self.batches:
-            self._refill(batch)
-            self._draft_for(batch)
-        if self.batches[0].active.any():
-            self._verify_pass(self.batches[0], np.flatnonzero(self.batches[0].active))
+        # The schedule's steps (planner/schedule.py), as the runtime's engine follows them: the initial fill
+        # (batch 0 first, then batch 1, each in prefill chunks), then verifications, refills and draft rounds.
+        self._steps = schedule_for(self.nb, self.k).steps(self)
+        self._advance()
 
     def _check(self, now: float, events: int) -> None:
         if now > self.time_limit:
@@ -346,7 +346,8 @@ class Simulation(VerifyPasses, PrefillPasses, DraftRounds, WeightStream, MemoryA
         slots = len(self.step_log)
         spans = sorted(end - start for _, _, start, end, _ in self.step_log)
         decode = self.phase["decode"]
-        per_pos = tuple(float(a / t) if t else 0.0 for a, t in zip(self.pos_acc, self.pos_tried)) if self.k else ()
+        acc = self.acceptance
+        per_pos = tuple(acc.per_position()) if self.k else ()
         bound = cm.physical_bound(self.knobs)
         tput = self.generated / T if T > 0 else 0.0
         notes = [f"simulated {self.eng.events} events in {wall:.2f} s"]
@@ -374,16 +375,15 @@ class Simulation(VerifyPasses, PrefillPasses, DraftRounds, WeightStream, MemoryA
             mem_over_time={p: binned_peaks(self.pools[p].history, T) for p in POOLS},
             capacity_bytes={p: finite_capacity(self.layout.capacity[p]) for p in POOLS},
             acceptance=AcceptanceStats(
-                draft_len=self.k, rounds=self.rounds,
-                tokens_per_round=self.tokens_sum / self.rounds if self.rounds else 0.0,
-                useful_tokens_per_round=self.kept_sum / self.rounds if self.rounds else 0.0,
+                draft_len=self.k, rounds=acc.rounds, tokens_per_round=acc.mean_tokens_per_round,
+                useful_tokens_per_round=self.kept_sum / acc.rounds if acc.rounds else 0.0,
                 per_position=per_pos),
             physical_bound_tokens_per_s=bound if math.isfinite(bound) else 0.0,
             bound_fraction=tput / bound if math.isfinite(bound) and bound > 0 else 0.0,
             predicted=predicted_figures(cm, self.knobs, self.placement),
             notes=tuple(notes))
         return SimResult(report, tuple(self.problems), self.step_log, self.prefill_log, self.trace,
-                         self.eng.events, wall, self.overflow)
+                         self.eng.events, wall, self.overflow, tuple(self.schedule_log))
 
 
 def _fingerprint(obj) -> str:

@@ -1,10 +1,13 @@
-"""The verification pass as tasks, acceptance drawn per sequence, and the order of passes
-(draft / verify, the interleave). Methods of `Simulation`.
+"""The verification pass as tasks, acceptance drawn per sequence, and the order of passes: the steps
+of the schedule (planner/schedule.py, the rules the runtime's engine follows too) turned into tasks.
+Methods of `Simulation`.
 """
 from __future__ import annotations
 
 import numpy as np
 
+from ..schedule import DRAFT, REFILL, log_step
+from ..trace_names import SPAN_ATTN, SPAN_ATTN_OUT, SPAN_FFN, SPAN_LM_HEAD, SPAN_QKV
 from .engine import Task
 from .state import TARGET, _Batch, _Pass, _prio
 
@@ -20,22 +23,29 @@ class VerifyPasses:
             if dj is not None:
                 batch.pending = [dj]
 
-    def _next_verification(self, after: _Batch) -> None:
-        """After a verification of `after`: refill it, issue its draft, and start the next verification
-        (the other batch under the interleaved policy, unless that one has nothing to verify)."""
-        self._refill(after)
-        self._draft_for(after)
-        nxt = after
-        if self.nb == 2:
-            other = self.batches[1 - after.index]
-            if not other.active.any() and self.queue_next < self.N:  # an idle batch is refilled on its turn
-                self._refill(other)
-                self._draft_for(other)
-            if other.active.any():
-                nxt = other
-        live = np.flatnonzero(nxt.active)
-        if len(live):
-            self._verify_pass(nxt, live)
+    def _advance(self) -> None:
+        """Follow the schedule (planner/schedule.py) up to its next verification, issuing the refills and
+        draft rounds before it; the verification's end (`_verify_done`) resumes it."""
+        for step in self._steps:
+            batch = self.batches[step.batch]
+            if step.op == REFILL:
+                before = self.queue_next
+                self._refill(batch)
+                log_step(self.schedule_log, step.op, step.batch, self.queue_next - before)
+            elif step.op == DRAFT:
+                log_step(self.schedule_log, step.op, step.batch, int(batch.active.sum()))
+                self._draft_for(batch)
+            else:
+                live = np.flatnonzero(batch.active)
+                log_step(self.schedule_log, step.op, step.batch, len(live))
+                self._verify_pass(batch, live)
+                return
+
+    def live(self, batch: int) -> bool:  # the ScheduleView the schedule reads
+        return bool(self.batches[batch].active.any())
+
+    def waiting(self) -> bool:
+        return self.queue_next < self.N
 
     def _verify_pass(self, batch: _Batch, live: np.ndarray) -> None:
         eng, cm, t = self.eng, self.cm, self.t
@@ -81,20 +91,20 @@ class VerifyPasses:
             for i, q, io, f in mbs:
                 prio = base | i
                 where = dict(priority=prio, layer=j, micro_batch=i, batch=X, pass_index=n, traced=traced)
-                Q = Task("qkv", "gpu", gpu, q, **where)
+                Q = Task(SPAN_QKV, "gpu", gpu, q, **where)
                 depend(prev[i], Q)
                 layer_tasks.append(Q)
                 last = Q
                 if io is not None:  # host attention: q/k/v down, attention on the CPU pool, output up
-                    D = Task("d2h qkv", "d2h", d2h, io[0], **where)
-                    C = Task("attention", "cpu", cpu, io[1], **where)
-                    U = Task("h2d attn-out", "h2d", h2d, io[2], **where)
+                    D = Task(SPAN_QKV, "d2h", d2h, io[0], **where)
+                    C = Task(SPAN_ATTN, "cpu", cpu, io[1], **where)
+                    U = Task(SPAN_ATTN_OUT, "h2d", h2d, io[2], **where)
                     depend(Q, D)
                     depend(D, C)
                     depend(C, U)
                     layer_tasks += (D, C, U)
                     last = U
-                F = Task("ffn", "gpu", gpu, f, **where)
+                F = Task(SPAN_FFN, "gpu", gpu, f, **where)
                 depend(last, F)
                 depend(F, release)
                 layer_tasks.append(F)
@@ -106,7 +116,7 @@ class VerifyPasses:
                 eng.arm(task)
             eng.arm(release)
         # The LM head, then the runtime's bookkeeping for the pass (verify, roll back, commit: host time).
-        lm = Task("lm-head", "gpu", gpu, cm.lm_head_seconds(t, p.tokens) + cm.host_pass_seconds(len(p.slots)),
+        lm = Task(SPAN_LM_HEAD, "gpu", gpu, cm.lm_head_seconds(t, p.tokens) + cm.host_pass_seconds(len(p.slots)),
                   priority=_prio(TARGET, n, self.L, 0), batch=X, pass_index=n, traced=traced)
         for task in prev.values():
             eng.depend(task, lm)
@@ -126,17 +136,12 @@ class VerifyPasses:
         k = self.k
         if k:
             accepted = (self.rng.random((n, k)) < self.acc).cumprod(axis=1).sum(axis=1)
-            counts = np.bincount(accepted, minlength=k + 1)
-            at_least = counts[::-1].cumsum()[::-1]  # at_least[i] = #(accepted >= i)
-            self.pos_tried += at_least[:k]
-            self.pos_acc += at_least[1:k + 1]
         else:
             accepted = np.zeros(n, dtype=np.int64)
+        self.acceptance.record_rounds(accepted, k)
         tokens = accepted + 1
         kept = np.minimum(tokens, self.G - batch.gen[idx])
         batch.gen[idx] += kept
-        self.rounds += n
-        self.tokens_sum += float(tokens.sum())
         self.kept_sum += float(kept.sum())
         self.generated += int(kept.sum())
         self._kv_take(batch, idx, kept, "tokens kept by a verification")
@@ -152,6 +157,7 @@ class VerifyPasses:
         if self.finished >= self.N:
             self.makespan = now
             self.eng.stopped = True
+            self._advance()  # the schedule's closing steps: nothing waits, nothing is live, so no tasks
             return
-        self._next_verification(batch)
+        self._advance()
         self._pump()

@@ -6,6 +6,7 @@ issued, free_buffers, stream_pos, buffer_taken, ...) is set up by `Simulation.__
 """
 from __future__ import annotations
 
+from ..trace_names import SPAN_WEIGHTS
 from .engine import Task
 from .state import BULK, _Pass, _prio
 
@@ -58,12 +59,12 @@ class WeightStream:
         traced = self._traced(n)
         attn = ffn = None
         if self.attn_streamed[j]:
-            attn = Task("w-attn", "h2d", self.h2d, self._attn_copy, priority=_prio(BULK, n, j, 0),
+            attn = Task(SPAN_WEIGHTS, "h2d", self.h2d, self._attn_copy, priority=_prio(BULK, n, j, 0),
                         quantum=self._quantum(self._attn_copy, self.t.attn_bytes_per_layer), layer=j, pass_index=n,
                         traced=traced)
         if self.ffn_streamed[j]:
             secs, nbytes = self._ffn_copy(tokens)
-            ffn = Task("w-ffn", "h2d", self.h2d, secs, priority=_prio(BULK, n, j, 1),
+            ffn = Task(SPAN_WEIGHTS, "h2d", self.h2d, secs, priority=_prio(BULK, n, j, 1),
                        quantum=self._quantum(secs, nbytes),
                        layer=j, pass_index=n, traced=traced)
         self.issued[(n, j)] = (attn, ffn, tokens, need)
@@ -115,7 +116,7 @@ class WeightStream:
             need, _ = self._ffn_copy(p.tokens)
             have, _ = self._ffn_copy(tokens)
             if need > have * (1 + 1e-9):  # prefetched for fewer routed experts than this pass touches
-                top = Task("w-ffn top-up", "h2d", self.h2d, need - have, priority=_prio(BULK, p.index, j, 2), layer=j,
+                top = Task(SPAN_WEIGHTS, "h2d", self.h2d, need - have, priority=_prio(BULK, p.index, j, 2), layer=j,
                            pass_index=p.index, traced=self._traced(p.index))
                 for u in ffn_users:
                     eng.depend(top, u)

@@ -1,4 +1,4 @@
-"""The engine: admission, prefill, verification, and the schedules with continuous refill."""
+"""The engine: admission, prefill, verification, and the schedule's steps (planner/schedule.py)."""
 from __future__ import annotations
 
 import time
@@ -11,11 +11,13 @@ from typing import Callable, Iterator
 import torch
 from torch import Tensor
 
+from specoffload.planner.acceptance import AcceptanceCounts
+from specoffload.planner.schedule import DRAFT, REFILL, admit_count, draft_step_layers, log_step, schedule_for
 from specoffload.planner.schema import Plan
 
 from ..config import load_args
 from ..host_attention import backend_note as attention_backend_note, clamp_threads, set_threads
-from ..verify import AcceptanceStats, accept_best, draw, processed_probs, sampling_accept
+from ..verify import accept_best, draw, processed_probs, sampling_accept
 from .draft import Draft
 from .requests import EngineError, Finished, Request, Seq, padded
 from .target import Target
@@ -33,7 +35,7 @@ class EngineStats:
     slot_windows: list[tuple[float, float]] = field(default_factory=list)  # (start, end), perf_counter clock
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
-    acceptance: AcceptanceStats = field(default_factory=AcceptanceStats)
+    acceptance: AcceptanceCounts = field(default_factory=AcceptanceCounts)
 
 
 class Engine:
@@ -93,6 +95,8 @@ class Engine:
                                   f"({self.target.args.vocab_size}); the pair must share a tokenizer")
         self.eos = set(self.target.args.eos_token_id)
         self.stats = EngineStats()
+        # the schedule's steps taken: (op, batch, sequences), the first planner.schedule.LOG_STEPS of them
+        self.schedule_log: list[tuple[str, int, int]] = []
 
     def host_tensor_bytes(self) -> float:
         """Bytes of the engine's own host tensors: weights held on the host (pinned or not) and KV caches.
@@ -218,7 +222,7 @@ class Engine:
             keep = torch.rand(len(seqs), k, generator=self._synthetic_rng) < self.synthetic
             n_acc = keep.long().cumprod(dim=1).sum(dim=1)
             nxt = best.cpu().gather(1, n_acc[:, None])[:, 0]
-        self.stats.acceptance.record(n_acc, k)  # k = 0 too: one token per round
+        self.stats.acceptance.record_rounds(n_acc, k)  # k = 0 too: one token per round
         n_list, nxt_list = n_acc.tolist(), nxt.tolist()
         news = [drafted[i, :a].tolist() + [nxt_list[i]] for i, a in enumerate(n_list)]
         keep = [b + 1 + a for b, a in zip(base.tolist(), n_list)]  # last + accepted drafts are now in the KV
@@ -261,16 +265,20 @@ class Engine:
             if progress:
                 progress(len(s.out))
 
-        def refill(g: int) -> None:
-            """Admit queued requests into batch g's free slots, a prefill chunk at a time."""
-            if more is not None and len(queue) < len(free[g]):
+        def take_more() -> None:
+            if more is not None:
                 for r in more():
                     self.check(r)
                     queue.append(r)
-            want = min(len(free[g]), len(queue))
-            # Wait for a full chunk unless the batch is idle or the queue is short.
-            if want == 0 or (want < min(self.plan.prefill_batch, len(queue)) and groups[g]):
-                return
+
+        def refill(g: int) -> int:
+            """Admit queued requests into batch g's free slots, a prefill chunk at a time (the schedule's
+            admission rule); returns how many were admitted."""
+            if len(queue) < len(free[g]):
+                take_more()
+            want = admit_count(len(free[g]), len(queue), self.plan.prefill_batch, bool(groups[g]))
+            if want == 0:
+                return 0
             new = []
             for _ in range(want):
                 req = queue.popleft()
@@ -281,9 +289,7 @@ class Engine:
                 if s not in alive:
                     finish(s)
             groups[g].extend(alive)
-
-        def drafts(g: int) -> Iterator[None]:
-            return self.draft.propose(groups[g], self.k) if self.draft is not None else iter(())
+            return want
 
         def verify(g: int, between: Callable[[int], None] | None = None) -> None:
             running = self._verify(groups[g], between)
@@ -292,35 +298,50 @@ class Engine:
             for s in done:
                 finish(s)
 
-        t_start = time.perf_counter()
-        for g in range(self.num_batches):
-            refill(g)
-        if self.num_batches == 2:
-            # Interleaved: the draft drafts for batch b while the target verifies batch a, then they swap.
-            for _ in drafts(0):
+        class View:  # what the schedule reads (planner/schedule.py ScheduleView)
+            @staticmethod
+            def live(g: int) -> bool:
+                return bool(groups[g])
+
+            @staticmethod
+            def waiting() -> bool:  # a stream of work (`more`) is asked when the queue is empty
+                if not queue:
+                    take_more()
+                return bool(queue)
+
+        # The schedule's steps (planner/schedule.py; the simulator follows the same ones). A draft round is
+        # created when its step comes and run lazily: in full before its own batch's verification, or, when
+        # another batch is verified first (interleaved), one draft step every `every` target layers.
+        pending: dict[int, Iterator[None]] = {}
+        every = draft_step_layers(self.target.args.n_layers, self.k)
+
+        def interleave(steps: Iterator[None]) -> Callable[[int], None]:
+            def between(j: int) -> None:
+                if j % every == 0:
+                    next(steps, None)
+            return between
+
+        def drain(g: int) -> None:
+            for _ in pending.pop(g, ()):
                 pass
-            a = 0
-            every = max(1, self.target.args.n_layers // max(1, self.k))
-            while any(groups) or queue:
-                b = 1 - a
-                steps = drafts(b)
 
-                def between(j: int, steps=steps) -> None:
-                    if j % every == 0:
-                        next(steps, None)
-
-                if groups[a]:
-                    verify(a, between)
-                for _ in steps:  # what the layers did not absorb
-                    pass
-                refill(a)  # newcomers in a are drafted in the next slot, while b verifies
-                a = b
-        else:
-            while any(groups) or queue:
-                for _ in drafts(0):
-                    pass
-                if groups[0]:
-                    verify(0)
-                refill(0)
+        t_start = time.perf_counter()
+        for step in schedule_for(self.num_batches, self.k).steps(View):
+            g = step.batch
+            if step.op == REFILL:
+                drain(g)
+                log_step(self.schedule_log, step.op, g, refill(g))
+            elif step.op == DRAFT:
+                drain(g)
+                log_step(self.schedule_log, step.op, g, len(groups[g]))
+                if self.draft is not None:
+                    pending[g] = self.draft.propose(groups[g], self.k)
+            else:
+                drain(g)
+                log_step(self.schedule_log, step.op, g, len(groups[g]))
+                others = [b for b in pending if b != g]
+                verify(g, interleave(pending[others[0]]) if others else None)
+                for b in others:  # what the layers did not absorb
+                    drain(b)
         self.stats.decode_seconds = time.perf_counter() - t_start - self.stats.prefill_seconds
         return self.stats

@@ -16,64 +16,22 @@ as the engine does), so the cost is one draft token per proposal, not a re-read 
 from __future__ import annotations
 
 import datetime as _dt
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
+from specoffload.planner.acceptance import AcceptanceCounts  # the one per-position counter (callers import it here too)
 from specoffload.planner.costmodel import expected_tokens
 from specoffload.planner.schema import Workload
-
-
 from specoffload.runtime.prompts import Prompt, PromptFileError
 from specoffload.runtime.prompts import read_prompts as _read_prompts
 from specoffload.runtime.prompts import resolve_model_dir as _resolve_model_dir
 
+
 class AcceptanceError(ValueError):
     """Bad input to the acceptance measurement (the message names the file, line or model)."""
-
-
-@dataclass
-class AcceptanceCounts:
-    """tried[i] / accepted[i]: verification rounds that reached / kept draft position i + 1."""
-
-    k: int
-    tried: list[int] = field(default_factory=list)
-    accepted: list[int] = field(default_factory=list)
-    rounds: int = 0
-    target_tokens: int = 0  # tokens the target generated in all (what the rounds verified)
-    sequences: int = 0
-
-    def __post_init__(self):
-        self.tried = self.tried or [0] * self.k
-        self.accepted = self.accepted or [0] * self.k
-
-    def record(self, n_accepted: int, verifiable: int) -> None:
-        """One round: the first `n_accepted` of `verifiable` checkable draft positions matched."""
-        for i in range(min(n_accepted + 1, verifiable, self.k)):
-            self.tried[i] += 1
-        for i in range(min(n_accepted, self.k)):
-            self.accepted[i] += 1
-        self.rounds += 1
-
-    def record_match(self, proposed: Sequence[int], truth: Sequence[int]) -> int:
-        """One greedy round: record how many leading draft tokens equal the target's, and return that count."""
-        n = 0
-        while n < len(truth) and proposed[n] == truth[n]:
-            n += 1
-        self.record(n, len(truth))
-        return n
-
-    def per_position(self) -> tuple[float, ...]:
-        """a_i for the positions that were tried at least once (a vector ends at its last tried position;
-        Workload reuses the last value beyond it)."""
-        out = []
-        for a, t in zip(self.accepted, self.tried):
-            if t == 0:
-                break
-            out.append(a / t)
-        return tuple(out)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -259,7 +217,7 @@ def measure_workload(target_ref: str, draft_ref: str, prompts_path: str | Path, 
     finally:
         if bar is not None:
             bar.close()
-    acc = counts.per_position()
+    acc = counts.acceptance_vector()
     if not acc:
         raise AcceptanceError("no verification round happened (the target generated no tokens)")
     lengths = [len(x) for x in ids]

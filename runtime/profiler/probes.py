@@ -1,39 +1,14 @@
 """Measure this machine and build a HardwareProfile (source: measured) that the planner reads unchanged.
 
-Every figure is measured the way the cost model consumes it (planner/costmodel.py):
-
-=============================  ======================================================================
-figure                         probe
-=============================  ======================================================================
-h2d/d2h_{pinned,pageable}      CUDA: ``dst.copy_(src, non_blocking=True)`` between a pinned or pageable
-  _bytes_per_s (curves, x =    host tensor and a device tensor, timed with CUDA events, per transfer
-  transfer bytes)              size. CPU-only: the device *is* the CPU, so one host-to-host memcpy curve
-                               is measured and written to all four (the cost model ignores them there).
-gpu_matmul_flops_per_s         ``F.linear(x[tokens, hidden], W[ffn, hidden])`` at the reference model's
-  (curve, x = tokens)          FFN shape; 2*tokens*hidden*ffn / time. bf16 on CUDA, fp32 on the CPU
-                               (what the runtime computes in there).
-gpu_mem_bandwidth_bytes_per_s  a large copy on the device, (read + write bytes) / time (STREAM "copy").
-cpu_mem_bandwidth_bytes_per_s  the same on host memory (on a CPU-only machine: the same measurement).
-cpu_attn_kv_read_bytes_per_s,  the runtime's own attention call (:func:`attention_call`, host attention)
-cpu_attn_flops_per_s,          over a grid of (batch, query tokens, mean context) with ragged rows, in the
-cpu_attn_overhead_seconds      dtype the engine stores host KV in here (bf16 beside a GPU, fp32 CPU-only),
-                               then a nonnegative relative least-squares fit of overhead + kv_bytes / bw +
-                               flops / rate with the cost model's byte (bf16) and FLOP accounting
-                               (fit.fit_attention); path and dtype go into provenance.
-device_op_overhead_seconds     one decoder layer's device ops (qkv, output projection, FFN) at a tiny
-                               size and one token: all fixed cost, no arithmetic to speak of.
-engine_*_overhead_seconds      the Engine itself on tiny random MoE checkpoints at (layers, batch)
-  (pass, seq, layer)           points: the slot time outside its timed pieces.
-CPU devices, in the engine     ``engine_layers``: the Engine on random weights of the reference shapes
-  (engine_layers)              over a (batch, draft length) grid; fitted on top of the rates above:
-                               device_op_overhead / _token / expert, cpu_attn_overhead / seq / row,
-                               device_logit_element, engine_pass / seq and engine_draft_round / seq /
-                               step. They replace the micro-benchmark values (kept in provenance).
-gpu_mem_bytes,                 CUDA: allocate chunks until the allocator refuses, then free; reserve =
-gpu_mem_reserve_bytes          allocator fragmentation and workspace seen during the probes + the chunk
-                               granularity. CPU-only: MemAvailable, and a stated margin.
-host_mem_bytes, pinned, cores  /proc/meminfo MemAvailable minus a stated margin; CPUs this process may use.
-=============================  ======================================================================
+Every figure is measured the way the cost model consumes it (planner/costmodel.py). Which probe fills
+which figure on each kind of device, how its samples are fitted and what stands when it fails are
+declared once, in planner/cost_terms.py; `probes()` takes each probe's figures from there. In short:
+copy-rate curves per transfer size (CUDA events; on a CPU-only machine one memcpy curve for all four),
+the matmul rate over tokens at the reference FFN shape, device and host memory bandwidth (STREAM copy),
+the runtime's own host attention over a grid fitted by `fit.fit_attention`, one layer's fixed cost,
+the Engine's bookkeeping on tiny random checkpoints (`engine_overhead`) and, on CPU devices, the Engine
+on random weights of the reference shapes (`engine_layers`), whose fit replaces the micro-benchmark
+fixed costs (kept in provenance); memory from the allocator (CUDA) or /proc/meminfo.
 
 Each timing: warm-up calls, then `reps` samples, each averaging enough calls to last at least
 `min_sample_s` (synchronised on CUDA); the figure uses the median, and the spread (IQR / median)
@@ -54,6 +29,8 @@ from typing import Any, Callable
 
 import torch
 
+from specoffload.planner.cost_terms import BY_NAME as COST_TERMS
+from specoffload.planner.cost_terms import BYTES, COUNT, CURVE, RATE, ZERO, probe_figures
 from specoffload.planner.schema import OPTIONAL_FIGURES, HardwareProfile
 
 from .attention import AttentionProbe, attention_call, attention_workload
@@ -148,41 +125,27 @@ class Profiler(LinkProbes, DeviceProbes, AttentionProbe, EngineProbes):
         reps = max(1, c.reps)
         n_mm = len([n for n in c.matmul_tokens if self.cuda or n <= c.cpu_matmul_max_tokens]) + reps
         n_tr, n_at = len(c.transfer_sizes) + reps, len(self.attention_grid()) + reps
-        host = Probe("host_memory", ("host_mem_bytes", "pinned_mem_bytes", "cpu_cores", "cpu_name")
-                     + (() if self.cuda else ("gpu_mem_bytes", "gpu_mem_reserve_bytes")), 1,
-                     self.probe_host_memory, self.fallback_host_memory)
-        attention = Probe("cpu_attention", ("cpu_attn_kv_read_bytes_per_s", "cpu_attn_flops_per_s",
-                                            "cpu_attn_overhead_seconds", "cpu_attn_seq_overhead_seconds",
-                                            "cpu_attn_row_overhead_seconds"), n_at,
-                          self.probe_cpu_attention, self.fallback_cpu_attention)
-        overhead = Probe("device_op_overhead", ("device_op_overhead_seconds", "device_expert_overhead_seconds"), 1,
-                         self.probe_op_overhead,
-                         self.fallback_op_overhead)
-        matmul = Probe("matmul", ("gpu_matmul_flops_per_s",), n_mm, self.probe_matmul)
-        engine = Probe("engine_overhead", ("engine_pass_overhead_seconds", "engine_seq_overhead_seconds",
-                                           "engine_layer_overhead_seconds"), 4,
-                       self.probe_engine_overhead, self.fallback_engine_overhead)
-        layers = Probe("engine_layers", ("device_op_token_seconds", "device_logit_element_seconds",
-                                         "engine_draft_round_overhead_seconds", "engine_draft_seq_overhead_seconds",
-                                         "engine_draft_step_overhead_seconds"),
-                       len(c.engine_batches) * len(c.engine_draft_lens), self.probe_engine_layers,
+        kind = self.kind
+
+        def probe(name: str, steps: int, run, fallback=None, extra: tuple[str, ...] = ()) -> Probe:
+            # Its figures are the table's (planner/cost_terms.py): which probe fills which term on this device.
+            return Probe(name, probe_figures(name, kind) + extra, steps, run, fallback)
+
+        host = probe("host_memory", 1, self.probe_host_memory, self.fallback_host_memory, extra=("cpu_name",))
+        attention = probe("cpu_attention", n_at, self.probe_cpu_attention, self.fallback_cpu_attention)
+        overhead = probe("device_op_overhead", 1, self.probe_op_overhead, self.fallback_op_overhead)
+        matmul = probe("matmul", n_mm, self.probe_matmul)
+        engine = probe("engine_overhead", 4, self.probe_engine_overhead, self.fallback_engine_overhead)
+        layers = probe("engine_layers", len(c.engine_batches) * len(c.engine_draft_lens), self.probe_engine_layers,
                        self.fallback_engine_layers)
         if not self.cuda:
-            return [host,
-                    Probe("memcpy", ("h2d_pinned_bytes_per_s", "h2d_pageable_bytes_per_s", "d2h_pinned_bytes_per_s",
-                                     "d2h_pageable_bytes_per_s"), n_tr, self.probe_memcpy),
-                    Probe("mem_bandwidth", ("gpu_mem_bandwidth_bytes_per_s", "cpu_mem_bandwidth_bytes_per_s"), 1,
-                          self.probe_bandwidth),
+            return [host, probe("memcpy", n_tr, self.probe_memcpy), probe("mem_bandwidth", 1, self.probe_bandwidth),
                     matmul, attention, overhead, engine, layers]
-        transfers = [Probe(f"{d}_{'pinned' if p else 'pageable'}", (f"{d}_{'pinned' if p else 'pageable'}_bytes_per_s",),
-                           n_tr, (lambda d=d, p=p: self.probe_transfer(d, p)))
+        transfers = [probe(f"{d}_{'pinned' if p else 'pageable'}", n_tr, (lambda d=d, p=p: self.probe_transfer(d, p)))
                      for d in ("h2d", "d2h") for p in (True, False)]
-        return [host, *transfers,
-                Probe("mem_bandwidth", ("gpu_mem_bandwidth_bytes_per_s",), 1, self.probe_bandwidth),
-                Probe("host_bandwidth", ("cpu_mem_bandwidth_bytes_per_s",), 1, self.probe_host_bandwidth),
-                matmul, attention, overhead, engine,
-                Probe("gpu_memory", ("gpu_mem_bytes", "gpu_mem_reserve_bytes"), 1, self.probe_gpu_memory,
-                      self.fallback_gpu_memory)]
+        return [host, *transfers, probe("mem_bandwidth", 1, self.probe_bandwidth),
+                probe("host_bandwidth", 1, self.probe_host_bandwidth), matmul, attention, overhead, engine,
+                probe("gpu_memory", 1, self.probe_gpu_memory, self.fallback_gpu_memory)]
 
     def run(self) -> ProfileResult:
         t0 = time.perf_counter()
@@ -228,6 +191,9 @@ class Profiler(LinkProbes, DeviceProbes, AttentionProbe, EngineProbes):
                             raise ProbeFailure(f"probe '{p.name}' failed ({reason}) and so did its fallback "
                                                f"({type(exc2).__name__}: {exc2}); {', '.join(required)} are "
                                                "required, no profile written") from exc2
+                        for f in required:  # the table's zero fallback for what the probe's fallback left out
+                            if f in COST_TERMS and COST_TERMS[f].fallback == ZERO:
+                                self.fig.setdefault(f, 0.0)
                         msg += f"; {', '.join(required)} from a fallback (see provenance)"
                     self.prov[f"failed.{p.name}"] = reason
                     result.warnings.append(msg)
@@ -281,30 +247,22 @@ class Profiler(LinkProbes, DeviceProbes, AttentionProbe, EngineProbes):
         prov = {str(k): str(v) for k, v in prov.items()}
         return HardwareProfile(
             name=self.name, source="measured", device_kind=self.kind, device_name=self.device_name(),
-            cpu_name=fig.get("cpu_name", cpu_name()), cpu_cores=int(fig.get("cpu_cores", cpu_cores())),
-            host_mem_bytes=sig(float(fig["host_mem_bytes"]), 6), pinned_mem_bytes=sig(float(fig["pinned_mem_bytes"]), 6),
-            gpu_mem_bytes=sig(float(fig["gpu_mem_bytes"]), 6),
-            gpu_mem_reserve_bytes=sig(float(fig["gpu_mem_reserve_bytes"]), 6),
-            gpu_matmul_flops_per_s=fig["gpu_matmul_flops_per_s"],
-            gpu_mem_bandwidth_bytes_per_s=_opt(fig["gpu_mem_bandwidth_bytes_per_s"]),
-            h2d_pinned_bytes_per_s=fig["h2d_pinned_bytes_per_s"], h2d_pageable_bytes_per_s=fig["h2d_pageable_bytes_per_s"],
-            d2h_pinned_bytes_per_s=fig["d2h_pinned_bytes_per_s"], d2h_pageable_bytes_per_s=fig["d2h_pageable_bytes_per_s"],
-            cpu_attn_kv_read_bytes_per_s=_opt(fig["cpu_attn_kv_read_bytes_per_s"]),
-            cpu_attn_flops_per_s=_opt(fig["cpu_attn_flops_per_s"]),
-            cpu_attn_overhead_seconds=float(fig.get("cpu_attn_overhead_seconds", 0.0)),
-            cpu_attn_seq_overhead_seconds=float(fig.get("cpu_attn_seq_overhead_seconds", 0.0)),
-            cpu_attn_row_overhead_seconds=float(fig.get("cpu_attn_row_overhead_seconds", 0.0)),
-            cpu_mem_bandwidth_bytes_per_s=_opt(fig["cpu_mem_bandwidth_bytes_per_s"]),
-            device_op_overhead_seconds=float(fig.get("device_op_overhead_seconds", 0.0)),
-            device_expert_overhead_seconds=float(fig.get("device_expert_overhead_seconds", 0.0)),
-            device_op_token_seconds=float(fig.get("device_op_token_seconds", 0.0)),
-            engine_pass_overhead_seconds=float(fig.get("engine_pass_overhead_seconds", 0.0)),
-            engine_seq_overhead_seconds=float(fig.get("engine_seq_overhead_seconds", 0.0)),
-            engine_layer_overhead_seconds=float(fig.get("engine_layer_overhead_seconds", 0.0)),
-            **{f: float(fig.get(f, 0.0)) for f in ("device_logit_element_seconds", "engine_draft_round_overhead_seconds",
-                                                   "engine_draft_seq_overhead_seconds",
-                                                   "engine_draft_step_overhead_seconds")},
+            cpu_name=fig.get("cpu_name", cpu_name()), **{t.name: _figure(t, fig) for t in COST_TERMS.values()},
             provenance=prov, missing=missing)
+
+
+def _figure(term, fig: dict[str, Any]) -> Any:
+    """A term's value as the profile holds it (its kind in planner/cost_terms.py)."""
+    v = fig.get(term.name)
+    if term.kind == CURVE:
+        return v
+    if term.kind == RATE:
+        return _opt(v)
+    if term.kind == BYTES:
+        return sig(float(v), 6)
+    if term.kind == COUNT:
+        return int(v if v is not None else cpu_cores())
+    return float(v if v is not None else 0.0)
 
 
 def _loadavg() -> float | None:

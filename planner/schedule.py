@@ -1,0 +1,132 @@
+"""The schedule's rules, stated once: refill admission, the order of draft and verification, and the
+interleave. The runtime's engine (runtime/engine/engine.py `Engine.run`) executes these steps with real
+work; the simulator (planner/sim) turns them into tasks. Pure Python, no torch.
+
+A schedule is a generator of `Step`s over a `ScheduleView` (which batches have live sequences, whether
+prompts wait). It is lazy: the executor asks for the next step only after doing the last one, so each
+decision sees the outcome of the verification before it (which sequences finished). Steps:
+
+- `refill g`: admit waiting prompts into batch g's free rows (`admit_count`), prefilled in chunks of
+  the plan's prefill batch (`prefill_chunks`); each chunk is one weight sweep.
+- `draft g`: the draft round for batch g's live sequences (survivors and newcomers). It must finish
+  before g's next verification. If another batch is verified first, the round runs alongside that
+  verification: the engine launches its steps between the target's layers (`draft_step_layers`), the
+  simulator issues its tasks at lower priority than the target's.
+- `verify g`: one verification of batch g's live sequences (the decode step).
+
+`RoundRobin` is the schedule of every policy today: one batch (offload-only: no draft steps;
+serial-spec: draft then verify) or two batches (interleaved: while one batch verifies, the other's
+draft round runs). A new schedule is a new `Schedule` subclass, chosen in `schedule_for`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Protocol
+
+REFILL, DRAFT, VERIFY = "refill", "draft", "verify"
+
+
+@dataclass(frozen=True)
+class Step:
+    op: str  # REFILL, DRAFT or VERIFY
+    batch: int
+
+    def __str__(self) -> str:
+        return f"{self.op} {self.batch}"
+
+
+class ScheduleView(Protocol):
+    """What a schedule reads of the executor's state when it decides the next step."""
+
+    def live(self, batch: int) -> bool:
+        """Batch `batch` holds sequences still generating."""
+
+    def waiting(self) -> bool:
+        """Prompts wait for admission."""
+
+
+LOG_STEPS = 100_000  # an executor's schedule_log keeps the first this many steps (a long run takes millions)
+
+
+def log_step(log: list, op: str, batch: int, sequences: int) -> None:
+    """Append (op, batch, sequences) to an executor's step log, up to LOG_STEPS entries."""
+    if len(log) < LOG_STEPS:
+        log.append((op, batch, sequences))
+
+
+def admit_count(free: int, waiting: int, prefill_batch: int, live: bool) -> int:
+    """How many waiting prompts a batch with `free` free rows admits now: all it can take, but only when
+    that fills a whole prefill chunk (min(prefill_batch, waiting)) or the batch is idle; else none, so a
+    chunk's weight sweep is not spent on a few prompts while the batch still has work."""
+    want = min(free, waiting)
+    if want == 0 or (want < min(max(1, prefill_batch), waiting) and live):
+        return 0
+    return want
+
+
+def prefill_chunks(n: int, prefill_batch: int) -> list[tuple[int, int]]:
+    """[start, end) of the prefill chunks that admit n prompts: prefill_batch at a time."""
+    bp = max(1, prefill_batch)
+    return [(s, min(n, s + bp)) for s in range(0, n, bp)]
+
+
+def draft_step_layers(n_layers: int, draft_len: int) -> int:
+    """The interleave: one draft step is launched before every this many target layers (layer j with
+    j % result == 0), so a round's draft_len steps spread over one verification."""
+    return max(1, n_layers // max(1, draft_len))
+
+
+class Schedule:
+    """The order of refills, draft rounds and verifications for a plan's batches."""
+
+    name = "schedule"
+
+    def __init__(self, num_batches: int, draft_len: int):
+        if num_batches < 1:
+            raise ValueError(f"num_batches must be >= 1, found {num_batches}")
+        self.num_batches, self.draft_len = num_batches, draft_len
+
+    def steps(self, view: ScheduleView) -> Iterator[Step]:
+        raise NotImplementedError
+
+
+class RoundRobin(Schedule):
+    """Fill every batch, then verify them in turn. After a verification of batch x: refill x and issue
+    its draft round; the next verification is of the following batch if it has work (an idle one is
+    refilled on its turn when prompts wait), else of x again. Nothing live and nothing waiting ends it."""
+
+    name = "round-robin"
+
+    def _admit(self, g: int) -> Iterator[Step]:
+        yield Step(REFILL, g)
+        if self.draft_len:
+            yield Step(DRAFT, g)
+
+    def steps(self, view: ScheduleView) -> Iterator[Step]:
+        nb = self.num_batches
+        for g in range(nb):
+            yield from self._admit(g)
+        x = 0
+        while True:
+            while not view.live(x):  # nothing to verify: idle batches take what waits
+                if not view.waiting():
+                    return
+                for g in range(nb):
+                    if not view.live(g):
+                        yield from self._admit(g)
+                x = next((g for g in range(nb) if view.live(g)), x)
+            yield Step(VERIFY, x)
+            yield from self._admit(x)
+            nxt = x
+            if nb > 1:
+                other = (x + 1) % nb
+                if not view.live(other) and view.waiting():
+                    yield from self._admit(other)
+                if view.live(other):
+                    nxt = other
+            x = nxt
+
+
+def schedule_for(num_batches: int, draft_len: int) -> Schedule:
+    """The schedule a plan runs: today one rule for every policy (see RoundRobin)."""
+    return RoundRobin(num_batches, draft_len)

@@ -1,0 +1,143 @@
+"""One statement of the schedule (planner/schedule.py): its rules, and the engine and the simulator taking
+the same steps for the same plan."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from specoffload.planner.schedule import (DRAFT, REFILL, VERIFY, RoundRobin, admit_count, draft_step_layers,
+                                          prefill_chunks, schedule_for)
+from specoffload.planner.schema import Plan, Prediction, Workload
+
+PRED = Prediction(1, 1, 1, 1, 1, 1, 1, 0, 1, {}, {}, {}, "h2d", 0, 0)
+
+
+def test_admission_rule():
+    assert admit_count(free=4, waiting=10, prefill_batch=2, live=True) == 4
+    assert admit_count(free=1, waiting=10, prefill_batch=2, live=True) == 0  # less than a chunk, batch busy
+    assert admit_count(free=1, waiting=10, prefill_batch=2, live=False) == 1  # an idle batch takes what it can
+    assert admit_count(free=3, waiting=1, prefill_batch=2, live=True) == 1  # the last prompts: a short chunk
+    assert admit_count(free=0, waiting=5, prefill_batch=2, live=False) == 0
+    assert admit_count(free=5, waiting=0, prefill_batch=2, live=False) == 0
+    assert prefill_chunks(5, 2) == [(0, 2), (2, 4), (4, 5)]
+    assert prefill_chunks(0, 2) == []
+    assert draft_step_layers(32, 4) == 8 and draft_step_layers(4, 8) == 1 and draft_step_layers(4, 0) == 4
+
+
+class Script:
+    """A ScheduleView over scripted batches: verifying a batch finishes its sequences after `rounds`
+    verifications; a refill admits up to `size` of the waiting prompts."""
+
+    def __init__(self, batches: int, size: int, prompts: int, rounds: int):
+        self.left = [0] * batches
+        self.size, self.waiting_n, self.rounds = size, prompts, rounds
+
+    def live(self, g):
+        return self.left[g] > 0
+
+    def waiting(self):
+        return self.waiting_n > 0
+
+    def take(self, step):
+        if step.op == REFILL and not self.live(step.batch):
+            n = min(self.size, self.waiting_n)
+            self.waiting_n -= n
+            self.left[step.batch] = self.rounds if n else 0
+        elif step.op == VERIFY:
+            assert self.live(step.batch), "verified an idle batch"
+            self.left[step.batch] -= 1
+
+
+def run_script(schedule, view, limit=1000):
+    out = []
+    for step in schedule.steps(view):
+        view.take(step)
+        out.append(str(step))
+        assert len(out) < limit, "the schedule does not end"
+    return out
+
+
+def test_round_robin_orders():
+    serial = run_script(RoundRobin(1, 2), Script(1, size=2, prompts=3, rounds=2))
+    assert serial == ["refill 0", "draft 0", "verify 0", "refill 0", "draft 0", "verify 0",  # first wave
+                      "refill 0", "draft 0", "verify 0", "refill 0", "draft 0", "verify 0",  # the last prompt
+                      "refill 0", "draft 0"]
+    offload = run_script(RoundRobin(1, 0), Script(1, size=2, prompts=2, rounds=1))
+    assert offload == ["refill 0", "verify 0", "refill 0"]
+    inter = run_script(RoundRobin(2, 3), Script(2, size=2, prompts=4, rounds=2))
+    # While one batch verifies, the other's draft round (issued after its refill) runs alongside.
+    assert inter[:8] == ["refill 0", "draft 0", "refill 1", "draft 1", "verify 0", "refill 0", "draft 0", "verify 1"]
+    assert inter.count("verify 0") == 2 and inter.count("verify 1") == 2
+    # An idle batch is refilled on its turn when prompts wait; nothing live and nothing waiting ends it.
+    late = run_script(RoundRobin(2, 1), Script(2, size=1, prompts=3, rounds=1))
+    assert late.count("verify 0") + late.count("verify 1") == 3
+    assert isinstance(schedule_for(2, 1), RoundRobin)
+
+
+def test_sequences_finishing_at_prefill_do_not_stop_the_schedule():
+    class AllDoneAtPrefill(Script):
+        def take(self, step):
+            if step.op == REFILL:
+                self.waiting_n -= min(self.size, self.waiting_n)  # admitted and finished at once
+
+    steps = run_script(RoundRobin(2, 1), AllDoneAtPrefill(2, size=2, prompts=9, rounds=1))
+    assert VERIFY not in {s.split()[0] for s in steps} and steps.count("refill 0") + steps.count("refill 1") >= 5
+
+
+# -- the engine and the simulator take the same steps --------------------------------------------------
+def make_plan(policy, batch, k, prefill, prompts, gen, acceptance) -> Plan:
+    from specoffload.planner.models import load_model_spec
+
+    return Plan(policy=policy, model="tiny-target", model_fingerprint=load_model_spec("tiny-target").fingerprint,
+                draft="tiny-draft" if k else "", draft_fingerprint=load_model_spec("tiny-draft").fingerprint if k else "", profile="cpu-2core", profile_fingerprint="",
+                workload=Workload(prompt_len_tokens=8, gen_len_tokens=gen, num_prompts=prompts,
+                                  acceptance=acceptance, max_prompt_len_tokens=64),
+                decode_batch=batch, num_batches=2 if policy == "interleaved" else 1, prefill_batch=prefill,
+                draft_sub_batch=1, draft_len=k, micro_batches=1, gpu_attn_layers=0, gpu_ffn_layers=0,
+                gpu_kv_sequences=0, target_attention="cpu", draft_kv="gpu", weight_buffers=2, prediction=PRED)
+
+
+CASES = [  # policy, batch, k, prefill batch, prompts, generated tokens, acceptance (0 or 1: no chance)
+    ("interleaved", 2, 2, 1, 7, 5, 1.0),
+    ("interleaved", 3, 1, 2, 4, 4, 0.0),
+    ("serial-spec", 3, 2, 2, 7, 6, 0.0),
+    ("offload-only", 2, 0, 1, 5, 3, 0.0),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"{c[0]}-b{c[1]}-k{c[2]}-n{c[4]}" for c in CASES])
+def test_engine_and_simulator_take_the_same_steps(case, one_torch_thread):
+    from specoffload.planner.sim import simulate
+    from specoffload.runtime.engine import Engine, Request
+    from specoffload.runtime.tiny_pair import tiny_pair_paths
+
+    policy, batch, k, prefill, n, gen, acc = case
+    plan = make_plan(policy, batch, k, prefill, n, gen, acc)
+    sim = simulate(plan, "cpu-2core")
+    assert sim.ok, sim.problems
+    target, draft = tiny_pair_paths()
+    eng = Engine(plan, target, draft if k else None, device="cpu", synthetic_acceptance=acc if k else None)
+    eng.eos = set()  # every sequence runs to its length, as the simulator's do
+    done = []
+    eng.run([Request(f"r{i}", [1 + i, 2, 3, 4, 5][: 2 + i % 4], gen) for i in range(n)], done.append)
+    assert len(done) == n and all(len(f.tokens) == gen for f in done)
+    steps = tuple(eng.schedule_log)
+    assert steps == sim.schedule_log
+    # The run is not trivial: every batch verified, refills after the first fill admitted prompts.
+    assert {g for op, g, _ in steps if op == VERIFY} == set(range(plan.num_batches))
+    assert sum(m for op, _, m in steps if op == REFILL) == n
+    assert (DRAFT in {op for op, *_ in steps}) == bool(k)
+    # ... and a different plan's steps differ (the comparison can fail).
+    other = simulate(dataclasses.replace(plan, decode_batch=batch + 1), "cpu-2core")
+    assert other.schedule_log != steps
+
+
+def test_step_logs_are_bounded(monkeypatch):
+    from specoffload.planner import schedule
+
+    monkeypatch.setattr(schedule, "LOG_STEPS", 3)
+    log = []
+    for i in range(5):
+        schedule.log_step(log, VERIFY, 0, i)
+    assert log == [(VERIFY, 0, 0), (VERIFY, 0, 1), (VERIFY, 0, 2)]
