@@ -21,21 +21,21 @@ from specoffload.runtime.tiny_pair import tiny_eagle_path, tiny_pair_paths, tiny
 
 TEXTS = ["def foo(x):\n    return", "import os\nimport", "class A:\n    def __init__(self, value",
          "for i in range(10):\n", "x = [1, 2, 3]\nprint(", "while True:\n    if"]
-N = 40
+N = 32
 PRED = Prediction(1, 1, 1, 1, 1, 1, 1, 0, 1, {}, {}, {}, "h2d", 0, 0)
-# (policy, k, draft): every schedule and draft kind
-SCHEDULES = [("offload-only", 0, None), ("serial-spec", 4, "draft"), ("interleaved", 4, "draft"),
-             ("serial-spec", 4, "eagle"), ("interleaved", 3, "eagle")]
+# (policy, k, draft, draft KV): every schedule and draft kind, the draft KV modes among them
+SCHEDULES = [("offload-only", 0, None, "gpu"), ("serial-spec", 4, "draft", "recompute"),
+             ("interleaved", 4, "draft", "host"), ("serial-spec", 4, "eagle", "gpu"), ("interleaved", 3, "eagle", "host")]
 SPECULATIVE = [s for s in SCHEDULES if s[1]]
 
 
-def make_plan(policy: str, k: int, batch: int = 2) -> Plan:
+def make_plan(policy: str, k: int, draft_kv: str = "gpu", batch: int = 3) -> Plan:
     return Plan(policy=policy, model="tiny-target", model_fingerprint="", draft="d" if k else "",
                 draft_fingerprint="", profile="cpu", profile_fingerprint="",
                 workload=Workload(prompt_len_tokens=8, gen_len_tokens=N, num_prompts=8, max_prompt_len_tokens=32),
-                decode_batch=batch, num_batches=2 if policy == "interleaved" else 1, prefill_batch=2,
+                decode_batch=batch, num_batches=2 if policy == "interleaved" else 1, prefill_batch=3,
                 draft_sub_batch=1, draft_len=k, micro_batches=1, gpu_attn_layers=0, gpu_ffn_layers=0,
-                gpu_kv_sequences=0, target_attention="cpu", draft_kv="gpu", weight_buffers=2, prediction=PRED)
+                gpu_kv_sequences=0, target_attention="cpu", draft_kv=draft_kv, weight_buffers=2, prediction=PRED)
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +49,8 @@ def tiny():
 
 
 def engine(tiny, schedule, target=None) -> Engine:
-    policy, k, kind = schedule
-    return Engine(make_plan(policy, k), target or tiny["target"], tiny[kind] if kind else None)
+    policy, k, kind, draft_kv = schedule
+    return Engine(make_plan(policy, k, draft_kv), target or tiny["target"], tiny[kind] if kind else None)
 
 
 def run(eng: Engine, reqs: list[Request]) -> dict:
@@ -87,7 +87,7 @@ def decoder(tok):
     return lambda ids: tok.decode(list(ids))
 
 
-@pytest.mark.parametrize("schedule", SCHEDULES, ids=lambda s: f"{s[0]}-{s[2]}")
+@pytest.mark.parametrize("schedule", SCHEDULES, ids=lambda s: f"{s[0]}-{s[2]}-{s[3]}")
 def test_greedy_with_stops_equals_target_greedy_cut_where_it_stops(tiny, schedule):
     """Stop strings taken from the continuations themselves (short and multi-token ones), stop ids, min_tokens,
     ignore_eos, mixed across requests that share batches."""
@@ -130,7 +130,7 @@ def accepted_runs(eng: Engine, reqs: list[Request]) -> tuple[dict, list[tuple[st
     return outs, mids
 
 
-@pytest.mark.parametrize("schedule", SPECULATIVE, ids=lambda s: f"{s[0]}-{s[2]}")
+@pytest.mark.parametrize("schedule", SPECULATIVE, ids=lambda s: f"{s[0]}-{s[2]}-{s[3]}")
 def test_stop_inside_an_accepted_draft_run_ends_the_sequence_there(tiny, schedule):
     """Take the target's greedy continuation; pick a token in the middle of a run of accepted draft tokens (more
     drafts were accepted after it in the same round); make its text (a multi-token stop string that only
