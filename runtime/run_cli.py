@@ -49,6 +49,10 @@ EXAMPLE = """example: from the repository root, the tiny pair and the demo promp
   refused. A plan made for a preset (e.g. mixtral-8x7b) needs the checkpoint folder: --target DIR
   [--draft DIR]. Rerun the same command after an interruption to resume; the output file is locked while
   a run writes it, and a file that is not this command's output is never overwritten.
+
+  input lines (JSONL), a plain prompt and a chat:
+  {"id": "a", "prompt": "def fib(n):", "max_tokens": 64, "stop": ["\\n\\n"], "temperature": 0.8, "top_k": 40}
+  {"id": "b", "messages": [{"role": "user", "content": "sum a list"}], "stop_token_ids": [201], "min_tokens": 4}
 """
 
 
