@@ -62,12 +62,6 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
 # The engine actor (a plain class; Ray wraps it at run time, so importing this module needs no Ray)
 # ----------------------------------------------------------------------------------------------
 
-def output_line(f, tokenizer) -> dict:
-    """One output line, exactly as specoffload-run writes it."""
-    return {"id": f.request.id, "text": tokenizer.decode(f.tokens), "tokens": f.tokens,
-            "num_tokens": len(f.tokens), "prompt_tokens": len(f.request.prompt), "finish_reason": f.finish_reason}
-
-
 class EngineWorker:
     """One engine on one node. Construction never raises: `info()` reports a problem as a message."""
 
@@ -89,20 +83,20 @@ class EngineWorker:
         t0 = time.perf_counter()
         try:
             import torch
-            from tokenizers import Tokenizer
 
             from .config import ConfigError
             from .engine import Engine, EngineError
             from .loader import CheckpointError
+            from .requests_io import RequestError, RequestIO
 
             if threads:
                 torch.set_num_threads(threads)
             # The fingerprint check, on this node, against the checkpoint this node sees.
             target_dir, draft_dir = resolve_models(plan, target, draft)
-            tok_path = target_dir / "tokenizer.json"
-            if not tok_path.is_file():
-                raise RunError(f"{target_dir}: no tokenizer.json (the run needs the target's tokenizer)")
-            self.tokenizer = Tokenizer.from_file(str(tok_path))
+            try:  # the tokenizer, generation_config.json and chat template: requests and lines as a single run makes them
+                self.io = RequestIO.from_model_dir(target_dir)
+            except RequestError as exc:
+                raise RunError(str(exc)) from None
             try:
                 self.engine = Engine(plan, target_dir, draft_dir, device=device, max_len=max_len)
             except (ConfigError, CheckpointError, EngineError) as exc:
@@ -120,18 +114,21 @@ class EngineWorker:
                 "gpus": [str(x) for x in (os.environ.get("CUDA_VISIBLE_DEVICES") or "").split(",") if x]}
 
     def _requests(self, shard: list):
-        from .engine import Request
-
         gen_len = self.plan.workload.gen_len_tokens
-        return [Request(p.id, self.tokenizer.encode(p.text).ids, p.max_tokens or gen_len, p.temperature, p.top_p,
-                        p.seed) for p in shard]
+        return [self.io.request(p, gen_len) for p in shard]
 
     def check(self, prompts: list) -> list[tuple[int, int, str]]:
         """(line, tokens needed, message) for each prompt this engine cannot run."""
         from .engine import EngineError
+        from .requests_io import RequestError
 
         bad = []
-        for p, req in zip(prompts, self._requests(prompts)):
+        for p in prompts:
+            try:
+                req = self.io.request(p, self.plan.workload.gen_len_tokens)
+            except RequestError as exc:
+                bad.append((p.line, 0, str(exc)))
+                continue
             try:
                 self.engine.check(req)
             except EngineError as exc:
@@ -168,7 +165,7 @@ class EngineWorker:
                 self._since = None
 
     def _on_finish(self, f) -> None:
-        line = output_line(f, self.tokenizer)
+        line = self.io.output_line(f)
         with self._lock:
             st = self._owner.pop(f.request.id)
             st["lines"].append(line)

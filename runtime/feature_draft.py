@@ -52,7 +52,7 @@ from .config import ConfigError, ModelArgs, args_from_hf_config
 from .kv_cache import KVCache
 from .layers import apply_rope, attn_out, rms_norm, rope_cos_sin, rope_inv_freq, swiglu
 from .loader import CheckpointError, checkpoint_layout, stream_tensors
-from .verify import draw, processed_probs
+from .verify import draw, processed_probs, sampling_tensors
 
 
 class FeatureHeadError(ValueError):
@@ -531,8 +531,7 @@ class FeatureDraft:
                 raise AssertionError(f"slot {s.slot}: {f.shape[0]} pending features for {len(s.pending)} tokens")
             feats[i, :f.shape[0]] = f
         sampled = [i for i, s in enumerate(seqs) if s.req.temperature > 0]
-        temps = torch.tensor([seqs[i].req.temperature for i in sampled])
-        top_ps = torch.tensor([seqs[i].req.top_p for i in sampled])
+        params = sampling_tensors([seqs[i].req for i in sampled])
         drafted = torch.zeros(len(seqs), k, dtype=torch.long)
         probs: list[Tensor] = []
         for step in range(k):
@@ -544,7 +543,7 @@ class FeatureDraft:
                     self.base[s.slot] = int(self.kv.lengths[s.slot])
             nxt = logits.argmax(-1).cpu()
             if sampled:
-                p = processed_probs(logits[sampled], temps, top_ps)
+                p = processed_probs(logits[sampled], *params)
                 nxt[sampled] = draw(p, [seqs[i].generator for i in sampled]).cpu()
                 probs.append(p.cpu())
             drafted[:, step] = nxt

@@ -5,8 +5,8 @@ lengths share one KV cache of ``max_batch`` slots (continuous batching): each st
 active slot either its whole prompt (just admitted) or its last token (decoding), as one ragged
 batch; a sequence that stops frees its slot for the next waiting prompt.
 
-Decoding: greedy (temperature 0) or sampling with temperature and nucleus (top-p) filtering, drawn
-from a ``torch.Generator`` so a seed reproduces the output. A sequence stops at an EOS token (kept
+Decoding: greedy (temperature 0) or sampling with temperature, top-k, nucleus (top-p) and min-p
+filtering (verify.processed_probs, the engine's own rule), drawn from a ``torch.Generator`` so a seed reproduces the output. A sequence stops at an EOS token (kept
 in its output, finish reason "eos") or after its own max_new_tokens (finish reason "length").
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from .model import Transformer
-from .verify import top_p_filter  # the one nucleus rule (re-exported here)
+from .verify import processed_probs, top_p_filter  # noqa: F401 (top_p_filter re-exported here)
 
 _FROM_CONFIG = object()
 
@@ -33,20 +33,23 @@ class Generation:
 
 
 def sample_next(logits: Tensor, temperature: float = 0.0, top_p: float = 1.0,
-                generator: torch.Generator | None = None) -> Tensor:
-    """Next token per row: argmax at temperature 0, else a draw from softmax(logits / T) within top-p.
+                generator: torch.Generator | None = None, top_k: int = 0, min_p: float = 0.0) -> Tensor:
+    """Next token per row: argmax at temperature 0, else a draw from softmax(logits / T) filtered by top-k,
+    top-p and min-p in that order (verify.processed_probs).
 
     logits [B, V] -> [B] (int64)
     """
     if temperature <= 0:
         return logits.argmax(-1)
-    probs = top_p_filter(torch.softmax(logits.float() / temperature, dim=-1), top_p)
+    B = logits.shape[0]
+    probs = processed_probs(logits, torch.full((B,), float(temperature)), torch.full((B,), float(top_p)),
+                            torch.full((B,), int(top_k), dtype=torch.long), torch.full((B,), float(min_p)))
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
 def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int], *,
-             eos_token_id=_FROM_CONFIG, temperature: float = 0.0, top_p: float = 1.0,
-             generator: torch.Generator | None = None, seed: int | None = None,
+             eos_token_id=_FROM_CONFIG, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+             min_p: float = 0.0, generator: torch.Generator | None = None, seed: int | None = None,
              max_batch: int | None = None) -> list[Generation]:
     """Generate continuations of token-id prompts; returns one :class:`Generation` per prompt, in order.
 
@@ -101,7 +104,7 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_token
         for b, s in enumerate(active):
             tokens[b, :len(pending[s])] = torch.tensor(pending[s])
         logits = model(tokens, cache, slots=active, n_new=n_new, logits="last")  # [B, V]
-        nxt = sample_next(logits, temperature, top_p, generator).tolist()
+        nxt = sample_next(logits, temperature, top_p, generator, top_k, min_p).tolist()
         for b, s in enumerate(active):
             req = owner[s]
             out[req].append(nxt[b])

@@ -2,9 +2,12 @@
 
 Guarantees:
 - An existing file is used only if every complete line is one of this command's output lines
-  (a JSON object with exactly the keys of OUTPUT_KEYS, a string id and a list of token ids). A file
-  that is anything else (a plan, notes, a line edited by hand) is refused, naming the file and line,
-  and left as it is.
+  (a JSON object with exactly the keys of OUTPUT_KEYS, a string id and text, a list of token ids,
+  finish_reason "stop" or "length", stop_reason a string, an id or null, usage {prompt_tokens,
+  completion_tokens}). A file that is anything else (a plan, notes, a line edited by hand) is
+  refused, naming the file and line, and left as it is. A file of an earlier version's lines
+  (finish_reason "eos", no stop_reason/usage) is refused by name too: resuming into it would mix
+  two line shapes in one file, which breaks whoever reads it with one schema.
 - Only an unterminated last line that is the start of an output line (what a crash in the middle of
   a write leaves) is dropped on resume; that sequence is run again.
 - One run per file: an exclusive lock (flock) is held on the file for the whole run; a second run
@@ -30,7 +33,11 @@ import signal
 import stat
 from pathlib import Path
 
-OUTPUT_KEYS = ("id", "text", "tokens", "num_tokens", "prompt_tokens", "finish_reason")
+OUTPUT_KEYS = ("id", "text", "tokens", "num_tokens", "prompt_tokens", "finish_reason", "stop_reason", "usage")
+#: the line of earlier versions (finish_reason "eos", no stop_reason, no usage): recognised to be refused by name
+OLD_OUTPUT_KEYS = ("id", "text", "tokens", "num_tokens", "prompt_tokens", "finish_reason")
+FINISH_REASONS = ("stop", "length")
+USAGE_KEYS = ("prompt_tokens", "completion_tokens")
 #: every output line starts with these bytes (json.dumps of a dict whose first key is "id")
 LINE_PREFIX = b'{"id": '
 CRASH_ENV = "SPECOFFLOAD_RUN_CRASH_AT"
@@ -70,6 +77,10 @@ def _describe_os_error(exc: OSError) -> str:
     return exc.strerror or str(exc)
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def _parse_line(raw: bytes) -> dict | None:
     """One complete output line, or None if it is not one of ours."""
     try:
@@ -80,9 +91,25 @@ def _parse_line(raw: bytes) -> dict | None:
         return None
     if not isinstance(obj["id"], str) or not isinstance(obj["text"], str) or not isinstance(obj["tokens"], list):
         return None
-    if not all(isinstance(t, int) and not isinstance(t, bool) for t in obj["tokens"]):
+    if not all(_is_int(t) for t in obj["tokens"]) or obj["finish_reason"] not in FINISH_REASONS:
+        return None
+    sr, usage = obj["stop_reason"], obj["usage"]
+    if not (sr is None or isinstance(sr, str) or _is_int(sr)):
+        return None
+    if not isinstance(usage, dict) or tuple(sorted(usage)) != tuple(sorted(USAGE_KEYS)) \
+            or not all(_is_int(v) for v in usage.values()):
         return None
     return obj
+
+
+def _is_old_line(raw: bytes) -> bool:
+    """An output line of an earlier version (six keys, finish_reason "eos" / "length")."""
+    try:
+        obj = json.loads(raw)
+    except (ValueError, RecursionError):
+        return False
+    return isinstance(obj, dict) and tuple(sorted(obj)) == tuple(sorted(OLD_OUTPUT_KEYS)) \
+        and isinstance(obj["id"], str) and isinstance(obj["tokens"], list)
 
 
 def scan(path: Path, data: bytes) -> tuple[set[str], int]:
@@ -110,6 +137,12 @@ def scan(path: Path, data: bytes) -> tuple[set[str], int]:
         if not raw.strip():
             continue
         obj = _parse_line(raw)
+        if obj is None and _is_old_line(raw):
+            raise OutputFileError(
+                f"{path}:{n}: an output line of an earlier specoffload-run (finish_reason \"eos\", no stop_reason or "
+                "usage); this version writes a different line and does not mix the two shapes in one file, which "
+                "is left as it is. Give --output a new file (the ids already in this one can be left out of the "
+                "prompts file)")
         if obj is None:
             if not done:
                 raise OutputFileError(

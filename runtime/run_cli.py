@@ -2,10 +2,13 @@
 
     specoffload-run plan.yaml --prompts in.jsonl --output out.jsonl [--report report.yaml] [--trace trace.json]
 
-Input lines: {"id": ..., "prompt": "...", "max_tokens": N, "temperature": T, "top_p": P, "seed": S}
-(all but id and prompt optional; max_tokens defaults to the plan's generation length). Output lines,
-written and flushed as each sequence finishes: {"id", "text", "tokens", "num_tokens", "prompt_tokens",
-"finish_reason"}. Rerunning with the same output file skips the ids already there (a line cut short
+Input lines: {"id": ..., "prompt": "..." or "messages": [{"role", "content"}, ...], "max_tokens": N,
+"min_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids", "ignore_eos"}
+(all but id and prompt/messages optional; runtime/prompts.py; max_tokens defaults to the plan's
+generation length, sampling fields to the target's generation_config.json). Output lines, written
+and flushed as each sequence finishes: {"id", "text", "tokens", "num_tokens", "prompt_tokens",
+"finish_reason" ("stop" | "length"), "stop_reason" (the stop string or stop id, else null),
+"usage": {"prompt_tokens", "completion_tokens"}}. Rerunning with the same output file skips the ids already there (a line cut short
 by a crash is dropped and redone), so nothing is duplicated or lost. An existing output file that is
 not this command's JSONL is refused and left untouched; a run holds a lock on it, so a second run
 on the same file refuses at once. SIGINT and SIGTERM finish the line being written and stop; a full
@@ -46,6 +49,10 @@ EXAMPLE = """example: from the repository root, the tiny pair and the demo promp
   refused. A plan made for a preset (e.g. mixtral-8x7b) needs the checkpoint folder: --target DIR
   [--draft DIR]. Rerun the same command after an interruption to resume; the output file is locked while
   a run writes it, and a file that is not this command's output is never overwritten.
+
+  input lines (JSONL), a plain prompt and a chat:
+  {"id": "a", "prompt": "def fib(n):", "max_tokens": 64, "stop": ["\\n\\n"], "temperature": 0.8, "top_k": 40}
+  {"id": "b", "messages": [{"role": "user", "content": "sum a list"}], "stop_token_ids": [201], "min_tokens": 4}
 """
 
 
@@ -99,7 +106,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="specoffload-run", description=__doc__.split("\n\n")[0], epilog=EXAMPLE,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("plan", help="plan.yaml from specoffload-plan")
-    ap.add_argument("--prompts", required=True, help="JSONL input (id, prompt, optional max_tokens/temperature/top_p/seed)")
+    ap.add_argument("--prompts", required=True, help="JSONL input: id, prompt or messages (a chat), optional max_tokens/min_tokens/temperature/"
+                    "top_p/top_k/min_p/seed/stop/stop_token_ids/ignore_eos")
     ap.add_argument("--output", required=True, help="JSONL output; rerunning with the same file resumes")
     ap.add_argument("--report", default=None, help="write the measured report (YAML)")
     ap.add_argument("--trace", default=None, help="write a Chrome trace (open in Perfetto)")
@@ -249,12 +257,12 @@ def _run(args: argparse.Namespace, out: OutputFile, guard: SignalGuard | None) -
         return 0
 
     import torch
-    from tokenizers import Tokenizer
     from tqdm import tqdm
 
     from .config import ConfigError
-    from .engine import Engine, EngineError, Request
+    from .engine import Engine, EngineError
     from .loader import CheckpointError
+    from .requests_io import RequestError, RequestIO
 
     from .host_attention import set_threads
 
@@ -263,15 +271,19 @@ def _run(args: argparse.Namespace, out: OutputFile, guard: SignalGuard | None) -
     except ValueError as exc:
         raise RunError(str(exc)) from None
     try:
-        tokenizer = Tokenizer.from_file(str(tok_path))
-    except Exception as exc:  # the tokenizers library raises its own exception types
-        raise RunError(f"{tok_path}: cannot read the tokenizer ({exc})") from None
+        rio = RequestIO.from_model_dir(target_dir)  # tokenizer, generation_config.json, chat template
+    except RequestError as exc:
+        raise RunError(str(exc)) from None
 
     sim, notes = (None, ["pre-run simulation skipped (--no-simulate)"]) if args.no_simulate else \
         simulate_first(plan, args.profile, args.force)
     gen_len = plan.workload.gen_len_tokens
-    pending = [(p, Request(p.id, tokenizer.encode(p.text).ids, p.max_tokens or gen_len, p.temperature, p.top_p,
-                           p.seed)) for p in todo]
+    pending = []
+    for p in todo:
+        try:
+            pending.append((p, rio.request(p, gen_len)))
+        except RequestError as exc:
+            raise RunError(f"{args.prompts}:{p.line}: {exc}") from None
     # The KV cache is sized for the plan's workload; longer requests are refused below (or, forced, the
     # cache grows to fit them, beyond what the plan and the simulator checked).
     need = max((len(r.prompt) + r.max_tokens + plan.draft_len + 1 for _, r in pending), default=0)
@@ -299,9 +311,7 @@ def _run(args: argparse.Namespace, out: OutputFile, guard: SignalGuard | None) -
     t0 = time.perf_counter()
 
     def on_finish(f) -> None:
-        line = {"id": f.request.id, "text": tokenizer.decode(f.tokens), "tokens": f.tokens,
-                "num_tokens": len(f.tokens), "prompt_tokens": len(f.request.prompt),
-                "finish_reason": f.finish_reason}
+        line = rio.output_line(f)
         if guard is not None:
             guard.write(out, line)
         else:

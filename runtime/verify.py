@@ -10,7 +10,9 @@ Sampling (standard speculative sampling): draft token x_i, drawn from q_i, is ke
 min(1, p_i(x_i) / q_i(x_i)); at the first rejection the target's token is drawn from the normalised
 residual max(0, p_i - q_i); if all k are kept, a bonus token is drawn from p_{k+1}. Each kept token
 and the replacement are then distributed exactly as the target's p (Leviathan et al., Chen et al.).
-p and q are the *processed* distributions (temperature and top-p applied to both the same way).
+p and q are the *processed* distributions (processed_probs: temperature, top-k, top-p and min-p applied
+to both the same way, in that order, the order of transformers' samplers; vLLM applies min-p before
+top-k/top-p, which can differ when both min-p and top-p cut).
 """
 from __future__ import annotations
 
@@ -18,16 +20,60 @@ import torch
 from torch import Tensor
 
 
-def processed_probs(logits: Tensor, temperature: Tensor, top_p: Tensor) -> Tensor:
-    """softmax(logits / T) restricted to the top-p nucleus and renormalised, row by row.
+def processed_probs(logits: Tensor, temperature: Tensor, top_p: Tensor, top_k: Tensor | None = None,
+                    min_p: Tensor | None = None) -> Tensor:
+    """The one sampling distribution of the runtime, row by row: softmax(logits / T), then the top-k most
+    probable tokens, then the top-p nucleus, then the tokens whose probability is at least min_p times the
+    most probable one's; renormalised. Draft and target go through it alike, so speculative sampling
+    follows the target's processed distribution.
 
-    logits [B, ..., V]; temperature, top_p [B] (temperature > 0) -> probs [B, ..., V] (fp32)
+    logits [B, ..., V]; temperature, top_p [B] (temperature > 0); top_k [B] (<= 0: no limit) and min_p [B]
+    (0: off), optional -> probs [B, ..., V] (fp32). Ties at the k-th probability are all kept.
     """
     shape = logits.shape
-    t = temperature.to(logits.device, torch.float32).view(-1, *([1] * (len(shape) - 1)))
+    view = (-1, *([1] * (len(shape) - 1)))
+    t = temperature.to(logits.device, torch.float32).view(view)
     probs = torch.softmax(logits.float() / t, dim=-1)
-    tp = top_p.to(logits.device, torch.float32).view(-1, *([1] * (len(shape) - 1)))
-    return top_p_filter(probs, tp)
+    if top_k is not None:
+        probs = top_k_filter(probs, top_k.to(logits.device).view(view))
+    tp = top_p.to(logits.device, torch.float32).view(view)
+    probs = top_p_filter(probs, tp)
+    if min_p is not None:
+        probs = min_p_filter(probs, min_p.to(logits.device, torch.float32).view(view))
+    return probs
+
+
+def sampling_tensors(reqs) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(temperature, top_p, top_k, min_p) [B] for processed_probs, from objects carrying those fields
+    (the engine's Requests)."""
+    return (torch.tensor([float(r.temperature) for r in reqs]), torch.tensor([float(r.top_p) for r in reqs]),
+            torch.tensor([int(r.top_k) for r in reqs], dtype=torch.long),
+            torch.tensor([float(r.min_p) for r in reqs]))
+
+
+def top_k_filter(probs: Tensor, top_k: int | Tensor) -> Tensor:
+    """Keep the top_k most probable tokens (every token tied with the k-th too); <= 0 or >= V keeps all.
+    top_k an int or an integer tensor broadcasting against probs ([B, 1, ..., 1]); renormalised."""
+    V = probs.shape[-1]
+    k = top_k if isinstance(top_k, Tensor) else torch.tensor(top_k)
+    k = k.to(probs.device, torch.long)
+    k = torch.where((k <= 0) | (k > V), torch.full_like(k, V), k)
+    if bool((k >= V).all()):
+        return probs
+    sorted_p = probs.sort(dim=-1, descending=True).values
+    kth = sorted_p.gather(-1, (k - 1).expand(*probs.shape[:-1], 1))  # the k-th largest per row
+    kept = probs * (probs >= kth)
+    return kept / kept.sum(-1, keepdim=True)
+
+
+def min_p_filter(probs: Tensor, min_p: float | Tensor) -> Tensor:
+    """Keep the tokens whose probability is at least min_p times the row's largest; renormalise.
+    min_p a float or a tensor broadcasting against probs; 0 keeps all (the most probable token always stays)."""
+    if (bool((min_p <= 0).all()) if isinstance(min_p, Tensor) else min_p <= 0):
+        return probs
+    floor = probs.amax(-1, keepdim=True) * min_p
+    kept = probs * (probs >= floor)
+    return kept / kept.sum(-1, keepdim=True)
 
 
 def top_p_filter(probs: Tensor, top_p: float | Tensor) -> Tensor:

@@ -128,9 +128,9 @@ def test_greedy_speculative_equals_target_greedy(pair, prompts, reference, sched
         tokens, reason = outs[f"r{i}"]
         assert tokens == expected(reference[w], lengths[i], eng.eos), (policy, k, kv, i)
         assert len(tokens) <= lengths[i]
-        assert reason == ("eos" if tokens[-1] in eng.eos else "length")
+        assert reason == ("stop" if tokens[-1] in eng.eos else "length")
     if eos_at is not None:  # the chosen EOS really occurred, in the first request at least
-        assert outs["r0"][1] == "eos" or lengths[0] <= reference[which[0]].index(reference[which[0]][eos_at])
+        assert outs["r0"][1] == "stop" or lengths[0] <= reference[which[0]].index(reference[which[0]][eos_at])
     assert stats.generated_tokens == sum(len(outs[f"r{i}"][0]) for i in range(len(which)))
 
 
@@ -153,7 +153,7 @@ def test_eos_inside_an_accepted_draft_run_stops_the_sequence(pair, prompts, refe
             want = expected(reference[i], MAX_NEW, {eos})
             assert outs[str(i)][0] == want, (policy, i)
             if eos in reference[i]:
-                assert outs[str(i)] == (want, "eos") and want[-1] == eos and eos not in want[:-1]
+                assert outs[str(i)] == (want, "stop") and want[-1] == eos and eos not in want[:-1]
                 stopped += 1
         assert stopped >= 2
 

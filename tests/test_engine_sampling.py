@@ -40,16 +40,18 @@ def pair(tmp_path_factory):
     return root / "target", root / "draft"
 
 
-def exact_joint(target_dir, n: int, temperature: float, top_p: float) -> dict[tuple[int, ...], float]:
-    """P(x1..xn | prompt) under the target with temperature/top-p, by enumerating every prefix."""
+def exact_joint(target_dir, n: int, temperature: float, top_p: float, top_k: int = 0,
+                min_p: float = 0.0) -> dict[tuple[int, ...], float]:
+    """P(x1..xn | prompt) under the target with temperature/top-k/top-p/min-p, by enumerating every prefix."""
     model = Transformer.from_pretrained(target_dir)
     t, tp = torch.tensor([temperature]), torch.tensor([top_p])
+    tk, mp = torch.tensor([top_k]), torch.tensor([min_p])
     probs = {(): 1.0}
     for _ in range(n):
         nxt = {}
         for prefix, pr in probs.items():
             logits = model.logits_full(torch.tensor([PROMPT + list(prefix)]))[:, -1]
-            dist = processed_probs(logits, t, tp)[0]
+            dist = processed_probs(logits, t, tp, tk, mp)[0]
             for x in range(V):
                 nxt[prefix + (x,)] = pr * float(dist[x])
         probs = nxt
@@ -80,6 +82,28 @@ def test_speculative_sampling_follows_target_distribution(pair, policy, k, draft
     assert sum(seen.values()) == n
     assert eng.stats.acceptance.rounds > 0 and 0.0 < eng.stats.acceptance.per_position()[0] < 1.0
     assert_follows(seen, exact_joint(pair[0], n_tokens, temperature, top_p), n)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("policy,k,draft_kv,temperature,top_p,top_k,min_p", [
+    ("serial-spec", 2, "gpu", 1.0, 1.0, 3, 0.0),  # top-k alone: the draft's and target's top 3 differ
+    ("interleaved", 3, "host", 0.8, 0.95, 5, 0.15),  # all four, in their order
+    ("serial-spec", 1, "recompute", 1.2, 1.0, 0, 0.2),  # min-p alone
+])
+def test_speculative_sampling_with_top_k_and_min_p_follows_target_distribution(pair, policy, k, draft_kv, temperature,
+                                                                               top_p, top_k, min_p):
+    n_tokens, n = 3, 3000
+    eng = Engine(plan_for(policy, k, draft_kv), pair[0], pair[1])
+    seen: dict[tuple[int, ...], int] = {}
+    eng.run([Request(f"s{i}", PROMPT, n_tokens, temperature, top_p, seed=7, top_k=top_k, min_p=min_p)
+             for i in range(n)], lambda f: seen.__setitem__(tuple(f.tokens), seen.get(tuple(f.tokens), 0) + 1))
+    assert sum(seen.values()) == n
+    assert eng.stats.acceptance.rounds > 0 and 0.0 < eng.stats.acceptance.per_position()[0] < 1.0
+    exact = exact_joint(pair[0], n_tokens, temperature, top_p, top_k, min_p)
+    # the filters cut: some sequences the plain distribution allows have probability 0 here, and never occur
+    assert any(pr == 0.0 for pr in exact.values())
+    assert all(exact[seq] > 0 for seq in seen)
+    assert_follows(seen, exact, n)
 
 
 def assert_follows(seen: dict[tuple[int, ...], int], exact: dict[tuple[int, ...], float], n: int) -> None:
@@ -113,17 +137,20 @@ def feature_head(pair, tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("policy,k,draft_kv,temperature,top_p", [
-    ("serial-spec", 2, "gpu", 1.0, 1.0),
-    ("interleaved", 3, "host", 0.7, 0.9),
+@pytest.mark.parametrize("policy,k,draft_kv,temperature,top_p,top_k,min_p", [
+    ("serial-spec", 2, "gpu", 1.0, 1.0, 0, 0.0),
+    ("interleaved", 3, "host", 0.7, 0.9, 0, 0.0),
+    ("serial-spec", 3, "gpu", 0.9, 0.95, 4, 0.1),
 ])
 def test_speculative_sampling_with_feature_draft_follows_target_distribution(pair, feature_head, policy, k, draft_kv,
-                                                                             temperature, top_p):
+                                                                             temperature, top_p, top_k, min_p):
     n_tokens, n = 3, 3000
     eng = Engine(plan_for(policy, k, draft_kv), pair[0], feature_head)
     seen: dict[tuple[int, ...], int] = {}
-    eng.run([Request(f"s{i}", PROMPT, n_tokens, temperature, top_p, seed=7) for i in range(n)],
-            lambda f: seen.__setitem__(tuple(f.tokens), seen.get(tuple(f.tokens), 0) + 1))
+    eng.run([Request(f"s{i}", PROMPT, n_tokens, temperature, top_p, seed=7, top_k=top_k, min_p=min_p)
+             for i in range(n)], lambda f: seen.__setitem__(tuple(f.tokens), seen.get(tuple(f.tokens), 0) + 1))
     assert sum(seen.values()) == n
     assert eng.stats.acceptance.rounds > 0 and 0.0 < eng.stats.acceptance.per_position()[0] < 1.0
-    assert_follows(seen, exact_joint(pair[0], n_tokens, temperature, top_p), n)
+    exact = exact_joint(pair[0], n_tokens, temperature, top_p, top_k, min_p)
+    assert all(exact[seq] > 0 for seq in seen)
+    assert_follows(seen, exact, n)

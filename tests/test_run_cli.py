@@ -59,7 +59,7 @@ def test_run_writes_outputs_report_and_trace(tmp_path, capsys):
     got = lines(out)
     assert sorted(x["id"] for x in got) == sorted(f"p{i}" for i in range(12)) and len(got) == 12
     for x in got:
-        assert 1 <= x["num_tokens"] <= 20 and x["finish_reason"] in ("eos", "length") and isinstance(x["text"], str)
+        assert 1 <= x["num_tokens"] <= 20 and x["finish_reason"] in ("stop", "length") and isinstance(x["text"], str)
     report = Report.load(rep)
     assert report.kind == "measured" and report.generated_tokens == sum(x["num_tokens"] for x in got)
     assert report.acceptance.draft_len == Plan.load(plan).draft_len and report.predicted
@@ -96,7 +96,8 @@ def test_resume_after_kill_has_every_id_once_with_the_same_text(tmp_path):
 
 
 def out_line(i, **kw) -> str:
-    obj = {"id": i, "text": "t", "tokens": [1, 2], "num_tokens": 2, "prompt_tokens": 3, "finish_reason": "length"}
+    obj = {"id": i, "text": "t", "tokens": [1, 2], "num_tokens": 2, "prompt_tokens": 3, "finish_reason": "length",
+           "stop_reason": None, "usage": {"prompt_tokens": 3, "completion_tokens": 2}}
     obj.update(kw)
     return json.dumps(obj) + "\n"
 

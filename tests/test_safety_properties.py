@@ -93,9 +93,12 @@ def test_prompt_reader_on_prompt_shaped_objects(objs):
     got = _read("\n".join(json.dumps(o) for o in objs).encode())
     if got is not None:  # accepted: every value is of its documented type
         for p in got:
-            assert isinstance(p.id, str) and isinstance(p.text, str) and p.text.encode("utf-8")
+            assert isinstance(p.id, str) and (p.text is None) != (p.messages is None)
+            assert p.text is None or (isinstance(p.text, str) and p.text.encode("utf-8"))
             assert p.max_tokens is None or (type(p.max_tokens) is int and p.max_tokens >= 1)
-            assert p.temperature >= 0 and 0 < p.top_p <= 1 and type(p.seed) is int
+            assert p.temperature is None or p.temperature >= 0
+            assert p.top_p is None or 0 < p.top_p <= 1
+            assert p.seed is None or type(p.seed) is int
 
 
 # ---------------------------------------------------------------------------------------------
@@ -127,7 +130,8 @@ def test_output_reader_on_arbitrary_json_lines(values, tail):
 @given(st.lists(st.text(max_size=6), unique=True, max_size=5), st.integers(0, 200))
 def test_output_reader_keeps_every_whole_line_and_drops_only_a_torn_one(ids, cut):
     lines = [json.dumps({"id": i, "text": "x", "tokens": [1], "num_tokens": 1, "prompt_tokens": 2,
-                         "finish_reason": "eos"}).encode() + b"\n" for i in ids]
+                         "finish_reason": "stop", "stop_reason": None,
+                         "usage": {"prompt_tokens": 2, "completion_tokens": 1}}).encode() + b"\n" for i in ids]
     whole = b"".join(lines[:-1]) if lines else b""
     torn = lines[-1][:min(cut, len(lines[-1]) - 1)] if lines else b""
     done, keep = scan(Path("out.jsonl"), whole + torn)

@@ -43,7 +43,8 @@ def write_prompts(path: Path, n: int = 6, max_tokens: int = 10) -> Path:
 
 
 def out_line(i, **kw) -> str:
-    obj = {"id": i, "text": "t", "tokens": [1, 2], "num_tokens": 2, "prompt_tokens": 3, "finish_reason": "length"}
+    obj = {"id": i, "text": "t", "tokens": [1, 2], "num_tokens": 2, "prompt_tokens": 3, "finish_reason": "length",
+           "stop_reason": None, "usage": {"prompt_tokens": 3, "completion_tokens": 2}}
     obj.update(kw)
     return json.dumps(obj) + "\n"
 

@@ -240,6 +240,12 @@ def save_model(model, tok, out: Path) -> None:
     model.to(torch.float32)
 
 
+# A plain chat template (the models were not trained on chats; it lets chat inputs be tried end to end):
+# "<s># user:\n...\n# assistant:\n", each turn a comment line naming the role, then its content.
+CHAT_TEMPLATE = ("{{ bos_token }}{% for message in messages %}{{ '# ' + message['role'] + ':\\n' + message['content'] "
+                 "+ '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '# assistant:\\n' }}{% endif %}")
+
+
 def write_tokenizer_files(tok, out: Path, max_length: int) -> None:
     """tokenizer.json, tokenizer_config.json and special_tokens_map.json with <s> </s> <pad> named.
 
@@ -254,6 +260,7 @@ def write_tokenizer_files(tok, out: Path, max_length: int) -> None:
     cfg_path = out / "tokenizer_config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    cfg["chat_template"] = CHAT_TEMPLATE
     cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
     (out / "special_tokens_map.json").write_text(
         json.dumps({"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}, indent=2) + "\n")

@@ -22,7 +22,7 @@ are used where they lie, and attention and FFN share the one processor.
 Files: requests.py (Request, Seq, Finished, EngineError), timeline.py (Timeline, PassRecord: spans named
 as planner/trace_names.py declares), streaming.py (Streams, LayerStreamer: weight streaming),
 target_kv.py (TargetKV: the device/host KV partition), target.py (Target: the layer loop), draft.py
-(Draft), engine.py (Engine: admission, prefill, verification, and the steps of the schedule that
+(Draft), stops.py (StopChecker: EOS, stop ids, stop strings, min_tokens per sequence), engine.py (Engine: admission, prefill, verification, and the steps of the schedule that
 planner/schedule.py states for the engine and the simulator alike). A feature draft
 (runtime/feature_draft.py) is the other kind of draft the Engine runs.
 """

@@ -17,7 +17,7 @@ from specoffload.planner.schema import Plan
 from ..kv_cache import KVCache
 from ..layers import attn_out, ffn, qkv, rms_norm, rope_cos_sin, rope_inv_freq
 from ..loader import load_model
-from ..verify import draw, processed_probs
+from ..verify import draw, processed_probs, sampling_tensors
 from .requests import Seq, padded
 from .timeline import Timeline
 
@@ -101,8 +101,7 @@ class Draft:
             n_new = torch.tensor([len(f) for f in first])
             tokens = padded(first)
             sampled = [i for i, s in enumerate(group) if s.req.temperature > 0]
-            temps = torch.tensor([group[i].req.temperature for i in sampled])
-            top_ps = torch.tensor([group[i].req.top_p for i in sampled])
+            params = sampling_tensors([group[i].req for i in sampled])
             drafted = torch.zeros(len(group), k, dtype=torch.long)
             probs: list[Tensor] = []
             for step in range(k):
@@ -110,7 +109,7 @@ class Draft:
                 logits = self._forward(cache, rows, tokens, n_new, record="step")  # [B, V]
                 nxt = logits.argmax(-1).cpu()
                 if sampled:
-                    p = processed_probs(logits[sampled], temps, top_ps)
+                    p = processed_probs(logits[sampled], *params)
                     nxt[sampled] = draw(p, [group[i].generator for i in sampled]).cpu()
                     probs.append(p.cpu())
                 drafted[:, step] = nxt

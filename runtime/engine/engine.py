@@ -17,9 +17,10 @@ from specoffload.planner.schema import Plan
 
 from ..config import load_args
 from ..host_attention import backend_note as attention_backend_note, clamp_threads, set_threads
-from ..verify import accept_best, draw, processed_probs, sampling_accept
+from ..verify import accept_best, draw, processed_probs, sampling_accept, sampling_tensors
 from .draft import Draft
 from .requests import EngineError, Finished, Request, Seq, padded
+from .stops import StopChecker
 from .target import Target
 from .timeline import Timeline
 
@@ -93,7 +94,13 @@ class Engine:
             if self.draft.args.vocab_size != self.target.args.vocab_size:
                 raise EngineError(f"draft vocabulary ({self.draft.args.vocab_size}) differs from the target's "
                                   f"({self.target.args.vocab_size}); the pair must share a tokenizer")
-        self.eos = set(self.target.args.eos_token_id)
+        # EOS: config.json's ids and generation_config.json's (an instruct model's end of turn is often only there).
+        from ..generation_config import GenerationConfigError, load_generation_config
+
+        try:
+            self.eos = set(self.target.args.eos_token_id) | set(load_generation_config(target_dir).eos_token_ids)
+        except GenerationConfigError as exc:
+            raise EngineError(str(exc)) from None
         self.stats = EngineStats()
         # the schedule's steps taken: (op, batch, sequences), the first planner.schedule.LOG_STEPS of them
         self.schedule_log: list[tuple[str, int, int]] = []
@@ -143,6 +150,16 @@ class Engine:
                               "--force)")
         if req.temperature < 0 or not 0 < req.top_p <= 1:
             raise EngineError(f"request {req.id!r}: temperature must be >= 0 and top_p in (0, 1]")
+        if not 0 <= req.min_p <= 1:
+            raise EngineError(f"request {req.id!r}: min_p must be in [0, 1], got {req.min_p}")
+        if not 0 <= req.min_tokens <= req.max_tokens:
+            raise EngineError(f"request {req.id!r}: min_tokens must be in [0, max_tokens={req.max_tokens}], got "
+                              f"{req.min_tokens}")
+        if req.stop and req.detokenize is None:
+            raise EngineError(f"request {req.id!r}: stop strings need the tokenizer (Request.detokenize); build "
+                              "requests with runtime/requests_io.py")
+        if any(not s for s in req.stop):
+            raise EngineError(f"request {req.id!r}: an empty stop string would stop at once; remove it")
 
     def _prefill(self, seqs: list[Seq]) -> list[Seq]:
         """Prompts into the caches, in chunks of the plan's prefill batch; returns those still running."""
@@ -173,18 +190,22 @@ class Engine:
         out = logits.argmax(-1).cpu().tolist()
         for i, s in enumerate(seqs):
             if s.req.temperature > 0:
-                p = processed_probs(logits[i:i + 1], torch.tensor([s.req.temperature]), torch.tensor([s.req.top_p]))
+                p = processed_probs(logits[i:i + 1], *sampling_tensors([s.req]))
                 out[i] = int(draw(p, [s.generator])[0])
         return out
 
     def _commit(self, s: Seq, tokens: list[int]) -> bool:
-        """Append committed tokens up to max_tokens and the first EOS; False once the sequence is done."""
+        """Append committed tokens, one at a time, up to max_tokens and the first that stops the sequence
+        (EOS, a stop id, a stop string completed: engine/stops.py); nothing after it is committed or counted.
+        False once the sequence is done."""
+        if s.stops is None:
+            s.stops = StopChecker(s.req, self.eos)
         for t in tokens:
             if s.remaining <= 0:
                 break
             s.out.append(t)
             self.stats.generated_tokens += 1
-            if t in self.eos:
+            if s.stops.step(s.out):
                 return False
         return s.remaining > 0
 
@@ -208,8 +229,7 @@ class Engine:
         if any(sampling):
             rows = [i for i, f in enumerate(sampling) if f]
             ss = [seqs[i] for i in rows]
-            p = processed_probs(logits[rows], torch.tensor([s.req.temperature for s in ss]),
-                                torch.tensor([s.req.top_p for s in ss])).cpu()
+            p = processed_probs(logits[rows], *sampling_tensors([s.req for s in ss])).cpu()
             if k:
                 q = torch.stack([s.draft_probs for s in ss])
                 a2, n2 = sampling_accept(drafted[rows], q, p, [s.generator for s in ss])
@@ -255,13 +275,16 @@ class Engine:
         free: list[list[int]] = [list(range(g * self.batch, (g + 1) * self.batch)) for g in range(self.num_batches)]
 
         def finish(s: Seq) -> None:
-            reason = "eos" if s.out and s.out[-1] in self.eos else "length"
+            st = s.stops
             self.target.kv.reset([s.slot])
             if self.draft is not None:
                 self.draft.release([s.slot])
             free[s.slot // self.batch].append(s.slot)
             self.stats.sequences += 1
-            on_finish(Finished(s.req, list(s.out), reason))
+            if st is not None and st.stopped:
+                on_finish(Finished(s.req, list(s.out), st.finish_reason, st.stop_reason, st.stop_text))
+            else:
+                on_finish(Finished(s.req, list(s.out), "length"))
             if progress:
                 progress(len(s.out))
 

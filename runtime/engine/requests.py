@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -19,13 +20,22 @@ class Request:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int = 0
+    top_k: int = 0  # <= 0: no limit
+    min_p: float = 0.0  # 0: off
+    min_tokens: int = 0  # EOS, stop ids and stop strings do not end the sequence before this many tokens
+    stop: tuple[str, ...] = ()  # stop strings (need `detokenize`)
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    detokenize: Callable[[Sequence[int]], str] | None = None  # token ids -> text, for stop strings
 
 
 @dataclass
 class Finished:
     request: Request
-    tokens: list[int]  # generated ids, capped at max_tokens; the EOS included when it stopped on one
-    finish_reason: str  # "eos" | "length"
+    tokens: list[int]  # generated ids, capped at max_tokens; up to and including the token that stopped it
+    finish_reason: str  # "stop" (EOS, a stop token id or a stop string) | "length"
+    stop_reason: str | int | None = None  # the stop string matched, the stop token id, or None (EOS, length)
+    text: str | None = None  # a stop string's finish: the text before the stop string; else None (decode tokens)
 
 
 @dataclass(eq=False)  # identity: the schedules test membership per pass (value equality would compare tokens)
@@ -40,6 +50,7 @@ class Seq:
     generator: torch.Generator | None = None
     drafted: Tensor | None = None  # [k] draft tokens awaiting verification
     draft_probs: Tensor | None = None  # [k, V] their processed draft distributions (sampling)
+    stops: object | None = None  # its StopChecker (engine/stops.py), made at admission
 
     @property
     def last(self) -> int:

@@ -179,7 +179,18 @@ def measure_workload(target_ref: str, draft_ref: str, prompts_path: str | Path, 
     prompts = read_prompts(prompts_path)
     tdir, ddir = resolve_model_dir(target_ref), resolve_model_dir(draft_ref)
     tok = load_tokenizer(tdir)
-    ids = [tok.encode(p.text).ids for p in prompts]
+    from specoffload.runtime.requests_io import RequestError, RequestIO
+
+    try:
+        rio = RequestIO.from_model_dir(tdir, tokenizer=tok)  # chats rendered as a run renders them
+    except RequestError as exc:
+        raise AcceptanceError(str(exc)) from None
+    ids = []
+    for p in prompts:
+        try:
+            ids.append(rio.prompt_ids(p))
+        except RequestError as exc:
+            raise AcceptanceError(f"{prompts_path}:{p.line}: {exc}") from None
     for p, x in zip(prompts, ids):
         if not x:
             raise AcceptanceError(f"{prompts_path}:{p.line}: prompt {p.id!r} encodes to no tokens")
