@@ -1,6 +1,12 @@
-"""specoffload-run: execute a plan on real checkpoints; JSONL in, JSONL out (resumable), a measured report.
+"""specoffload-run: run prompts on real checkpoints, with a plan made now or a plan file; JSONL in, JSONL out (resumable).
 
+    specoffload-run --model DIR [--draft DIR|none] --prompts in.jsonl --output out.jsonl [--ordered]
     specoffload-run plan.yaml --prompts in.jsonl --output out.jsonl [--report report.yaml] [--trace trace.json]
+
+Without a plan file (one-shot, runtime/oneshot.py) the run uses this machine's profile (--profile, else the
+cached one, else a quick profile measured now and cached), plans for the prompt file's own token lengths,
+generation lengths and count, prints the plan's summary, simulates it and runs it. A plan file pins or
+shares a configuration. --ordered also writes the outputs in input order at the end (<output>.ordered.jsonl).
 
 Input lines: {"id": ..., "prompt": "...", "max_tokens": N, "temperature": T, "top_p": P, "seed": S}
 (all but id and prompt optional; max_tokens defaults to the plan's generation length). Output lines,
@@ -30,6 +36,7 @@ from typing import TYPE_CHECKING
 
 from specoffload.planner.trace_names import resource_of, track_name
 
+from .oneshot import DEFAULT_MAX_TOKENS, DTYPES, OneShotError
 from .outputs import OutputFile, OutputFileError, OutputWriteError, finished_ids  # noqa: F401 (re-exported)
 from .prompts import Prompt, PromptFileError, resolve_model_dir
 from .prompts import read_prompts as _read_prompts
@@ -38,6 +45,9 @@ if TYPE_CHECKING:  # annotations only: the functions load plans where they use t
     from specoffload.planner.schema import Plan
 
 EXAMPLE = """example: from the repository root, the tiny pair and the demo prompts shipped with it
+  specoffload-run --model tiny-pair --prompts runtime/assets/demo_prompts.jsonl --output out.jsonl --ordered
+
+  or with a plan made first (the way to pin or share a configuration):
   specoffload-plan --model tiny-target --draft tiny-draft --profile cpu-2core --prompt-len 20 \\
       --max-prompt-len 32 --gen-len 32 --num-prompts 64 -o plan.yaml
   specoffload-run plan.yaml --prompts runtime/assets/demo_prompts.jsonl --output out.jsonl --report report.yaml
@@ -98,14 +108,34 @@ def resolve_models(plan: Plan, target: str | None, draft: str | None) -> tuple[P
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="specoffload-run", description=__doc__.split("\n\n")[0], epilog=EXAMPLE,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("plan", help="plan.yaml from specoffload-plan")
+    ap.add_argument("plan", nargs="?", default=None,
+                    help="plan.yaml from specoffload-plan (omit it and give --model to plan for these prompts now)")
+    ap.add_argument("--model", default=None,
+                    help="without a plan: the target, an HF model folder (tiny-target, or tiny-pair for the shipped "
+                         "pair with its draft)")
     ap.add_argument("--prompts", required=True, help="JSONL input (id, prompt, optional max_tokens/temperature/top_p/seed)")
     ap.add_argument("--output", required=True, help="JSONL output; rerunning with the same file resumes")
+    ap.add_argument("--ordered", nargs="?", const="", default=None, metavar="PATH",
+                    help="at the end, also write the outputs in input order (default PATH <output>.ordered.jsonl); "
+                         "the output file itself stays in completion order")
+    ap.add_argument("--max-tokens", type=int, default=None,
+                    help="tokens for prompts without max_tokens (default: the plan's generation length; without a "
+                         f"plan {DEFAULT_MAX_TOKENS})")
+    ap.add_argument("--dtype", default=None, choices=DTYPES,
+                    help="compute dtype (default: the plan's, else bf16 on a GPU, fp32 on the CPU); fp16 is for cards "
+                         "without bf16 and can overflow")
+    ap.add_argument("--no-profile-make", action="store_true",
+                    help="without a plan: do not measure a profile when none is given or cached; stop with an error")
+    ap.add_argument("--save-plan", default=None, metavar="PATH",
+                    help="without a plan: also write the plan made (pass it later to pin this configuration)")
     ap.add_argument("--report", default=None, help="write the measured report (YAML)")
     ap.add_argument("--trace", default=None, help="write a Chrome trace (open in Perfetto)")
     ap.add_argument("--target", default=None, help="target checkpoint folder (when the plan names a preset)")
-    ap.add_argument("--draft", default=None, help="draft checkpoint folder")
-    ap.add_argument("--profile", default=None, help="profile for the pre-run simulation (default: the plan's)")
+    ap.add_argument("--draft", default=None,
+                    help="draft checkpoint folder (without a plan: a folder, tiny-draft, or none for no draft)")
+    ap.add_argument("--profile", default=None,
+                    help="profile (YAML path or shipped name) for the pre-run simulation (default: the plan's); "
+                         "without a plan also the one planned on (default: this machine's, cached or measured now)")
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     ap.add_argument("--threads", type=int, default=None,
                     help="CPU threads for host attention and other CPU work (default: the cores this process may "
@@ -117,7 +147,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     from .cluster import add_arguments as add_cluster_arguments
 
     add_cluster_arguments(ap)  # --ray ADDRESS: the same run across a Ray cluster (runtime/cluster.py)
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if args.plan is None and not args.model:
+        ap.error("give a plan file, or --model DIR to plan for these prompts now (e.g. --model tiny-pair)")
+    if args.plan is not None and args.model:
+        ap.error("--model goes with a run without a plan; with a plan file, name checkpoint folders with --target "
+                 "(and --draft)")
+    if args.plan is None:
+        for flag in ("target", "ray"):
+            if getattr(args, flag):
+                ap.error(f"--{flag} needs a plan file (without one, name the target with --model)")
+    elif args.no_profile_make or args.save_plan:
+        ap.error(f"--{'no-profile-make' if args.no_profile_make else 'save-plan'} goes with a run without a plan")
+    if args.max_tokens is not None and args.max_tokens < 1:
+        ap.error(f"--max-tokens must be >= 1, found {args.max_tokens}")
+    return args
 
 
 def open_output(out: OutputFile, prompts: list[Prompt], prompts_path: str) -> tuple[set[str], list[Prompt]]:
@@ -207,12 +251,19 @@ def main(argv=None) -> int:
         if args.ray:
             from .cluster import run_cluster
 
-            return run_cluster(args, out, guard)
-        return _run(args, out, guard)
+            rc = run_cluster(args, out, guard)
+        else:
+            rc = _run(args, out, guard)
+        if rc == 0 and args.ordered is not None:
+            from .oneshot import write_ordered
+
+            path = write_ordered(args.output, args.ordered or None, [p.id for p in read_prompts(args.prompts)])
+            print(f"wrote {path} (the outputs in input order)", file=sys.stderr)
+        return rc
     except OutputWriteError as exc:
         print(f"specoffload-run: error: {exc}", file=sys.stderr)
         return 1
-    except (RunError, SchemaError, OutputFileError) as exc:
+    except (RunError, SchemaError, OutputFileError, OneShotError) as exc:
         print(f"specoffload-run: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
@@ -232,28 +283,29 @@ def main(argv=None) -> int:
 def _run(args: argparse.Namespace, out: OutputFile, guard: SignalGuard | None) -> int:
     from specoffload.planner.schema import Plan
 
-    plan = Plan.load(args.plan)
+    from . import oneshot
+
+    plan = Plan.load(args.plan) if args.plan else None
     prompts = read_prompts(args.prompts)
-    for flag in ("report", "trace"):
+    for flag in ("report", "trace", "save_plan"):
         given = getattr(args, flag)
         if given and Path(given).is_dir():
-            raise RunError(f"--{flag} {given} is a directory; give a file name")
-    target_dir, draft_dir = resolve_models(plan, args.target, args.draft)
-    tok_path = target_dir / "tokenizer.json"
-    if not tok_path.is_file():
-        raise RunError(f"{target_dir}: no tokenizer.json (the run needs the target's tokenizer)")
+            raise RunError(f"--{flag.replace('_', '-')} {given} is a directory; give a file name")
+    if plan is not None:
+        target_dir, draft_dir = resolve_models(plan, args.target, args.draft)
+    else:
+        target_dir, draft_dir, target_ref, draft_ref = oneshot.model_dirs(args.model, args.draft)
+    oneshot.tokenizer_path(target_dir)
     # The output file is checked, locked and read before anything heavy is loaded.
     out_path = out.path
     done, todo = open_output(out, prompts, args.prompts)
     if not todo:
         return 0
 
-    import torch
-    from tokenizers import Tokenizer
     from tqdm import tqdm
 
     from .config import ConfigError
-    from .engine import Engine, EngineError, Request
+    from .engine import Engine, EngineError
     from .loader import CheckpointError
 
     from .host_attention import set_threads
@@ -262,16 +314,27 @@ def _run(args: argparse.Namespace, out: OutputFile, guard: SignalGuard | None) -
         set_threads(args.threads)
     except ValueError as exc:
         raise RunError(str(exc)) from None
-    try:
-        tokenizer = Tokenizer.from_file(str(tok_path))
-    except Exception as exc:  # the tokenizers library raises its own exception types
-        raise RunError(f"{tok_path}: cannot read the tokenizer ({exc})") from None
-
+    tokenizer = oneshot.load_tokenizer(target_dir)
+    ids = [oneshot.encode(p, tokenizer) for p in todo]
+    gen_len = args.max_tokens or (plan.workload.gen_len_tokens if plan is not None else DEFAULT_MAX_TOKENS)
+    if plan is None:  # one-shot: this machine's profile, a plan for these prompts
+        device = oneshot.default_device(args.device)
+        profile, args.profile = oneshot.find_profile(args.profile, device, args.dtype, make=not args.no_profile_make,
+                                                     threads=args.threads)
+        workload = oneshot.workload_for([len(i) for i in ids], [p.max_tokens or gen_len for p in todo])
+        result = oneshot.plan_for_prompts(target_ref, draft_ref, profile, workload, args.dtype)
+        plan = result.plan
+        print(oneshot.plan_summary(result, "specoffload"))
+        if args.save_plan:
+            plan.save(args.save_plan)
+            print(f"wrote {args.save_plan} (pass it instead of --model to run this configuration again)",
+                  file=sys.stderr)
+    dtype = oneshot.torch_dtype(args.dtype or plan.dtype)
     sim, notes = (None, ["pre-run simulation skipped (--no-simulate)"]) if args.no_simulate else \
         simulate_first(plan, args.profile, args.force)
-    gen_len = plan.workload.gen_len_tokens
-    pending = [(p, Request(p.id, tokenizer.encode(p.text).ids, p.max_tokens or gen_len, p.temperature, p.top_p,
-                           p.seed)) for p in todo]
+    if args.dtype and plan.dtype and args.dtype != plan.dtype:
+        notes.append(f"run in {args.dtype}; the plan was made for {plan.dtype} (its memory figures assume that)")
+    pending = [(p, oneshot.to_request(p, i, gen_len)) for p, i in zip(todo, ids)]
     # The KV cache is sized for the plan's workload; longer requests are refused below (or, forced, the
     # cache grows to fit them, beyond what the plan and the simulator checked).
     need = max((len(r.prompt) + r.max_tokens + plan.draft_len + 1 for _, r in pending), default=0)
@@ -281,7 +344,8 @@ def _run(args: argparse.Namespace, out: OutputFile, guard: SignalGuard | None) -
         max_len = need
         notes.append(f"forced: KV cache sized for {need} tokens per sequence, beyond the plan's {planned}")
     try:
-        engine = Engine(plan, target_dir, draft_dir, device=args.device, trace=bool(args.trace), max_len=max_len)
+        engine = Engine(plan, target_dir, draft_dir, device=args.device, dtype=dtype, trace=bool(args.trace),
+                        max_len=max_len)
     except (ConfigError, CheckpointError, EngineError) as exc:
         raise RunError(str(exc)) from None
     requests = []
@@ -299,9 +363,7 @@ def _run(args: argparse.Namespace, out: OutputFile, guard: SignalGuard | None) -
     t0 = time.perf_counter()
 
     def on_finish(f) -> None:
-        line = {"id": f.request.id, "text": tokenizer.decode(f.tokens), "tokens": f.tokens,
-                "num_tokens": len(f.tokens), "prompt_tokens": len(f.request.prompt),
-                "finish_reason": f.finish_reason}
+        line = oneshot.output_line(f, tokenizer)
         if guard is not None:
             guard.write(out, line)
         else:
