@@ -126,6 +126,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "without bf16 and can overflow")
     ap.add_argument("--no-profile-make", action="store_true",
                     help="without a plan: do not measure a profile when none is given or cached; stop with an error")
+    ap.add_argument("--policy", default=None, choices=("specoffload", "offload-only", "serial-spec", "interleaved"),
+                    help="without a plan: the policy to plan for (default specoffload: the best of the other three)")
     ap.add_argument("--save-plan", default=None, metavar="PATH",
                     help="without a plan: also write the plan made (pass it later to pin this configuration)")
     ap.add_argument("--report", default=None, help="write the measured report (YAML)")
@@ -157,8 +159,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         for flag in ("target", "ray"):
             if getattr(args, flag):
                 ap.error(f"--{flag} needs a plan file (without one, name the target with --model)")
-    elif args.no_profile_make or args.save_plan:
-        ap.error(f"--{'no-profile-make' if args.no_profile_make else 'save-plan'} goes with a run without a plan")
+    else:
+        for flag in ("no_profile_make", "save_plan", "policy"):
+            if getattr(args, flag):
+                ap.error(f"--{flag.replace('_', '-')} goes with a run without a plan (a plan file has its own)")
     if args.max_tokens is not None and args.max_tokens < 1:
         ap.error(f"--max-tokens must be >= 1, found {args.max_tokens}")
     return args
@@ -322,9 +326,10 @@ def _run(args: argparse.Namespace, out: OutputFile, guard: SignalGuard | None) -
         profile, args.profile = oneshot.find_profile(args.profile, device, args.dtype, make=not args.no_profile_make,
                                                      threads=args.threads)
         workload = oneshot.workload_for([len(i) for i in ids], [p.max_tokens or gen_len for p in todo])
-        result = oneshot.plan_for_prompts(target_ref, draft_ref, profile, workload, args.dtype)
+        policy = args.policy or "specoffload"
+        result = oneshot.plan_for_prompts(target_ref, draft_ref, profile, workload, args.dtype, policy)
         plan = result.plan
-        print(oneshot.plan_summary(result, "specoffload"))
+        print(oneshot.plan_summary(result, policy))
         if args.save_plan:
             plan.save(args.save_plan)
             print(f"wrote {args.save_plan} (pass it instead of --model to run this configuration again)",
