@@ -44,13 +44,15 @@ from .prompts import read_prompts as _read_prompts
 if TYPE_CHECKING:  # annotations only: the functions load plans where they use them
     from specoffload.planner.schema import Plan
 
-EXAMPLE = """example: from the repository root, the tiny pair and the demo prompts shipped with it
-  specoffload-run --model tiny-pair --prompts runtime/assets/demo_prompts.jsonl --output out.jsonl --ordered
-
-  or with a plan made first (the way to pin or share a configuration):
+EXAMPLE = """examples: from the repository root, the tiny pair and the demo prompts shipped with it; a plan made first
+(the way to pin or share a configuration), then run:
   specoffload-plan --model tiny-target --draft tiny-draft --profile cpu-2core --prompt-len 20 \\
       --max-prompt-len 32 --gen-len 32 --num-prompts 64 -o plan.yaml
   specoffload-run plan.yaml --prompts runtime/assets/demo_prompts.jsonl --output out.jsonl --report report.yaml
+
+  or in one command, planned now for these prompts on this machine's profile (--profile cpu-2core to use
+  the shipped one), outputs also in input order in out2.jsonl.ordered.jsonl:
+  specoffload-run --model tiny-pair --prompts runtime/assets/demo_prompts.jsonl --output out2.jsonl --ordered
 
   --max-prompt-len is the longest prompt in tokens: the KV cache is sized for it, and longer prompts are
   refused. A plan made for a preset (e.g. mixtral-8x7b) needs the checkpoint folder: --target DIR
