@@ -14,6 +14,7 @@ The pieces specoffload-run (without a plan) and the Python API (`specoffload.LLM
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import re
@@ -249,12 +250,9 @@ def ordered_path(output: str | Path, given: str | Path | None = None) -> Path:
     return Path(given) if given else Path(f"{output}.ordered.jsonl")
 
 
-def write_ordered(output: str | Path, given: str | Path | None, ids: list[str]) -> Path:
-    """Write the output file's lines in the order of `ids` (the input's) to `given` or <output>.ordered.jsonl.
-    The output file is only read. An existing target is replaced only if it is such a copy (JSON objects with
-    an "id" on every line); anything else there is refused and left as it is."""
-    import json
-
+def check_ordered_target(output: str | Path, given: str | Path | None) -> Path:
+    """The --ordered path, refused (OneShotError) if it is a folder, the output file itself, or an existing file
+    that is not such a copy (JSON objects with an "id" on every line); checked before a run and again after."""
     out, path = Path(output), ordered_path(output, given)
     if path.exists() and (path.is_dir() or path.resolve() == out.resolve()):
         raise OneShotError(f"--ordered {path}: {'a directory' if path.is_dir() else 'the output file itself'}; give "
@@ -268,6 +266,14 @@ def write_ordered(output: str | Path, given: str | Path | None, ids: list[str]) 
         if not ours:
             raise OneShotError(f"--ordered {path}: the file exists and is not an ordered copy of outputs; it is left "
                                "as it is (give another path, or move it)")
+    return path
+
+
+def write_ordered(output: str | Path, given: str | Path | None, ids: list[str]) -> Path:
+    """Write the output file's lines in the order of `ids` (the input's) to `given` or <output>.ordered.jsonl.
+    The output file is only read. An existing target is replaced only if it is such a copy (JSON objects with
+    an "id" on every line); anything else there is refused and left as it is."""
+    out, path = Path(output), check_ordered_target(output, given)
     by_id: dict[str, bytes] = {}
     for raw in out.read_bytes().splitlines():
         if raw.strip():

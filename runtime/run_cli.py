@@ -254,6 +254,10 @@ def main(argv=None) -> int:
     try:
         if guard is not None:
             guard.__enter__()
+        if args.ordered is not None:
+            from .oneshot import check_ordered_target
+
+            check_ordered_target(args.output, args.ordered or None)  # refused before the run, not after it
         if args.ray:
             from .cluster import run_cluster
 

@@ -84,6 +84,23 @@ def test_ordered_copy_is_in_input_order_and_output_untouched(runs):
     assert sorted(map(json.dumps, ordered)) == sorted(map(json.dumps, lines(d / "one.jsonl")))
 
 
+def test_ordered_rerun_and_a_foreign_target(runs, capsys):
+    d, prompts, _, _ = runs
+    ordered = d / "one.jsonl.ordered.jsonl"
+    before = ordered.read_bytes()
+    # everything is done: the rerun runs nothing, loads nothing, and writes the same ordered copy
+    assert run_main(["--model", "tiny-pair", "--prompts", str(prompts), "--output", str(d / "one.jsonl"),
+                     "--ordered", "--quiet"]) == 0
+    assert "nothing to run" in capsys.readouterr().err and ordered.read_bytes() == before
+    # a file that is not an ordered copy is refused before the run: nothing is created, the file is kept
+    foreign = d / "keep.txt"
+    foreign.write_text("not outputs\n")
+    assert run_main(["--model", "tiny-pair", "--prompts", str(prompts), "--output", str(d / "new.jsonl"),
+                     "--ordered", str(foreign), "--quiet"]) == 2
+    assert "not an ordered copy" in capsys.readouterr().err
+    assert foreign.read_text() == "not outputs\n" and not (d / "new.jsonl").exists()
+
+
 def test_write_ordered_reorders_and_refuses_foreign_files(tmp_path):
     out = tmp_path / "out.jsonl"
     rows = [{"id": i, "text": i, "tokens": [n]} for n, i in enumerate(["c", "a", "b"])]
