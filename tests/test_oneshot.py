@@ -252,3 +252,40 @@ def test_top_level_package_is_light():
             "from specoffload import LLM; import specoffload.runtime.api as a; assert LLM is a.LLM; print('ok')")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+
+
+def test_api_with_a_plan_file_and_chats(runs):
+    """LLM(plan=...) runs that plan (the models checked against it); chats need a build whose prompts take them."""
+    from specoffload import LLM, SamplingParams
+    from specoffload.runtime.prompts import Prompt
+
+    d, _, api, _ = runs
+    llm = LLM("tiny-pair", plan=str(d / "made.yaml"), profile=PROFILE, threads=1)
+    assert llm.plan.policy == "interleaved" and llm.engine is not None
+    outs = llm.generate(TEXTS, SamplingParams(max_tokens=MAX_TOKENS))
+    assert [o.token_ids for o in outs] == [o.token_ids for o in api]
+    chat = [{"role": "user", "content": "def add(a, b):"}]
+    if "messages" in {f.name for f in dataclasses.fields(Prompt)}:
+        out = llm.chat(chat, SamplingParams(max_tokens=4))[0]
+        assert out.usage["prompt_tokens"] > 0 and 1 <= len(out.token_ids) <= 4
+    else:
+        with pytest.raises(oneshot.OneShotError, match="chat messages are not supported"):
+            llm.chat(chat)
+
+
+def test_api_errors_name_the_problem(tmp_path):
+    from specoffload import LLM
+
+    with pytest.raises(oneshot.OneShotError, match="does not exist"):
+        LLM(str(tmp_path / "nope"), profile=PROFILE)
+    with pytest.raises(oneshot.OneShotError, match="preset has shapes but no weights"):
+        LLM("mixtral-8x7b", profile=PROFILE)
+    with pytest.raises(oneshot.OneShotError, match="plan was made for model"):
+        LLM("tiny-draft", draft="none", plan=_plan_for("tiny-target", tmp_path), profile=PROFILE)
+
+
+def _plan_for(model: str, tmp_path: Path) -> str:
+    out = tmp_path / "plan.yaml"
+    assert plan_main(["--model", model, "--profile", PROFILE, "--prompt-len", "8", "--gen-len", "4", "--num-prompts",
+                      "2", "-o", str(out)]) == 0
+    return str(out)
