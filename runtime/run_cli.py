@@ -165,6 +165,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         for flag in ("no_profile_make", "save_plan", "policy"):
             if getattr(args, flag):
                 ap.error(f"--{flag.replace('_', '-')} goes with a run without a plan (a plan file has its own)")
+    if args.ray:
+        for flag in ("dtype", "max_tokens"):
+            if getattr(args, flag) is not None:
+                ap.error(f"--{flag.replace('_', '-')} is not passed to --ray workers yet; set it in the plan "
+                         "(specoffload-plan --dtype, --gen-len) or run on one machine")
     if args.max_tokens is not None and args.max_tokens < 1:
         ap.error(f"--max-tokens must be >= 1, found {args.max_tokens}")
     return args
