@@ -44,7 +44,7 @@ from .prompts import read_prompts as _read_prompts
 if TYPE_CHECKING:  # annotations only: the functions load plans where they use them
     from specoffload.planner.schema import Plan
 
-EXAMPLE = """examples: from the repository root, the tiny pair and the demo prompts shipped with it; a plan made first
+EXAMPLE = """example: from the repository root, the tiny pair and the demo prompts shipped with it; a plan made first
 (the way to pin or share a configuration), then run:
   specoffload-plan --model tiny-target --draft tiny-draft --profile cpu-2core --prompt-len 20 \\
       --max-prompt-len 32 --gen-len 32 --num-prompts 64 -o plan.yaml

@@ -289,3 +289,17 @@ def _plan_for(model: str, tmp_path: Path) -> str:
     assert plan_main(["--model", model, "--profile", PROFILE, "--prompt-len", "8", "--gen-len", "4", "--num-prompts",
                       "2", "-o", str(out)]) == 0
     return str(out)
+
+
+def test_engine_follows_the_plans_dtype(runs):
+    import torch
+
+    from specoffload.runtime.engine import Engine
+    from specoffload.runtime.tiny_pair import tiny_pair_paths
+
+    d = runs[0]
+    target, draft = tiny_pair_paths()
+    plan = Plan.load(d / "made.yaml").replace(dtype="bf16")
+    assert Engine(plan, target, draft, device="cpu").dtype is torch.bfloat16
+    assert Engine(plan, target, draft, device="cpu", dtype=torch.float32).dtype is torch.float32  # asked for wins
+    assert Engine(plan.replace(dtype=""), target, draft, device="cpu").dtype is torch.float32  # the CPU's default
