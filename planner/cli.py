@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .models import load_model_spec
+from .models import DTYPE_BYTES, load_model_spec, with_dtype
 from .planner import DEFAULT_MAX_DRAFT_LEN, PLAN_POLICIES, Candidate, PlanResult, make_plan
 from .schema import Workload, load_profile
 from .strict import SchemaError
@@ -47,6 +47,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--batch", type=int, default=None, help="pin the decode batch (sequences per batch)")
     ap.add_argument("--draft-len", type=int, default=None, help="pin the draft length k")
     ap.add_argument("--micro-batches", type=int, default=None, help="pin the micro-batch count")
+    ap.add_argument("--dtype", default=None, choices=tuple(DTYPE_BYTES),
+                    help="compute dtype of the run (weights and KV are sized in it; default: the checkpoint's 2 bytes "
+                         "per element, as bf16 on a GPU)")
     ap.add_argument("-o", "--output", default=None, help="where to write the plan (YAML)")
     ap.add_argument("--explain", action="store_true", help="also show the best alternatives and why they lost")
     return ap.parse_args(argv)
@@ -179,6 +182,28 @@ def context_limit(target, draft, workload: Workload, args: argparse.Namespace) -
     return room
 
 
+def plan_job(args: argparse.Namespace, profile, workload: Workload) -> PlanResult:
+    """Plan one machine's job: args.model / args.draft (preset, folder or config), args.policy, the pinned knobs
+    (args.batch, args.draft_len, args.micro_batches), args.max_draft_len and args.dtype. Shared by this command and
+    the one-shot run (specoffload-run without a plan, and the Python API)."""
+    dtype = getattr(args, "dtype", None) or ""
+    target = with_dtype(load_model_spec(args.model), dtype)
+    draft = with_dtype(load_model_spec(args.draft), dtype) if args.draft else None
+    fixed = {k: v for k, v in (("decode_batch", args.batch), ("draft_len", args.draft_len),
+                               ("micro_batches", args.micro_batches)) if v is not None}
+    room = context_limit(target, draft, workload, args)
+    max_draft_len = min(args.max_draft_len, room)
+    if draft is not None and max_draft_len < 1 and args.policy != "offload-only":
+        raise SchemaError(f"prompt ({workload.max_prompt_len}) + generation ({workload.gen_len_tokens}) + 1 "
+                          f"leaves no room in the context for draft tokens; shorten them, or --policy "
+                          "offload-only")
+    result = make_plan(profile, target, draft, workload, policy=args.policy,
+                       max_draft_len=max(max_draft_len, 1), fixed=fixed)
+    if dtype:
+        result.plan = result.plan.replace(dtype=dtype)
+    return result
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if bool(args.profile) == bool(args.cluster):
@@ -189,19 +214,7 @@ def main(argv=None) -> int:
     try:
         check_args(args)
         profile = load_profile(args.profile)
-        target = load_model_spec(args.model)
-        draft = load_model_spec(args.draft) if args.draft else None
-        workload = build_workload(args)
-        fixed = {k: v for k, v in (("decode_batch", args.batch), ("draft_len", args.draft_len),
-                                   ("micro_batches", args.micro_batches)) if v is not None}
-        room = context_limit(target, draft, workload, args)
-        max_draft_len = min(args.max_draft_len, room)
-        if draft is not None and max_draft_len < 1 and args.policy != "offload-only":
-            raise SchemaError(f"prompt ({workload.max_prompt_len}) + generation ({workload.gen_len_tokens}) + 1 "
-                              f"leaves no room in the context for draft tokens; shorten them, or --policy "
-                              "offload-only")
-        result = make_plan(profile, target, draft, workload, policy=args.policy,
-                           max_draft_len=max(max_draft_len, 1), fixed=fixed)
+        result = plan_job(args, profile, build_workload(args))
     except SchemaError as exc:
         print(f"specoffload-plan: error: {exc}", file=sys.stderr)
         return 2

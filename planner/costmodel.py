@@ -17,7 +17,8 @@ Where the parts live:
 Every time and memory figure is a `Linear` form in the placement variables, so the LP and the
 closed-form evaluation share one definition.
 
-All times in seconds, sizes in bytes. Activations and KV use the checkpoint's element size (bf16).
+All times in seconds, sizes in bytes. Weights, activations and KV use the run's element size
+(`ModelSpec.element_bytes`: the checkpoint's, 2 for bf16, unless the plan is made for another dtype).
 """
 from __future__ import annotations
 

@@ -79,6 +79,9 @@ class ModelSpec:
     tie_word_embeddings: bool
     max_position_embeddings: int
     weight_bytes_per_param: int = 2  # bf16 checkpoints
+    # Bytes per element of weights, activations and KV as the runtime holds them (the compute dtype: 2 for
+    # bf16/fp16, 4 for fp32); 0 = weight_bytes_per_param. A run choice, not a shape: not in the fingerprint.
+    dtype_bytes: int = 0
     source: str = ""  # what load_model_spec() takes to build this spec again (preset name or path)
     # A feature draft (EAGLE-style head): fc [embedding; target feature] 2H -> H, then its layer(s); the
     # embedding and LM head are the target's (resident with the target), so not counted here.
@@ -148,7 +151,12 @@ class ModelSpec:
 
     def b(self, params: float) -> float:
         """Parameters to bytes."""
-        return params * self.weight_bytes_per_param
+        return params * self.element_bytes
+
+    @property
+    def element_bytes(self) -> int:
+        """Bytes per element in memory at run time (the compute dtype's; see dtype_bytes)."""
+        return self.dtype_bytes or self.weight_bytes_per_param
 
     @property
     def attn_bytes_per_layer(self) -> float:
@@ -174,7 +182,7 @@ class ModelSpec:
 
     @property
     def kv_bytes_per_token_per_layer(self) -> float:
-        return 2 * self.kv_dim * self.weight_bytes_per_param
+        return 2 * self.kv_dim * self.element_bytes
 
     @property
     def kv_bytes_per_token(self) -> float:
@@ -213,7 +221,7 @@ class ModelSpec:
         import dataclasses
 
         return fingerprint({f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                            if f.name not in ("name", "source") and not (f.name == "feature_draft"
+                            if f.name not in ("name", "source", "dtype_bytes") and not (f.name == "feature_draft"
                                                                          and not self.feature_draft)})
 
     def describe(self) -> str:
@@ -417,8 +425,22 @@ def check_draft_for_target(target: ModelSpec, draft: ModelSpec | None) -> None:
                           + "; ".join(bad) + ". Use the head trained for this target")
 
 
+#: compute dtypes a run may use, by the name the commands take, and their bytes per element
+DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+
+
+def with_dtype(spec: ModelSpec | None, dtype: str | None) -> ModelSpec | None:
+    """`spec` as the runtime holds it in `dtype` (bf16 / fp16 / fp32; None or "" keeps the checkpoint's
+    element size): weights and KV bytes follow it; the fingerprint does not change."""
+    if spec is None or not dtype:
+        return spec
+    if dtype not in DTYPE_BYTES:
+        raise SchemaError(f"dtype {dtype!r}: expected one of {', '.join(DTYPE_BYTES)}")
+    return dataclasses.replace(spec, dtype_bytes=DTYPE_BYTES[dtype])
+
+
 def load_plan_models(plan) -> tuple[ModelSpec, ModelSpec | None]:
-    """The target and draft specs a plan was made for, checked against its fingerprints."""
+    """The target and draft specs a plan was made for, checked against its fingerprints, in the plan's dtype."""
     specs = []
     for role, ref, fp in (("model", plan.model, plan.model_fingerprint), ("draft", plan.draft, plan.draft_fingerprint)):
         if not ref:
@@ -428,5 +450,5 @@ def load_plan_models(plan) -> tuple[ModelSpec, ModelSpec | None]:
         if spec.fingerprint != fp:
             raise SchemaError(f"plan's {role} {ref!r} has changed since the plan was made (fingerprint "
                               f"{spec.fingerprint}, plan says {fp}); re-run specoffload-plan")
-        specs.append(spec)
+        specs.append(with_dtype(spec, getattr(plan, "dtype", "")))
     return specs[0], specs[1]

@@ -327,6 +327,9 @@ class Plan(YamlContract):
     weight_buffers: int  # device buffers for streamed layers; 0 when every weight is resident
     prediction: Prediction
     notes: tuple[str, ...] = ()
+    # compute dtype the plan was made for (bf16 / fp16 / fp32): weights and KV are sized in it, and the run
+    # uses it unless told otherwise; "" = the runtime's default (bf16 on a GPU, fp32 on the CPU)
+    dtype: str = ""
     schema_version: int = PLAN_SCHEMA
     SCHEMA = PLAN_SCHEMA  # what this code reads (a class constant, not a field)
 
@@ -355,6 +358,8 @@ class Plan(YamlContract):
             raise ValueError("resident layer and GPU-KV counts must be >= 0")
         if self.gpu_kv_sequences > self.decode_batch:
             raise ValueError("gpu_kv_sequences cannot exceed decode_batch")
+        if self.dtype not in ("", "bf16", "fp16", "fp32"):
+            raise ValueError(f"dtype must be bf16, fp16 or fp32 (or empty: the runtime's default); found {self.dtype!r}")
 
     @property
     def sequences_in_flight(self) -> int:

@@ -1,6 +1,12 @@
-"""specoffload-run: execute a plan on real checkpoints; JSONL in, JSONL out (resumable), a measured report.
+"""specoffload-run: run prompts on real checkpoints, with a plan made now or a plan file; JSONL in, JSONL out (resumable).
 
+    specoffload-run --model DIR [--draft DIR|none] --prompts in.jsonl --output out.jsonl [--ordered]
     specoffload-run plan.yaml --prompts in.jsonl --output out.jsonl [--report report.yaml] [--trace trace.json]
+
+Without a plan file (one-shot, runtime/oneshot.py) the run uses this machine's profile (--profile, else the
+cached one, else a quick profile measured now and cached), plans for the prompt file's own token lengths,
+generation lengths and count, prints the plan's summary, simulates it and runs it. A plan file pins or
+shares a configuration. --ordered also writes the outputs in input order at the end (<output>.ordered.jsonl).
 
 Input lines: {"id": ..., "prompt": "..." or "messages": [{"role", "content"}, ...], "max_tokens": N,
 "min_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids", "ignore_eos"}
@@ -33,6 +39,7 @@ from typing import TYPE_CHECKING
 
 from specoffload.planner.trace_names import resource_of, track_name
 
+from .oneshot import DEFAULT_MAX_TOKENS, DTYPES, OneShotError
 from .outputs import OutputFile, OutputFileError, OutputWriteError, finished_ids  # noqa: F401 (re-exported)
 from .prompts import Prompt, PromptFileError, resolve_model_dir
 from .prompts import read_prompts as _read_prompts
@@ -40,10 +47,15 @@ from .prompts import read_prompts as _read_prompts
 if TYPE_CHECKING:  # annotations only: the functions load plans where they use them
     from specoffload.planner.schema import Plan
 
-EXAMPLE = """example: from the repository root, the tiny pair and the demo prompts shipped with it
+EXAMPLE = """example: from the repository root, the tiny pair and the demo prompts shipped with it; a plan made first
+(the way to pin or share a configuration), then run:
   specoffload-plan --model tiny-target --draft tiny-draft --profile cpu-2core --prompt-len 20 \\
       --max-prompt-len 32 --gen-len 32 --num-prompts 64 -o plan.yaml
   specoffload-run plan.yaml --prompts runtime/assets/demo_prompts.jsonl --output out.jsonl --report report.yaml
+
+  or in one command, planned now for these prompts on this machine's profile (--profile cpu-2core to use
+  the shipped one), outputs also in input order in out2.jsonl.ordered.jsonl:
+  specoffload-run --model tiny-pair --prompts runtime/assets/demo_prompts.jsonl --output out2.jsonl --ordered
 
   --max-prompt-len is the longest prompt in tokens: the KV cache is sized for it, and longer prompts are
   refused. A plan made for a preset (e.g. mixtral-8x7b) needs the checkpoint folder: --target DIR
@@ -105,15 +117,37 @@ def resolve_models(plan: Plan, target: str | None, draft: str | None) -> tuple[P
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="specoffload-run", description=__doc__.split("\n\n")[0], epilog=EXAMPLE,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("plan", help="plan.yaml from specoffload-plan")
+    ap.add_argument("plan", nargs="?", default=None,
+                    help="plan.yaml from specoffload-plan (omit it and give --model to plan for these prompts now)")
+    ap.add_argument("--model", default=None,
+                    help="without a plan: the target, an HF model folder (tiny-target, or tiny-pair for the shipped "
+                         "pair with its draft)")
     ap.add_argument("--prompts", required=True, help="JSONL input: id, prompt or messages (a chat), optional max_tokens/min_tokens/temperature/"
                     "top_p/top_k/min_p/seed/stop/stop_token_ids/ignore_eos")
     ap.add_argument("--output", required=True, help="JSONL output; rerunning with the same file resumes")
+    ap.add_argument("--ordered", nargs="?", const="", default=None, metavar="PATH",
+                    help="at the end, also write the outputs in input order (default PATH <output>.ordered.jsonl); "
+                         "the output file itself stays in completion order")
+    ap.add_argument("--max-tokens", type=int, default=None,
+                    help="tokens for prompts without max_tokens (default: the plan's generation length; without a "
+                         f"plan {DEFAULT_MAX_TOKENS})")
+    ap.add_argument("--dtype", default=None, choices=DTYPES,
+                    help="compute dtype (default: the plan's, else bf16 on a GPU, fp32 on the CPU); fp16 is for cards "
+                         "without bf16 and can overflow")
+    ap.add_argument("--no-profile-make", action="store_true",
+                    help="without a plan: do not measure a profile when none is given or cached; stop with an error")
+    ap.add_argument("--policy", default=None, choices=("specoffload", "offload-only", "serial-spec", "interleaved"),
+                    help="without a plan: the policy to plan for (default specoffload: the best of the other three)")
+    ap.add_argument("--save-plan", default=None, metavar="PATH",
+                    help="without a plan: also write the plan made (pass it later to pin this configuration)")
     ap.add_argument("--report", default=None, help="write the measured report (YAML)")
     ap.add_argument("--trace", default=None, help="write a Chrome trace (open in Perfetto)")
     ap.add_argument("--target", default=None, help="target checkpoint folder (when the plan names a preset)")
-    ap.add_argument("--draft", default=None, help="draft checkpoint folder")
-    ap.add_argument("--profile", default=None, help="profile for the pre-run simulation (default: the plan's)")
+    ap.add_argument("--draft", default=None,
+                    help="draft checkpoint folder (without a plan: a folder, tiny-draft, or none for no draft)")
+    ap.add_argument("--profile", default=None,
+                    help="profile (YAML path or shipped name) for the pre-run simulation (default: the plan's); "
+                         "without a plan also the one planned on (default: this machine's, cached or measured now)")
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     ap.add_argument("--threads", type=int, default=None,
                     help="CPU threads for host attention and other CPU work (default: the cores this process may "
@@ -125,7 +159,28 @@ def parse_args(argv=None) -> argparse.Namespace:
     from .cluster import add_arguments as add_cluster_arguments
 
     add_cluster_arguments(ap)  # --ray ADDRESS: the same run across a Ray cluster (runtime/cluster.py)
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if args.plan is None and not args.model:
+        ap.error("give a plan file, or --model DIR to plan for these prompts now (e.g. --model tiny-pair)")
+    if args.plan is not None and args.model:
+        ap.error("--model goes with a run without a plan; with a plan file, name checkpoint folders with --target "
+                 "(and --draft)")
+    if args.plan is None:
+        for flag in ("target", "ray"):
+            if getattr(args, flag):
+                ap.error(f"--{flag} needs a plan file (without one, name the target with --model)")
+    else:
+        for flag in ("no_profile_make", "save_plan", "policy"):
+            if getattr(args, flag):
+                ap.error(f"--{flag.replace('_', '-')} goes with a run without a plan (a plan file has its own)")
+    if args.ray:
+        for flag in ("dtype", "max_tokens"):
+            if getattr(args, flag) is not None:
+                ap.error(f"--{flag.replace('_', '-')} is not passed to --ray workers yet; set it in the plan "
+                         "(specoffload-plan --dtype, --gen-len) or run on one machine")
+    if args.max_tokens is not None and args.max_tokens < 1:
+        ap.error(f"--max-tokens must be >= 1, found {args.max_tokens}")
+    return args
 
 
 def open_output(out: OutputFile, prompts: list[Prompt], prompts_path: str) -> tuple[set[str], list[Prompt]]:
@@ -212,15 +267,26 @@ def main(argv=None) -> int:
     try:
         if guard is not None:
             guard.__enter__()
+        if args.ordered is not None:
+            from .oneshot import check_ordered_target
+
+            check_ordered_target(args.output, args.ordered or None)  # refused before the run, not after it
         if args.ray:
             from .cluster import run_cluster
 
-            return run_cluster(args, out, guard)
-        return _run(args, out, guard)
+            rc = run_cluster(args, out, guard)
+        else:
+            rc = _run(args, out, guard)
+        if rc == 0 and args.ordered is not None:
+            from .oneshot import write_ordered
+
+            path = write_ordered(args.output, args.ordered or None, [p.id for p in read_prompts(args.prompts)])
+            print(f"wrote {path} (the outputs in input order)", file=sys.stderr)
+        return rc
     except OutputWriteError as exc:
         print(f"specoffload-run: error: {exc}", file=sys.stderr)
         return 1
-    except (RunError, SchemaError, OutputFileError) as exc:
+    except (RunError, SchemaError, OutputFileError, OneShotError) as exc:
         print(f"specoffload-run: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
@@ -240,16 +306,19 @@ def main(argv=None) -> int:
 def _run(args: argparse.Namespace, out: OutputFile, guard: SignalGuard | None) -> int:
     from specoffload.planner.schema import Plan
 
-    plan = Plan.load(args.plan)
+    from . import oneshot
+
+    plan = Plan.load(args.plan) if args.plan else None
     prompts = read_prompts(args.prompts)
-    for flag in ("report", "trace"):
+    for flag in ("report", "trace", "save_plan"):
         given = getattr(args, flag)
         if given and Path(given).is_dir():
-            raise RunError(f"--{flag} {given} is a directory; give a file name")
-    target_dir, draft_dir = resolve_models(plan, args.target, args.draft)
-    tok_path = target_dir / "tokenizer.json"
-    if not tok_path.is_file():
-        raise RunError(f"{target_dir}: no tokenizer.json (the run needs the target's tokenizer)")
+            raise RunError(f"--{flag.replace('_', '-')} {given} is a directory; give a file name")
+    if plan is not None:
+        target_dir, draft_dir = resolve_models(plan, args.target, args.draft)
+    else:
+        target_dir, draft_dir, target_ref, draft_ref = oneshot.model_dirs(args.model, args.draft)
+    oneshot.tokenizer_path(target_dir)
     # The output file is checked, locked and read before anything heavy is loaded.
     out_path = out.path
     done, todo = open_output(out, prompts, args.prompts)
@@ -274,10 +343,31 @@ def _run(args: argparse.Namespace, out: OutputFile, guard: SignalGuard | None) -
         rio = RequestIO.from_model_dir(target_dir)  # tokenizer, generation_config.json, chat template
     except RequestError as exc:
         raise RunError(str(exc)) from None
-
+    ids = []
+    for p in todo:
+        try:
+            ids.append(rio.prompt_ids(p))
+        except RequestError as exc:
+            raise RunError(f"{args.prompts}:{p.line}: {exc}") from None
+    gen_len = args.max_tokens or (plan.workload.gen_len_tokens if plan is not None else DEFAULT_MAX_TOKENS)
+    if plan is None:  # one-shot: this machine's profile, a plan for these prompts
+        device = oneshot.default_device(args.device)
+        profile, args.profile = oneshot.find_profile(args.profile, device, args.dtype, make=not args.no_profile_make,
+                                                     threads=args.threads)
+        workload = oneshot.workload_for([len(i) for i in ids], [p.max_tokens or gen_len for p in todo])
+        policy = args.policy or "specoffload"
+        result = oneshot.plan_for_prompts(target_ref, draft_ref, profile, workload, args.dtype, policy)
+        plan = result.plan
+        print(oneshot.plan_summary(result, policy))
+        if args.save_plan:
+            plan.save(args.save_plan)
+            print(f"wrote {args.save_plan} (pass it instead of --model to run this configuration again)",
+                  file=sys.stderr)
+    dtype = oneshot.torch_dtype(args.dtype or plan.dtype)
     sim, notes = (None, ["pre-run simulation skipped (--no-simulate)"]) if args.no_simulate else \
         simulate_first(plan, args.profile, args.force)
-    gen_len = plan.workload.gen_len_tokens
+    if args.dtype and plan.dtype and args.dtype != plan.dtype:
+        notes.append(f"run in {args.dtype}; the plan was made for {plan.dtype} (its memory figures assume that)")
     pending = []
     for p in todo:
         try:
@@ -293,7 +383,8 @@ def _run(args: argparse.Namespace, out: OutputFile, guard: SignalGuard | None) -
         max_len = need
         notes.append(f"forced: KV cache sized for {need} tokens per sequence, beyond the plan's {planned}")
     try:
-        engine = Engine(plan, target_dir, draft_dir, device=args.device, trace=bool(args.trace), max_len=max_len)
+        engine = Engine(plan, target_dir, draft_dir, device=args.device, dtype=dtype, trace=bool(args.trace),
+                        max_len=max_len)
     except (ConfigError, CheckpointError, EngineError) as exc:
         raise RunError(str(exc)) from None
     requests = []

@@ -14,6 +14,8 @@ Steps, each the command a user would type (outputs under out/demo/):
      predicted against measured side by side, so the choice can be checked against what really ran.
   8. the feature draft `tiny-eagle` (an EAGLE-style head over the tiny target): its acceptance, its plan
      and its run, in the same table.
+  9. the same prompts in one command, no plan file: `specoffload-run --model tiny-pair --prompts ... --ordered`
+     (plans for the prompts on the profile, simulates, runs), its outputs checked against step 5's.
 """
 from __future__ import annotations
 
@@ -164,6 +166,23 @@ def main() -> None:
     best = max(results, key=lambda r: r[2].throughput_tokens_per_s)[0]
     print(f"fastest measured: {best}. The machine is shared and noisy: tools/bench.py repeats each run and reports "
           "medians.")
+
+    # 9. One command, no plan file: the profile, a plan for these prompts, the simulation and the run.
+    d = OUT / "one-shot"
+    d.mkdir()
+    step("9. the same prompts in one command (no plan file: planned for them, simulated, run)",
+         "specoffload.runtime.run_cli", "--model", "tiny-pair", "--prompts", str(PROMPTS), "--output",
+         str(d / "out.jsonl"), "--max-tokens", str(p.workload.gen_len_tokens), "--profile", profile, "--ordered",
+         "--threads", str(args.threads), "--quiet")
+    import json
+
+    def tokens(path: Path) -> dict:
+        return {o["id"]: o["tokens"] for o in map(json.loads, path.read_text().splitlines())}
+
+    one, planned = tokens(d / "out.jsonl.ordered.jsonl"), tokens(OUT / "out.jsonl")
+    same = sum(one[i] == planned.get(i) for i in one)
+    print(f"one-shot outputs (greedy) equal to step 5's, token for token: {same} of {len(one)}; in input order: "
+          f"{d / 'out.jsonl.ordered.jsonl'}")
     print(f"demo finished in {time.perf_counter() - t_start:.0f} s")
 
 

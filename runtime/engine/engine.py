@@ -62,8 +62,10 @@ class Engine:
         self.synthetic = synthetic_acceptance
         self._synthetic_rng = torch.Generator().manual_seed(0)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        # fp32 on the CPU (exactness); bf16 on the GPU, as the checkpoints are.
-        self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        # The dtype asked for, else the plan's (specoffload-plan --dtype), else fp32 on the CPU (exactness) and
+        # bf16 on the GPU, as the checkpoints are.
+        planned = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(getattr(plan, "dtype", ""))
+        self.dtype = dtype or planned or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self.k = plan.draft_len
         self.num_batches = plan.num_batches
         self.batch = plan.decode_batch
