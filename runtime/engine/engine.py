@@ -34,6 +34,19 @@ class EngineStats:
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     acceptance: AcceptanceStats = field(default_factory=AcceptanceStats)
+    # The disk tier (plan.disk_layers > 0): tensor bytes of disk layers the passes used, and bytes read
+    # from the checkpoint (the latter also counts reads ahead for a pass that never ran).
+    disk_used_bytes: int = 0
+    disk_read_bytes: int = 0
+
+    @property
+    def sweeps(self) -> int:
+        """Weight sweeps: each verification and each prefill chunk runs every layer once."""
+        return self.slots + self.prefill_passes
+
+    @property
+    def disk_bytes_per_sweep(self) -> float:
+        return self.disk_used_bytes / self.sweeps if self.sweeps else 0.0
 
 
 class Engine:
@@ -115,7 +128,8 @@ class Engine:
             if c is not None:
                 for t in c.k + c.v:
                     add(t)
-        return float(sum(seen.values()))
+        staging = self.target.disk.staging_bytes if self.target.disk is not None else 0  # the disk tier's buffers
+        return float(sum(seen.values()) + staging)
 
     # -- admission ----------------------------------------------------------------------------
     def check(self, req: Request) -> None:
@@ -323,4 +337,7 @@ class Engine:
                     verify(0)
                 refill(0)
         self.stats.decode_seconds = time.perf_counter() - t_start - self.stats.prefill_seconds
+        if self.target.disk is not None:
+            self.stats.disk_used_bytes, self.stats.disk_read_bytes = (self.target.disk.used_bytes,
+                                                                      self.target.disk.read_bytes)
         return self.stats

@@ -103,9 +103,7 @@ class LayerStreamer:
     def _make_ready(self, j: int, experts: list[int] | None) -> None:
         lw = self.w.layers[j]
         if self.disk is not None and j in self.disk:
-            start = time.perf_counter()
             src = self.disk.wait(j)
-            self.tl.add(TRACK_H2D, f"disk read L{j}", start, time.perf_counter())
             if not self.cuda:  # converted to the compute dtype; the staging buffer is free again
                 lw = convert(src, self.dtype or torch.float32)
                 self.disk.release(j)
