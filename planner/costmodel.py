@@ -108,6 +108,14 @@ class CostModel(Durations):
         L = self.t.num_layers
         return Linear.of(0.0, disk=self.disk_seconds(L * self.disk_layer_bytes))
 
+    def disk_convert_seconds(self) -> float:
+        """CPU-only machine: the device's time to convert one staged layer to the compute dtype (it reads
+        the on-disk bytes and writes weight_read_factor times as many); 0 on a GPU machine, where the
+        copy to the GPU (h2d) moves the staged bytes as they are."""
+        if not self.cpu_only:
+            return 0.0
+        return self.disk_layer_bytes * (1.0 + self.weight_read_factor) / self._gpu_bw
+
     def disk_bytes_per_sweep(self, placement: dict[str, float]) -> float:
         L = self.t.num_layers
         return round(placement.get("disk", 0.0) * L) * self.disk_layer_bytes
@@ -185,6 +193,7 @@ class CostModel(Durations):
         out = {"gpu": gpu, "cpu": cpu, "h2d": h2d, "d2h": d2h}
         if self.disk_tier:  # the disk stage runs beside the copies: its own resource, the slower binds
             out["disk"] = self.disk_sweep_terms()
+            out["gpu"] = gpu + Linear.of(0.0, disk=L * self.disk_convert_seconds())
         # Dependency chain of one layer with m micro-batches in a pipeline:
         # sum of the stages for one micro-batch, plus (m-1) times the slowest stage.
         stages = [s_qkv + s_gpu_attn, s_d2h, s_cpu, s_h2d, s_ffn]
@@ -250,6 +259,7 @@ class CostModel(Durations):
                                            + streamed(self.h2d_seconds(self.ffn_streamed_bytes(tok)), "ffn_gpu"))
         if self.disk_tier:
             out["disk"] = self.disk_sweep_terms()
+            out["gpu"] = out["gpu"] + Linear.of(0.0, disk=L * self.disk_convert_seconds())
         return out
 
     def prefill_chunks(self, knobs: Knobs) -> int:

@@ -32,6 +32,11 @@ OPTIMALITY_GAP = 2e-3
 PREFILL_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 
+def size_words(nbytes: float) -> str:
+    """Bytes as GiB, or MiB below 1 GiB (small models and tight limits stay readable)."""
+    return f"{nbytes / GiB:.1f} GiB" if abs(nbytes) >= GiB else f"{nbytes / 2**20:.1f} MiB"
+
+
 class PlanInfeasible(SchemaError):
     """No plan fits: the message names the resource, the need and the capacity."""
 
@@ -608,9 +613,9 @@ class Planner:
                 tier = over[0]
                 disk = (", every streamed layer read from disk, its staging buffers included"
                         if box["disk"][1] > 0 and tier != "gpu" else "")
-                msgs.append(f"{policy}: {tier} memory: {t.name} needs at least {need[tier] / GiB:.1f} GiB even at "
+                msgs.append(f"{policy}: {tier} memory: {t.name} needs at least {size_words(need[tier])} even at "
                             f"batch 1 (best placement{disk}), {self._host_cap_words(tier)} "
-                            f"{self.caps[tier] / GiB:.1f} GiB")
+                            f"{size_words(self.caps[tier])}")
             else:
                 both = t.num_layers * (t.attn_bytes_per_layer + t.ffn_bytes_per_layer)
                 msgs.append(f"{policy}: GPU + host memory together: {t.name}'s {both / GiB:.1f} GiB of layer weights "
