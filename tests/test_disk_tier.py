@@ -246,3 +246,107 @@ def test_simulator_gpu_plan_with_disk_layers_matches_the_closed_form():
     assert res.ok, res.problems
     assert res.report.throughput_tokens_per_s == pytest.approx(plan.prediction.throughput_tokens_per_s, rel=0.1)
     assert res.report.busy_fraction["disk"] > 0
+
+
+# --- the engine and the run CLI ---------------------------------------------------------------------
+
+TEXTS = ["def foo(x):\n    return", "import os\nimport", "class A:\n    def __init__(self", "for i in range(10):\n"]
+
+
+def spec_disk_plan() -> Plan:
+    """A speculative plan for the tiny pair with host memory capped half a layer below its need."""
+    t, d = tiny()
+    fixed = {**FIXED, "draft_len": 2}
+    free = make_plan(cpu_profile(), t, d, TINY_W, policy="serial-spec", fixed=fixed).plan
+    cm = CostModel(cpu_profile(), t, d, TINY_W)
+    limit = free.prediction.peak_mem_bytes["host"] - 0.5 * cm.disk_layer_bytes * cm.weight_read_factor
+    plan = make_plan(cpu_profile(), t, d, TINY_W, policy="serial-spec", fixed=fixed, host_mem_limit_bytes=limit).plan
+    assert free.disk_layers == 0 and plan.disk_layers > 0 and plan.policy == "serial-spec"
+    return plan
+
+
+def run_engine(plan: Plan, prompts, max_tokens: int = 8):
+    from specoffload.runtime.engine import Engine, Request
+    from specoffload.runtime.tiny_pair import tiny_pair_paths
+
+    target, draft = tiny_pair_paths()
+    eng = Engine(plan, target, draft, device="cpu")
+    got = {}
+    stats = eng.run([Request(str(i), p, max_tokens) for i, p in enumerate(prompts)],
+                    lambda f: got.__setitem__(f.request.id, f.tokens))
+    return eng, stats, got
+
+
+def test_engine_with_disk_layers_is_exact_and_reads_what_the_plan_says():
+    from specoffload.runtime.disk import CheckpointIndex
+    from specoffload.runtime.tiny_pair import tiny_pair_paths, tiny_pair_tokenizer
+
+    tok = tiny_pair_tokenizer()
+    prompts = [tok.encode(t).ids for t in TEXTS]
+    plan = spec_disk_plan()
+    eng, stats, got = run_engine(plan, prompts)
+    _, _, ref = run_engine(plan.replace(disk_layers=0, host_mem_limit_bytes=0.0), prompts)
+    assert got == ref  # token for token
+    assert eng.target.disk is not None and len(eng.target.disk.layers) == plan.disk_layers
+    # the disk layers are not in memory: placeholders only; the staging buffers are counted
+    for j in eng.target.disk.layers:
+        assert eng.target.w.layers[j].attn["wq"].device.type == "meta"
+    index = CheckpointIndex.open(tiny_pair_paths()[0])
+    per_sweep = sum(index.layer_bytes(j) for j in eng.target.disk.layers)
+    assert per_sweep == plan.prediction.disk_bytes_per_sweep  # the headers' bytes = the plan's figure
+    assert stats.sweeps == stats.slots + stats.prefill_passes > 0
+    assert stats.disk_bytes_per_sweep == per_sweep
+    assert stats.disk_used_bytes <= stats.disk_read_bytes <= stats.disk_used_bytes + 2 * max(
+        index.layer_bytes(j) for j in eng.target.disk.layers)  # reads ahead for a pass that never ran
+    eng.target.disk.close()
+
+
+@pytest.fixture()
+def tiny_copy(tmp_path):
+    """A copy of the tiny target (the run reads it in place, and the test changes it)."""
+    from specoffload.runtime.tiny_pair import tiny_pair_paths
+
+    dst = tmp_path / "target"
+    shutil.copytree(tiny_pair_paths()[0], dst)
+    return dst
+
+
+@pytest.mark.parametrize("how", ["changes", "disappears"])
+def test_run_cli_checkpoint_changing_mid_run_is_a_clear_error_and_keeps_outputs(tmp_path, tiny_copy, capsys,
+                                                                                 monkeypatch, how):
+    from specoffload.runtime import outputs
+    from specoffload.runtime.run_cli import main as run_main
+    from specoffload.runtime.tiny_pair import tiny_pair_paths
+
+    plan = spec_disk_plan().replace(decode_batch=1, prefill_batch=1)
+    path = tmp_path / "plan.yaml"
+    plan.save(path)
+    prompts = tmp_path / "in.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"p{i}", "prompt": t, "max_tokens": 6}) + "\n"
+                               for i, t in enumerate(TEXTS)))
+    out = tmp_path / "out.jsonl"
+    ckpt = tiny_copy / "model.safetensors"
+    real_write = outputs.OutputFile.write
+
+    def write_then_break(self, obj):  # after the first finished sequence, the checkpoint changes / goes
+        real_write(self, obj)
+        if self.written == 1:
+            if how == "changes":
+                with ckpt.open("r+b") as fh:
+                    fh.seek(-1, os.SEEK_END)
+                    fh.write(b"\x01")
+                os.utime(ckpt, ns=(1, 1))
+            else:
+                ckpt.rename(ckpt.with_suffix(".moved"))
+
+    monkeypatch.setattr(outputs.OutputFile, "write", write_then_break)
+    rc = run_main([str(path), "--prompts", str(prompts), "--output", str(out), "--target", str(tiny_copy),
+                   "--draft", str(tiny_pair_paths()[1]), "--no-simulate", "--quiet", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    line = [x for x in err.splitlines() if x.startswith("specoffload-run: error:")]
+    assert len(line) == 1 and str(ckpt) in line[0]
+    assert ("changed during the run" if how == "changes" else "disappeared during the run") in line[0]
+    assert "1 finished sequences are kept" in line[0]
+    kept = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(kept) == 1 and kept[0]["id"] in {f"p{i}" for i in range(4)}
