@@ -204,6 +204,10 @@ def main(argv=None) -> int:
         print("specoffload-plan: error: give --profile (one machine) or --cluster (a job across nodes)", file=sys.stderr)
         return 2
     if args.cluster:
+        if args.host_mem_limit is not None:
+            print("specoffload-plan: error: --host-mem-limit applies to one machine (--profile); for a cluster, "
+                  "give each kind of node a profile with its host memory", file=sys.stderr)
+            return 2
         return cluster_main(args)
     try:
         check_args(args)

@@ -306,6 +306,8 @@ class Engine:
             for s in done:
                 finish(s)
 
+        disk = self.target.disk
+        disk_at_start = (disk.used_bytes, disk.read_bytes) if disk is not None else (0, 0)
         t_start = time.perf_counter()
         for g in range(self.num_batches):
             refill(g)
@@ -337,7 +339,7 @@ class Engine:
                     verify(0)
                 refill(0)
         self.stats.decode_seconds = time.perf_counter() - t_start - self.stats.prefill_seconds
-        if self.target.disk is not None:
-            self.stats.disk_used_bytes, self.stats.disk_read_bytes = (self.target.disk.used_bytes,
-                                                                      self.target.disk.read_bytes)
+        if disk is not None:  # this run's share (an engine may run several times)
+            self.stats.disk_used_bytes += disk.used_bytes - disk_at_start[0]
+            self.stats.disk_read_bytes += disk.read_bytes - disk_at_start[1]
         return self.stats
