@@ -358,7 +358,8 @@ def measured_report(plan: Plan, engine, stats, wall: float, sim, notes: list[str
     tokens = stats.generated_tokens
     decode = max(wall - stats.prefill_seconds, 1e-9)
     # Busy seconds per resource key (the report's names), read from the timeline's tracks.
-    busy = {r: engine.timeline.busy.get(track_name(r), 0.0) for r in ("gpu", "cpu", "h2d", "d2h")}
+    busy = {r: engine.timeline.busy.get(track_name(r), 0.0)
+            for r in ("gpu", "cpu", "h2d", "d2h") + (("disk",) if engine.target.disk is not None else ())}
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0
     host_peak = engine.host_tensor_bytes()
     notes = notes + [f"host memory: the engine's tensors (weights, KV caches) {host_peak / 2**30:.3f} GiB; the "

@@ -89,7 +89,7 @@ def test_disk_share_is_the_fewest_layers_that_fit_when_the_disk_binds():
     assert any(n.startswith("disk tier: 3 of 4 layers") for n in plan.notes)
 
 
-def test_disk_share_one_layer_on_a_gpu_machine():
+def test_disk_share_on_a_gpu_machine_streams_disk_layers_in_both_parts():
     """Mixtral-8x7B on an RTX 4090 with host memory capped just below its streamed weights: a few layers on
     disk, each streamed in both parts (resident in neither), host memory within the cap."""
     t = load_model_spec("mixtral-8x7b")

@@ -13,9 +13,12 @@ A checkpoint file that changes or disappears during the run raises ``CheckpointC
 """
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
+
+from specoffload.planner.trace_names import SPAN_DISK_READ, TRACK_DISK
 
 from ..config import ModelArgs
 from ..disk import CheckpointIndex, DiskReader, Prefetcher
@@ -39,15 +42,32 @@ def plan_disk_layers(plan, n_layers: int, resident: set[int]) -> set[int]:
 STAGING_BUFFERS = 2
 
 
+class _TimedReader:
+    """The reader as the prefetcher sees it, each layer's read timed on the timeline's disk track."""
+
+    def __init__(self, reader: DiskReader, timeline=None):
+        self.reader, self.timeline = reader, timeline
+
+    def layer_staging_bytes(self, layer: int) -> int:
+        return self.reader.layer_staging_bytes(layer)
+
+    def read_layer(self, layer: int, staging: torch.Tensor) -> dict:
+        start = time.perf_counter()
+        out = self.reader.read_layer(layer, staging)
+        if self.timeline is not None:
+            self.timeline.add(TRACK_DISK, f"{SPAN_DISK_READ} L{layer}", start, time.perf_counter())
+        return out
+
+
 class DiskLayers:
     """Reads the plan's disk layers into staging buffers ahead of use; see the module docstring."""
 
     def __init__(self, model_dir: str | Path, args: ModelArgs, layers: list[int], threads: int = 4,
-                 depth: int = STAGING_BUFFERS, pin: bool | None = None):
+                 depth: int = STAGING_BUFFERS, pin: bool | None = None, timeline=None):
         self.layers = sorted(layers)
         self.index = CheckpointIndex.open(model_dir)
         self.reader = DiskReader(self.index, threads=threads)
-        self.prefetcher = Prefetcher(self.reader, self.layers, depth=depth, pin=pin)
+        self.prefetcher = Prefetcher(_TimedReader(self.reader, timeline), self.layers, depth=depth, pin=pin)
         self.depth = depth
         names = hf_name_map(args)
         self._canon = {j: {hf: names[hf] for hf in self.index.layer_names(j)} for j in self.layers}

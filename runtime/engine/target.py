@@ -56,7 +56,7 @@ class Target:
         self.device, self.dtype, self.tl = device, dtype, timeline
         self.streams = Streams(device)
         L = self.args.n_layers
-        self.disk = DiskLayers(model_dir, self.args, sorted(on_disk)) if on_disk else None
+        self.disk = DiskLayers(model_dir, self.args, sorted(on_disk), timeline=timeline) if on_disk else None
         self.streamer = LayerStreamer(self.w, [(j in attn_res or not cuda) and j not in on_disk for j in range(L)],
                                       [(j in ffn_res or not cuda) and j not in on_disk for j in range(L)], device,
                                       plan.weight_buffers, self.streams, timeline, self.disk, dtype)
