@@ -350,3 +350,20 @@ def test_run_cli_checkpoint_changing_mid_run_is_a_clear_error_and_keeps_outputs(
     assert "1 finished sequences are kept" in line[0]
     kept = [json.loads(x) for x in out.read_text().splitlines()]
     assert len(kept) == 1 and kept[0]["id"] in {f"p{i}" for i in range(4)}
+
+
+def test_planner_with_a_disk_share_matches_exhaustive_grid_search():
+    """The LP (whole layers, a 0/1 staging variable) against every placement on the grid, disk axis included."""
+    from specoffload.planner.gridsearch import grid_search
+
+    t, d = tiny()
+    w = Workload(prompt_len_tokens=8, gen_len_tokens=8, num_prompts=6, max_prompt_len_tokens=32, acceptance=0.8)
+    profile = cpu_profile(2e8)
+    free = make_plan(profile, t, d, w, max_draft_len=2).plan
+    for frac in (0.95, 0.8):
+        limit = frac * free.prediction.peak_mem_bytes["host"]
+        planned = Planner(profile, t, d, w, max_draft_len=2, host_mem_limit_bytes=limit).plan()
+        grid = grid_search(Planner(profile, t, d, w, max_draft_len=2, host_mem_limit_bytes=limit))
+        assert grid is not None and grid.placement["disk"] > 0
+        got = planned.plan.prediction.throughput_tokens_per_s
+        assert grid.throughput * (1 - 3e-3) <= got <= grid.throughput * (1 + 1e-9)
