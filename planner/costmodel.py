@@ -351,7 +351,12 @@ class CostModel(Durations):
         e = self.rounds(knobs.draft_len).expected_tokens
         if self.cpu_only:
             t_io = (weights + t.outer_bytes) * self.weight_read_factor / self._gpu_bw
-            b_max = max(1.0, (self.hw.host_mem_bytes - weights) / kv_seq)
+            host = self.capacities()["host"]
+            b_max = max(1.0, (host - weights) / kv_seq)
+            held = (weights + t.outer_bytes) * self.weight_read_factor
+            if self.disk_tier and held > host:  # what memory cannot hold is read from disk every sweep
+                t_io = max(t_io, self.disk_seconds((held - host) / self.weight_read_factor))
+                b_max = max(1.0, host / kv_seq)
         else:
             room = self.hw.gpu_mem_bytes - self.hw.gpu_mem_reserve_bytes - t.outer_bytes
             resident = min(weights, max(0.0, room - 2 * (t.attn_bytes_per_layer + t.ffn_bytes_per_layer)))

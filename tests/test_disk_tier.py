@@ -367,3 +367,18 @@ def test_planner_with_a_disk_share_matches_exhaustive_grid_search():
         assert grid is not None and grid.placement["disk"] > 0
         got = planned.plan.prediction.throughput_tokens_per_s
         assert grid.throughput * (1 - 3e-3) <= got <= grid.throughput * (1 + 1e-9)
+
+
+def test_a_plan_with_more_disk_layers_than_the_model_can_take_is_refused():
+    from specoffload.runtime.engine import Engine, EngineError
+    from specoffload.runtime.tiny_pair import tiny_pair_paths
+
+    plan = disk_plan().replace(disk_layers=9)
+    with pytest.raises(SchemaError, match="reads 9 layers from disk but only 4 of 4"):
+        simulate(plan, cpu_profile())
+    with pytest.raises(EngineError, match="reads 9 layers from disk but only 4 of 4 layers are fully streamed"):
+        Engine(plan, tiny_pair_paths()[0], None, device="cpu")
+    # a GPU plan's disk layers must be streamed in both parts
+    gpu = plan.replace(target_attention="cpu", gpu_attn_layers=4, gpu_ffn_layers=0, disk_layers=1, weight_buffers=2)
+    with pytest.raises(SchemaError, match="only 0 of 4 layers"):
+        simulate(gpu, load_profile("t4").with_overrides({"disk_read_bytes_per_s": 1e9}))
