@@ -16,7 +16,7 @@ EXAMPLE = """example:
   specoffload-plan --model mixtral --draft mistral-7b --profile profiles/rtx4090-pcie4.yaml \\
       --prompt-len 512 --gen-len 128 --num-prompts 2000 --acceptance 0.7 -o plan.yaml
 
-  specoffload-plan --model mixtral-8x22b --draft mistral-7b --profile rtx4090-pcie3 \
+  specoffload-plan --model mixtral-8x22b --draft mistral-7b --profile rtx4090-pcie3 \\
       --prompt-len 512 --gen-len 64 --num-prompts 400 --host-mem-limit 200 --explain
 
   --host-mem-limit caps host memory; layers that do not fit are read from the checkpoint on disk every
