@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 from .costmodel import CPU_ONLY_PLACEMENT, CostModel, Knobs, Linear, fits, streamed
 from .lp import Constraint, LpError, Variable, minimize
 from .models import ModelSpec, check_draft_for_target
-from .schema import POLICIES, HardwareProfile, Plan, Prediction, Workload
+from .schema import POLICIES, HardwareProfile, Plan, Prediction, Workload, resident_layers
 from .strict import SchemaError
 
 GiB = 2**30
@@ -356,11 +356,24 @@ class Planner:
                     cons.append(Constraint(f"disk_streamed_{v}", {"n_disk_layers": 1.0, v: 1.0}, "<=", float(L)))
         slots, _ = cm.decode_steps(knobs)
         chunks = cm.prefill_chunks(knobs)
-        self.lp_solves += 1
-        sol = minimize("placement", variables, {"slot_seconds": slots, "chunk_seconds": chunks}, cons,
-                       objective_const=slots * terms.serial_total)
-        placement = {v: sol.values[names[v]] / size[v] for v in box}
-        placement = {v: min(max(round(x * size[v]) / size[v], box[v][0]), box[v][1]) for v, x in placement.items()}
+        def solve() -> tuple[dict[str, float], object]:
+            self.lp_solves += 1
+            sol = minimize("placement", variables, {"slot_seconds": slots, "chunk_seconds": chunks}, cons,
+                           objective_const=slots * terms.serial_total)
+            placement = {v: sol.values[names[v]] / size[v] for v in box}
+            return {v: min(max(round(x * size[v]) / size[v], box[v][0]), box[v][1]) for v, x in placement.items()}, sol
+
+        placement, sol = solve()
+        if disk_free and not cm.cpu_only and placement["disk"] > 0:
+            # Disk layers are those resident in neither part (schema.disk_layer_ids); the spread resident sets of
+            # attention and FFN need not nest, so their union may leave fewer than L - max(n_attn, n_ffn). Then
+            # solve again with the bound that always holds (the union is at most n_attn + n_ffn layers).
+            n = {v: round(placement[v] * L) for v in ("attn_gpu", "ffn_gpu", "disk")}
+            free = L - len(resident_layers(n["attn_gpu"], L) | resident_layers(n["ffn_gpu"], L))
+            if n["disk"] > free:
+                cons.append(Constraint("disk_streamed_both", {"n_disk_layers": 1.0, "n_attn_layers": 1.0,
+                                                              "n_ffn_layers": 1.0}, "<=", float(L)))
+                placement, sol = solve()
         return Candidate(knobs, placement, cm.evaluate(knobs, placement), tuple(sol.binding("mem_")))
 
     # --- the search ----------------------------------------------------------------------------

@@ -382,3 +382,16 @@ def test_a_plan_with_more_disk_layers_than_the_model_can_take_is_refused():
     gpu = plan.replace(target_attention="cpu", gpu_attn_layers=4, gpu_ffn_layers=0, disk_layers=1, weight_buffers=2)
     with pytest.raises(SchemaError, match="only 0 of 4 layers"):
         simulate(gpu, load_profile("t4").with_overrides({"disk_read_bytes_per_s": 1e9}))
+
+
+def test_disk_layers_fit_among_layers_resident_in_neither_part():
+    """Whatever the LP picks on a GPU machine, the plan's disk layers exist: layers streamed in both parts."""
+    t = load_model_spec("mixtral-8x7b")
+    profile = load_profile("rtx4090-pcie4")
+    for n_prompts, cut in ((8, 30), (64, 60), (256, 90)):
+        w = Workload(prompt_len_tokens=256, gen_len_tokens=16, num_prompts=n_prompts)
+        free = make_plan(profile, t, None, w, policy="offload-only").plan
+        p = make_plan(profile, t, None, w, policy="offload-only",
+                      host_mem_limit_bytes=free.prediction.peak_mem_bytes["host"] * cut / 100).plan
+        resident = resident_layers(p.gpu_attn_layers, t.num_layers) | resident_layers(p.gpu_ffn_layers, t.num_layers)
+        assert len(disk_layer_ids(p.disk_layers, t.num_layers, resident)) == p.disk_layers
