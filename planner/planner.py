@@ -537,6 +537,9 @@ class Planner:
                 f"and the smaller batch")
         if self.draft is None:
             notes.append("no draft model given: offload-only")
+        elif policy == "specoffload" and not spec:
+            why = self.explain_infeasible(("serial-spec",)).removeprefix("no plan fits: ").split(". Use")[0]
+            notes.append(f"no speculative plan fits, so offload-only: {why}")
         if self._feature_draft and spec:
             notes.append(self._feature_draft_note(winner if winner.knobs.speculative else
                                                   max(spec, key=lambda c: c.throughput)))

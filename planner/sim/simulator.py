@@ -315,6 +315,8 @@ class Simulation(VerifyPasses, PrefillPasses, DraftRounds, WeightStream, MemoryA
         n, idx = divmod(self.stream_pos, max(1, len(self.streamed)))
         parts.append(f"weight stream at pass {n} layer {self.streamed[idx] if self.streamed else '-'} with "
                      f"{self.free_buffers:g} of {self.buffer_capacity:g} buffer {'bytes' if self.by_bytes else 'slots'} free")
+        if self.disk_layers:
+            parts.append(self._disk_state())
         return "deadlock: " + "; ".join(parts)
 
     def run(self) -> SimResult:

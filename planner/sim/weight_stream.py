@@ -60,6 +60,11 @@ class WeightStream:
             for pool in self.staging_pools:
                 self._alloc(pool, extra, "disk tier: a staged layer in the compute dtype")
 
+    def _disk_state(self) -> str:
+        n, idx = divmod(self.disk_pos, len(self.disk_layers))
+        return (f"disk stage at pass {n} layer {self.disk_layers[idx]} with {self.free_staging} of "
+                f"{DISK_STAGING_BUFFERS} staging buffers free")
+
     def _disk_pump(self) -> None:
         """Issue disk reads in sweep order while staging buffers are free."""
         layers = self.disk_layers
