@@ -245,8 +245,17 @@ class Planner:
         if any(f.disk for f in mem.values()):  # the disk tier: its staging is paid whenever disk > 0
             staging = self.cm.disk_staging_bytes()
             fits_without = all(f.without_disk().minimum() <= cap * (1 + 1e-9) for f, cap in checks)
-            fits_with = all(f.minimum() + (staging if i else 0.0) <= cap * (1 + 1e-9)
-                            for i, (f, cap) in enumerate(checks))  # checks[0] is the GPU alone
+            lows = [f.minimum() for f, _ in checks]
+            if not self.cm.cpu_only:
+                # A disk layer is streamed in both parts (disk <= 1 - attn_gpu, 1 - ffn_gpu), so host and pinned
+                # hold at least what they hold with every layer streamed from disk and KV on the GPU where it may.
+                corner = {"attn_gpu": box["attn_gpu"][0], "ffn_gpu": box["ffn_gpu"][0], "kv_gpu": box["kv_gpu"][1],
+                          "disk": box["disk"][1]}
+                for i, tier in enumerate(mem):
+                    if tier in ("pinned", "host"):
+                        lows[i] = max(lows[i], mem[tier].at(corner))
+            fits_with = all(low + (staging if i else 0.0) <= cap * (1 + 1e-9)
+                            for i, (low, (_, cap)) in enumerate(zip(lows, checks)))  # checks[0] is the GPU alone
             return fits_without or fits_with
         return all(f.minimum() <= cap * (1 + 1e-9) for f, cap in checks)
 

@@ -72,7 +72,7 @@ class DiskLayers:
         names = hf_name_map(args)
         self._canon = {j: {hf: names[hf] for hf in self.index.layer_names(j)} for j in self.layers}
         self.layer_bytes = {j: self.index.layer_bytes(j) for j in self.layers}
-        self.staging_bytes = sum(b.numel() for b in self.prefetcher._free)
+        self.staging_bytes = self.prefetcher.staging_bytes
         self.n_experts = args.n_experts
         # bytes of disk layers used by passes (what a sweep reads, as the headers say), and passes counted
         self.used_bytes = 0
@@ -88,15 +88,14 @@ class DiskLayers:
         j %= n_layers
         order = [x for x in self.layers if x >= j] + [x for x in self.layers if x < j]
         for x in order:
-            if x in self.prefetcher._busy:
+            if self.prefetcher.started(x):
                 continue
-            if not self.prefetcher._free:
+            if not self.prefetcher.free_buffers:
                 return
             self.prefetcher.start(x)
 
     def ready(self, j: int) -> bool:
-        got = self.prefetcher._busy.get(j)
-        return got is not None and got[1].done()
+        return self.prefetcher.done(j)
 
     def wait(self, j: int) -> LayerWeights:
         """Layer j's tensors (views into its staging buffer, on-disk dtype) once read."""
@@ -116,7 +115,7 @@ class DiskLayers:
         return LayerWeights(attn, ffn, experts)
 
     def release(self, j: int) -> None:
-        if j in self.prefetcher._busy:
+        if self.prefetcher.started(j):
             self.prefetcher.release(j)
 
     def count_use(self, j: int) -> None:
