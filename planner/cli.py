@@ -16,6 +16,11 @@ EXAMPLE = """example:
   specoffload-plan --model mixtral --draft mistral-7b --profile profiles/rtx4090-pcie4.yaml \\
       --prompt-len 512 --gen-len 128 --num-prompts 2000 --acceptance 0.7 -o plan.yaml
 
+  specoffload-plan --model mixtral-8x22b --draft mistral-7b --profile rtx4090-pcie3 \\
+      --prompt-len 512 --gen-len 64 --num-prompts 400 --host-mem-limit 200 --explain
+
+  --host-mem-limit caps host memory; layers that do not fit are read from the checkpoint on disk every
+  sweep at the profile's disk_read_bytes_per_s (measure it: specoffload-profile --disk DIR).
   --model/--draft take a preset (mixtral-8x7b, mixtral-8x22b, mistral-7b, llama-3-70b, llama-3.2-1b,
   tiny-target, tiny-draft) or an HF config.json / model folder. --profile takes a YAML path or the
   name of a shipped profile (rtx4090-pcie3, rtx4090-pcie4, l4, t4, h200-24g, ...).
@@ -50,6 +55,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--dtype", default=None, choices=tuple(DTYPE_BYTES),
                     help="compute dtype of the run (weights and KV are sized in it; default: the checkpoint's 2 bytes "
                          "per element, as bf16 on a GPU)")
+    ap.add_argument("--host-mem-limit", type=float, default=None, metavar="GIB",
+                    help="host memory (GiB, pinned included) the plan may use, below the profile's; layers that do "
+                         "not fit are read from disk every sweep (the disk tier)")
     ap.add_argument("-o", "--output", default=None, help="where to write the plan (YAML)")
     ap.add_argument("--explain", action="store_true", help="also show the best alternatives and why they lost")
     return ap.parse_args(argv)
@@ -112,7 +120,9 @@ def summary(result: PlanResult, requested: str, explain: bool) -> str:
         + (f", draft KV {plan.draft_kv} (sub-batch {plan.draft_sub_batch})" if plan.draft_len else ""),
         f"placement: attention weights resident in {plan.gpu_attn_layers} of {result.num_layers} layers, FFN/experts "
         f"in {plan.gpu_ffn_layers}; target KV on GPU for {plan.gpu_kv_sequences} of {plan.decode_batch} sequences "
-        f"per batch; target attention on {plan.target_attention}; {plan.weight_buffers} weight buffers",
+        f"per batch; target attention on {plan.target_attention}; {plan.weight_buffers} weight buffers"
+        + (f"; {plan.disk_layers} of {result.num_layers} layers read from disk every sweep "
+           f"({gib(pr.disk_bytes_per_sweep)} per sweep)" if plan.disk_layers else ""),
         f"predicted throughput: {pr.throughput_tokens_per_s:.2f} tok/s end to end, {pr.decode_tokens_per_s:.2f} tok/s "
         f"decode only (prefill {pr.prefill_seconds:.1f} s + decode {pr.decode_seconds:.1f} s = {pr.total_seconds:.1f} s)",
         f"decode slot: {pr.slot_seconds:.4g} s for {pr.expected_tokens_per_round:.2f} tokens per sequence per "
@@ -128,12 +138,18 @@ def summary(result: PlanResult, requested: str, explain: bool) -> str:
     lines += [f"note: {n}" for n in plan.notes]
     lines.append(f"planned in {result.seconds:.2f} s: {result.candidates} candidates, {result.lp_solves} LP solves")
     if explain:
+        if plan.disk_layers:
+            bind = ("the disk is the binding resource of the decode slot" if pr.binding == "disk" else
+                    f"the disk is not the binding resource ({pr.binding} is); its "
+                    f"{pr.busy_seconds_per_slot.get('disk', 0):.4g} s per slot hides under it")
+            lines.append(f"disk tier: {bind}")
         lines.append("alternatives (best first) and why they lost:")
         best = result.best_by_policy[plan.policy]
         for c in result.alternatives:
             p = c.prediction
             loss = 100 * (1 - c.throughput / best.throughput)
-            lines.append(f"  {describe_candidate(c)}: {c.throughput:.2f} tok/s ({loss:.1f}% lower); slot {p.slot_seconds:.4g} s "
+            disk = round(c.placement.get("disk", 0.0) * result.num_layers)
+            lines.append(f"  {describe_candidate(c)}{f', {disk} layers on disk' if disk else ''}: {c.throughput:.2f} tok/s ({loss:.1f}% lower); slot {p.slot_seconds:.4g} s "
                          f"bound by {p.binding} for {p.expected_tokens_per_round:.2f} tokens/sequence, prefill "
                          f"{p.prefill_seconds:.0f} s, tail {p.tail_slots:.1f} slots")
     return "\n".join(lines)
@@ -151,6 +167,9 @@ def check_args(args: argparse.Namespace) -> None:
                              ("--gen-len", args.gen_len, 1), ("--num-prompts", args.num_prompts, 1)):
         if value is not None and value < low:
             raise SchemaError(f"{flag} must be >= {low}, got {value}")
+    import math
+    if args.host_mem_limit is not None and not (math.isfinite(args.host_mem_limit) and args.host_mem_limit > 0):
+        raise SchemaError(f"--host-mem-limit must be a positive number of GiB, got {args.host_mem_limit:g}")
     if args.acceptance is not None and not 0.0 <= args.acceptance <= 1.0:
         raise SchemaError(f"--acceptance must be in [0, 1], got {args.acceptance}")
     speculative = args.policy in ("serial-spec", "interleaved")
@@ -184,7 +203,7 @@ def context_limit(target, draft, workload: Workload, args: argparse.Namespace) -
 
 def plan_job(args: argparse.Namespace, profile, workload: Workload) -> PlanResult:
     """Plan one machine's job: args.model / args.draft (preset, folder or config), args.policy, the pinned knobs
-    (args.batch, args.draft_len, args.micro_batches), args.max_draft_len and args.dtype. Shared by this command and
+    (args.batch, args.draft_len, args.micro_batches), args.max_draft_len, args.dtype and args.host_mem_limit (GiB). Shared by this command and
     the one-shot run (specoffload-run without a plan, and the Python API)."""
     dtype = getattr(args, "dtype", None) or ""
     target = with_dtype(load_model_spec(args.model), dtype)
@@ -198,7 +217,8 @@ def plan_job(args: argparse.Namespace, profile, workload: Workload) -> PlanResul
                           f"leaves no room in the context for draft tokens; shorten them, or --policy "
                           "offload-only")
     result = make_plan(profile, target, draft, workload, policy=args.policy,
-                       max_draft_len=max(max_draft_len, 1), fixed=fixed)
+                       max_draft_len=max(max_draft_len, 1), fixed=fixed,
+                       host_mem_limit_bytes=(getattr(args, "host_mem_limit", None) or 0.0) * GiB)
     if dtype:
         result.plan = result.plan.replace(dtype=dtype)
     return result
@@ -210,6 +230,10 @@ def main(argv=None) -> int:
         print("specoffload-plan: error: give --profile (one machine) or --cluster (a job across nodes)", file=sys.stderr)
         return 2
     if args.cluster:
+        if args.host_mem_limit is not None:
+            print("specoffload-plan: error: --host-mem-limit applies to one machine (--profile); for a cluster, "
+                  "give each kind of node a profile with its host memory", file=sys.stderr)
+            return 2
         return cluster_main(args)
     try:
         check_args(args)

@@ -4,7 +4,8 @@ A decode *step*: the target verifies one batch of b sequences carrying k draft t
 (b·(k+1) query tokens), layer by layer, with layer j+1's streamed weights copied in while layer j
 computes; attention runs on the CPU over the host KV cache (a fraction of sequences may keep their
 KV on the GPU); the draft drafts k tokens for the other batch on the same GPU (interleaved) or
-before the verification (serial). Resources: `gpu`, `cpu` (attention workers), `h2d`, `d2h`.
+before the verification (serial). Resources: `gpu`, `cpu` (attention workers), `h2d`, `d2h`, and `disk`
+when the plan reads some layers from the checkpoint every sweep (the disk tier).
 (Reports and plans call a decode step a "slot": `slot_seconds`, `slots`, `tail_slots`.)
 
 Where the parts live:
@@ -16,6 +17,15 @@ Where the parts live:
 
 Every time and memory figure is a `Linear` form in the placement variables, so the LP and the
 closed-form evaluation share one definition.
+
+The disk tier: a fraction `disk` of the layers is neither resident on the GPU nor held in host
+memory; each sweep (a verification or a prefill chunk) reads those layers from the checkpoint on disk
+into `DISK_STAGING_BUFFERS` staging buffers (one layer each) a layer or two ahead, and copies them to
+the GPU from there as any streamed layer. Disk -> host and host -> GPU are two pipelined stages on
+their own resources (`disk`, `h2d`): they overlap, and the slower one binds. On a CPU-only machine
+the layer is read into the staging buffer and used from there (converted to the compute dtype).
+The staging buffers are a fixed cost paid only when some layer is on disk: the planner's LP carries
+it with a 0/1 variable (`disk_staging_bytes`); `evaluate` adds it where the placement has disk > 0.
 
 All times in seconds, sizes in bytes. Weights, activations and KV use the run's element size
 (`ModelSpec.element_bytes`: the checkpoint's, 2 for bf16, unless the plan is made for another dtype).
@@ -39,6 +49,7 @@ __all__ = [
 ]
 
 LOGIT_BYTES = 4  # logits are produced in fp32
+DISK_STAGING_BUFFERS = 2  # staging buffers of one layer each for layers read from disk (read one ahead)
 PREFILL_MICRO_TOKENS = 8192  # tokens the GPU holds at once during prefill (see prefill_split)
 
 
@@ -66,7 +77,67 @@ SlotTerms = StepTerms  # the report's word for a decode step is "slot"
 
 
 class CostModel(Durations):
-    """Durations and memory for one (profile, target, draft, workload)."""
+    """Durations and memory for one (profile, target, draft, workload).
+
+    `host_mem_limit_bytes` (> 0) caps the host memory a plan may use (pinned included), below what the
+    profile says the machine has: room left for other work, or a test of the disk tier.
+    """
+
+    def __init__(self, profile, target, draft, workload, host_mem_limit_bytes: float = 0.0):
+        super().__init__(profile, target, draft, workload)
+        if host_mem_limit_bytes < 0 or not math.isfinite(host_mem_limit_bytes):
+            raise ValueError(f"host_mem_limit_bytes must be >= 0 and finite (0: no limit), found {host_mem_limit_bytes}")
+        self.host_mem_limit_bytes = float(host_mem_limit_bytes)
+        self.disk_rate = float(profile.disk_read_bytes_per_s)
+
+    # --- the disk tier -------------------------------------------------------------------------
+    @property
+    def disk_tier(self) -> bool:
+        """Whether plans may read layers from disk: the profile states the disk's read rate."""
+        return self.disk_rate > 0
+
+    @property
+    def disk_layer_bytes(self) -> float:
+        """Bytes one layer reads from the checkpoint (attention + FFN / all experts, on-disk dtype)."""
+        return self.t.attn_bytes_per_layer + self.t.ffn_bytes_per_layer
+
+    def disk_seconds(self, nbytes: float) -> float:
+        return nbytes / self.disk_rate if nbytes else 0.0
+
+    def disk_sweep_terms(self) -> Linear:
+        """Disk busy seconds of one sweep (all disk layers read once), linear in `disk`."""
+        L = self.t.num_layers
+        return Linear.of(0.0, disk=self.disk_seconds(L * self.disk_layer_bytes))
+
+    def disk_convert_seconds(self) -> float:
+        """CPU-only machine: the device's time to convert one staged layer to the compute dtype (it reads
+        the on-disk bytes and writes weight_read_factor times as many); 0 on a GPU machine, where the
+        copy to the GPU (h2d) moves the staged bytes as they are."""
+        if not self.cpu_only:
+            return 0.0
+        return self.disk_layer_bytes * (1.0 + self.weight_read_factor) / self._gpu_bw
+
+    def disk_bytes_per_sweep(self, placement: dict[str, float]) -> float:
+        L = self.t.num_layers
+        return round(placement.get("disk", 0.0) * L) * self.disk_layer_bytes
+
+    def disk_staging_bytes(self) -> float:
+        """Host memory the disk tier takes when some layer is on disk: the staging buffers, and on a
+        CPU-only machine the layer converted to the compute dtype it is used in."""
+        staging = DISK_STAGING_BUFFERS * self.disk_layer_bytes
+        if self.cpu_only:
+            staging += self.disk_layer_bytes * self.weight_read_factor
+        return staging
+
+    def memory_at(self, knobs: Knobs, placement: dict[str, float]) -> dict[str, float]:
+        """Peak bytes per tier at a placement: the memory terms plus the disk staging where disk > 0."""
+        mem = {tier: f.at(placement) for tier, f in self.memory_terms(knobs).items()}
+        if placement.get("disk", 0.0) > 0:
+            staging = self.disk_staging_bytes()
+            mem["host"] += staging
+            if not self.cpu_only:
+                mem["pinned"] += staging
+        return mem
 
     # --- the decode step -----------------------------------------------------------------------
     def step_terms(self, knobs: Knobs) -> StepTerms:
@@ -80,7 +151,7 @@ class CostModel(Durations):
         serial = 0.0
         if knobs.policy == "interleaved":
             for r in busy:
-                busy[r] = busy[r] + dr[r]
+                busy[r] = busy[r] + dr.get(r, 0.0)
             chain = chain + (Linear(draft_chain),)
         elif knobs.policy == "serial-spec":
             serial = draft_chain
@@ -120,18 +191,23 @@ class CostModel(Durations):
         if not self.cpu_only:
             h2d = h2d + L * (streamed(self.h2d_seconds(t.attn_bytes_per_layer), "attn_gpu")
                              + streamed(self.h2d_seconds(self.ffn_streamed_bytes(tokens)), "ffn_gpu"))
+        out = {"gpu": gpu, "cpu": cpu, "h2d": h2d, "d2h": d2h}
+        if self.disk_tier:  # the disk stage runs beside the copies: its own resource, the slower binds
+            out["disk"] = self.disk_sweep_terms()
+            out["gpu"] = gpu + Linear.of(0.0, disk=L * self.disk_convert_seconds())
         # Dependency chain of one layer with m micro-batches in a pipeline:
         # sum of the stages for one micro-batch, plus (m-1) times the slowest stage.
         stages = [s_qkv + s_gpu_attn, s_d2h, s_cpu, s_h2d, s_ffn]
         total = stages[0] + stages[1] + stages[2] + stages[3] + stages[4]
         chain = tuple(L * (total + (m - 1) * s) for s in stages) if m > 1 else (L * total,)
-        return {"gpu": gpu, "cpu": cpu, "h2d": h2d, "d2h": d2h}, chain
+        return out, chain
 
     def step_seconds(self, terms: StepTerms, placement: dict[str, float]) -> tuple[float, str]:
         """Closed-form decode-step time at a placement, and what binds it."""
         cands = {r: f.at(placement) for r, f in terms.busy.items()}
         if terms.shared_device:
-            cands = {"device": cands["gpu"] + cands["cpu"], "h2d": cands["h2d"], "d2h": cands["d2h"]}
+            cands = {"device": cands["gpu"] + cands["cpu"], "h2d": cands["h2d"], "d2h": cands["d2h"],
+                     **({"disk": cands["disk"]} if "disk" in cands else {})}
         for i, c in enumerate(terms.chain):
             cands[f"chain{i}"] = c.at(placement)
         binding = max(cands, key=cands.get)
@@ -182,6 +258,9 @@ class CostModel(Durations):
         if not self.cpu_only:
             out["h2d"] = out["h2d"] + L * (streamed(self.h2d_seconds(t.attn_bytes_per_layer), "attn_gpu")
                                            + streamed(self.h2d_seconds(self.ffn_streamed_bytes(tok)), "ffn_gpu"))
+        if self.disk_tier:
+            out["disk"] = self.disk_sweep_terms()
+            out["gpu"] = out["gpu"] + Linear.of(0.0, disk=L * self.disk_convert_seconds())
         return out
 
     def prefill_chunks(self, knobs: Knobs) -> int:
@@ -210,6 +289,9 @@ class CostModel(Durations):
         gpu += knobs.weight_buffers * (t.attn_bytes_per_layer + t.ffn_bytes_per_layer)
         host = streamed(attn_all, "attn_gpu") + streamed(ffn_all, "ffn_gpu") + streamed(nb * b * kv_seq, "kv_gpu")
         pinned = streamed(attn_all, "attn_gpu") + streamed(ffn_all, "ffn_gpu") + prefill_host
+        # Layers on disk (both parts streamed) are not held in host memory; their staging is disk_staging_bytes.
+        on_disk = Linear.of(0.0, disk=-(attn_all + ffn_all))
+        host, pinned = host + on_disk, pinned + on_disk
         host = host + prefill_host
         if knobs.speculative and d is not None:
             dkv_seq = self.ctx_max * d.kv_bytes_per_token
@@ -232,16 +314,18 @@ class CostModel(Durations):
             held = L * (t.attn_bytes_per_layer + t.ffn_bytes_per_layer) + t.outer_bytes
             held += d.total_bytes if (knobs.speculative and d is not None) else 0.0
             everything = Linear.of(gpu.at(CPU_ONLY_PLACEMENT) + host.at(CPU_ONLY_PLACEMENT)
-                                   + (self.weight_read_factor - 1.0) * held)
+                                   + (self.weight_read_factor - 1.0) * held,
+                                   disk=-(attn_all + ffn_all) * self.weight_read_factor)
             return {"gpu": Linear.of(0.0), "pinned": Linear.of(0.0), "host": everything}
         return {"gpu": gpu, "pinned": pinned, "host": host}
 
     def capacities(self) -> dict[str, float]:
         hw = self.hw
+        cap = self.host_mem_limit_bytes or math.inf
         if self.cpu_only:
-            return {"gpu": math.inf, "pinned": math.inf, "host": hw.host_mem_bytes}
-        return {"gpu": hw.gpu_mem_bytes - hw.gpu_mem_reserve_bytes, "pinned": hw.pinned_mem_bytes,
-                "host": hw.host_mem_bytes}
+            return {"gpu": math.inf, "pinned": math.inf, "host": min(hw.host_mem_bytes, cap)}
+        return {"gpu": hw.gpu_mem_bytes - hw.gpu_mem_reserve_bytes, "pinned": min(hw.pinned_mem_bytes, cap),
+                "host": min(hw.host_mem_bytes, cap)}
 
     # --- the whole job -------------------------------------------------------------------------
     def decode_steps(self, knobs: Knobs) -> tuple[float, float]:
@@ -268,7 +352,12 @@ class CostModel(Durations):
         e = self.rounds(knobs.draft_len).expected_tokens
         if self.cpu_only:
             t_io = (weights + t.outer_bytes) * self.weight_read_factor / self._gpu_bw
-            b_max = max(1.0, (self.hw.host_mem_bytes - weights) / kv_seq)
+            host = self.capacities()["host"]
+            b_max = max(1.0, (host - weights) / kv_seq)
+            held = (weights + t.outer_bytes) * self.weight_read_factor
+            if self.disk_tier and held > host:  # what memory cannot hold is read from disk every sweep
+                t_io = max(t_io, self.disk_seconds((held - host) / self.weight_read_factor))
+                b_max = max(1.0, host / kv_seq)
         else:
             room = self.hw.gpu_mem_bytes - self.hw.gpu_mem_reserve_bytes - t.outer_bytes
             resident = min(weights, max(0.0, room - 2 * (t.attn_bytes_per_layer + t.ffn_bytes_per_layer)))
@@ -276,7 +365,13 @@ class CostModel(Durations):
             if stream <= 0:
                 return math.inf
             t_io = stream / self._h2d.peak
-            b_max = max(1.0, (self.hw.host_mem_bytes - stream) / kv_seq)
+            host = self.capacities()["host"]
+            b_max = max(1.0, (host - stream) / kv_seq)
+            if self.disk_tier and stream > host:
+                # The disk tier: what host memory cannot hold is read from disk every sweep (at best
+                # every host byte holds weights), and KV may take all of host memory (at best).
+                t_io = max(t_io, self.disk_seconds(stream - host))
+                b_max = max(1.0, host / kv_seq)
         return min(self.w.num_prompts, b_max) * e / t_io
 
     def evaluate(self, knobs: Knobs, placement: dict[str, float]) -> Prediction:
@@ -286,13 +381,13 @@ class CostModel(Durations):
         pre = self.prefill_terms(knobs)
         pre_vals = {r: f.at(placement) for r, f in pre.items()}
         chunk = (pre_vals["gpu"] + pre_vals["cpu"]) if self.cpu_only else max(pre_vals.values())
-        chunk = max(chunk, pre_vals["h2d"], pre_vals["d2h"])
+        chunk = max(chunk, pre_vals["h2d"], pre_vals["d2h"], pre_vals.get("disk", 0.0))
         prefill = self.prefill_chunks(knobs) * chunk
         slots, tail = self.decode_steps(knobs)
         decode = slots * slot
         tokens = self.w.num_prompts * self.w.gen_len_tokens
         total = prefill + decode
-        mem = {tier: f.at(placement) for tier, f in self.memory_terms(knobs).items()}
+        mem = self.memory_at(knobs, placement)
         caps = self.capacities()
         bound = self.physical_bound(knobs)
         tput = tokens / total
@@ -301,6 +396,8 @@ class CostModel(Durations):
             busy["draft_serial"] = terms.serial_seconds
         if terms.host_seconds:
             busy["host"] = terms.host_seconds
+        if not busy.get("disk"):
+            busy.pop("disk", None)
         return Prediction(
             throughput_tokens_per_s=tput,
             decode_tokens_per_s=tokens / decode if decode > 0 else tput,
@@ -317,6 +414,7 @@ class CostModel(Durations):
             binding=binding,
             physical_bound_tokens_per_s=bound if math.isfinite(bound) else 0.0,
             bound_fraction=tput / bound if math.isfinite(bound) and bound > 0 else 0.0,
+            disk_bytes_per_sweep=self.disk_bytes_per_sweep(placement),
         )
 
     # The names these had before; reports and plans still say "slot" for a decode step (schema keys).

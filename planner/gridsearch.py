@@ -27,10 +27,18 @@ class GridBest:
 
 
 def _eval(f: Linear, grid: dict[str, np.ndarray]) -> np.ndarray:
-    return f.const + f.attn * grid["attn_gpu"] + f.ffn * grid["ffn_gpu"] + f.kv * grid["kv_gpu"]
+    out = f.const + f.attn * grid["attn_gpu"] + f.ffn * grid["ffn_gpu"] + f.kv * grid["kv_gpu"]
+    if f.disk and "disk" in grid:
+        out = out + f.disk * grid["disk"]
+    return out
 
 
-def grid_search(planner: Planner, policies: tuple[str, ...] = POLICIES) -> GridBest | None:
+def grid_search(planner: Planner, policies: tuple[str, ...] = POLICIES, disk: bool | None = None) -> GridBest | None:
+    """`disk`: also search the disk tier's share in whole layers (default: when the planner has a host
+    memory limit and the profile a disk rate; the axis multiplies the grid by layers + 1)."""
+    if disk is None:
+        disk = bool(planner.cm.host_mem_limit_bytes) and planner.cm.disk_tier
+    disk = disk and planner.cm.disk_tier
     cm = planner.cm
     L = planner.target.num_layers
     best: GridBest | None = None
@@ -44,31 +52,41 @@ def grid_search(planner: Planner, policies: tuple[str, ...] = POLICIES) -> GridB
             # Skip only what no placement can fit (a necessary memory condition, not an objective bound).
             if not planner._memory_possible(knobs, box):
                 continue
+            if not disk:
+                box = {**box, "disk": (0.0, 0.0)}
             axes = {v: np.array(sorted({min(max(x, lo), hi) for x in
                                         ([i / L for i in range(L + 1)] if v != "kv_gpu" else KV_LEVELS)}))
                     for v, (lo, hi) in box.items()}
-            a, f, k = np.meshgrid(axes["attn_gpu"], axes["ffn_gpu"], axes["kv_gpu"], indexing="ij")
-            grid = {"attn_gpu": a.ravel(), "ffn_gpu": f.ravel(), "kv_gpu": k.ravel()}
+            a, f, k, dk = np.meshgrid(axes["attn_gpu"], axes["ffn_gpu"], axes["kv_gpu"], axes["disk"], indexing="ij")
+            grid = {"attn_gpu": a.ravel(), "ffn_gpu": f.ravel(), "kv_gpu": k.ravel(), "disk": dk.ravel()}
+            # a layer on disk is resident in neither part (GPU machine); its staging is paid when any is
+            placeable = np.ones_like(grid["disk"], dtype=bool)
+            if not cm.cpu_only:
+                placeable = (grid["disk"] + grid["attn_gpu"] <= 1 + 1e-9) & (grid["disk"] + grid["ffn_gpu"] <= 1 + 1e-9)
+            staging = np.where(grid["disk"] > 0, cm.disk_staging_bytes(), 0.0)
             terms = cm.step_terms(knobs)
             busy = {r: _eval(x, grid) for r, x in terms.busy.items()}
             if terms.shared_device:
-                busy = {"device": busy["gpu"] + busy["cpu"], "h2d": busy["h2d"], "d2h": busy["d2h"]}
+                busy = {"device": busy["gpu"] + busy["cpu"], "h2d": busy["h2d"], "d2h": busy["d2h"],
+                        **({"disk": busy["disk"]} if "disk" in busy else {})}
             slot = np.max(np.stack(list(busy.values()) + [_eval(c, grid) for c in terms.chain]), axis=0)
             slot = slot + terms.serial_total
             slots, _ = cm.decode_steps(knobs)
             for bp in planner.prefill_grid():
                 kb = replace(knobs, prefill_batch=bp)
-                mem_ok = np.ones_like(slot, dtype=bool)
+                mem_ok = placeable.copy()
                 for tier, form in cm.memory_terms(kb).items():
                     cap = planner.caps[tier]
                     if math.isfinite(cap):
-                        mem_ok &= _eval(form, grid) <= cap * (1 + 1e-9) + 1.0
+                        extra = staging if tier == "host" or (tier == "pinned" and not cm.cpu_only) else 0.0
+                        mem_ok &= _eval(form, grid) + extra <= cap * (1 + 1e-9) + 1.0
                 evaluated += slot.size
                 if not mem_ok.any():
                     continue
                 pre = {r: _eval(x, grid) for r, x in cm.prefill_terms(kb).items()}
                 if cm.cpu_only:
-                    pre = {"device": pre["gpu"] + pre["cpu"], "h2d": pre["h2d"], "d2h": pre["d2h"]}
+                    pre = {"device": pre["gpu"] + pre["cpu"], "h2d": pre["h2d"], "d2h": pre["d2h"],
+                           **({"disk": pre["disk"]} if "disk" in pre else {})}
                 chunk = np.max(np.stack(list(pre.values())), axis=0)
                 total = slots * slot + cm.prefill_chunks(kb) * chunk
                 total = np.where(mem_ok, total, np.inf)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 from .costmodel import CPU_ONLY_PLACEMENT, CostModel, Knobs, Linear, fits, streamed
 from .lp import Constraint, LpError, Variable, minimize
 from .models import ModelSpec, check_draft_for_target
-from .schema import POLICIES, HardwareProfile, Plan, Prediction, Workload
+from .schema import POLICIES, HardwareProfile, Plan, Prediction, Workload, resident_layers
 from .strict import SchemaError
 
 GiB = 2**30
@@ -30,6 +30,11 @@ DRAFT_SUB_BATCHES = (1, 2, 4, 8, 16, 32, 64)
 # the plan is within 0.2% of the best over the candidate grid (near-ties are not worth an LP each).
 OPTIMALITY_GAP = 2e-3
 PREFILL_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
+def size_words(nbytes: float) -> str:
+    """Bytes as GiB, or MiB below 1 GiB (small models and tight limits stay readable)."""
+    return f"{nbytes / GiB:.1f} GiB" if abs(nbytes) >= GiB else f"{nbytes / 2**20:.1f} MiB"
 
 
 class PlanInfeasible(SchemaError):
@@ -56,6 +61,7 @@ class Candidate:
     knobs: Knobs
     placement: dict[str, float]
     prediction: Prediction
+    binding_memory: tuple[str, ...] = ()  # LP memory constraints at their capacity (mem_host, mem_gpu, ...)
 
     @property
     def throughput(self) -> float:
@@ -126,9 +132,12 @@ def layer_knapsack_min(f: Linear, g: Linear, cap: float, layers: int) -> float:
 
 class Planner:
     def __init__(self, profile: HardwareProfile, target: ModelSpec, draft: ModelSpec | None, workload: Workload,
-                 max_draft_len: int = DEFAULT_MAX_DRAFT_LEN, fixed: dict[str, int | str] | None = None):
+                 max_draft_len: int = DEFAULT_MAX_DRAFT_LEN, fixed: dict[str, int | str] | None = None,
+                 host_mem_limit_bytes: float = 0.0):
         """`fixed` pins knobs: decode_batch, draft_len, micro_batches, prefill_batch (e.g. to reproduce
-        a setting from a paper); the rest is still searched."""
+        a setting from a paper); the rest is still searched. `host_mem_limit_bytes` (> 0) caps the host
+        memory (pinned included) a plan may use; where the weights do not fit, the disk tier reads some
+        layers from the checkpoint every sweep (when the profile states disk_read_bytes_per_s)."""
         self.fixed = dict(fixed or {})
         fixable = ("decode_batch", "draft_len", "micro_batches", "prefill_batch", "draft_kv", "draft_sub_batch")
         unknown = set(self.fixed) - set(fixable)
@@ -140,7 +149,9 @@ class Planner:
         if self._feature_draft and self.fixed.get("draft_kv") == "recompute":
             raise SchemaError(f"draft KV 'recompute' does not apply to the feature draft {draft.name}: it keeps "
                               "its one-layer KV cache (gpu or host)")
-        self.cm = CostModel(profile, target, draft, workload)
+        if host_mem_limit_bytes < 0 or not math.isfinite(host_mem_limit_bytes):
+            raise SchemaError(f"host memory limit must be > 0 GiB (or none), got {host_mem_limit_bytes / GiB:g} GiB")
+        self.cm = CostModel(profile, target, draft, workload, host_mem_limit_bytes)
         self.profile, self.target, self.draft, self.workload = profile, target, draft, workload
         self.max_draft_len = max_draft_len
         self.caps = self.cm.capacities()
@@ -179,11 +190,27 @@ class Planner:
                         yield Knobs(policy, b, 1, k, m, mode, s, buffers)
 
     def _placement_box(self, knobs: Knobs) -> dict[str, tuple[float, float]]:
+        disk = (0.0, 1.0) if self.cm.disk_tier else (0.0, 0.0)
         if self.cm.cpu_only:
-            return {v: (x, x) for v, x in CPU_ONLY_PLACEMENT.items()}
+            return {**{v: (x, x) for v, x in CPU_ONLY_PLACEMENT.items()}, "disk": disk}
         if knobs.weight_buffers == 0:
-            return {"attn_gpu": (1.0, 1.0), "ffn_gpu": (1.0, 1.0), "kv_gpu": (0.0, 1.0)}
-        return {"attn_gpu": (0.0, 1.0), "ffn_gpu": (0.0, 1.0), "kv_gpu": (0.0, 1.0)}
+            return {"attn_gpu": (1.0, 1.0), "ffn_gpu": (1.0, 1.0), "kv_gpu": (0.0, 1.0), "disk": (0.0, 0.0)}
+        return {"attn_gpu": (0.0, 1.0), "ffn_gpu": (0.0, 1.0), "kv_gpu": (0.0, 1.0), "disk": disk}
+
+    def _disk_floor(self, mem: dict[str, Linear], box) -> float:
+        """The smallest disk fraction any placement in the box needs for its weights to fit (0: none;
+        above 1: even the disk tier cannot help). Host alone, and GPU + host together: a weight byte not
+        on the GPU is in host memory unless it is on disk."""
+        lo, hi = box.get("disk", (0.0, 0.0))
+        need = lo
+        for f, cap in ((mem["host"], self.caps["host"]), (mem["gpu"] + mem["host"], self.caps["gpu"] + self.caps["host"])):
+            f = self._fixed(f, {**box, "disk": (0.0, 1.0)})
+            if not math.isfinite(cap):
+                continue
+            over = f.without_disk().minimum() - cap * (1 + 1e-9)
+            if over > 0:
+                need = max(need, math.inf if f.disk >= 0 else over / -f.disk)
+        return need if need <= hi + 1e-12 or need == lo else math.inf
 
     def _fixed(self, f: Linear, box: dict[str, tuple[float, float]]) -> Linear:
         """Substitute variables whose box is a point (so bounds see only free variables)."""
@@ -191,19 +218,21 @@ class Planner:
             return f
         const, coef = f.const, {}
         for v, c in f.coef:
-            lo, hi = box[v]
+            lo, hi = box.get(v, (0.0, 0.0))
             if lo == hi:
                 const += c * lo
             else:
                 coef[v] = c
         return Linear.of(const, **coef)
 
-    def _resource_lb(self, busy: dict[str, Linear], shared: bool, gpu_mem: Linear, box) -> float:
+    def _resource_lb(self, busy: dict[str, Linear], shared: bool, gpu_mem: Linear, box, disk_floor: float = 0.0) -> float:
         cap, L = self.caps["gpu"], self.target.num_layers
         g = self._fixed(gpu_mem, box)
         vals = {r: layer_knapsack_min(self._fixed(f, box), g, cap, L) for r, f in busy.items()}
+        if "disk" in busy and disk_floor > 0:
+            vals["disk"] = busy["disk"].at({"attn_gpu": 0, "ffn_gpu": 0, "kv_gpu": 0, "disk": disk_floor})
         if shared:
-            return max(vals["gpu"] + vals["cpu"], vals["h2d"], vals["d2h"])
+            return max(vals["gpu"] + vals["cpu"], vals["h2d"], vals["d2h"], vals.get("disk", 0.0))
         return max(vals.values())
 
     def _memory_possible(self, knobs: Knobs, box, mem: dict[str, Linear] | None = None) -> bool:
@@ -213,6 +242,21 @@ class Planner:
         caps = self.caps
         checks = [(f, caps[t]) for t, f in mem.items()]
         checks += [(mem["gpu"] + mem[t], caps["gpu"] + caps[t]) for t in ("pinned", "host")]
+        if any(f.disk for f in mem.values()):  # the disk tier: its staging is paid whenever disk > 0
+            staging = self.cm.disk_staging_bytes()
+            fits_without = all(f.without_disk().minimum() <= cap * (1 + 1e-9) for f, cap in checks)
+            lows = [f.minimum() for f, _ in checks]
+            if not self.cm.cpu_only:
+                # A disk layer is streamed in both parts (disk <= 1 - attn_gpu, 1 - ffn_gpu), so host and pinned
+                # hold at least what they hold with every layer streamed from disk and KV on the GPU where it may.
+                corner = {"attn_gpu": box["attn_gpu"][0], "ffn_gpu": box["ffn_gpu"][0], "kv_gpu": box["kv_gpu"][1],
+                          "disk": box["disk"][1]}
+                for i, tier in enumerate(mem):
+                    if tier in ("pinned", "host"):
+                        lows[i] = max(lows[i], mem[tier].at(corner))
+            fits_with = all(low + (staging if i else 0.0) <= cap * (1 + 1e-9)
+                            for i, (low, (_, cap)) in enumerate(zip(lows, checks)))  # checks[0] is the GPU alone
+            return fits_without or fits_with
         return all(f.minimum() <= cap * (1 + 1e-9) for f, cap in checks)
 
     def lower_bound(self, knobs: Knobs) -> float:
@@ -223,7 +267,10 @@ class Planner:
             return math.inf
         terms = self.cm.step_terms(knobs)
         gpu_mem = mem["gpu"]
-        slot = max([self._resource_lb(terms.busy, terms.shared_device, gpu_mem, box)]
+        floor = self._disk_floor(mem, box)
+        if not math.isfinite(floor):
+            return math.inf
+        slot = max([self._resource_lb(terms.busy, terms.shared_device, gpu_mem, box, floor)]
                    + [self._fixed(c, box).minimum() for c in terms.chain]) + terms.serial_total
         slots, _ = self.cm.decode_steps(knobs)
         return slots * slot + self.prefill_lb(knobs)
@@ -240,7 +287,9 @@ class Planner:
             return math.inf
         terms = self.cm.prefill_terms(knobs)
         gpu_mem = mem["gpu"]
-        value = self.cm.prefill_chunks(knobs) * self._resource_lb(terms, self.cm.cpu_only, gpu_mem, box)
+        floor = self._disk_floor(mem, box)
+        value = (self.cm.prefill_chunks(knobs) * self._resource_lb(terms, self.cm.cpu_only, gpu_mem, box, floor)
+                 if math.isfinite(floor) else math.inf)
         self._prefill_cache[key] = value
         return value
 
@@ -270,10 +319,12 @@ class Planner:
         L, b = t.num_layers, knobs.decode_batch
         box = self._placement_box(knobs)
         # Integer variables: resident layers (attention, FFN) and GPU-KV sequences; fractions = n / size.
-        size = {"attn_gpu": L, "ffn_gpu": L, "kv_gpu": b}
-        names = {"attn_gpu": "n_attn_layers", "ffn_gpu": "n_ffn_layers", "kv_gpu": "n_kv_sequences"}
+        size = {"attn_gpu": L, "ffn_gpu": L, "kv_gpu": b, "disk": L}
+        names = {"attn_gpu": "n_attn_layers", "ffn_gpu": "n_ffn_layers", "kv_gpu": "n_kv_sequences",
+                 "disk": "n_disk_layers"}
         variables = [Variable(names[v], lo * size[v], hi * size[v], integer=True) for v, (lo, hi) in box.items()]
         variables += [Variable("slot_seconds"), Variable("chunk_seconds")]
+        disk_free = box["disk"][1] > 0
 
         def lhs(f: Linear, epigraph: str | None = None) -> tuple[dict[str, float], float]:
             coef = {names[v]: c / size[v] for v, c in f.coef}
@@ -299,17 +350,40 @@ class Planner:
             at_most(f"slot_layer_chain{i}", f, "slot_seconds")
         for r, f in pre.items():
             at_most(f"prefill_{r}", f, "chunk_seconds")
+        staging = cm.disk_staging_bytes() if disk_free else 0.0
         for tier, f in cm.memory_terms(knobs).items():
             if math.isfinite(self.caps[tier]):
                 at_most(f"mem_{tier}", f, None, self.caps[tier])
+                if staging and (tier == "host" or (tier == "pinned" and not cm.cpu_only)):
+                    cons[-1].coef["use_disk"] = staging  # the staging buffers, paid when any layer is on disk
+        if disk_free:
+            # A 0/1 switch for the staging; a disk layer streams both parts (resident in neither).
+            variables.append(Variable("use_disk", 0, 1, integer=True))
+            cons.append(Constraint("disk_switch", {"n_disk_layers": 1.0, "use_disk": -float(L)}, "<=", 0.0))
+            if not cm.cpu_only:
+                for v in ("n_attn_layers", "n_ffn_layers"):
+                    cons.append(Constraint(f"disk_streamed_{v}", {"n_disk_layers": 1.0, v: 1.0}, "<=", float(L)))
         slots, _ = cm.decode_steps(knobs)
         chunks = cm.prefill_chunks(knobs)
-        self.lp_solves += 1
-        sol = minimize("placement", variables, {"slot_seconds": slots, "chunk_seconds": chunks}, cons,
-                       objective_const=slots * terms.serial_total)
-        placement = {v: sol.values[names[v]] / size[v] for v in box}
-        placement = {v: min(max(round(x * size[v]) / size[v], box[v][0]), box[v][1]) for v, x in placement.items()}
-        return Candidate(knobs, placement, cm.evaluate(knobs, placement))
+        def solve() -> tuple[dict[str, float], object]:
+            self.lp_solves += 1
+            sol = minimize("placement", variables, {"slot_seconds": slots, "chunk_seconds": chunks}, cons,
+                           objective_const=slots * terms.serial_total)
+            placement = {v: sol.values[names[v]] / size[v] for v in box}
+            return {v: min(max(round(x * size[v]) / size[v], box[v][0]), box[v][1]) for v, x in placement.items()}, sol
+
+        placement, sol = solve()
+        if disk_free and not cm.cpu_only and placement["disk"] > 0:
+            # Disk layers are those resident in neither part (schema.disk_layer_ids); the spread resident sets of
+            # attention and FFN need not nest, so their union may leave fewer than L - max(n_attn, n_ffn). Then
+            # solve again with the bound that always holds (the union is at most n_attn + n_ffn layers).
+            n = {v: round(placement[v] * L) for v in ("attn_gpu", "ffn_gpu", "disk")}
+            free = L - len(resident_layers(n["attn_gpu"], L) | resident_layers(n["ffn_gpu"], L))
+            if n["disk"] > free:
+                cons.append(Constraint("disk_streamed_both", {"n_disk_layers": 1.0, "n_attn_layers": 1.0,
+                                                              "n_ffn_layers": 1.0}, "<=", float(L)))
+                placement, sol = solve()
+        return Candidate(knobs, placement, cm.evaluate(knobs, placement), tuple(sol.binding("mem_")))
 
     # --- the search ----------------------------------------------------------------------------
     def group_bound(self, policy: str, b: int, k: int) -> float:
@@ -333,8 +407,14 @@ class Planner:
             return math.inf
         kv_all = base.num_batches * b * cm.ctx_max * t.kv_bytes_per_token
         weights = L * (t.attn_bytes_per_layer + t.ffn_bytes_per_layer)
-        if not cm.cpu_only and kv_all + weights > budget + self.caps["host"]:
+        on_host = 0.0 if cm.disk_tier else weights  # the disk tier can hold every streamed weight
+        if not cm.cpu_only and kv_all + on_host > budget + self.caps["host"]:
             return math.inf  # every weight and KV byte lives on the GPU or the host: no room for this batch
+        disk = 0.0  # the disk's share of a sweep at least: what neither the GPU nor the host can hold
+        if cm.disk_tier and not cm.cpu_only:
+            over = kv_all + weights - budget - self.caps["host"]
+            if over > 0:
+                disk = cm.disk_seconds(over)
         cpu_seq = cm.cpu_attention_seconds(t, 1, k + 1, cm.ctx_avg) - cm.hw.cpu_attn_overhead_seconds
         kv_max = 1.0 if cm.cpu_only else min(1.0, budget / kv_all)
         cpu = L * b * cpu_seq * (1.0 - kv_max)
@@ -352,7 +432,7 @@ class Planner:
             gpu += min(d["gpu"] for d in drafts)
         elif policy == "serial-spec":
             serial = min((sum(d.values()) if cm.cpu_only else max(d.values())) for d in drafts)
-        slot = (max(gpu + cpu, h2d) if cm.cpu_only else max(gpu, cpu, h2d)) + serial
+        slot = (max(gpu + cpu, h2d) if cm.cpu_only else max(gpu, cpu, h2d, disk)) + serial
         key = (policy, k > 0)
         if key not in self._prefill_min:
             self._prefill_min[key] = min(self.prefill_lb(replace(base, draft_kv=mode, draft_sub_batch=s))
@@ -466,13 +546,35 @@ class Planner:
                 f"and the smaller batch")
         if self.draft is None:
             notes.append("no draft model given: offload-only")
+        elif policy == "specoffload" and not spec:
+            why = self.explain_infeasible(("serial-spec",)).removeprefix("no plan fits: ").split(". Use")[0]
+            notes.append(f"no speculative plan fits, so offload-only: {why}")
         if self._feature_draft and spec:
             notes.append(self._feature_draft_note(winner if winner.knobs.speculative else
                                                   max(spec, key=lambda c: c.throughput)))
+        if winner.placement.get("disk", 0.0) > 0:
+            notes.append(self.disk_note(winner))
         for p, c in sorted(best.items(), key=lambda kv: -kv[1].throughput):
             notes.append(f"best {p}: {c.throughput:.2f} tok/s (batch {c.knobs.decode_batch}, k={c.knobs.draft_len}, "
                          f"binding {c.prediction.binding})")
         return notes
+
+    def disk_note(self, c: Candidate) -> str:
+        """What the disk tier does in plan c: layers on disk, bytes and seconds per sweep, what binds."""
+        cm, t = self.cm, self.target
+        L = t.num_layers
+        n = round(c.placement["disk"] * L)
+        nbytes = cm.disk_bytes_per_sweep(c.placement)
+        pr = c.prediction
+        mem = [m.removeprefix("mem_") for m in c.binding_memory]
+        binds = ("the disk binds the decode slot" if pr.binding == "disk"
+                 else f"the slot is bound by {pr.binding}, the disk read hides under it")
+        return (f"disk tier: {n} of {L} layers are read from the checkpoint every sweep ({nbytes / GiB:.2f} GiB at "
+                f"{cm.disk_rate / 1e9:.2f} GB/s = {cm.disk_seconds(nbytes):.3g} s per sweep, pipelined with the "
+                f"host->GPU copies; {cm.disk_staging_bytes() / GiB:.2f} GiB of staging buffers), because "
+                f"{' and '.join(mem) or 'host'} memory is short"
+                + (f" (--host-mem-limit {cm.host_mem_limit_bytes / GiB:g} GiB)" if cm.host_mem_limit_bytes else "")
+                + f"; {binds}")
 
     def _feature_draft_note(self, c: Candidate) -> str:
         """What the feature draft costs and buys in plan c: its bytes, its KV, its round against the slot."""
@@ -504,7 +606,9 @@ class Planner:
             gpu_kv_sequences=round(cand.placement["kv_gpu"] * k.decode_batch),
             target_attention="gpu" if self.cm.cpu_only else "cpu",
             draft_kv=k.draft_kv, weight_buffers=k.weight_buffers,
-            prediction=cand.prediction, notes=tuple(notes))
+            prediction=cand.prediction, notes=tuple(notes),
+            disk_layers=round(cand.placement.get("disk", 0.0) * t.num_layers),
+            host_mem_limit_bytes=self.cm.host_mem_limit_bytes)
 
     def explain_infeasible(self, policies: tuple[str, ...] = ("offload-only",)) -> str:
         """Which tier cannot hold even the smallest plan of each policy tried, by how much, and what to change."""
@@ -516,7 +620,14 @@ class Planner:
                           ("host" if self._feature_draft else "recompute") if spec else "gpu", 1,
                           0 if self.cm.cpu_only else 2)
             box = self._placement_box(knobs)
-            need = {tier: self._fixed(f, box).minimum() for tier, f in self.cm.memory_terms(knobs).items()}
+            terms = self.cm.memory_terms(knobs)
+            need = {tier: self._fixed(f.without_disk(), box).minimum() for tier, f in terms.items()}
+            if box["disk"][1] > 0:  # every layer streamed from disk (and KV on the GPU where it may be): the
+                # least host memory; the staging buffers are then needed
+                corner = {"attn_gpu": box["attn_gpu"][0], "ffn_gpu": box["ffn_gpu"][0], "kv_gpu": box["kv_gpu"][1],
+                          "disk": 1.0}
+                for tier in ("host",) if self.cm.cpu_only else ("pinned", "host"):
+                    need[tier] = terms[tier].at(corner) + self.cm.disk_staging_bytes()
             over = [tier for tier in need if need[tier] > self.caps[tier] * (1 + 1e-9)]
             if spec and self.draft is not None and "gpu" in over:
                 msgs.append(f"{policy}: the draft {self.draft.name}'s weights alone take "
@@ -525,16 +636,29 @@ class Planner:
                             f"{self.caps['gpu'] / GiB:.1f} GiB (use a smaller draft, or --policy offload-only)")
             elif over:
                 tier = over[0]
-                msgs.append(f"{policy}: {tier} memory: {t.name} needs at least {need[tier] / GiB:.1f} GiB even at "
-                            f"batch 1 (best placement), profile '{self.profile.name}' has "
-                            f"{self.caps[tier] / GiB:.1f} GiB")
+                disk = (", every streamed layer read from disk, its staging buffers included"
+                        if box["disk"][1] > 0 and tier != "gpu" else "")
+                msgs.append(f"{policy}: {tier} memory: {t.name} needs at least {size_words(need[tier])} even at "
+                            f"batch 1 (best placement{disk}), {self._host_cap_words(tier)} "
+                            f"{size_words(self.caps[tier])}")
             else:
                 both = t.num_layers * (t.attn_bytes_per_layer + t.ffn_bytes_per_layer)
                 msgs.append(f"{policy}: GPU + host memory together: {t.name}'s {both / GiB:.1f} GiB of layer weights "
                             f"(and the rest of the smallest plan) do not fit between {self.caps['gpu'] / GiB:.1f} GiB "
-                            f"of GPU and {self.caps['pinned'] / GiB:.1f} GiB of pinned host memory")
-        return ("no plan fits: " + "; ".join(msgs)
-                + ". Use a machine with more memory, a smaller model, or shorter prompts (--prompt-len/--gen-len)")
+                            f"of GPU and {self.caps['pinned'] / GiB:.1f} GiB of pinned host memory"
+                            + (" even with layers read from disk" if box["disk"][1] > 0 else ""))
+        hint = ""
+        if not self.cm.disk_tier:
+            hint = (f"; profile '{self.profile.name}' states no disk read rate, so no layer may be read from disk "
+                    "(measure it with specoffload-profile --disk DIR, on the drive holding the checkpoint)")
+        return ("no plan fits: " + "; ".join(msgs) + hint
+                + ". Use a machine with more memory, a smaller model, or shorter prompts (--prompt-len/--gen-len)"
+                + (", or a higher --host-mem-limit" if self.cm.host_mem_limit_bytes else ""))
+
+    def _host_cap_words(self, tier: str) -> str:
+        if tier != "gpu" and self.cm.host_mem_limit_bytes and self.caps[tier] >= self.cm.host_mem_limit_bytes:
+            return "--host-mem-limit allows"
+        return f"profile '{self.profile.name}' has"
 
 
 def knobs_from_plan(plan: Plan) -> Knobs:
@@ -546,7 +670,7 @@ def knobs_from_plan(plan: Plan) -> Knobs:
 def placement_from_plan(plan: Plan, target: ModelSpec) -> dict[str, float]:
     L = target.num_layers
     return {"attn_gpu": plan.gpu_attn_layers / L, "ffn_gpu": plan.gpu_ffn_layers / L,
-            "kv_gpu": plan.gpu_kv_sequences / plan.decode_batch}
+            "kv_gpu": plan.gpu_kv_sequences / plan.decode_batch, "disk": plan.disk_layers / L}
 
 
 def profile_fingerprint(profile: HardwareProfile) -> str:
@@ -557,5 +681,5 @@ def profile_fingerprint(profile: HardwareProfile) -> str:
 
 def make_plan(profile: HardwareProfile, target: ModelSpec, draft: ModelSpec | None, workload: Workload,
               policy: str = "specoffload", max_draft_len: int = DEFAULT_MAX_DRAFT_LEN,
-              fixed: dict[str, int | str] | None = None) -> PlanResult:
-    return Planner(profile, target, draft, workload, max_draft_len, fixed).plan(policy)
+              fixed: dict[str, int | str] | None = None, host_mem_limit_bytes: float = 0.0) -> PlanResult:
+    return Planner(profile, target, draft, workload, max_draft_len, fixed, host_mem_limit_bytes).plan(policy)

@@ -274,9 +274,23 @@ def resident_layers(n: int, layers: int) -> set[int]:
     return {min(layers - 1, int((i + 0.5) * layers / n)) for i in range(max(0, n))}
 
 
+def disk_layer_ids(n: int, layers: int, resident: set[int] = frozenset()) -> list[int]:
+    """Which layers a plan reads from disk when it says `n`: spread evenly over the layers that are
+    resident in no part (`resident`: layers keeping attention or FFN on the GPU; empty on a CPU-only
+    machine). Spreading lets the disk read a layer while in-memory layers compute and copy. The
+    planner, the simulator and the runtime all use this function. Raises ValueError if n is too many."""
+    cand = [j for j in range(layers) if j not in resident]
+    if n > len(cand):
+        raise ValueError(f"the plan reads {n} layers from disk but only {len(cand)} of {layers} layers are fully "
+                         "streamed; re-plan")
+    if n <= 0:
+        return []
+    return sorted({cand[min(len(cand) - 1, int((i + 0.5) * len(cand) / n))] for i in range(n)})
+
+
 POLICIES = ("offload-only", "serial-spec", "interleaved")
 DRAFT_KV_MODES = ("gpu", "host", "recompute")
-RESOURCES = ("gpu", "cpu", "h2d", "d2h")
+RESOURCES = ("gpu", "cpu", "h2d", "d2h")  # plus "disk" where a plan reads layers from disk
 MEMORY_TIERS = ("gpu", "pinned", "host")
 
 
@@ -299,6 +313,7 @@ class Prediction:
     binding: str  # the resource or dependency chain that sets the slot time
     physical_bound_tokens_per_s: float
     bound_fraction: float
+    disk_bytes_per_sweep: float = 0.0  # bytes the disk tier reads from the checkpoint per weight sweep
 
 
 @dataclass(frozen=True)
@@ -330,6 +345,10 @@ class Plan(YamlContract):
     # compute dtype the plan was made for (bf16 / fp16 / fp32): weights and KV are sized in it, and the run
     # uses it unless told otherwise; "" = the runtime's default (bf16 on a GPU, fp32 on the CPU)
     dtype: str = ""
+    # The disk tier: this many layers (both parts streamed; disk_layer_ids() says which) are not held in
+    # host memory but read from the checkpoint on disk every sweep. 0: none (plans before the tier).
+    disk_layers: int = 0
+    host_mem_limit_bytes: float = 0.0  # the cap on host memory the plan was made under (0: the profile's)
     schema_version: int = PLAN_SCHEMA
     SCHEMA = PLAN_SCHEMA  # what this code reads (a class constant, not a field)
 
@@ -360,6 +379,14 @@ class Plan(YamlContract):
             raise ValueError("gpu_kv_sequences cannot exceed decode_batch")
         if self.dtype not in ("", "bf16", "fp16", "fp32"):
             raise ValueError(f"dtype must be bf16, fp16 or fp32 (or empty: the runtime's default); found {self.dtype!r}")
+        if isinstance(self.disk_layers, bool) or self.disk_layers < 0:
+            raise ValueError(f"disk_layers must be an integer >= 0 (layers read from disk every sweep; 0: none), "
+                             f"found {self.disk_layers!r}")
+        if self.disk_layers and self.target_attention == "cpu" and self.weight_buffers < 1:
+            raise ValueError("disk_layers > 0 needs weight_buffers >= 1: layers read from disk are streamed to the GPU")
+        if not (math.isfinite(self.host_mem_limit_bytes) and self.host_mem_limit_bytes >= 0):
+            raise ValueError(f"host_mem_limit_bytes must be >= 0 and finite (0: no limit), found "
+                             f"{self.host_mem_limit_bytes}")
 
     @property
     def sequences_in_flight(self) -> int:

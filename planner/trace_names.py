@@ -13,10 +13,11 @@ TRACK_GPU = "gpu"  # device compute
 TRACK_H2D = "h2d"  # host -> device copies (streamed weights, attention outputs)
 TRACK_D2H = "d2h"  # device -> host copies (q, k, v for host attention; prompt keys/values)
 TRACK_CPU_ATTN = "cpu-attn"  # attention on the CPU over the host KV cache
+TRACK_DISK = "disk"  # the disk tier: layers read from the checkpoint into staging buffers
 
 # Resource keys as the cost model and the reports name them -> track names in traces and timelines.
-TRACKS = {"gpu": TRACK_GPU, "h2d": TRACK_H2D, "d2h": TRACK_D2H, "cpu": TRACK_CPU_ATTN}
-TRACK_ORDER = ("gpu", "h2d", "d2h", "cpu")  # resource keys, in the order traces show them
+TRACKS = {"gpu": TRACK_GPU, "h2d": TRACK_H2D, "d2h": TRACK_D2H, "cpu": TRACK_CPU_ATTN, "disk": TRACK_DISK}
+TRACK_ORDER = ("gpu", "h2d", "d2h", "cpu", "disk")  # resource keys, in the order traces show them
 RESOURCE_OF_TRACK = {track: resource for resource, track in TRACKS.items()}
 
 # -- span kinds the engine records --------------------------------------------------------------------
@@ -27,6 +28,8 @@ SPAN_FFN = "ffn"  # gpu: output projection + FFN/MoE of a layer per micro-batch
 SPAN_KV = "kv"  # d2h: a prompt's keys/values into the host KV cache (prefill)
 SPAN_WEIGHTS = "weights"  # h2d: a streamed layer's weights
 SPAN_LM_HEAD = "lm_head"  # gpu: final norm and LM head of a target pass
+SPAN_DISK_READ = "disk read"  # disk: a disk-tier layer read into a staging buffer
+SPAN_DISK_CONVERT = "disk convert"  # gpu (CPU-only machine): a staged layer converted to the compute dtype
 SPAN_DRAFT_ATTN = "draft attn"  # cpu-attn: the draft's attention over a host KV cache
 SPAN_DRAFT_PREFILL = "draft prefill"  # gpu: the draft over the prompts
 SPAN_DRAFT_STEP = "draft step"  # gpu: one draft step, "draft step 2"

@@ -539,6 +539,22 @@ class Prefetcher:
         self._exec = ThreadPoolExecutor(max_workers=1, thread_name_prefix="disk-prefetch")
         self.depth = depth
 
+    @property
+    def free_buffers(self) -> int:
+        return len(self._free)
+
+    @property
+    def staging_bytes(self) -> int:
+        """Bytes of all the ring's staging buffers."""
+        return sum(b.numel() for b in self._free) + sum(b.numel() for b, _ in self._busy.values())
+
+    def started(self, layer: int) -> bool:
+        return layer in self._busy
+
+    def done(self, layer: int) -> bool:
+        """Whether the read of a started layer has finished (successfully or not)."""
+        return layer in self._busy and self._busy[layer][1].done()
+
     def start(self, layer: int) -> None:
         if layer in self._busy:
             return

@@ -12,7 +12,9 @@ Pickle checkpoints (``*.bin``, ``*.pt``) are refused: unpickling executes arbitr
 file, and it cannot be memory-mapped or read one tensor at a time.
 
 Placement tiers: "gpu" (CUDA), "cpu" (pageable host memory), "pinned" (page-locked host memory for
-fast async copies to the GPU; plain CPU memory where CUDA does not exist), or any torch device.
+fast async copies to the GPU; plain CPU memory where CUDA does not exist), "disk" (not read: a
+placeholder on the meta device, for layers the disk tier reads from the checkpoint every pass), or
+any torch device.
 """
 from __future__ import annotations
 
@@ -230,7 +232,11 @@ def _read_file(path: Path, names: list[str], name_map, shapes, placement, dtype_
             if disk_dtype not in _FLOAT_DTYPES:
                 raise CheckpointError(f"tensor {hf_name} in {path.name} has dtype {disk_dtype}; only float "
                                       f"checkpoints ({', '.join(sorted(_FLOAT_DTYPES))}) are supported")
-            out[ours] = _place(f.get_tensor(hf_name), placement(ours), dtype_of(ours))
+            tier = placement(ours)
+            if isinstance(tier, str) and tier == "disk":  # the disk tier reads it every pass: not loaded
+                out[ours] = torch.empty(shape, dtype=dtype_of(ours), device="meta")
+                continue
+            out[ours] = _place(f.get_tensor(hf_name), tier, dtype_of(ours))
 
 
 def _audit(out, shapes, name_map, dtype_of) -> None:

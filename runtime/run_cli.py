@@ -413,7 +413,13 @@ def _run(args: argparse.Namespace, out: OutputFile, guard: SignalGuard | None) -
         bar.set_postfix_str(f"{engine.stats.generated_tokens / max(elapsed, 1e-9):.1f} tok/s"
                             + (f", {acc.mean_tokens_per_round:.2f} tok/round" if acc.rounds else ""))
 
-    stats = engine.run(requests, on_finish)
+    try:
+        stats = engine.run(requests, on_finish)
+    except CheckpointError as exc:  # the disk tier: a checkpoint file changed or disappeared mid-run
+        bar.close()
+        kept = len(done) + out.written
+        raise RunError(f"{exc} [{kept} finished sequences are kept in {out_path}; rerun the same command to "
+                       "resume]") from None
     bar.close()
     wall = time.perf_counter() - t0
     report = measured_report(plan, engine, stats, wall, sim, notes, args.profile)
@@ -453,14 +459,24 @@ def measured_report(plan: Plan, engine, stats, wall: float, sim, notes: list[str
     tokens = stats.generated_tokens
     decode = max(wall - stats.prefill_seconds, 1e-9)
     # Busy seconds per resource key (the report's names), read from the timeline's tracks.
-    busy = {r: engine.timeline.busy.get(track_name(r), 0.0) for r in ("gpu", "cpu", "h2d", "d2h")}
+    busy = {r: engine.timeline.busy.get(track_name(r), 0.0)
+            for r in ("gpu", "cpu", "h2d", "d2h") + (("disk",) if engine.target.disk is not None else ())}
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0
     host_peak = engine.host_tensor_bytes()
     notes = notes + [f"host memory: the engine's tensors (weights, KV caches) {host_peak / 2**30:.3f} GiB; the "
                      f"process's peak RSS {rss / 2**30:.3f} GiB (interpreter, torch and libraries included)"]
+    disk = engine.target.disk
+    if disk is not None:
+        per_sweep = plan.prediction.disk_bytes_per_sweep
+        notes = notes + [
+            f"disk tier: {len(disk.layers)} layers read from the checkpoint every sweep ({disk.mode} I/O): "
+            f"{stats.disk_bytes_per_sweep / 2**20:.3f} MiB per sweep over {stats.sweeps} sweeps (the plan says "
+            f"{per_sweep / 2**20:.3f} MiB), {stats.disk_read_bytes / 2**20:.1f} MiB read in all (reads ahead "
+            f"included); {disk.staging_bytes / 2**20:.1f} MiB of staging buffers"]
     if engine.device.type == "cuda":
         peak = {"gpu": float(torch.cuda.max_memory_allocated(engine.device)),
-                "pinned": float(engine.target.streamer.pinned_bytes()), "host": host_peak}
+                "pinned": float(engine.target.streamer.pinned_bytes() + (disk.staging_bytes if disk else 0)),
+                "host": host_peak}
     else:
         peak = {"gpu": 0.0, "pinned": 0.0, "host": host_peak}
     acc = stats.acceptance

@@ -322,11 +322,14 @@ def test_draft_that_does_not_fit_is_named():
 
 
 def test_model_that_does_not_fit_names_resource_need_capacity():
+    # Without a disk read rate the disk tier is off: 8x22B does not fit in GPU + host memory.
+    no_disk = load_profile("rtx4090-pcie3").with_overrides({"disk_read_bytes_per_s": 0.0})
     with pytest.raises(PlanInfeasible) as e:
-        make_plan(load_profile("rtx4090-pcie3"), load_model_spec("mixtral-8x22b"), None,
+        make_plan(no_disk, load_model_spec("mixtral-8x22b"), None,
                   Workload(prompt_len_tokens=512, gen_len_tokens=128, num_prompts=100))
     msg = str(e.value)
     assert "mixtral-8x22b" in msg and "GiB" in msg and "memory" in msg
+    assert "no disk read rate" in msg and "specoffload-profile --disk" in msg
 
 
 def test_batches_range_into_thousands():
@@ -425,10 +428,12 @@ def test_cli_writes_plan_and_prints_summary(tmp_path, capsys):
 
 
 def test_cli_errors_are_one_line_and_exit_2(capsys):
+    # Even reading every streamed layer from disk, 4 GiB of host memory cannot hold the staging buffers.
     rc = plan_main(["--model", "mixtral-8x22b", "--profile", "rtx4090-pcie3", "--prompt-len", "512",
-                    "--gen-len", "128", "--num-prompts", "100"])
+                    "--gen-len", "128", "--num-prompts", "100", "--host-mem-limit", "4"])
     err = capsys.readouterr().err
     assert rc == 2 and "no plan fits" in err and "GiB" in err and "Traceback" not in err
+    assert "read from disk" in err and "--host-mem-limit" in err
     rc = plan_main(["--model", "mixtral", "--profile", "nope", "--prompt-len", "5", "--gen-len", "5", "--num-prompts", "5"])
     assert rc == 2 and "profile 'nope'" in capsys.readouterr().err
     rc = plan_main(["--model", "mixtral", "--profile", "t4"])

@@ -26,6 +26,9 @@ example (Mixtral-8x7B with a Mistral-7B draft on an RTX 4090, PCIe Gen4):
       --replan all --draft mistral-7b --csv pcie.csv --plot pcie.png
       re-plan and simulate every policy at PCIe Gen3, Gen4 and Gen5 bandwidth (both directions)
   specoffload-simulate plan.yaml --sweep gpu_mem_bytes=16e9:48e9:5 --sweep h2d_bytes_per_s=12e9:64e9:4 --replan
+  specoffload-simulate plan.yaml --set disk_read_bytes_per_s=6e9
+      a plan with layers on disk (specoffload-plan --host-mem-limit) with a second NVMe drive (the disk
+      tier's reads show on the trace's disk track)
 
 exit status: 0 the plan runs; 1 the simulation rejects it (a memory pool overflows, a deadlock, a
 sequence that never finishes; the reason is printed); 2 bad input.

@@ -65,13 +65,18 @@ def memory_layout(cm: CostModel, knobs: Knobs, placement: dict[str, float], plan
     spec = knobs.speculative and d is not None
     dkv_seq = cm.ctx_max * d.kv_bytes_per_token if spec else 0.0
     nb, b = knobs.num_batches, knobs.decode_batch
+    # The disk tier: layers read from disk every sweep are held in no memory (their staging buffers are
+    # taken and released by the simulation's disk stage, see weight_stream.py).
+    n_disk = plan.disk_layers
+    disk_bytes = n_disk * (t.attn_bytes_per_layer + t.ffn_bytes_per_layer)
 
     static: list[tuple] = []
     kv_host: dict[str, float] = {}
     kv_gpu: dict[str, float] = {}
     if cm.cpu_only:
         # One memory: weights, KV and working sets all in host memory; attention in place.
-        static.append(("host", "target weights", t.outer_bytes + L * (t.attn_bytes_per_layer + t.ffn_bytes_per_layer)))
+        static.append(("host", "target weights" + (f" ({n_disk} layers on disk)" if n_disk else ""),
+                       t.outer_bytes + L * (t.attn_bytes_per_layer + t.ffn_bytes_per_layer) - disk_bytes))
         if spec:
             static.append(("host", "draft weights", d.total_bytes))
         _add(kv_host, "host", kv_seq)
@@ -80,7 +85,7 @@ def memory_layout(cm: CostModel, knobs: Knobs, placement: dict[str, float], plan
             _add(kv_host, "host", dkv_seq)
             _add(kv_gpu, "host", dkv_seq)
         gpu_kv_slots = 0
-        placement = CPU_ONLY_PLACEMENT
+        placement = {**CPU_ONLY_PLACEMENT, "disk": placement.get("disk", 0.0)}
     else:
         A, F = plan.gpu_attn_layers, plan.gpu_ffn_layers
         static.append(("gpu", "target embeddings, final norm and LM head", t.outer_bytes))
@@ -88,8 +93,9 @@ def memory_layout(cm: CostModel, knobs: Knobs, placement: dict[str, float], plan
         static.append(("gpu", f"resident FFN weights ({F} layers)", F * t.ffn_bytes_per_layer))
         static.append(("gpu", f"weight buffers ({knobs.weight_buffers} x one layer)",
                        knobs.weight_buffers * (t.attn_bytes_per_layer + t.ffn_bytes_per_layer), "buffers"))
-        streamed = (L - A) * t.attn_bytes_per_layer + (L - F) * t.ffn_bytes_per_layer
-        static.append(("pinned", f"streamed weights ({L - A} attention, {L - F} FFN layers)", streamed))
+        streamed = (L - A) * t.attn_bytes_per_layer + (L - F) * t.ffn_bytes_per_layer - disk_bytes
+        static.append(("pinned", f"streamed weights ({L - A} attention, {L - F} FFN layers"
+                       + (f", of which {n_disk} layers on disk" if n_disk else "") + ")", streamed))
         static.append(("host", "streamed weights (pinned)", streamed))
         if spec:
             static.append(("gpu", "draft weights", d.total_bytes))

@@ -17,7 +17,7 @@ from ..schema import HardwareProfile, Plan, Prediction
 def plan_cost_model(plan: Plan, profile: HardwareProfile) -> tuple[CostModel, Knobs, dict[str, float]]:
     """The cost model's view of a plan on a profile: (cost model, knobs, placement)."""
     target, draft = load_plan_models(plan)
-    cm = CostModel(profile, target, draft, plan.workload)
+    cm = CostModel(profile, target, draft, plan.workload, plan.host_mem_limit_bytes)
     return cm, knobs_from_plan(plan), placement_from_plan(plan, target)
 
 
@@ -31,7 +31,7 @@ def predicted_figures(cm: CostModel, knobs: Knobs, placement: dict[str, float],
     busy = {r: f.at(placement) for r, f in terms.busy.items()}
     if knobs.policy == "serial-spec":  # the draft round runs before the verification, on its own resources
         dr = cm.draft_round(knobs, knobs.decode_batch)
-        busy = {r: v + dr[r] for r, v in busy.items()}
+        busy = {r: v + dr.get(r, 0.0) for r, v in busy.items()}
     total = pred.total_seconds
     out = {
         "throughput_tokens_per_s": pred.throughput_tokens_per_s,
@@ -45,7 +45,7 @@ def predicted_figures(cm: CostModel, knobs: Knobs, placement: dict[str, float],
         "acceptance.tokens_per_round": pred.expected_tokens_per_round,
         "bound_fraction": pred.bound_fraction,
     }
-    for r in ("gpu", "cpu", "h2d", "d2h"):
+    for r in ("gpu", "cpu", "h2d", "d2h") + (("disk",) if "disk" in busy else ()):
         used = pred.slots * busy.get(r, 0.0) + chunks * prefill.get(r, 0.0)
         out[f"busy_fraction.{r}"] = used / total if total > 0 and math.isfinite(total) else math.nan
     for pool, v in pred.peak_mem_bytes.items():

@@ -14,7 +14,8 @@ Definitions (the runtime must measure the same things):
   decode_seconds. They add up to total_seconds.
 - slots: verifications of one batch; slot_seconds = decode_seconds / slots (tail slots included),
   slot_seconds_median the median verification.
-- busy_fraction: busy seconds of each resource (gpu, cpu = CPU attention, h2d, d2h) / total_seconds.
+- busy_fraction: busy seconds of each resource (gpu, cpu = CPU attention, h2d, d2h; disk where a plan reads
+  layers from disk) / total_seconds.
 - peak_mem_bytes / capacity_bytes: per pool (gpu, pinned, host); capacity 0 means unlimited.
 - peak_mem_seconds: when each pool first reached its peak; mem_over_time: per pool, the highest use
   in each of MEM_BINS equal spans of [0, total_seconds] (simulated reports: memory taken and released
@@ -130,6 +131,7 @@ FIGURES = (
     ("busy_fraction.cpu", "busy cpu attention", 1.0, ""),
     ("busy_fraction.h2d", "busy h2d", 1.0, ""),
     ("busy_fraction.d2h", "busy d2h", 1.0, ""),
+    ("busy_fraction.disk", "busy disk (disk tier)", 1.0, ""),
     ("peak_mem_bytes.gpu", "peak memory gpu", 1 / GiB, "GiB"),
     ("peak_mem_bytes.pinned", "peak memory pinned", 1 / GiB, "GiB"),
     ("peak_mem_bytes.host", "peak memory host", 1 / GiB, "GiB"),

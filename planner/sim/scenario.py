@@ -13,11 +13,13 @@ from ..schema import HardwareProfile, Plan, Workload
 
 
 def plan_at(profile: HardwareProfile, target: ModelSpec, draft: ModelSpec | None, workload: Workload,
-            knobs: Knobs, placement: dict[str, float], notes: tuple[str, ...] = ("hand-built",)) -> Plan:
-    """The Plan for `knobs` at `placement` (fractions; rounded to whole layers / sequences)."""
-    planner = Planner(profile, target, draft, workload)
+            knobs: Knobs, placement: dict[str, float], notes: tuple[str, ...] = ("hand-built",),
+            host_mem_limit_bytes: float = 0.0) -> Plan:
+    """The Plan for `knobs` at `placement` (fractions; rounded to whole layers / sequences; `disk`, the
+    disk tier's share of the layers, optional)."""
+    planner = Planner(profile, target, draft, workload, host_mem_limit_bytes=host_mem_limit_bytes)
     L, b = target.num_layers, knobs.decode_batch
     snapped = {"attn_gpu": round(placement["attn_gpu"] * L) / L, "ffn_gpu": round(placement["ffn_gpu"] * L) / L,
-               "kv_gpu": round(placement["kv_gpu"] * b) / b}
+               "kv_gpu": round(placement["kv_gpu"] * b) / b, "disk": round(placement.get("disk", 0.0) * L) / L}
     cand = Candidate(knobs, snapped, planner.cm.evaluate(knobs, snapped))
     return planner.to_plan(cand, list(notes))

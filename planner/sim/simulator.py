@@ -8,7 +8,8 @@ the run and the report.
 
 Model (what the runtime is expected to do; durations all come from the CostModel):
 
-- Resources: `gpu` (compute), `h2d` and `d2h` copy engines, `cpu` (the CPU attention pool). The CPU
+- Resources: `gpu` (compute), `h2d` and `d2h` copy engines, `cpu` (the CPU attention pool), and `disk`
+  where the plan reads layers from the checkpoint every sweep (the disk stage: weight_stream.py). The CPU
   attention pool is ONE resource whose task durations are the cost model's whole-machine figure
   (`cpu_attention_seconds` already divides by the machine's KV-read bandwidth and FLOP rate): the
   profile measures the pool, not one core, and decode attention is memory-bound, so splitting it
@@ -215,6 +216,7 @@ class Simulation(VerifyPasses, PrefillPasses, DraftRounds, WeightStream, MemoryA
         self._ffn_copy_cache: dict[float, tuple[float, float]] = {}
         self._chunk = options.weight_chunk_bytes
         self.default_tokens = float(self.b * (self.k + 1))
+        self._init_disk_stage(rec)  # the disk tier's reads and staging buffers (weight_stream.py)
 
         self.passes: list[_Pass] = []
         self.batches = [_Batch(x, self.b) for x in range(self.nb)]
@@ -313,6 +315,8 @@ class Simulation(VerifyPasses, PrefillPasses, DraftRounds, WeightStream, MemoryA
         n, idx = divmod(self.stream_pos, max(1, len(self.streamed)))
         parts.append(f"weight stream at pass {n} layer {self.streamed[idx] if self.streamed else '-'} with "
                      f"{self.free_buffers:g} of {self.buffer_capacity:g} buffer {'bytes' if self.by_bytes else 'slots'} free")
+        if self.disk_layers:
+            parts.append(self._disk_state())
         return "deadlock: " + "; ".join(parts)
 
     def run(self) -> SimResult:
@@ -340,6 +344,8 @@ class Simulation(VerifyPasses, PrefillPasses, DraftRounds, WeightStream, MemoryA
         plan, cm = self.plan, self.cm
         T = self.makespan
         busy: dict[str, float] = {"gpu": 0.0, "cpu": 0.0, "h2d": 0.0, "d2h": 0.0}
+        if self.disk_layers:
+            busy["disk"] = 0.0
         for res in self.eng.resources:
             for label, v in res.busy_until(T).items():
                 busy[label] = busy.get(label, 0.0) + v

@@ -101,7 +101,7 @@ def run_sweep(plan: Plan, profile: HardwareProfile, axes: list[SweepAxis], repla
                 p = plan
                 if replan:
                     p = make_plan(prof, target, draft if policy != "offload-only" else None, plan.workload,
-                                  policy=policy).plan
+                                  policy=policy, host_mem_limit_bytes=plan.host_mem_limit_bytes).plan
                 res = simulate(p, prof, options)
             except SchemaError as exc:  # the planner found no plan, or the profile lacks a figure
                 row.update(feasible=False, problem=str(exc))

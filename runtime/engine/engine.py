@@ -37,6 +37,19 @@ class EngineStats:
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     acceptance: AcceptanceCounts = field(default_factory=AcceptanceCounts)
+    # The disk tier (plan.disk_layers > 0): tensor bytes of disk layers the passes used, and bytes read
+    # from the checkpoint (the latter also counts reads ahead for a pass that never ran).
+    disk_used_bytes: int = 0
+    disk_read_bytes: int = 0
+
+    @property
+    def sweeps(self) -> int:
+        """Weight sweeps: each verification and each prefill chunk runs every layer once."""
+        return self.slots + self.prefill_passes
+
+    @property
+    def disk_bytes_per_sweep(self) -> float:
+        return self.disk_used_bytes / self.sweeps if self.sweeps else 0.0
 
 
 class Engine:
@@ -128,7 +141,8 @@ class Engine:
             if c is not None:
                 for t in c.k + c.v:
                     add(t)
-        return float(sum(seen.values()))
+        staging = self.target.disk.staging_bytes if self.target.disk is not None else 0  # the disk tier's buffers
+        return float(sum(seen.values()) + staging)
 
     # -- admission ----------------------------------------------------------------------------
     def check(self, req: Request) -> None:
@@ -350,6 +364,8 @@ class Engine:
             for _ in pending.pop(g, ()):
                 pass
 
+        disk = self.target.disk
+        disk_at_start = (disk.used_bytes, disk.read_bytes) if disk is not None else (0, 0)
         t_start = time.perf_counter()
         for step in schedule_for(self.num_batches, self.k).steps(View):
             g = step.batch
@@ -369,4 +385,7 @@ class Engine:
                 for b in others:  # what the layers did not absorb
                     drain(b)
         self.stats.decode_seconds = time.perf_counter() - t_start - self.stats.prefill_seconds
+        if disk is not None:  # this run's share (an engine may run several times)
+            self.stats.disk_used_bytes += disk.used_bytes - disk_at_start[0]
+            self.stats.disk_read_bytes += disk.read_bytes - disk_at_start[1]
         return self.stats

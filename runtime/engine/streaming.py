@@ -1,4 +1,7 @@
-"""Weight streaming: purpose-named CUDA streams and the target's per-layer weights copied ahead of use."""
+"""Weight streaming: purpose-named CUDA streams and the target's per-layer weights copied ahead of use.
+
+Layers the plan reads from disk (disk_stream.DiskLayers) are streamed the same way, from their
+staging buffer instead of pinned host memory; on the CPU they are converted from it each pass."""
 from __future__ import annotations
 
 import time
@@ -8,6 +11,7 @@ import torch
 from specoffload.planner.trace_names import SPAN_WEIGHTS, TRACK_H2D
 
 from ..layers import LayerWeights, ModelWeights
+from .disk_stream import convert
 from .timeline import Timeline
 
 
@@ -36,7 +40,14 @@ class LayerStreamer:
     """
 
     def __init__(self, weights: ModelWeights, attn_resident: list[bool], ffn_resident: list[bool],
-                 device: torch.device, n_buffers: int, streams: Streams, timeline: Timeline):
+                 device: torch.device, n_buffers: int, streams: Streams, timeline: Timeline,
+                 disk=None, dtype: torch.dtype | None = None):
+        """disk: a disk_stream.DiskLayers for the layers read from disk every pass (their entries in
+        `weights` are placeholders on the meta device); dtype: the compute dtype (CPU conversion)."""
+        self.disk = disk
+        self.dtype = dtype
+        self.disk_src: dict[int, LayerWeights] = {}  # disk layer -> its staged tensors, until released
+        self.disk_done: dict[int, object] = {}  # disk layer -> event after which its staging may be reused
         self.w, self.device, self.streams, self.tl = weights, device, streams, timeline
         self.attn_res, self.ffn_res = attn_resident, ffn_resident
         self.cuda = streams.cuda
@@ -44,11 +55,17 @@ class LayerStreamer:
         streamed = [j for j in range(self.n) if not (attn_resident[j] and ffn_resident[j])]
         self.buffer_of = {j: i % max(1, n_buffers) for i, j in enumerate(streamed)}
         self.ready: dict[int, tuple[dict, object]] = {}
+        self.pending: dict[int, list[int] | None] = {}  # disk layers asked for whose read was not done yet
         self.free_event: dict[int, object] = {}
         self.buffers: list[dict] = []
         self.copied_bytes = 0
         if self.cuda and streamed:
             template = weights.layers[streamed[0]]
+            if template.attn["wq"].device.type == "meta":  # a disk layer: only shapes, made real below
+                template = LayerWeights(*(({k: torch.empty(t.shape, dtype=t.dtype) for k, t in d.items()})
+                                          for d in (template.attn, template.ffn)),
+                                        [{k: torch.empty(t.shape, dtype=t.dtype) for k, t in e.items()}
+                                         for e in template.experts])
             for _ in range(max(1, n_buffers)):
                 self.buffers.append({
                     "attn": {k: torch.empty_like(t, device=device) for k, t in template.attn.items()},
@@ -63,6 +80,8 @@ class LayerStreamer:
         """Bytes of streamed weights held in pinned host memory."""
         total = 0
         for j in self.buffer_of:
+            if self.disk is not None and j in self.disk:
+                continue  # read from disk into the staging buffers, not held
             lw = self.w.layers[j]
             parts = ([] if self.attn_res[j] else [lw.attn]) + ([] if self.ffn_res[j] else [lw.ffn, *lw.experts])
             total += sum(t.nbytes for d in parts for t in d.values())
@@ -70,13 +89,34 @@ class LayerStreamer:
 
     def prefetch(self, j: int, experts: list[int] | None = None) -> None:
         """Start copying layer j's streamed tensors (all experts, or only `experts`)."""
+        if self.disk is not None:
+            self.disk.ahead(j, self.n)  # disk reads run ahead in sweep order, whatever layer j is
         if j >= self.n or not self.streamed(j) or j in self.ready:
             return
+        if j in self.pending or (self.disk is not None and j in self.disk):
+            if not (self.cuda and self.disk.ready(j)):
+                self.pending[j] = experts  # read still running (or CPU): taken in get(j), not waited for here
+                return
+            self.pending.pop(j, None)
+        self._make_ready(j, experts)
+
+    def _make_ready(self, j: int, experts: list[int] | None) -> None:
         lw = self.w.layers[j]
+        if self.disk is not None and j in self.disk:
+            src = self.disk.wait(j)
+            if not self.cuda:  # converted to the compute dtype; the staging buffer is free again
+                lw = convert(src, self.dtype or torch.float32)
+                self.disk.release(j)
+                self.ready[j] = ({"attn": lw.attn, "ffn": lw.ffn, "experts": lw.experts}, None)
+                return
+            self.disk_src[j] = src
+            lw = src
         if not self.cuda:  # weights are used where they lie
             self.ready[j] = ({"attn": lw.attn, "ffn": lw.ffn, "experts": lw.experts}, None)
             return
         self._copy_in(j, lw, experts)
+        if j in self.disk_src:
+            self.disk_done[j] = self.ready[j][1]
 
     def _copy_in(self, j: int, lw: LayerWeights, experts: list[int] | None) -> None:
         """On CUDA: copy layer j's streamed parts into its buffer on the copy stream, after the buffer's release."""
@@ -113,8 +153,13 @@ class LayerStreamer:
         if not self.streamed(j):
             lw = self.w.layers[j]
             return lw
+        if self.disk is not None and j in self.disk:
+            self.disk.count_use(j)
         if j not in self.ready:
-            self.prefetch(j)
+            experts = self.pending.pop(j, None)
+            if self.disk is not None:
+                self.disk.ahead(j, self.n)
+            self._make_ready(j, experts)
         out, done = self.ready[j]
         if done is not None:
             torch.cuda.current_stream().wait_event(done)
@@ -126,14 +171,17 @@ class LayerStreamer:
         missing = [e for e in experts if out["experts"][e] is None]
         if missing and self.cuda:
             buf = self.buffers[self.buffer_of[j]]
+            src = self.disk_src.get(j, self.w.layers[j])
             with torch.cuda.stream(self.streams.copy):
                 for e in missing:
-                    for k, t in self.w.layers[j].experts[e].items():
+                    for k, t in src.experts[e].items():
                         buf["experts"][e][k].copy_(t, non_blocking=True)
                         self.copied_bytes += t.nbytes
                     out["experts"][e] = buf["experts"][e]
                 done = torch.cuda.Event()
                 done.record(self.streams.copy)
+            if j in self.disk_src:
+                self.disk_done[j] = done
             torch.cuda.current_stream().wait_event(done)
         return LayerWeights(out["attn"], out["ffn"], out["experts"])
 
@@ -144,3 +192,9 @@ class LayerStreamer:
         ev = self.streams.event()
         if ev is not None:
             self.free_event[self.buffer_of[j]] = ev
+        if j in self.disk_src:  # the staging buffer is reusable once its copies to the GPU are done
+            self.disk_src.pop(j)
+            done = self.disk_done.pop(j, None)
+            if done is not None:
+                done.synchronize()
+            self.disk.release(j)

@@ -20,6 +20,7 @@ from ..layers import (LayerWeights, attention, attn_out, ffn_norm, moe_experts, 
 from ..kv_cache import KVCache
 from ..loader import load_model
 from .requests import EngineError
+from .disk_stream import DiskLayers, plan_disk_layers
 from .streaming import LayerStreamer, Streams
 from .target_kv import TargetKV
 from .timeline import Timeline
@@ -39,8 +40,11 @@ class Target:
         n_layers = args.n_layers
         attn_res = resident_layers(plan.gpu_attn_layers, n_layers)  # spread evenly, as the simulator assumes
         ffn_res = resident_layers(plan.gpu_ffn_layers, n_layers)
+        on_disk = plan_disk_layers(plan, n_layers, attn_res | ffn_res if cuda else set())
 
         def placement(name: str) -> str | torch.device:
+            if name.startswith("layers.") and int(name.split(".")[1]) in on_disk:
+                return "disk"  # not loaded: read from the checkpoint every pass
             if not cuda:
                 return "cpu"
             if not name.startswith("layers."):
@@ -52,9 +56,10 @@ class Target:
         self.device, self.dtype, self.tl = device, dtype, timeline
         self.streams = Streams(device)
         L = self.args.n_layers
-        self.streamer = LayerStreamer(self.w, [j in attn_res or not cuda for j in range(L)],
-                                      [j in ffn_res or not cuda for j in range(L)], device, plan.weight_buffers,
-                                      self.streams, timeline)
+        self.disk = DiskLayers(model_dir, self.args, sorted(on_disk), timeline=timeline) if on_disk else None
+        self.streamer = LayerStreamer(self.w, [(j in attn_res or not cuda) and j not in on_disk for j in range(L)],
+                                      [(j in ffn_res or not cuda) and j not in on_disk for j in range(L)], device,
+                                      plan.weight_buffers, self.streams, timeline, self.disk, dtype)
         self.inv_freq = rope_inv_freq(self.args, device)
         self.micro_batches = plan.micro_batches
         per_batch = plan.gpu_kv_sequences
