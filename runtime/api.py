@@ -232,10 +232,7 @@ class LLM:
             if not self.quiet:
                 print(self.plan_summary, file=sys.stderr)
             self._build(result.plan)
-        try:
-            requests = [self.rio.request(p, default_gen) for p in todo]
-        except RequestError as exc:
-            raise OneShotError(str(exc)) from None
+        requests = [self.rio.request(p, default_gen, i) for p, i in zip(todo, ids)]
         for r in requests:
             try:
                 self.engine.check(r)

@@ -83,6 +83,17 @@ class RequestIO:
             raise RequestError(f"prompt {p.id!r} has neither text nor messages")
         return self.tokenizer.encode(p.text).ids
 
+    def all_prompt_ids(self, prompts, source: str) -> list[list[int]]:
+        """Every prompt's token ids (prompt_ids); a prompt that cannot be encoded is a RequestError naming
+        source:line."""
+        out = []
+        for p in prompts:
+            try:
+                out.append(self.prompt_ids(p))
+            except RequestError as exc:
+                raise RequestError(f"{source}:{p.line}: {exc}") from None
+        return out
+
     def fields(self, p: Prompt) -> dict:
         """The generation fields of a prompt, resolved: its own, else generation_config's, else DEFAULTS."""
         out = dict(DEFAULTS)
@@ -94,10 +105,11 @@ class RequestIO:
         out["top_k"] = max(0, int(out["top_k"]))  # -1 and 0: no limit
         return out
 
-    def request(self, p: Prompt, default_max_tokens: int) -> Request:
-        """The engine request for a prompt (max_tokens: its own, else default_max_tokens)."""
+    def request(self, p: Prompt, default_max_tokens: int, ids: list[int] | None = None) -> Request:
+        """The engine request for a prompt (max_tokens: its own, else default_max_tokens); `ids`: its token
+        ids when the caller has them already (prompt_ids), so a prompt is encoded once."""
         f = self.fields(p)
-        return Request(p.id, self.prompt_ids(p), p.max_tokens or default_max_tokens, temperature=f["temperature"],
+        return Request(p.id, self.prompt_ids(p) if ids is None else ids, p.max_tokens or default_max_tokens, temperature=f["temperature"],
                        top_p=f["top_p"], seed=f["seed"], top_k=f["top_k"], min_p=f["min_p"],
                        min_tokens=f["min_tokens"], stop=tuple(f["stop"]), stop_token_ids=tuple(f["stop_token_ids"]),
                        ignore_eos=bool(f["ignore_eos"]), detokenize=self.decode if f["stop"] else None)

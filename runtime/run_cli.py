@@ -341,14 +341,9 @@ def _run(args: argparse.Namespace, out: OutputFile, guard: SignalGuard | None) -
         raise RunError(str(exc)) from None
     try:
         rio = RequestIO.from_model_dir(target_dir)  # tokenizer, generation_config.json, chat template
+        ids = rio.all_prompt_ids(todo, args.prompts)
     except RequestError as exc:
         raise RunError(str(exc)) from None
-    ids = []
-    for p in todo:
-        try:
-            ids.append(rio.prompt_ids(p))
-        except RequestError as exc:
-            raise RunError(f"{args.prompts}:{p.line}: {exc}") from None
     gen_len = args.max_tokens or (plan.workload.gen_len_tokens if plan is not None else DEFAULT_MAX_TOKENS)
     if plan is None:  # one-shot: this machine's profile, a plan for these prompts
         device = oneshot.default_device(args.device)
@@ -368,12 +363,7 @@ def _run(args: argparse.Namespace, out: OutputFile, guard: SignalGuard | None) -
         simulate_first(plan, args.profile, args.force)
     if args.dtype and plan.dtype and args.dtype != plan.dtype:
         notes.append(f"run in {args.dtype}; the plan was made for {plan.dtype} (its memory figures assume that)")
-    pending = []
-    for p in todo:
-        try:
-            pending.append((p, rio.request(p, gen_len)))
-        except RequestError as exc:
-            raise RunError(f"{args.prompts}:{p.line}: {exc}") from None
+    pending = [(p, rio.request(p, gen_len, i)) for p, i in zip(todo, ids)]
     # The KV cache is sized for the plan's workload; longer requests are refused below (or, forced, the
     # cache grows to fit them, beyond what the plan and the simulator checked).
     need = max((len(r.prompt) + r.max_tokens + plan.draft_len + 1 for _, r in pending), default=0)

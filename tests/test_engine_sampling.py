@@ -93,17 +93,26 @@ def test_speculative_sampling_follows_target_distribution(pair, policy, k, draft
 def test_speculative_sampling_with_top_k_and_min_p_follows_target_distribution(pair, policy, k, draft_kv, temperature,
                                                                                top_p, top_k, min_p):
     n_tokens, n = 3, 3000
-    eng = Engine(plan_for(policy, k, draft_kv), pair[0], pair[1])
-    seen: dict[tuple[int, ...], int] = {}
-    eng.run([Request(f"s{i}", PROMPT, n_tokens, temperature, top_p, seed=7, top_k=top_k, min_p=min_p)
-             for i in range(n)], lambda f: seen.__setitem__(tuple(f.tokens), seen.get(tuple(f.tokens), 0) + 1))
-    assert sum(seen.values()) == n
+    eng, seen = sample_counts(pair[0], pair[1], plan_for(policy, k, draft_kv), n_tokens, n, temperature, top_p, top_k,
+                              min_p)
     assert eng.stats.acceptance.rounds > 0 and 0.0 < eng.stats.acceptance.per_position()[0] < 1.0
     exact = exact_joint(pair[0], n_tokens, temperature, top_p, top_k, min_p)
     # the filters cut: some sequences the plain distribution allows have probability 0 here, and never occur
     assert any(pr == 0.0 for pr in exact.values())
     assert all(exact[seq] > 0 for seq in seen)
     assert_follows(seen, exact, n)
+
+
+def sample_counts(target_dir, draft_dir, plan: Plan, n_tokens: int, n: int, temperature: float, top_p: float,
+                  top_k: int, min_p: float) -> tuple[Engine, dict[tuple[int, ...], int]]:
+    """n sampled continuations of PROMPT (seed 7, each its own generator) -> the engine and how often each
+    sequence of n_tokens tokens was generated (all n counted)."""
+    eng = Engine(plan, target_dir, draft_dir)
+    seen: dict[tuple[int, ...], int] = {}
+    eng.run([Request(f"s{i}", PROMPT, n_tokens, temperature, top_p, seed=7, top_k=top_k, min_p=min_p)
+             for i in range(n)], lambda f: seen.__setitem__(tuple(f.tokens), seen.get(tuple(f.tokens), 0) + 1))
+    assert sum(seen.values()) == n
+    return eng, seen
 
 
 def assert_follows(seen: dict[tuple[int, ...], int], exact: dict[tuple[int, ...], float], n: int) -> None:
@@ -145,11 +154,8 @@ def feature_head(pair, tmp_path_factory):
 def test_speculative_sampling_with_feature_draft_follows_target_distribution(pair, feature_head, policy, k, draft_kv,
                                                                              temperature, top_p, top_k, min_p):
     n_tokens, n = 3, 3000
-    eng = Engine(plan_for(policy, k, draft_kv), pair[0], feature_head)
-    seen: dict[tuple[int, ...], int] = {}
-    eng.run([Request(f"s{i}", PROMPT, n_tokens, temperature, top_p, seed=7, top_k=top_k, min_p=min_p)
-             for i in range(n)], lambda f: seen.__setitem__(tuple(f.tokens), seen.get(tuple(f.tokens), 0) + 1))
-    assert sum(seen.values()) == n
+    eng, seen = sample_counts(pair[0], feature_head, plan_for(policy, k, draft_kv), n_tokens, n, temperature, top_p,
+                              top_k, min_p)
     assert eng.stats.acceptance.rounds > 0 and 0.0 < eng.stats.acceptance.per_position()[0] < 1.0
     exact = exact_joint(pair[0], n_tokens, temperature, top_p, top_k, min_p)
     assert all(exact[seq] > 0 for seq in seen)

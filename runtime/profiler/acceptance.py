@@ -183,14 +183,9 @@ def measure_workload(target_ref: str, draft_ref: str, prompts_path: str | Path, 
 
     try:
         rio = RequestIO.from_model_dir(tdir, tokenizer=tok)  # chats rendered as a run renders them
+        ids = rio.all_prompt_ids(prompts, prompts_path)
     except RequestError as exc:
         raise AcceptanceError(str(exc)) from None
-    ids = []
-    for p in prompts:
-        try:
-            ids.append(rio.prompt_ids(p))
-        except RequestError as exc:
-            raise AcceptanceError(f"{prompts_path}:{p.line}: {exc}") from None
     for p, x in zip(prompts, ids):
         if not x:
             raise AcceptanceError(f"{prompts_path}:{p.line}: prompt {p.id!r} encodes to no tokens")
