@@ -15,6 +15,11 @@ PRED = Prediction(1, 1, 1, 1, 1, 1, 1, 0, 1, {}, {}, {}, "h2d", 0, 0)
 
 def test_admission_rule():
     assert admit_count(free=4, waiting=10, prefill_batch=2, live=True) == 4
+    assert admit_count(free=5, waiting=10, prefill_batch=2, live=True) == 4  # whole chunks; 1 row waits
+    assert admit_count(free=150, waiting=1000, prefill_batch=128, live=True) == 128
+    assert admit_count(free=300, waiting=1000, prefill_batch=128, live=True) == 256
+    assert admit_count(free=150, waiting=150, prefill_batch=128, live=True) == 150  # the last prompts
+    assert admit_count(free=150, waiting=1000, prefill_batch=128, live=False) == 150  # idle: all it can
     assert admit_count(free=1, waiting=10, prefill_batch=2, live=True) == 0  # less than a chunk, batch busy
     assert admit_count(free=1, waiting=10, prefill_batch=2, live=False) == 1  # an idle batch takes what it can
     assert admit_count(free=3, waiting=1, prefill_batch=2, live=True) == 1  # the last prompts: a short chunk
@@ -141,3 +146,18 @@ def test_step_logs_are_bounded(monkeypatch):
     for i in range(5):
         schedule.log_step(log, VERIFY, 0, i)
     assert log == [(VERIFY, 0, 0), (VERIFY, 0, 1), (VERIFY, 0, 2)]
+
+
+def test_refills_under_speculation_prefill_whole_chunks():
+    """Rows free a few at a time when acceptance is random; refills still prefill whole chunks, so the
+    prefill sweeps are the prompts over the chunk size (the closed form's count), not one more short
+    chunk per refill."""
+    from specoffload.planner.sim import simulate
+
+    plan = make_plan("serial-spec", 40, 3, 8, 200, 12, 0.7)
+    sim = simulate(plan, "cpu-2core")
+    assert sim.ok, sim.problems
+    refills = [m for op, _, m in sim.schedule_log if op == REFILL]
+    assert sum(refills) == 200 and len(refills) > 10  # many refills, rows freed at many different times
+    assert all(m % 8 == 0 for m in refills)
+    assert sim.report.prefill_passes == 200 // 8

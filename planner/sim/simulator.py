@@ -43,8 +43,9 @@ Model (what the runtime is expected to do; durations all come from the CostModel
   h2d hidden in -> gpu -> d2h out); the prefill's logits give each sequence its first token. The
   initial fill gives batch 0 min(decode_batch, prompts), then batch 1 the next ones. After a
   verification of batch X its finished sequences free their slots and X is refilled right away
-  (before the next verification) when the free slots can take min(prefill_batch, prompts left) or X is
-  idle: all min(free, left) waiting prompts, in chunks of prefill_batch. Then X's draft round (its
+  (before the next verification) with whole chunks of prefill_batch only (the rest of the free slots
+  wait for the next refill), or all the prompts left when they fit; an idle X takes all min(free, left)
+  waiting prompts (`schedule.admit_count`). Then X's draft round (its
   survivors and newcomers, after their prefill) is issued; interleaved: it runs while the other batch
   verifies; serial-spec: right before X's next verification.
 - Memory (see memory.py): weights and working sets at setup; weight buffers taken by each streamed
