@@ -33,7 +33,7 @@ All times in seconds, sizes in bytes. Weights, activations and KV use the run's 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .durations import Durations
 from .knobs import Knobs
@@ -63,10 +63,38 @@ class StepTerms:
     tokens_per_step: float  # expected verified tokens in one step (full batch)
     shared_device: bool  # CPU-only machine: gpu and cpu are one resource
     host_seconds: float = 0.0  # the runtime's bookkeeping between passes (serial, on the host)
+    # Streams that run on through the serial part (serial-spec: the weight copies, the disk reads):
+    # resource -> (seconds of the serial part it serves itself, its work for the next sweep that its free
+    # buffers let it do meanwhile), see `bounds`.
+    serial_overlap: dict[str, tuple[float, Linear]] = field(default_factory=dict)
 
     @property
     def serial_total(self) -> float:
         return self.serial_seconds + self.host_seconds
+
+    def bounds(self) -> dict[str, Linear]:
+        """The decode step is max(bounds) + serial_total: each resource's busy time (gpu and cpu as one
+        device on a CPU-only machine) and each dependency chain, as linear forms.
+
+        A stream in `serial_overlap` does not stop for the serial part: its buffers take the next sweep's
+        first layers meanwhile (`ahead` seconds of its work), and it idles only for what of the serial part
+        they do not cover. Its time is then max(busy + own, busy + serial_total - ahead) (own: the serial
+        part's use of it), written as two bounds with serial_total taken off: `r` and `r:serial`."""
+        busy = dict(self.busy)
+        if self.shared_device:
+            busy = {"device": busy["gpu"] + busy["cpu"], "h2d": busy["h2d"], "d2h": busy["d2h"],
+                    **({"disk": busy["disk"]} if "disk" in busy else {})}
+        out: dict[str, Linear] = {}
+        for r, f in busy.items():
+            if r in self.serial_overlap:
+                own, ahead = self.serial_overlap[r]
+                out[r] = f + (own - self.serial_total)
+                out[f"{r}:serial"] = f + ahead * -1.0
+            else:
+                out[r] = f
+        for i, c in enumerate(self.chain):
+            out[f"chain{i}"] = c
+        return out
 
     @property
     def tokens_per_slot(self) -> float:  # the report's word for a step
@@ -148,15 +176,46 @@ class CostModel(Durations):
         # Within one batch its steps are a chain: GPU layers, and for host KV the CPU attention between them.
         dr = self.draft_round(knobs, b)
         draft_chain = sum(dr.values())
-        serial = 0.0
+        serial, overlap = 0.0, {}
         if knobs.policy == "interleaved":
             for r in busy:
                 busy[r] = busy[r] + dr.get(r, 0.0)
             chain = chain + (Linear(draft_chain),)
         elif knobs.policy == "serial-spec":
             serial = draft_chain
+            overlap = self.serial_overlap(knobs, dr, busy["gpu"])
         stats = self.rounds(k)
-        return StepTerms(busy, chain, serial, b * stats.expected_tokens, self.cpu_only, self.host_pass_seconds(b))
+        return StepTerms(busy, chain, serial, b * stats.expected_tokens, self.cpu_only, self.host_pass_seconds(b),
+                         overlap)
+
+    def serial_overlap(self, knobs: Knobs, dr: dict[str, float], gpu: Linear) -> dict[str, tuple[float, Linear]]:
+        """Serial-spec: what the weight stream and the disk stage do while the draft round runs
+        (StepTerms.serial_overlap; `gpu` is the verification's GPU busy time).
+
+        Both run ahead in sweep order into the next pass as their buffers free up (planner/sim/weight_stream.py;
+        the runtime's LayerStreamer fills every free buffer too): as the verification's last layers release
+        theirs, the copy engine moves the next pass's first `weight_buffers` streamed layers and the disk
+        reads its first DISK_STAGING_BUFFERS disk layers, then both wait for the next verification to free a
+        buffer. So the stream idles from its last copy of the pass to that release, less those copies: the
+        window is the last layer's compute, the LM head, the serial part and the next pass's first layer
+        (two layers of the verification's GPU work, linear in the placement), and the credit returned is the
+        copy work that fits in the buffers less the window's part besides the serial one. Copy seconds of
+        those layers: weight_buffers times the mean copy per layer (resident layers count as no copy:
+        linear, and never more than the real first layers take)."""
+        out: dict[str, tuple[float, Linear]] = {}
+        t, L = self.t, self.t.num_layers
+        tokens = knobs.decode_batch * (knobs.draft_len + 1)
+        lm = self.lm_head_seconds(t, tokens)
+        tail = (gpu + -lm) * (2.0 / L) + lm  # the last layer, the LM head, the next pass's first layer
+        W = min(knobs.weight_buffers, L)
+        if not self.cpu_only and W > 0:
+            per_layer = (streamed(self.h2d_seconds(t.attn_bytes_per_layer), "attn_gpu")
+                         + streamed(self.h2d_seconds(self.ffn_streamed_bytes(tokens)), "ffn_gpu"))
+            out["h2d"] = (dr.get("h2d", 0.0), W * per_layer + tail * -1.0)
+        if self.disk_tier:
+            reads = self.disk_seconds(min(DISK_STAGING_BUFFERS, L) * self.disk_layer_bytes)
+            out["disk"] = (0.0, tail * -1.0 + reads)
+        return out
 
     @memo_method
     def _target_step(self, b: int, k: int, m: int, nb: int) -> tuple[dict[str, Linear], tuple[Linear, ...]]:
@@ -204,16 +263,11 @@ class CostModel(Durations):
 
     def step_seconds(self, terms: StepTerms, placement: dict[str, float]) -> tuple[float, str]:
         """Closed-form decode-step time at a placement, and what binds it."""
-        cands = {r: f.at(placement) for r, f in terms.busy.items()}
-        if terms.shared_device:
-            cands = {"device": cands["gpu"] + cands["cpu"], "h2d": cands["h2d"], "d2h": cands["d2h"],
-                     **({"disk": cands["disk"]} if "disk" in cands else {})}
-        for i, c in enumerate(terms.chain):
-            cands[f"chain{i}"] = c.at(placement)
+        cands = {r: f.at(placement) for r, f in terms.bounds().items()}
         binding = max(cands, key=cands.get)
         if binding.startswith("chain"):
             binding = "layer-chain"
-        return max(cands.values()) + terms.serial_total, binding
+        return max(cands.values()) + terms.serial_total, binding.split(":")[0]
 
     # --- prefill -------------------------------------------------------------------------------
     def prefill_split(self, knobs: Knobs) -> tuple[int, int]:

@@ -65,11 +65,7 @@ def grid_search(planner: Planner, policies: tuple[str, ...] = POLICIES, disk: bo
                 placeable = (grid["disk"] + grid["attn_gpu"] <= 1 + 1e-9) & (grid["disk"] + grid["ffn_gpu"] <= 1 + 1e-9)
             staging = np.where(grid["disk"] > 0, cm.disk_staging_bytes(), 0.0)
             terms = cm.step_terms(knobs)
-            busy = {r: _eval(x, grid) for r, x in terms.busy.items()}
-            if terms.shared_device:
-                busy = {"device": busy["gpu"] + busy["cpu"], "h2d": busy["h2d"], "d2h": busy["d2h"],
-                        **({"disk": busy["disk"]} if "disk" in busy else {})}
-            slot = np.max(np.stack(list(busy.values()) + [_eval(c, grid) for c in terms.chain]), axis=0)
+            slot = np.max(np.stack([_eval(f, grid) for f in terms.bounds().values()]), axis=0)
             slot = slot + terms.serial_total
             slots, _ = cm.decode_steps(knobs)
             for bp in planner.prefill_grid():

@@ -270,8 +270,11 @@ class Planner:
         floor = self._disk_floor(mem, box)
         if not math.isfinite(floor):
             return math.inf
-        slot = max([self._resource_lb(terms.busy, terms.shared_device, gpu_mem, box, floor)]
-                   + [self._fixed(c, box).minimum() for c in terms.chain]) + terms.serial_total
+        bounds = terms.bounds()
+        resources = {r: f for r, f in bounds.items() if not r.startswith("chain")}
+        slot = max([self._resource_lb(resources, False, gpu_mem, box, floor)]
+                   + [self._fixed(f, box).minimum() for r, f in bounds.items() if r.startswith("chain")]
+                   ) + terms.serial_total
         slots, _ = self.cm.decode_steps(knobs)
         return slots * slot + self.prefill_lb(knobs)
 
@@ -339,15 +342,11 @@ class Planner:
             cons.append(Constraint(name, coef, "<=", cap - const))
 
         terms = cm.step_terms(knobs)
-        busy = dict(terms.busy)
         pre = cm.prefill_terms(knobs)
         if terms.shared_device:
-            busy["device"] = busy.pop("gpu") + busy.pop("cpu")
             pre["device"] = pre.pop("gpu") + pre.pop("cpu")
-        for r, f in busy.items():
-            at_most(f"slot_{r}", f, "slot_seconds")
-        for i, f in enumerate(terms.chain):
-            at_most(f"slot_layer_chain{i}", f, "slot_seconds")
+        for r, f in terms.bounds().items():  # the step is max(bounds) + serial_total
+            at_most(f"slot_{'layer_' if r.startswith('chain') else ''}{r.replace(':', '_')}", f, "slot_seconds")
         for r, f in pre.items():
             at_most(f"prefill_{r}", f, "chunk_seconds")
         staging = cm.disk_staging_bytes() if disk_free else 0.0
@@ -432,7 +431,9 @@ class Planner:
             gpu += min(d["gpu"] for d in drafts)
         elif policy == "serial-spec":
             serial = min((sum(d.values()) if cm.cpu_only else max(d.values())) for d in drafts)
-        slot = (max(gpu + cpu, h2d) if cm.cpu_only else max(gpu, cpu, h2d, disk)) + serial
+        # The weight stream and the disk stage run on through a serial draft round (StepTerms.bounds): at
+        # least their busy time, not busy + serial.
+        slot = (max(gpu + cpu, h2d) + serial) if cm.cpu_only else max(max(gpu, cpu) + serial, h2d, disk)
         key = (policy, k > 0)
         if key not in self._prefill_min:
             self._prefill_min[key] = min(self.prefill_lb(replace(base, draft_kv=mode, draft_sub_batch=s))

@@ -7,12 +7,13 @@ continuous refill from a request queue. Input/output files, resume and reports l
 
 The loop, per decode slot (interleaved: batch A verifies while the draft drafts for batch B):
 
-    for layer j:  prefetch streamed weights of layer j+1 on the copy stream (into a free buffer)
+    for layer j:  copy the next streamed layers' weights on the copy stream into every free buffer
+                  (in sweep order, past the last layer into the next pass)
                   for each micro-batch: QKV on the device -> q, k, v to the host -> attention on the
                   CPU over the host KV cache -> output back -> O-proj + FFN/MoE on the device
                   (a slice of the draft's work for batch B is launched before the CPU attention,
                   so the GPU drafts while the CPU attends)
-                  release layer j's buffer (an event on the compute stream)
+                  release layer j's buffer (an event on the compute stream); it takes the next copy
     verify A (accept the matching prefix + the target's token), roll caches back, refill free slots.
 
 On CUDA, events order copy, compute and buffer reuse; nothing synchronises the whole device inside

@@ -34,9 +34,15 @@ class LayerStreamer:
     """The target's per-layer weights: resident parts on the device, streamed parts in pinned host
     memory copied into one of `n_buffers` device buffers ahead of use.
 
-    prefetch(j) issues layer j's copy on the copy stream after the buffer's previous user released
-    it; get(j) makes the compute stream wait for that copy; release(j) records that compute is done
-    with the buffer. MoE layers at small token counts copy only the experts the router picked.
+    The stream runs ahead in sweep order, wrapping into the next pass, as far as the buffers allow (as
+    the simulator's weight stream does, planner/sim/weight_stream.py): `fill()` issues the next streamed
+    layers' copies on the copy stream into every free buffer, each copy waiting on the copy stream for
+    the buffer's previous user to release it; get(j) makes the compute stream wait for layer j's copy;
+    release(j) records that compute is done with its buffer (an event), which frees the buffer for the
+    next copy. So when a verification releases its last layers, the next pass's first n_buffers streamed
+    layers are copied while the host does its bookkeeping and a serial draft round runs. MoE layers at
+    small token counts copy only the experts the router picked (`experts=[]`: none ahead, the rest on use).
+    Without CUDA the same bookkeeping runs (no copies: weights are used where they lie).
     """
 
     def __init__(self, weights: ModelWeights, attn_resident: list[bool], ffn_resident: list[bool],
@@ -52,34 +58,45 @@ class LayerStreamer:
         self.attn_res, self.ffn_res = attn_resident, ffn_resident
         self.cuda = streams.cuda
         self.n = len(weights.layers)
-        streamed = [j for j in range(self.n) if not (attn_resident[j] and ffn_resident[j])]
-        self.buffer_of = {j: i % max(1, n_buffers) for i, j in enumerate(streamed)}
+        self.order = [j for j in range(self.n) if not (attn_resident[j] and ffn_resident[j])]  # the sweep
+        self._streamed = set(self.order)
+        self.n_buffers = max(1, n_buffers) if self.order else 0
+        self.cursor = 0  # position in `order` of the next copy to issue (wraps into the next pass)
+        self.free = list(range(self.n_buffers))  # buffers whose last user released them (copies may go in)
+        self.buffer_of: dict[int, int] = {}  # issued layer -> its buffer, until released
+        self.next_compute = 0  # the layer the compute reaches next (where disk reads continue from)
         self.ready: dict[int, tuple[dict, object]] = {}
-        self.pending: dict[int, list[int] | None] = {}  # disk layers asked for whose read was not done yet
+        self.pending: dict[int, list[int] | None] = {}  # issued disk layers whose copy waits for the read
         self.free_event: dict[int, object] = {}
         self.buffers: list[dict] = []
         self.copied_bytes = 0
-        if self.cuda and streamed:
+        self.max_ahead = 0  # the most layers issued and not yet released at once (the prefetch depth reached)
+        if self.cuda and self.order:
+            streamed = self.order
             template = weights.layers[streamed[0]]
             if template.attn["wq"].device.type == "meta":  # a disk layer: only shapes, made real below
                 template = LayerWeights(*(({k: torch.empty(t.shape, dtype=t.dtype) for k, t in d.items()})
                                           for d in (template.attn, template.ffn)),
                                         [{k: torch.empty(t.shape, dtype=t.dtype) for k, t in e.items()}
                                          for e in template.experts])
-            for _ in range(max(1, n_buffers)):
+            for _ in range(self.n_buffers):
                 self.buffers.append({
                     "attn": {k: torch.empty_like(t, device=device) for k, t in template.attn.items()},
                     "ffn": {k: torch.empty_like(t, device=device) for k, t in template.ffn.items()},
                     "experts": [{k: torch.empty_like(t, device=device) for k, t in e.items()} for e in template.experts],
                 })
 
+    def issued(self) -> list[int]:
+        """The layers whose copies are issued and not yet released, in sweep order from the oldest."""
+        return sorted(self.buffer_of, key=lambda j: (self.order.index(j) - self.cursor) % len(self.order))
+
     def streamed(self, j: int) -> bool:
-        return j in self.buffer_of
+        return j in self._streamed
 
     def pinned_bytes(self) -> int:
         """Bytes of streamed weights held in pinned host memory."""
         total = 0
-        for j in self.buffer_of:
+        for j in self.order:
             if self.disk is not None and j in self.disk:
                 continue  # read from disk into the staging buffers, not held
             lw = self.w.layers[j]
@@ -87,17 +104,32 @@ class LayerStreamer:
             total += sum(t.nbytes for d in parts for t in d.values())
         return total
 
-    def prefetch(self, j: int, experts: list[int] | None = None) -> None:
-        """Start copying layer j's streamed tensors (all experts, or only `experts`)."""
+    def fill(self, experts: list[int] | None = None) -> None:
+        """Issue the next streamed layers' copies, in sweep order, into every free buffer (all experts, or
+        only `experts`); disk reads continue ahead of the compute. A disk layer whose read is still running
+        stops the fill (the copy stream is in order); the next fill, or get(), takes it."""
         if self.disk is not None:
-            self.disk.ahead(j, self.n)  # disk reads run ahead in sweep order, whatever layer j is
-        if j >= self.n or not self.streamed(j) or j in self.ready:
-            return
-        if j in self.pending or (self.disk is not None and j in self.disk):
-            if not (self.cuda and self.disk.ready(j)):
-                self.pending[j] = experts  # read still running (or CPU): taken in get(j), not waited for here
+            self.disk.ahead(self.next_compute, self.n)  # disk reads run ahead in sweep order
+        while self.free and self.order:
+            j = self.order[self.cursor]
+            if j in self.buffer_of:  # fewer streamed layers than buffers: this pass still holds it
                 return
-            self.pending.pop(j, None)
+            if self.disk is not None and j in self.disk and not (self.cuda and self.disk.ready(j)):
+                return
+            self._issue(j, experts)
+
+    def prefetch(self, j: int, experts: list[int] | None = None) -> None:
+        """The copies of layers up to j and beyond, as far as the buffers allow (see `fill`)."""
+        self.fill(experts)
+
+    def _issue(self, j: int, experts: list[int] | None) -> None:
+        """Take a free buffer for layer j (the layer at the cursor) and start its copy."""
+        self.buffer_of[j] = self.free.pop(0)
+        self.cursor = (self.cursor + 1) % len(self.order)
+        self.max_ahead = max(self.max_ahead, len(self.buffer_of))
+        if self.disk is not None and j in self.disk and not self.cuda:
+            self.pending[j] = experts  # converted on use (get), one layer at a time
+            return
         self._make_ready(j, experts)
 
     def _make_ready(self, j: int, experts: list[int] | None) -> None:
@@ -149,17 +181,24 @@ class LayerStreamer:
         self.tl.add(TRACK_H2D, f"{SPAN_WEIGHTS} L{j}", start, time.perf_counter())
         self.ready[j] = (out, done)
 
-    def get(self, j: int) -> LayerWeights:
+    def get(self, j: int, experts: list[int] | None = None) -> LayerWeights:
+        """Layer j's weights for the compute stream (its copy waited for); `experts` as in fill, for a copy
+        that was not issued ahead."""
+        self.next_compute = (j + 1) % self.n
         if not self.streamed(j):
             lw = self.w.layers[j]
             return lw
         if self.disk is not None and j in self.disk:
             self.disk.count_use(j)
-        if j not in self.ready:
-            experts = self.pending.pop(j, None)
+        if j not in self.buffer_of:
+            if self.order[self.cursor] != j:  # out of sweep order (a pass cut short): start the sweep at j
+                self._drop_ahead()
+                self.cursor = self.order.index(j)
             if self.disk is not None:
                 self.disk.ahead(j, self.n)
-            self._make_ready(j, experts)
+            self._issue_waiting(j, experts)
+        if j not in self.ready:  # a disk layer issued while its read was running: copy (or convert) it now
+            self._make_ready(j, self.pending.pop(j, None))
         out, done = self.ready[j]
         if done is not None:
             torch.cuda.current_stream().wait_event(done)
@@ -185,13 +224,37 @@ class LayerStreamer:
             torch.cuda.current_stream().wait_event(done)
         return LayerWeights(out["attn"], out["ffn"], out["experts"])
 
-    def release(self, j: int) -> None:
-        if not self.streamed(j):
+    def _issue_waiting(self, j: int, experts: list[int] | None) -> None:
+        """Issue layer j now (the compute needs it): a buffer is free once every earlier layer is released."""
+        if not self.free:
+            raise RuntimeError(f"layer {j} needed with all {self.n_buffers} weight buffers held by "
+                               f"layers {self.issued()}")
+        self.buffer_of[j] = self.free.pop(0)
+        self.cursor = (self.order.index(j) + 1) % len(self.order)
+        self.max_ahead = max(self.max_ahead, len(self.buffer_of))
+        if self.disk is not None and j in self.disk and not self.cuda:
+            self.pending[j] = experts
             return
+        self._make_ready(j, experts)
+
+    def _drop_ahead(self) -> None:
+        """Forget copies issued ahead of use (their buffers are free again once the copies are done)."""
+        for j in list(self.buffer_of):
+            self.release(j)
+
+    def _free_buffer(self, j: int) -> None:
+        b = self.buffer_of.pop(j)
         self.ready.pop(j, None)
+        self.pending.pop(j, None)
         ev = self.streams.event()
         if ev is not None:
-            self.free_event[self.buffer_of[j]] = ev
+            self.free_event[b] = ev
+        self.free.append(b)
+
+    def release(self, j: int) -> None:
+        if not self.streamed(j) or j not in self.buffer_of:
+            return
+        self._free_buffer(j)
         if j in self.disk_src:  # the staging buffer is reusable once its copies to the GPU are done
             self.disk_src.pop(j)
             done = self.disk_done.pop(j, None)

@@ -172,10 +172,11 @@ class Target:
         bounds = [round(i * B / m) for i in range(m + 1)]
         whole = m == 1
         few_tokens = B * T * a.top_k < a.n_experts if a.is_moe else False
-        self.streamer.prefetch(0, experts=[] if few_tokens else None)
+        ahead = [] if few_tokens else None  # experts the copies issued ahead take (none: routed ones on use)
+        self.streamer.fill(ahead)  # every free weight buffer takes the next streamed layer, in sweep order
         for j in range(a.n_layers):
-            lw = self.streamer.get(j)
-            self.streamer.prefetch(j + 1, experts=[] if few_tokens else None)
+            lw = self.streamer.get(j, ahead)
+            self.streamer.fill(ahead)
             for i in range(m):
                 lo, hi = bounds[i], bounds[i + 1]
                 if lo == hi:
@@ -196,8 +197,9 @@ class Target:
                     x[lo:hi] = xs
                 self.tl.add(TRACK_GPU, f"{SPAN_FFN} L{j} mb{i}", t0, time.perf_counter())
             self.streamer.release(j)
-        # The next pass (verification of the other batch, or a prefill) starts at layer 0: fetch it now.
-        self.streamer.prefetch(0, experts=[] if few_tokens else None)
+            # The freed buffer takes the next streamed layer: past the last layers, the next pass's first
+            # ones (a verification of the other batch, or a prefill), copied while a serial draft round runs.
+            self.streamer.fill(ahead)
         self.kv.advance(slots, n_new.tolist())
         if self.keep_hidden:
             self.last_hidden = rms_norm(x, self.w.norm, a.norm_eps)
