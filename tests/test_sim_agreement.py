@@ -25,19 +25,19 @@ SPECS = {name: load_model_spec(name) for pair in MODELS.values() for name in pai
 
 
 def closed_form(plan, profile):
-    """The closed form's candidates: {resource or chainN: seconds}, the serial part, the slot, and one
-    streamed layer's copy seconds (what the stream can prefetch per buffer)."""
+    """The closed form's candidates for the slot: {resource or chainN: seconds} (StepTerms.bounds plus the
+    serial part; a stream's two bounds as one), the serial part, the slot (their max), and one streamed
+    layer's copy seconds."""
     cm, knobs, pl = plan_cost_model(plan, profile)
     terms = cm.slot_terms(knobs)
     slot, _ = cm.slot_seconds(terms, pl)
-    cands = {r: f.at(pl) for r, f in terms.busy.items()}
-    if terms.shared_device:
-        cands = {"device": cands["gpu"] + cands["cpu"], "h2d": cands["h2d"], "d2h": cands["d2h"]}
-    for i, c in enumerate(terms.chain):
-        cands[f"chain{i}"] = c.at(pl)
+    cands: dict[str, float] = {}
+    for r, f in terms.bounds().items():
+        r = r.split(":")[0]
+        cands[r] = max(cands.get(r, -math.inf), f.at(pl) + terms.serial_total)
     layer = cm.h2d_seconds(cm.t.attn_bytes_per_layer) + cm.h2d_seconds(
         cm.ffn_streamed_bytes(knobs.decode_batch * (knobs.draft_len + 1)))
-    return cands, terms.serial_seconds, slot, layer
+    return cands, terms.serial_total, slot, layer
 
 
 def steady_case(model, profile, policy, b, k, m, mode, sub, attn_gpu, kv_gpu, prompt, h2d_scale=1.0, cpu_scale=1.0):
@@ -81,8 +81,10 @@ def check_agreement(case):
       except one case at +4.4% with the CPU binding by 21%; +9.1% and +9.6% when the layer chain
       binds, +10% with near-balanced bounds. Asserted: +5% in the first case, +12% in the others (a
       simulation slower than the closed form by more is a disagreement to explain, not a tolerance);
-    - serial-spec: the next sweep's first weight_buffers layers are copied while the draft runs, so the
-      simulation may be faster by that much;
+    - serial-spec: none now. The closed form credits the next sweep's first weight_buffers layers, which the
+      stream copies while the draft runs (StepTerms.bounds, CostModel.serial_overlap); measured over 89
+      drawn serial-spec cases (three seeds) where no chain with m > 1 binds: -0.3% .. +1.0%, so the usual
+      bounds apply (tests/test_serial_overlap.py has the hand-computed slot and the preset plans);
     - the layer chain with m > 1 micro-batches assumes every layer fills and drains its pipeline; layers
       overlap in the simulation, so there the closed form is an upper bound: measured -6.4% and -11.7%
       (the 52 drawn cases); asserted down to -20% (the measured spread with margin: a bound found by
@@ -94,7 +96,7 @@ def check_agreement(case):
         assert result.problems[0].kind == "overflow"
         return None
     sim = result.steady_slot_seconds()
-    cands, serial, slot, layer = closed_form(plan, prof)
+    cands, _, slot, _ = closed_form(plan, prof)
     assert slot == pytest.approx(plan.prediction.slot_seconds, rel=1e-9)
     diff = sim / slot - 1
     ranked = sorted(cands.values(), reverse=True)
@@ -104,8 +106,6 @@ def check_agreement(case):
     if plan.policy == "interleaved" and plan.draft_kv == "host":
         upper = 0.05 if (clear and not chain_binds) else 0.12
     lower = -0.02
-    if plan.policy == "serial-spec":
-        lower -= min(serial, plan.weight_buffers * layer) / slot
     if chain_binds and plan.micro_batches > 1:
         lower = min(lower, -0.20)
     assert lower <= diff <= upper, (case, sim, slot, cands)
