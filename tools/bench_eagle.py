@@ -38,7 +38,8 @@ def simulated(plan, prof) -> float:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                 epilog="example: python tools/bench_eagle.py --profiles rtx4090-pcie3,l4 --prompt-lens 512")
     ap.add_argument("--acceptance", type=float, default=0.7)
     ap.add_argument("--prompt-lens", default="77,512")
     ap.add_argument("--num-prompts", type=int, default=20000)
