@@ -200,8 +200,10 @@ class CostModel(Durations):
         window is the last layer's compute, the LM head, the serial part and the next pass's first layer
         (two layers of the verification's GPU work, linear in the placement), and the credit returned is the
         copy work that fits in the buffers less the window's part besides the serial one. Copy seconds of
-        those layers: weight_buffers times the mean copy per layer (resident layers count as no copy:
-        linear, and never more than the real first layers take)."""
+        those layers: weight_buffers times the mean copy per layer over all L layers (resident parts count
+        as no copy), linear in the placement; exact when every layer streams the same parts, less than the
+        real copies when some layers are wholly resident, and an estimate when the first streamed layers
+        keep a part resident that others stream."""
         out: dict[str, tuple[float, Linear]] = {}
         t, L = self.t, self.t.num_layers
         tokens = knobs.decode_batch * (knobs.draft_len + 1)
