@@ -40,6 +40,7 @@ from .knobs import Knobs
 from .linear import CPU_ONLY_PLACEMENT, PLACEMENT_VARS, Linear, streamed
 from .memo import memo_method
 from .rounds import EXACT_SUMS, RoundStats, _sum_pmf, expected_tokens, round_stats, token_distribution
+from .schedule import refill_rows
 from .schema import Prediction
 
 __all__ = [
@@ -394,13 +395,20 @@ class CostModel(Durations):
         Each batch serves its share of the prompts with refill; the tail is what the slowest
         sequences and the last, partly empty wave add over a perfectly packed (fluid) schedule.
         """
-        return self._decode_steps(knobs.decode_batch, knobs.draft_len, knobs.num_batches)
+        return self._decode_steps(knobs.decode_batch, knobs.draft_len, knobs.num_batches,
+                                  knobs.prefill_batch if knobs.draft_len else 1)
 
     @memo_method
-    def _decode_steps(self, b: int, k: int, nb: int) -> tuple[float, float]:
+    def _decode_steps(self, b: int, k: int, nb: int, bp: int = 1) -> tuple[float, float]:
+        """With speculation rows free a few at a time and refills admit whole prefill chunks only
+        (planner/schedule.py `admit_count`: chunks of bp, or of refill_rows(b) where bp is larger), so
+        between refills (chunk - 1) / 2 rows wait empty on average:
+        the batch runs as if that much smaller. (Offload-only rows free together: bp = 1 here.)"""
         per_stream = math.ceil(self.w.num_prompts / nb)
         stats = self.rounds(k)
-        span = stats.makespan(per_stream, b)
+        chunk = bp if bp <= refill_rows(b) else refill_rows(b)  # the rows a refill waits for
+        waiting = (chunk - 1) / 2 if per_stream > b else 0.0
+        span = stats.makespan(per_stream, max(1, round(b - waiting)))
         fluid = per_stream * stats.mean_rounds / b
         return nb * span, nb * max(0.0, span - fluid)
 

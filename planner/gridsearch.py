@@ -67,9 +67,9 @@ def grid_search(planner: Planner, policies: tuple[str, ...] = POLICIES, disk: bo
             terms = cm.step_terms(knobs)
             slot = np.max(np.stack([_eval(f, grid) for f in terms.bounds().values()]), axis=0)
             slot = slot + terms.serial_total
-            slots, _ = cm.decode_steps(knobs)
-            for bp in planner.prefill_grid():
+            for bp in planner.prefill_grid(knobs):
                 kb = replace(knobs, prefill_batch=bp)
+                slots, _ = cm.decode_steps(kb)  # rows waiting for a whole refill chunk: depends on bp
                 mem_ok = placeable.copy()
                 for tier, form in cm.memory_terms(kb).items():
                     cap = planner.caps[tier]

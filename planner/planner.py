@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 from .costmodel import CPU_ONLY_PLACEMENT, CostModel, Knobs, Linear, fits, streamed
 from .lp import Constraint, LpError, Variable, minimize
 from .models import ModelSpec, check_draft_for_target
+from .schedule import refill_rows
 from .schema import POLICIES, HardwareProfile, Plan, Prediction, Workload, resident_layers
 from .strict import SchemaError
 
@@ -309,11 +310,18 @@ class Planner:
                                         for bp in self.prefill_grid())
         return self._prefill_lb[key]
 
-    def prefill_grid(self) -> list[int]:
+    def prefill_grid(self, knobs: Knobs | None = None) -> list[int]:
+        """Prefill batches to try; for `knobs`' decode batch where given. Speculative plans free rows a
+        few at a time, so their refills take whole chunks of at most `schedule.refill_rows` of the batch
+        (the schedule's rule): a larger prefill batch would only ever run as its initial fill."""
         if "prefill_batch" in self.fixed:
             return [self.fixed["prefill_batch"]]
         n = self.workload.num_prompts
-        return sorted({bp for bp in PREFILL_BATCHES if bp < n} | {min(n, PREFILL_BATCHES[-1])})
+        grid = sorted({bp for bp in PREFILL_BATCHES if bp < n} | {min(n, PREFILL_BATCHES[-1])})
+        if knobs is not None and knobs.draft_len > 0:
+            cap = refill_rows(knobs.decode_batch)
+            grid = [bp for bp in grid if bp <= cap] or [min(grid)]
+        return grid
 
     # --- the placement LP ----------------------------------------------------------------------
     def solve_placement(self, knobs: Knobs) -> Candidate:
@@ -474,7 +482,7 @@ class Planner:
                 continue
             knobs = item
             decode_lb = lb - self.prefill_lb(knobs)
-            for bp in sorted(self.prefill_grid(), key=lambda x: self.prefill_seconds_lb(replace(knobs, prefill_batch=x))):
+            for bp in sorted(self.prefill_grid(knobs), key=lambda x: self.prefill_seconds_lb(replace(knobs, prefill_batch=x))):
                 k2 = replace(knobs, prefill_batch=bp)
                 if decode_lb + self.prefill_seconds_lb(k2) >= best_total * (1 - OPTIMALITY_GAP):
                     continue

@@ -55,20 +55,35 @@ def log_step(log: list, op: str, batch: int, sequences: int) -> None:
         log.append((op, batch, sequences))
 
 
-def admit_count(free: int, waiting: int, prefill_batch: int, live: bool) -> int:
-    """How many waiting prompts a batch with `free` free rows admits now. An idle batch takes all it
-    can. A batch that still has work takes whole prefill chunks only (a multiple of
-    min(prefill_batch, waiting)), or the last prompts when all of them fit, so no chunk's weight sweep
-    is spent on a few prompts: a remainder waits until it fills a chunk with the rows freed next.
-    (Admitting the remainder too made a short chunk at most refills: with speculation, where rows
-    free a few at a time, 62% more prefill sweeps than whole chunks on Mixtral-8x7B, 20000 x 512.)"""
+def admit_count(free: int, waiting: int, prefill_batch: int, live: bool, capacity: int = 0) -> int:
+    """How many waiting prompts a batch of `capacity` rows with `free` of them free admits now.
+
+    An idle batch takes all it can, and so does a batch whose free rows take all the prompts left.
+    A batch that still has work takes whole prefill chunks (a multiple of prefill_batch), so no
+    chunk's weight sweep is spent on a few prompts: the remainder waits for the rows freed next.
+    (Admitting the remainder too made a short chunk at most refills: with speculation, where rows free
+    a few at a time, 62% more prefill sweeps than whole chunks on Mixtral-8x7B, 20000 x 512.)
+    Where a whole chunk cannot come soon (prefill_batch above a quarter of the batch: rows would sit
+    empty while it fills, and a chunk larger than the batch would wait for the batch to drain), a
+    quarter of the batch's rows is enough for one chunk. A quarter: refilling at T free rows trades one
+    sweep per refill against T/2 empty rows while they gather; with a sweep about a decode step,
+    E tokens kept per verification and G generated per sequence, the best T is about
+    b * sqrt(2E/G), 0.12-0.25 of the batch for E in 1..4 and G = 128. `capacity` 0: no such cap."""
     want = min(free, waiting)
-    chunk = min(max(1, prefill_batch), waiting)
-    if want == 0 or not live:
+    if want == 0 or not live or want == waiting:
         return want
-    if want == waiting:
-        return want
-    return (want // chunk) * chunk
+    bp = max(1, prefill_batch)
+    if want >= bp:
+        return (want // bp) * bp
+    enough = refill_rows(capacity) if capacity > 0 else bp
+    return want if want >= enough else 0
+
+
+def refill_rows(capacity: int) -> int:
+    """Free rows that are enough for a refill of a batch of `capacity` rows whose prefill batch is
+    larger (a quarter of the batch: see `admit_count`). The planner gives speculative plans no prefill
+    batch above it, so their refills are whole chunks, as its closed form counts them."""
+    return max(1, capacity // 4)
 
 
 def prefill_chunks(n: int, prefill_batch: int) -> list[tuple[int, int]]:

@@ -161,3 +161,73 @@ def test_refills_under_speculation_prefill_whole_chunks():
     assert sum(refills) == 200 and len(refills) > 10  # many refills, rows freed at many different times
     assert all(m % 8 == 0 for m in refills)
     assert sim.report.prefill_passes == 200 // 8
+
+
+def test_a_prefill_batch_above_a_quarter_of_the_batch_does_not_drain_it():
+    from specoffload.planner.schedule import refill_rows
+    from specoffload.planner.sim import simulate
+
+    assert refill_rows(1000) == 250 and refill_rows(3) == 1
+    assert admit_count(free=300, waiting=5000, prefill_batch=2048, live=True, capacity=1000) == 300
+    assert admit_count(free=200, waiting=5000, prefill_batch=2048, live=True, capacity=1000) == 0
+    assert admit_count(free=200, waiting=5000, prefill_batch=2048, live=True) == 0  # no capacity: no cap
+    # A hand-made plan whose prefill batch exceeds its decode batch: refills come while the batch works
+    # (before the cap it admitted nothing until the batch had drained).
+    plan = make_plan("serial-spec", 40, 3, 64, 200, 12, 0.7)
+    sim = simulate(plan, "cpu-2core")
+    assert sim.ok, sim.problems
+    verifying = set()
+    refilled_live = 0
+    for op, g, m in sim.schedule_log:
+        if op == VERIFY:
+            verifying.add(g)
+        elif op == REFILL and verifying and m < 40:
+            refilled_live += 1
+    assert refilled_live > 5
+
+
+def test_the_planner_gives_speculative_plans_refill_sized_prefill_batches():
+    from specoffload.planner.models import load_model_spec
+    from specoffload.planner.planner import make_plan as plan_job
+    from specoffload.planner.schedule import refill_rows
+    from specoffload.planner.schema import load_profile
+
+    wl = Workload(prompt_len_tokens=77, gen_len_tokens=128, num_prompts=20000, acceptance=0.7)
+    plan = plan_job(load_profile("h200-24g"), load_model_spec("mixtral-8x7b"),
+                    load_model_spec("eagle-mixtral-8x7b"), wl, policy="serial-spec").plan
+    assert plan.draft_len > 0
+    assert plan.prefill_batch <= refill_rows(plan.decode_batch)
+    # The grid itself: a speculative batch of 1539 tries prefill batches up to 384, offload-only all.
+    import dataclasses
+    from specoffload.planner.planner import Planner, knobs_from_plan
+
+    planner = Planner(load_profile("h200-24g"), load_model_spec("mixtral-8x7b"),
+                      load_model_spec("eagle-mixtral-8x7b"), wl)
+    knobs = dataclasses.replace(knobs_from_plan(plan), decode_batch=1539)
+    assert max(planner.prefill_grid(knobs)) == 256
+    assert max(planner.prefill_grid(dataclasses.replace(knobs, draft_len=0, policy="offload-only"))) == 4096
+
+
+def test_the_closed_form_counts_rows_waiting_for_a_whole_chunk():
+    """Refills take whole chunks, so a speculative batch runs about (bp - 1) / 2 rows short; rows of an
+    offload-only batch free together and none wait. Checked against the simulated schedule."""
+    import dataclasses
+    from specoffload.planner.costmodel import CostModel
+    from specoffload.planner.planner import knobs_from_plan
+    from specoffload.planner.schema import load_profile
+    from specoffload.planner.models import load_model_spec
+    from specoffload.planner.sim import simulate
+
+    plan = make_plan("serial-spec", 128, 3, 32, 2560, 32, 0.7)
+    cm = CostModel(load_profile("cpu-2core"), load_model_spec("tiny-target"), load_model_spec("tiny-draft"),
+                   plan.workload)
+    knobs = knobs_from_plan(plan)
+    with_wait, _ = cm.decode_steps(knobs)
+    without, _ = cm.decode_steps(dataclasses.replace(knobs, prefill_batch=1))
+    assert with_wait > without * 1.05
+    sim = simulate(plan, "cpu-2core")
+    assert sim.ok, sim.problems
+    verifications = sum(1 for op, *_ in sim.schedule_log if op == VERIFY)
+    assert abs(verifications - with_wait) < abs(verifications - without)
+    off = dataclasses.replace(knobs, policy="offload-only", draft_len=0)
+    assert cm.decode_steps(off) == cm.decode_steps(dataclasses.replace(off, prefill_batch=1))

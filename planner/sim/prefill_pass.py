@@ -115,6 +115,7 @@ class PrefillPasses:
         """Admit waiting prompts into the batch's free slots, in prefill chunks (the schedule's rule,
         planner/schedule.py: only when a whole chunk's worth can go in, or the batch is idle)."""
         free = batch.free_slots()
-        want = admit_count(len(free), self.N - self.queue_next, self.plan.prefill_batch, bool(batch.active.any()))
+        want = admit_count(len(free), self.N - self.queue_next, self.plan.prefill_batch, bool(batch.active.any()),
+                           self.plan.decode_batch)
         for start, end in prefill_chunks(want, self.plan.prefill_batch):
             self._prefill_pass(batch, free[start:end])

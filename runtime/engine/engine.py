@@ -315,7 +315,8 @@ class Engine:
             admission rule); returns how many were admitted."""
             if len(queue) < len(free[g]):
                 take_more()
-            want = admit_count(len(free[g]), len(queue), self.plan.prefill_batch, bool(groups[g]))
+            want = admit_count(len(free[g]), len(queue), self.plan.prefill_batch, bool(groups[g]),
+                               self.plan.decode_batch)
             if want == 0:
                 return 0
             new = []
