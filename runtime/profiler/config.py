@@ -51,6 +51,10 @@ class ProfileConfig:
     engine_prompt_len: int = 16
     engine_gen_len: int = 24
     engine_reps: int = 2  # timed runs of each (batch, draft length), after one warm-up run
+    # The fit runs a narrow model of the reference's kind (op_overhead_shape widths, the reference's experts
+    # and top-k), where the fixed costs it fits are most of each layer's time; False: the reference's widths.
+    engine_narrow: bool = True
+    engine_max_layers: int = 8  # layers of the probe model run (the costs are per layer; more only take longer)
     engine_max_bytes: int = 512 * MiB  # fp32 weights of the reference layers run; fewer layers, then narrower, if over
     engine_overhead_reps: int = 0  # engine runs per point of the engine_overhead probe (0: max(3, reps))
     cpu_mem_margin_fraction: float = 0.05  # host memory kept free: this fraction of MemTotal ...
