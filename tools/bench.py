@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -128,6 +129,7 @@ def main() -> None:
         tokens, seconds = fn()
         return tokens / seconds
 
+    load_before = os.getloadavg()[0]
     timed(runs["ours: offload-only"][0])  # warm-up (untimed): first-call costs of torch and the allocator
     hf_batched()
     samples: dict[str, list[float]] = {name: [] for name in runs}
@@ -148,7 +150,9 @@ def main() -> None:
         err = f"{100 * (sim - tps) / tps:+.0f}%" if sim else "-"
         print(f"{name:38}{tps:>9.1f}{100 * spread:>7.0f}%{tps / base:>21.2f}x{(f'{sim:.1f}' if sim else '-'):>11}"
               f"{err:>9}  {what}")
-    print(f"\ntok/s: median of {args.reps} timed run(s) after a warm-up; spread = (max - min) / median. "
+    print(f"\nload average (1 min) {load_before:.2f} before the timed runs, {os.getloadavg()[0]:.2f} after, on "
+          f"{os.cpu_count()} CPUs")
+    print(f"tok/s: median of {args.reps} timed run(s) after a warm-up; spread = (max - min) / median. "
           "sim err = (simulated - measured median) / measured median; the simulator and the planner share "
           "the cost model, so this is the cost model's error on this machine")
 
