@@ -100,5 +100,6 @@ def test_the_probe_runs_the_narrow_model_and_says_so():
     with torch.inference_mode():
         out = pr.probe_engine_layers()
     prov = pr.prov["engine_layers"]
-    assert "wide-moe's kind" in prov and "narrow widths (hidden 64, 4 query / 2 KV heads of 16, FFN 128, 4 experts top-2)" in prov
+    assert "wide-moe's kind" in prov
+    assert "narrow widths (hidden 64, 4 query / 2 KV heads of 16, FFN 128, 4 experts top-2)" in prov
     assert all(np.isfinite(v) and 0.0 <= v < 1.0 for v in out.values())

@@ -195,7 +195,8 @@ def term_table(plan, profile, target, draft, workload, t_dir, d_dir, requests) -
         tokens = rec.batch * rec.query
         if rec.prefill:
             model = (L * (du.qkv_seconds(target, tokens) + du.ffn_seconds(target, tokens)
-                          + du.prefill_attention_seconds(target, rec.batch, rec.query)) + du.lm_head_seconds(target, rec.batch))
+                          + du.prefill_attention_seconds(target, rec.batch, rec.query))
+                     + du.lm_head_seconds(target, rec.batch))
             pre.append((rec.end - rec.start, model))
             continue
         dec.append((layer / L, du.qkv_seconds(target, tokens) + du.ffn_seconds(target, tokens), attn / L,
@@ -218,7 +219,8 @@ def term_table(plan, profile, target, draft, workload, t_dir, d_dir, requests) -
         outside = (st.decode_seconds - fwd) / max(st.slots, 1)
         rows.append(("LM head + logit scan + bookkeeping, per verification", (a_lm + outside) if dec else outside,
                      (m_lm if dec else 0.0) + du.host_pass_seconds(b)))
-    rows += [("run: prefill", st.prefill_seconds, rep.prefill_seconds), ("run: decode", st.decode_seconds, rep.decode_seconds)]
+    rows += [("run: prefill", st.prefill_seconds, rep.prefill_seconds),
+             ("run: decode", st.decode_seconds, rep.decode_seconds)]
     print(f"\nterms, {plan.policy} b={plan.decode_batch}x{plan.num_batches} k={plan.draft_len} (one traced run; "
           f"{len(dec)} decode passes of the target, medians)")
     print(f"  {'term':50}{'measured us':>13}{'model us':>11}{'model err':>11}")

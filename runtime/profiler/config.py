@@ -45,7 +45,7 @@ class ProfileConfig:
     model: ModelSpec | None = None  # reference shapes (matmul: FFN; attention: heads); None: mixtral-8x7b
     op_overhead_shape: tuple[int, int, int, int, int] = (64, 4, 2, 16, 128)  # dim, heads, kv heads, Dh, ffn
     force_fail: frozenset[str] = frozenset()  # test hook: these probes raise ProbeFailure
-    # The in-engine run (CPU device): the runtime's Engine on random weights of the reference shapes.
+    # The in-engine run (CPU device): the runtime's Engine on random weights of a narrow model of the reference's kind.
     engine_batches: tuple[int, ...] = (1, 4, 16, 64)
     engine_draft_lens: tuple[int, ...] = (0, 1, 3)  # 0: one token per row; k: k + 1 (a draft of one layer proposes)
     engine_prompt_len: int = 16

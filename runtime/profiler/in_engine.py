@@ -141,8 +141,8 @@ class EngineProbes:
 
         Micro-benchmarks call one op in a loop, hot in the CPU's caches; the engine runs a layer's ops
         once each between other layers' ops, and pays each dispatch cold. So: run the runtime's Engine
-        on random weights of the reference shapes (a one-layer dense draft of the same dimensions
-        proposes for the k > 0 runs, synthetic acceptance), take each decode pass's timed pieces, and
+        on random weights of a narrow model of the reference's kind (engine_fit_shapes; a one-layer dense
+        draft of the same dimensions proposes for the k > 0 runs, synthetic acceptance), take each decode pass's timed pieces, and
         fit on top of what the rates measured above predict for them:
           attention per layer   = KV bytes / bandwidth + FLOPs / rate
                                   + cpu_attn_overhead + batch * (seq_overhead + query * row_overhead)
@@ -288,7 +288,8 @@ class EngineProbes:
         t_res, d_res = np.abs(lay.residuals[:n_t]), np.abs(lay.residuals[n_t:])
         before = {f: self.fig.get(f) for f in out}
         self.prov["engine_layers"] = (
-            f"the runtime's Engine on random weights of {full_spec.name}'s kind ({n_layers} of {spec.num_layers} layers, "
+            f"the runtime's Engine on random weights of {full_spec.name}'s kind ({n_layers} of {spec.num_layers} "
+            "layers, "
             f"vocabulary {vocab}, fp32{scaled}), batches {list(c.engine_batches)} x draft lengths "
             f"{list(c.engine_draft_lens)} (synthetic acceptance 0.7; a one-layer dense draft of the same dimensions), "
             f"prompts {c.engine_prompt_len} -> {c.engine_gen_len} tokens, {c.engine_reps} timed run(s) each after "
