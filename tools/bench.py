@@ -1,6 +1,7 @@
 """Side-by-side benchmark on the tiny pair, one run, same prompts: our policies against transformers.
 
     python tools/bench.py [--threads 1] [--gen-len 32] [--profile profiles/cpu-2core.yaml | --measure]
+    python tools/bench.py --terms                # also: the engine's trace against the cost model, term by term
 
 Runs, on the bundled 64 prompts with the same generation length each:
   - our runtime with the specoffload, offload-only, serial-spec and interleaved plans (each planned
@@ -13,11 +14,17 @@ against the measurement with the error in %. The machine is shared and noisy: on
 run first, then every timed run is repeated --reps times in rotating order and the median is
 reported with its spread ((max - min) / median); compare ratios within one run, not absolute
 numbers across runs.
+
+--terms: before the benchmark, each policy's plan runs once more with the engine's trace on, and each
+cost-model term is set beside what the engine's spans measured for the same shapes (per decode pass of
+the target: its layers' QKV + FFN, its attention, its LM head; per prefill pass; the decode's time
+outside the forwards), medians over the passes: where a prediction is off, this says which term.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -36,6 +43,8 @@ def main() -> None:
                     help="profile this machine first (quick mode, ~20 s) and predict with that profile: prediction "
                          "and measurement from the same minutes of a machine whose speed drifts")
     ap.add_argument("--reps", type=int, default=3, help="timed repetitions of each run (median reported)")
+    ap.add_argument("--terms", action="store_true",
+                    help="also set each cost-model term beside the engine's traced spans for the same shapes")
     args = ap.parse_args()
     if args.reps < 1:
         ap.error("--reps must be >= 1")
@@ -72,6 +81,10 @@ def main() -> None:
           f"{args.threads} torch thread(s), profile {profile.name}; measured acceptance "
           f"{[round(a, 2) for a in workload.acceptance]}")
     requests = [Request(str(i), p, G) for i, p in enumerate(prompts)]
+    if args.terms:
+        for policy in ("offload-only", "serial-spec", "interleaved"):
+            plan = make_plan(profile, target_spec, draft_spec, workload, policy=policy).plan
+            term_table(plan, profile, target_spec, draft_spec, workload, t_dir, d_dir, requests)
     runs = {}  # name -> (run() -> (tokens, seconds), simulated tok/s or None, plan summary)
     for policy in ("specoffload", "offload-only", "serial-spec", "interleaved"):
         plan = make_plan(profile, target_spec, draft_spec, workload, policy=policy).plan
@@ -128,6 +141,7 @@ def main() -> None:
         tokens, seconds = fn()
         return tokens / seconds
 
+    load_before = os.getloadavg()[0]
     timed(runs["ours: offload-only"][0])  # warm-up (untimed): first-call costs of torch and the allocator
     hf_batched()
     samples: dict[str, list[float]] = {name: [] for name in runs}
@@ -148,9 +162,72 @@ def main() -> None:
         err = f"{100 * (sim - tps) / tps:+.0f}%" if sim else "-"
         print(f"{name:38}{tps:>9.1f}{100 * spread:>7.0f}%{tps / base:>21.2f}x{(f'{sim:.1f}' if sim else '-'):>11}"
               f"{err:>9}  {what}")
-    print(f"\ntok/s: median of {args.reps} timed run(s) after a warm-up; spread = (max - min) / median. "
+    print(f"\nload average (1 min) {load_before:.2f} before the timed runs, {os.getloadavg()[0]:.2f} after, on "
+          f"{os.cpu_count()} CPUs")
+    print(f"tok/s: median of {args.reps} timed run(s) after a warm-up; spread = (max - min) / median. "
           "sim err = (simulated - measured median) / measured median; the simulator and the planner share "
           "the cost model, so this is the cost model's error on this machine")
+
+
+def term_table(plan, profile, target, draft, workload, t_dir, d_dir, requests) -> None:
+    """Print the engine's traced pieces against the cost model's terms for one plan (see --terms)."""
+    import numpy as np
+
+    from specoffload.planner.durations import Durations
+    from specoffload.planner.sim import simulate
+    from specoffload.planner.trace_names import SPAN_LM_HEAD
+    from specoffload.runtime.engine import Engine
+    from specoffload.runtime.profiler.in_engine import layer_and_attention_seconds
+
+    du = Durations(profile, target, draft, workload)
+    L = target.num_layers
+    Engine(plan, t_dir, d_dir).run(requests, lambda f: None)  # warm-up
+    eng = Engine(plan, t_dir, d_dir, trace=True)
+    eng.run(requests, lambda f: None)
+    spans = eng.timeline.spans
+    dec, pre = [], []
+    for rec in eng.timeline.passes:
+        if rec.model != "target":
+            continue
+        inside = [sp for sp in spans if sp[2] >= rec.start and sp[3] <= rec.end]
+        layer, attn = layer_and_attention_seconds(inside)
+        lm = sum(e - s_ for _, nm, s_, e in inside if nm == SPAN_LM_HEAD)
+        tokens = rec.batch * rec.query
+        if rec.prefill:
+            model = (L * (du.qkv_seconds(target, tokens) + du.ffn_seconds(target, tokens)
+                          + du.prefill_attention_seconds(target, rec.batch, rec.query))
+                     + du.lm_head_seconds(target, rec.batch))
+            pre.append((rec.end - rec.start, model))
+            continue
+        dec.append((layer / L, du.qkv_seconds(target, tokens) + du.ffn_seconds(target, tokens), attn / L,
+                    du.cpu_attention_seconds(target, rec.batch, rec.query, rec.keys), lm,
+                    du.lm_head_seconds(target, tokens), rec.end - rec.start, rec.batch))
+    rep = simulate(plan, profile).report
+    st = eng.stats
+    fwd = sum(r.end - r.start for r in eng.timeline.passes if not r.prefill)
+    b = plan.decode_batch
+    rows = []
+    if dec:
+        a = np.median(np.array(dec), axis=0)
+        rows += [("target decode: QKV + FFN per layer", a[0], a[1]), ("target decode: attention per layer", a[2], a[3]),
+                 ("target decode: LM head span (model: + logit scan)", a[4], a[5])]
+        a_lm, m_lm = a[4], a[5]
+    if pre:
+        a = np.median(np.array(pre), axis=0)
+        rows.append(("target prefill pass", a[0], a[1]))
+    if not plan.draft_len:  # with a draft, its passes overlap the target's (interleaved) and hold its bookkeeping
+        outside = (st.decode_seconds - fwd) / max(st.slots, 1)
+        rows.append(("LM head + logit scan + bookkeeping, per verification", (a_lm + outside) if dec else outside,
+                     (m_lm if dec else 0.0) + du.host_pass_seconds(b)))
+    rows += [("run: prefill", st.prefill_seconds, rep.prefill_seconds),
+             ("run: decode", st.decode_seconds, rep.decode_seconds)]
+    print(f"\nterms, {plan.policy} b={plan.decode_batch}x{plan.num_batches} k={plan.draft_len} (one traced run; "
+          f"{len(dec)} decode passes of the target, medians)")
+    print(f"  {'term':50}{'measured us':>13}{'model us':>11}{'model err':>11}")
+    for name, m, p in rows:
+        print(f"  {name:50}{m * 1e6:>13.1f}{p * 1e6:>11.1f}{100 * (p - m) / m if m > 0 else float('nan'):>+10.0f}%")
+    print("  (the engine scans the logits after its LM head span, in the time outside the forwards; the model charges "
+          "the scan with the LM head: compare their sum)")
 
 
 if __name__ == "__main__":

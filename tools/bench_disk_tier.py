@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -145,6 +146,7 @@ def measured(profile_ref: str | None, reps: int, gen_len: int, threads: int) -> 
         return sum(len(f.tokens) for f in done) / wall, {"disk_bytes_per_sweep": stats.disk_bytes_per_sweep,
                                                          "sweeps": stats.sweeps, "disk_read_bytes": stats.disk_read_bytes}
 
+    load_before = os.getloadavg()[0]
     timed("disk tier")  # warm-up
     samples = {n: [] for n in runs}
     extra = {}
@@ -156,6 +158,7 @@ def measured(profile_ref: str | None, reps: int, gen_len: int, threads: int) -> 
             extra[name] = info
     out = {"profile": base.name, "disk_read_bytes_per_s": rate.bytes_per_s, "disk_mode": rate.mode,
            "disk_threads": rate.threads, "disk_block_bytes": rate.block_bytes, "fs_type": rate.fs_type,
+           "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],
            "torch_threads": threads, "gen_len": gen_len, "prompts": len(prompts), "reps": reps,
            "acceptance": [round(a, 3) for a in workload.acceptance], "host_mem_limit_bytes": limit,
            "plan": {"policy": plan.policy, "decode_batch": plan.decode_batch, "draft_len": plan.draft_len,
@@ -202,7 +205,8 @@ def markdown(plans: list[dict], meas: dict | None) -> str:
                   f"k={meas['plan']['draft_len']}, {meas['plan']['disk_layers']} of 4 layers on disk "
                   f"({meas['plan']['disk_bytes_per_sweep'] / 2**20:.2f} MiB per sweep); {meas['prompts']} prompts -> "
                   f"{meas['gen_len']} tokens, {meas['torch_threads']} torch thread(s), median of {meas['reps']}.", "",
-                  f"Profile: {meas['profile']}.", "",
+                  f"Profile: {meas['profile']}. Load average (1 min) {meas['load_average'][0]:.2f} before the runs, "
+                  f"{meas['load_average'][1]:.2f} after, on {os.cpu_count()} CPUs.", "",
                   "| run | measured tok/s (median) | spread | best | simulated tok/s | sim error vs median | vs best "
                   "| MiB read per sweep (plan: "
                   f"{meas['plan']['disk_bytes_per_sweep'] / 2**20:.2f}) | simulated disk busy |",

@@ -45,12 +45,16 @@ class ProfileConfig:
     model: ModelSpec | None = None  # reference shapes (matmul: FFN; attention: heads); None: mixtral-8x7b
     op_overhead_shape: tuple[int, int, int, int, int] = (64, 4, 2, 16, 128)  # dim, heads, kv heads, Dh, ffn
     force_fail: frozenset[str] = frozenset()  # test hook: these probes raise ProbeFailure
-    # The in-engine run (CPU device): the runtime's Engine on random weights of the reference shapes.
+    # The in-engine run (CPU device): the runtime's Engine on random weights of a narrow model of the reference's kind.
     engine_batches: tuple[int, ...] = (1, 4, 16, 64)
     engine_draft_lens: tuple[int, ...] = (0, 1, 3)  # 0: one token per row; k: k + 1 (a draft of one layer proposes)
     engine_prompt_len: int = 16
     engine_gen_len: int = 24
     engine_reps: int = 2  # timed runs of each (batch, draft length), after one warm-up run
+    # The fit runs a narrow model of the reference's kind (op_overhead_shape widths, the reference's experts
+    # and top-k), where the fixed costs it fits are most of each layer's time; False: the reference's widths.
+    engine_narrow: bool = True
+    engine_max_layers: int = 8  # layers of the probe model run (the costs are per layer; more only take longer)
     engine_max_bytes: int = 512 * MiB  # fp32 weights of the reference layers run; fewer layers, then narrower, if over
     engine_overhead_reps: int = 0  # engine runs per point of the engine_overhead probe (0: max(3, reps))
     cpu_mem_margin_fraction: float = 0.05  # host memory kept free: this fraction of MemTotal ...

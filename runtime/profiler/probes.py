@@ -7,8 +7,8 @@ copy-rate curves per transfer size (CUDA events; on a CPU-only machine one memcp
 the matmul rate over tokens at the reference FFN shape, device and host memory bandwidth (STREAM copy),
 the runtime's own host attention over a grid fitted by `fit.fit_attention`, one layer's fixed cost,
 the Engine's bookkeeping on tiny random checkpoints (`engine_overhead`) and, on CPU devices, the Engine
-on random weights of the reference shapes (`engine_layers`), whose fit replaces the micro-benchmark
-fixed costs (kept in provenance); memory from the allocator (CUDA) or /proc/meminfo.
+on random weights of a narrow model of the reference's kind (`engine_layers`), whose fit replaces the
+micro-benchmark fixed costs (kept in provenance); memory from the allocator (CUDA) or /proc/meminfo.
 
 Each timing: warm-up calls, then `reps` samples, each averaging enough calls to last at least
 `min_sample_s` (synchronised on CUDA); the figure uses the median, and the spread (IQR / median)
@@ -38,7 +38,7 @@ from .config import (FORCE_FAIL_ENV, KV_DTYPES, WARMUP_MAX_S, GiB, KiB, MiB, Pro
                      forced_failures)
 from .device import DeviceProbes
 from .fit import AttentionFit, Stats, sig
-from .in_engine import EngineProbes, engine_probe_shapes, probe_plan
+from .in_engine import EngineProbes, engine_fit_shapes, engine_probe_shapes, probe_plan
 from .link import LinkProbes
 from .machine import cpu_cores, cpu_name, default_name, host_memory, host_tag, meminfo, resolve_device
 from .timing import COLD_BYTES, Clock, cold_copies, measure, measure_many
@@ -46,7 +46,8 @@ from .timing import COLD_BYTES, Clock, cold_copies, measure, measure_many
 # The names this module has always offered (callers import them from here; the probes live beside it).
 __all__ = ["ALL_PROBES", "COLD_BYTES", "Clock", "FORCE_FAIL_ENV", "GiB", "KV_DTYPES", "KiB", "MiB", "Probe",
            "ProbeFailure", "ProfileConfig", "ProfileResult", "Profiler", "WARMUP_MAX_S", "attention_call",
-           "attention_workload", "cold_copies", "cpu_cores", "cpu_name", "default_name", "engine_probe_shapes",
+           "attention_workload", "cold_copies", "cpu_cores", "cpu_name", "default_name", "engine_fit_shapes",
+           "engine_probe_shapes",
            "forced_failures", "host_memory", "host_tag", "measure", "measure_many", "meminfo", "probe_plan",
            "resolve_device", "run_profile"]
 
