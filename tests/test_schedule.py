@@ -231,3 +231,23 @@ def test_the_closed_form_counts_rows_waiting_for_a_whole_chunk():
     assert abs(verifications - with_wait) < abs(verifications - without)
     off = dataclasses.replace(knobs, policy="offload-only", draft_len=0)
     assert cm.decode_steps(off) == cm.decode_steps(dataclasses.replace(off, prefill_batch=1))
+
+
+def test_simulation_progress_without_a_terminal_is_whole_lines(monkeypatch, capsys):
+    """Piped to a log, the simulator's progress is a whole line now and then, not a carriage-return
+    bar rewritten thousands of times."""
+    import dataclasses
+    from specoffload.planner.sim import SimOptions, simulate
+    from specoffload.planner.sim import simulator
+
+    ticks = iter(range(0, 10**9, 2))  # wall clock: 2 s per reading
+    monkeypatch.setattr(simulator.time, "perf_counter", lambda: float(next(ticks)))
+    monkeypatch.setattr(simulator, "PROGRESS_LOG_S", 3.0)
+    plan = make_plan("serial-spec", 40, 3, 8, 20000, 12, 0.7)  # ~47000 events: checked every 8192
+    sim = simulate(plan, "cpu-2core", dataclasses.replace(SimOptions(), progress=True))
+    assert sim.ok, sim.problems
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    lines = [x for x in err.splitlines() if "simulating:" in x]
+    assert 2 <= len(lines) < sim.events // 8192  # every other check: 3 s apart at 2 s per check
+    assert all(x.strip().startswith("simulating:") for x in lines)

@@ -80,6 +80,8 @@ from .trace import ChromeTrace, slice_name
 from .verify_pass import VerifyPasses
 from .weight_stream import WeightStream
 
+PROGRESS_LOG_S = 30.0  # without a terminal: a progress line this often (seconds of wall time)
+
 __all__ = ["BULK", "DRAFT", "TARGET", "Problem", "SimOptions", "SimResult", "Simulation", "resolve_profile",
            "simulate"]
 
@@ -102,7 +104,7 @@ class SimOptions:
     prefill_groups: int = 8  # at most this many pipelined groups per layer in a prefill chunk
     trace: bool = False
     trace_slots: int = 12  # trace the tasks of the first N passes only (memory counters: whole run)
-    progress: bool = False  # carriage-return progress on stderr when the run takes over ~1 s
+    progress: bool = False  # progress on stderr when the run takes over ~1 s (a terminal: one line in place)
     time_limit_factor: float = 50.0  # "never finishes": simulated time past this x the prediction
 
     def __post_init__(self):
@@ -234,6 +236,7 @@ class Simulation(VerifyPasses, PrefillPasses, DraftRounds, WeightStream, MemoryA
         self.makespan = 0.0
         self._wall0 = 0.0
         self._progress_shown = False
+        self._last_progress = 0.0
 
     # --- helpers -------------------------------------------------------------------------------
     def _resident(self, n: int) -> set[int]:
@@ -298,10 +301,13 @@ class Simulation(VerifyPasses, PrefillPasses, DraftRounds, WeightStream, MemoryA
             self.eng.stopped = True
         if self.opt.progress:
             wall = time.perf_counter() - self._wall0
-            if wall > 1.0:
-                self._progress_shown = True
-                sys.stderr.write(f"\r  simulating: {self.finished}/{self.N} sequences done, t={now:.1f} s simulated, "
-                                 f"{events} events")
+            # A terminal gets one line rewritten in place; a log file a line every PROGRESS_LOG_S.
+            tty = sys.stderr.isatty()
+            if wall > 1.0 and (tty or wall - self._last_progress >= PROGRESS_LOG_S):
+                self._last_progress = wall
+                self._progress_shown = tty
+                sys.stderr.write(f"{chr(13) if tty else ''}  simulating: {self.finished}/{self.N} sequences done, "
+                                 f"t={now:.1f} s simulated, {events} events{'' if tty else chr(10)}")
                 sys.stderr.flush()
 
     def _deadlock_message(self) -> str:
