@@ -26,6 +26,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -681,9 +682,64 @@ bool has_avx512() {
 #endif
 }
 
+// Measured compute peak of one core: GFLOP/s of a loop of independent 512-bit fp32 FMAs ("fma") or bf16
+// pair dot products ("dpbf16"), 24 accumulator chains (enough to cover the latency on both pipes), repeated
+// for about `seconds`; the best of five runs. 0 when the build lacks the instruction.
+double peak_gflops(const std::string& kind, double seconds) {
+  TORCH_CHECK(kind == "fma" || kind == "dpbf16", "peak_gflops: kind must be 'fma' or 'dpbf16', not '", kind, "'");
+#if defined(__AVX512F__)
+  constexpr int NA = 24;
+  constexpr int64_t ITERS = 1 << 14;
+  const bool bf = kind == "dpbf16";
+#if !defined(__AVX512BF16__)
+  if (bf) return 0.0;
+#endif
+  const double flops_per_iter = NA * (bf ? 64.0 : 32.0);
+  double best = 0.0;
+  volatile float sink = 0.f;
+  for (int run_ = 0; run_ < 5; ++run_) {
+    __m512 a[NA];
+    for (int i = 0; i < NA; ++i) a[i] = _mm512_set1_ps(0.001f * i);
+    // a = a * 0.999 + 1e-4 stays bounded and normal; the bf16 pairs are (0.5, 0.25) . (0.001, 0.001)
+    const __m512 x = _mm512_set1_ps(0.999f), y = _mm512_set1_ps(1e-4f);
+    int64_t n = 0;
+    const auto t0 = std::chrono::steady_clock::now();
+    double dt = 0.0;
+    do {
+      for (int64_t it = 0; it < ITERS; ++it) {
+#if defined(__AVX512BF16__)
+        if (bf) {
+          const __m512bh bx = _mm512_cvtne2ps_pbh(_mm512_set1_ps(0.5f), _mm512_set1_ps(0.25f));
+          const __m512bh by = _mm512_cvtne2ps_pbh(_mm512_set1_ps(0.001f), _mm512_set1_ps(0.001f));
+          UNROLL
+          for (int i = 0; i < NA; ++i) a[i] = _mm512_dpbf16_ps(a[i], bx, by);
+          continue;
+        }
+#endif
+        UNROLL
+        for (int i = 0; i < NA; ++i) a[i] = _mm512_fmadd_ps(a[i], x, y);
+      }
+      n += ITERS;
+      dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    } while (dt < seconds / 5);
+    __m512 t = a[0];
+    for (int i = 1; i < NA; ++i) t = _mm512_add_ps(t, a[i]);
+    sink = sink + _mm512_reduce_add_ps(t);
+    best = std::max(best, flops_per_iter * n / dt / 1e9);
+  }
+  (void)sink;
+  return best;
+#else
+  (void)seconds;
+  return 0.0;
+#endif
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("host_attention", &host_attention, "ragged GQA attention over a head-major host KV cache");
+  m.def("peak_gflops", &peak_gflops, "measured GFLOP/s of one core: kind 'fma' (fp32) or 'dpbf16'",
+        py::arg("kind"), py::arg("seconds") = 0.5);
   m.def("has_avx512", &has_avx512, "whether the kernel was compiled with the AVX-512 path");
 }
