@@ -239,29 +239,31 @@ constexpr int64_t PV_ROWS1 = 12; // with 1 or 2 vectors
 // Software prefetch of the next tile's K and V lines, spread over the work on this tile (a burst of
 // hundreds of prefetches stalls on the miss buffers; the hardware streams stop at every 4 KiB page).
 struct Prefetcher {
-  const char* k = nullptr;
+  const char* p = nullptr;     // the key row being fetched (K rows first, then V rows)
   const char* v = nullptr;
   int64_t ks = 0, vs = 0;      // bytes between keys
-  int64_t lines = 0;           // 64-byte lines per key row
-  int64_t total = 0, i = 0;    // lines to fetch (K first, then V), lines fetched
+  int64_t lines = 0, line = 0; // 64-byte lines per key row, next line of the current row
+  int64_t left = 0, v_keys = 0;// rows left in the current tensor, V rows still to come
   int64_t per_step = 0;
   void start(const char* k_, const char* v_, int64_t ks_, int64_t vs_, int64_t row_bytes, int64_t n_keys,
              int64_t steps) {
-    k = k_; v = v_; ks = ks_; vs = vs_; lines = (row_bytes + 63) / 64;
-    total = 2 * n_keys * lines; i = 0;
+    p = k_; v = v_; ks = ks_; vs = vs_; lines = (row_bytes + 63) / 64; line = 0;
+    left = n_keys; v_keys = n_keys;
+    const int64_t total = 2 * n_keys * lines;
     per_step = steps > 0 ? (total + steps - 1) / steps : total;
   }
-  inline void step() { step_n(per_step); }
   inline void step_n(int64_t n) {
-    const int64_t half = total / 2;
-    for (const int64_t end = std::min(total, i + n); i < end; ++i) {
-      const bool is_v = i >= half;
-      const int64_t j = is_v ? i - half : i;
-      const char* base = is_v ? v + (j / lines) * vs : k + (j / lines) * ks;
-      _mm_prefetch(base + (j % lines) * 64, _MM_HINT_T0);
+    for (; n > 0; --n) {
+      if (left == 0) {
+        if (v_keys == 0) return;
+        p = v; ks = vs; left = v_keys; v_keys = 0;
+      }
+      _mm_prefetch(p + line * 64, _MM_HINT_T0);
+      if (++line == lines) { line = 0; p += ks; --left; }
     }
   }
-  inline void finish() { step_n(total); }
+  inline void step() { step_n(per_step); }
+  inline void finish() { step_n(std::numeric_limits<int64_t>::max()); }
 };
 
 // acc[r] = corr[r] * acc[r] + p[r] . v for all R rows, the head dim in slices of 64 (then 32, 16).
@@ -555,26 +557,46 @@ void run(const Shape& sh, const float* q, const T* k, const T* v, const int64_t*
       for (int64_t t = 0; t < T_; ++t)
         for (int64_t g = 0; g < G; ++g) {
           const int64_t r = t * G + g;
-          const float* qs = q + ((b * T_ + t) * sh.H + h * G + g) * Dh;
-          for (int64_t c = 0; c < Dh; ++c) sc.q[r * Dh + c] = qs[c] * sh.scale;
           sc.lo[r] = lo[b * T_ + t];
           sc.hi[r] = hi[b * T_ + t];
           sc.m[r] = -std::numeric_limits<float>::infinity();
           sc.l[r] = 0.f;
         }
       std::fill(sc.acc.begin(), sc.acc.end(), 0.f);
+      // The queries: [R, Dh] scaled (portable loops), [Dh, R] scaled (fp32 scores) or bf16 pairs [Dh / 2, R]
+      // unscaled (bf16 scores), row r = t * G + g.
+      bool laid_out = false;
 #if defined(__AVX512F__)
-      if (Dh % 16 == 0)
-        for (int64_t r = 0; r < R; ++r) {
-          const int64_t t = r / G, g = r % G;
-          const float* qs = q + ((b * T_ + t) * sh.H + h * G + g) * Dh;
-          for (int64_t d = 0; d < Dh; ++d) {
-            sc.qt[d * R + r] = sc.q[r * Dh + d];
-            if (std::is_same<T, at::BFloat16>::value)
-              sc.qbt[((d / 2) * R + r) * 2 + d % 2] = at::BFloat16(qs[d]).x;  // unscaled
+      if (Dh % 16 == 0) {
+        laid_out = true;
+#if defined(__AVX512BF16__)
+        if (std::is_same<T, at::BFloat16>::value && Dh % 32 == 0) {
+          alignas(64) uint32_t pairs[16];
+          for (int64_t r = 0; r < R; ++r) {
+            const float* qs = q + ((b * T_ + r / G) * sh.H + h * G + r % G) * Dh;
+            for (int64_t d = 0; d < Dh; d += 32) {
+              // pair p = (q[2p], q[2p + 1]), rounded to nearest even
+              const __m512bh bh = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(qs + d + 16), _mm512_loadu_ps(qs + d));
+              _mm512_store_si512(reinterpret_cast<__m512i*>(pairs), (__m512i)bh);
+              uint32_t* dst = reinterpret_cast<uint32_t*>(sc.qbt.data());
+              for (int64_t i = 0; i < 16; ++i) dst[(d / 2 + i) * R + r] = pairs[i];
+            }
+          }
+        } else
+#endif
+        {
+          for (int64_t r = 0; r < R; ++r) {
+            const float* qs = q + ((b * T_ + r / G) * sh.H + h * G + r % G) * Dh;
+            for (int64_t d = 0; d < Dh; ++d) sc.qt[d * R + r] = qs[d] * sh.scale;
           }
         }
+      }
 #endif
+      if (!laid_out)
+        for (int64_t r = 0; r < R; ++r) {
+          const float* qs = q + ((b * T_ + r / G) * sh.H + h * G + r % G) * Dh;
+          for (int64_t c = 0; c < Dh; ++c) sc.q[r * Dh + c] = qs[c] * sh.scale;
+        }
       const int64_t j_begin = std::max(it.chunk * CHUNK, (klo[b] / TILE) * TILE);
       const int64_t j_end = std::min((it.chunk + 1) * CHUNK, khi[b]);
       if (j_end > j_begin)
