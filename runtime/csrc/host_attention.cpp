@@ -83,7 +83,7 @@ inline __m512 exp16(__m512 x) {
 }
 
 // In-place transpose of a 16 x 16 matrix of 32-bit elements held as 16 vectors (row i -> vector i).
-inline void transpose16(__m512* r) {
+__attribute__((always_inline)) inline void transpose16(__m512* r) {
   __m512 t[16], u[16];
   UNROLL
   for (int i = 0; i < 8; ++i) {
@@ -319,7 +319,7 @@ struct Scratch {
 #if defined(__AVX512F__)
 // Transpose keys [j0, j0 + nb) (nb <= TILE; missing keys are zeros) of one (row, kv head) into sc.kt.
 template <typename T>
-inline void transpose_tile(const T* kp, int64_t ks, int64_t j0, int64_t nb, int64_t Dh, bool bf_pairs, float* kt) {
+__attribute__((always_inline)) inline void transpose_tile(const T* kp, int64_t ks, int64_t j0, int64_t nb, int64_t Dh, bool bf_pairs, float* kt) {
   __m512 rr[16];
   for (int64_t h = 0; h < TILE / BLK; ++h) {
     const int64_t n = std::min<int64_t>(BLK, std::max<int64_t>(0, nb - h * BLK));
