@@ -431,9 +431,10 @@ void attend_range(const Shape& sh, const T* kp, const T* vp, Scratch& sc, int64_
       }
       // acc[r] = corr[r] acc[r] + sum_jj p[r, jj] v[j0 + jj]: V in fp32 (converted once per tile from a
       // bf16 / fp16 cache), rows x head-dim slices register-blocked.
-      // With one row group per slice of the head dim each V vector is read once, converted in registers;
-      // with more, a bf16 / fp16 tile is converted to fp32 once and the groups read that.
-      if (std::is_same<T, float>::value || R <= PV_ROWS4) {
+      // Up to four row groups per slice of the head dim read a bf16 / fp16 V straight from the cache and
+      // convert in registers (the loads interleave with the FMAs; measured faster at Q=5, G=4); with more
+      // groups the tile is converted to fp32 once and the groups read that (faster at Q=9).
+      if (std::is_same<T, float>::value || R <= 4 * PV_ROWS4) {
         pv_all(vp + j0 * sh.vs2, sh.vs2, nb, sb, corr, acc, R, Dh, pf);
       } else {
         float* vt = sc.vt.data();
