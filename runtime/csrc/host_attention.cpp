@@ -12,13 +12,19 @@
 // j > q_pos[b, t] - W. A query that sees no key gets 0.
 //
 // Work: one item per (row, kv head, chunk of CHUNK keys at absolute positions). The G query heads
-// that share a kv head and all T queries of the row are handled together, so each K/V vector is
-// read from memory once per (row, kv head). Chunks and the 16-key blocks inside them sit at fixed
-// absolute positions, so a query's result does not depend on the batch it is in, on T, or on the
-// number of threads (the same sums in the same order). Inside a 16-key block (AVX-512 path) the keys
-// are transposed once into scratch, and the R = T*G query rows run in register-blocked groups of up to
-// 24: scores are sums over the head dim in order, one vector of 16 keys per row (no horizontal sums),
-// and P.V reads each V vector once per group. A row's sums never depend on the group it lands in. Rows with several chunks write one partial
+// that share a kv head and all T queries of the row are handled together (R = T*G query rows), so each
+// K/V vector is read from memory once per (row, kv head). Chunks and the 32-key tiles inside them sit at
+// fixed absolute positions, so a query's result does not depend on the batch it is in, on T, or on the
+// number of threads (the same sums in the same order). Per tile (AVX-512 path):
+//   - the tile's keys are transposed once into scratch (keys into lanes; bf16 caches as bf16 pairs);
+//   - scores: the R rows in groups of up to 12, each group a 12 x 2-vector block of accumulators in
+//     registers, so every key vector loaded serves the whole group and every broadcast query element two
+//     key vectors; sums over the head dim in order (bf16 caches: vdpbf16ps on bf16 pairs);
+//   - one online-softmax step per row per tile (max over 32 keys, vectorised exp);
+//   - P.V: rows x 64 head-dim columns (6 x 4 vectors) of accumulators in registers over the whole tile,
+//     the rescale of the previous tile's accumulator fused into their load; V read once per group;
+//   - the next tile's K and V lines are prefetched a few at a time across the tile's work.
+// A row's sums never depend on the group it lands in. Rows with several chunks write one partial
 // (max, sum, accumulator) per chunk, merged in chunk order afterwards. Items are taken from a
 // shared counter, longest rows first, by as many threads as the torch intra-op pool has.
 #include <torch/extension.h>
@@ -429,8 +435,7 @@ void attend_range(const Shape& sh, const T* kp, const T* vp, Scratch& sc, int64_
         }
         _mm512_storeu_ps(lvb + r * BLK, _mm512_add_ps(lsum, _mm512_add_ps(p0, p1)));
       }
-      // acc[r] = corr[r] acc[r] + sum_jj p[r, jj] v[j0 + jj]: V in fp32 (converted once per tile from a
-      // bf16 / fp16 cache), rows x head-dim slices register-blocked.
+      // acc[r] = corr[r] acc[r] + sum_jj p[r, jj] v[j0 + jj] in fp32, rows x head-dim slices register-blocked.
       // Up to four row groups per slice of the head dim read a bf16 / fp16 V straight from the cache and
       // convert in registers (the loads interleave with the FMAs; measured faster at Q=5, G=4); with more
       // groups the tile is converted to fp32 once and the groups read that (faster at Q=9).
