@@ -22,7 +22,8 @@
 //     key vectors; sums over the head dim in order (bf16 caches: vdpbf16ps on bf16 pairs);
 //   - one online-softmax step per row per tile (max over 32 keys, vectorised exp);
 //   - P.V: rows x 64 head-dim columns (6 x 4 vectors) of accumulators in registers over the whole tile,
-//     the rescale of the previous tile's accumulator fused into their load; V read once per group;
+//     the rescale of the previous tile's accumulator fused into their load; V read once per group (a bf16
+//     V as even / odd halves of each 32 columns: a shift and a mask, no shuffle; see Bf16EO);
 //   - the next tile's K and V lines are prefetched a few at a time across the tile's work.
 // A row's sums never depend on the group it lands in. Rows with several chunks write one partial
 // (max, sum, accumulator) per chunk, merged in chunk order afterwards. Items are taken from a
@@ -169,6 +170,39 @@ inline void scores_bf16(const float* kt2, const uint16_t* q, int64_t qs, int64_t
 }
 #endif
 
+// A bf16 cache's V read in the even / odd layout: 32 bf16 (one 64-byte load) give two fp32 vectors, the
+// even elements (a shift) and the odd ones (a mask), with no shuffle; accumulators then hold each block of
+// 32 head-dim columns as [16 even, 16 odd] and are put back in order once per item (unshuffle_eo).
+struct Bf16EO { uint16_t x; };
+
+template <int NC, typename V>
+inline void load_v(const V* row, int64_t c0, __m512* vv) {
+  UNROLL
+  for (int n = 0; n < NC; ++n) vv[n] = load16(row + c0 + 16 * n);
+}
+template <int NC>
+inline void load_v(const Bf16EO* row, int64_t c0, __m512* vv) {
+  static_assert(NC % 2 == 0, "the even / odd layout works on blocks of 32 columns");
+  UNROLL
+  for (int n = 0; n < NC; n += 2) {
+    const __m512i x = _mm512_loadu_si512(row + c0 + 16 * n);
+    vv[n] = _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
+    vv[n + 1] = _mm512_castsi512_ps(_mm512_and_si512(x, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+  }
+}
+
+// Rows [0, R) of acc from the even / odd layout back to column order.
+inline void unshuffle_eo(float* acc, int64_t R, int64_t Dh) {
+  const __m512i lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  const __m512i hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t c = 0; c < Dh; c += 32) {
+      const __m512 e = _mm512_loadu_ps(acc + r * Dh + c), o = _mm512_loadu_ps(acc + r * Dh + c + 16);
+      _mm512_storeu_ps(acc + r * Dh + c, _mm512_permutex2var_ps(e, lo, o));
+      _mm512_storeu_ps(acc + r * Dh + c + 16, _mm512_permutex2var_ps(e, hi, o));
+    }
+}
+
 // acc[i, c0 : c0 + 16 NC] = corr[i] * acc[i, ...] + sum over jj < nb (in order) of p[i, jj] * v[jj, ...]:
 // NR rows x NC vectors of accumulators stay in registers for the whole tile, each V vector loaded serves
 // the NR rows and each broadcast probability the NC vectors. v: fp32 rows at stride vs; p: [NR, TILE].
@@ -184,8 +218,7 @@ inline void pv_tile(const V* v, int64_t vs, int64_t nb, const float* p, const fl
   }
   for (int64_t jj = 0; jj < nb; ++jj) {
     __m512 vv[NC];
-    UNROLL
-    for (int n = 0; n < NC; ++n) vv[n] = load16(v + jj * vs + c0 + 16 * n);
+    load_v<NC>(v + jj * vs, c0, vv);
     UNROLL
     for (int i = 0; i < NR; ++i) {
       const __m512 pb = _mm512_set1_ps(p[i * TILE + jj]);
@@ -272,6 +305,19 @@ struct Prefetcher {
   inline void finish() { step_n(std::numeric_limits<int64_t>::max()); }
 };
 
+// The last 16-wide slice of the head dim (none in the even / odd layout, which needs Dh % 32 == 0).
+template <typename V>
+inline void pv_tail(const V* v, int64_t vs, int64_t nb, const float* p, const float* corr, float* acc,
+                    int64_t R, int64_t Dh, Prefetcher& pf, int64_t c0) {
+  for (; c0 < Dh; c0 += 16)
+    row_groups(R, PV_ROWS1, [&](int64_t r0, int nr) {
+      pf.step();
+      DISPATCH12(nr, (pv_tile<N_, 1>(v, vs, nb, p + r0 * TILE, corr + r0, acc + r0 * Dh, Dh, c0)));
+    });
+}
+inline void pv_tail(const Bf16EO*, int64_t, int64_t, const float*, const float*, float*, int64_t, int64_t,
+                    Prefetcher&, int64_t) {}
+
 // acc[r] = corr[r] * acc[r] + p[r] . v for all R rows, the head dim in slices of 64 (then 32, 16).
 template <typename V>
 inline void pv_all(const V* v, int64_t vs, int64_t nb, const float* p, const float* corr, float* acc,
@@ -287,11 +333,7 @@ inline void pv_all(const V* v, int64_t vs, int64_t nb, const float* p, const flo
       pf.step();
       DISPATCH12(nr, (pv_tile<N_, 2>(v, vs, nb, p + r0 * TILE, corr + r0, acc + r0 * Dh, Dh, c0)));
     });
-  for (; c0 < Dh; c0 += 16)
-    row_groups(R, PV_ROWS1, [&](int64_t r0, int nr) {
-      pf.step();
-      DISPATCH12(nr, (pv_tile<N_, 1>(v, vs, nb, p + r0 * TILE, corr + r0, acc + r0 * Dh, Dh, c0)));
-    });
+  pv_tail(v, vs, nb, p, corr, acc, R, Dh, pf, c0);
 }
 #endif
 
@@ -367,6 +409,8 @@ void attend_range(const Shape& sh, const T* kp, const T* vp, Scratch& sc, int64_
 #else
     const bool bf_dot = false;
 #endif
+    // bf16 V in the even / odd layout (see Bf16EO) where the head dim is a multiple of 32.
+    const bool eo = std::is_same<T, at::BFloat16>::value && Dh % 32 == 0;
     const int64_t row_bytes = Dh * static_cast<int64_t>(sizeof(T));
     const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
@@ -439,7 +483,22 @@ void attend_range(const Shape& sh, const T* kp, const T* vp, Scratch& sc, int64_
       // Up to four row groups per slice of the head dim read a bf16 / fp16 V straight from the cache and
       // convert in registers (the loads interleave with the FMAs; measured faster at Q=5, G=4); with more
       // groups the tile is converted to fp32 once and the groups read that (faster at Q=9).
-      if (std::is_same<T, float>::value || R <= 4 * PV_ROWS4) {
+      if (eo) {
+        const Bf16EO* ve = reinterpret_cast<const Bf16EO*>(vp + j0 * sh.vs2);
+        if (R <= 4 * PV_ROWS4) {
+          pv_all(ve, sh.vs2, nb, sb, corr, acc, R, Dh, pf);
+        } else {
+          float* vt = sc.vt.data();
+          __m512 vv[2];
+          for (int64_t jj = 0; jj < nb; ++jj)
+            for (int64_t c = 0; c < Dh; c += 32) {
+              load_v<2>(ve + jj * sh.vs2, c, vv);
+              _mm512_storeu_ps(vt + jj * Dh + c, vv[0]);
+              _mm512_storeu_ps(vt + jj * Dh + c + 16, vv[1]);
+            }
+          pv_all(static_cast<const float*>(vt), Dh, nb, sb, corr, acc, R, Dh, pf);
+        }
+      } else if (std::is_same<T, float>::value || R <= 4 * PV_ROWS4) {
         pv_all(vp + j0 * sh.vs2, sh.vs2, nb, sb, corr, acc, R, Dh, pf);
       } else {
         float* vt = sc.vt.data();
@@ -452,6 +511,7 @@ void attend_range(const Shape& sh, const T* kp, const T* vp, Scratch& sc, int64_
       pf.finish();
     }
     for (int64_t r = 0; r < R; ++r) sc.l[r] += _mm512_reduce_add_ps(_mm512_loadu_ps(lvb + r * BLK));
+    if (eo) unshuffle_eo(acc, R, Dh);
     return;
   }
 #endif
