@@ -1,8 +1,9 @@
 """The host kernel's register-blocked code paths against the float64 reference and against themselves.
 
 The AVX-512 kernel works on 32-key tiles (two vectors of scores), scores in groups of up to 12 query rows,
-P.V in groups of up to 6 rows x 64 head-dim columns (then 32- and 16-wide slices), and a bf16 / fp16 V
-either read straight from the cache (up to 24 rows) or converted once per tile (more rows). These cases
+P.V in groups of up to 6 rows x 64 head-dim columns (then 32- and 16-wide slices), a bf16 V read as even /
+odd halves of 32 columns, and an fp16 V (or a bf16 one with a head dim not a multiple of 32) either
+converted in registers (up to 24 rows) or converted once per tile (more rows). These cases
 put every remainder in play: key counts that are not a multiple of the tile (or of 16), row counts
 T*G that are not a multiple of any group size, head dims 16..128 that leave 32- and 16-wide slices,
 windows that start mid-tile, and both V paths. Each must match the reference to 1e-5, and each query's
@@ -27,11 +28,12 @@ def _need_kernel():
 
 @pytest.mark.parametrize("dtype,T,G,Dh,window", [
     (torch.bfloat16, 5, 4, 128, None),   # 20 rows: scores 10 + 10, P.V 5 x 4, V read from the cache
-    (torch.bfloat16, 7, 5, 64, 21),      # 35 rows: scores 12 + 12 + 11, V converted once per tile
+    (torch.bfloat16, 7, 5, 64, 21),      # 35 rows: scores 12 + 12 + 11, 6 P.V groups on even / odd V
     (torch.float32, 9, 8, 128, None),    # 72 rows: 6 score groups, 12 P.V groups per 64 columns
     (torch.float32, 3, 3, 80, 40),       # head dim 80: a 64-wide block and a 16-wide slice
     (torch.float16, 4, 7, 96, None),     # 28 rows, fp16 V converted once per tile; 64 + 32 columns
-    (torch.bfloat16, 2, 3, 48, None),    # head dim 48: bf16 scores in fp32 (not a multiple of 32)
+    (torch.bfloat16, 2, 3, 48, None),    # head dim 48: bf16 scores and V in fp32 (not a multiple of 32)
+    (torch.bfloat16, 9, 3, 80, None),    # 27 rows, head dim 80: the bf16 V converted once per tile
     (torch.bfloat16, 1, 1, 16, 5),       # one row, a 16-wide head dim, a short window
     (torch.float32, 6, 2, 32, None),     # 12 rows: exactly one score group
 ])

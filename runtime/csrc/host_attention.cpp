@@ -480,24 +480,13 @@ void attend_range(const Shape& sh, const T* kp, const T* vp, Scratch& sc, int64_
         _mm512_storeu_ps(lvb + r * BLK, _mm512_add_ps(lsum, _mm512_add_ps(p0, p1)));
       }
       // acc[r] = corr[r] acc[r] + sum_jj p[r, jj] v[j0 + jj] in fp32, rows x head-dim slices register-blocked.
-      // Up to four row groups per slice of the head dim read a bf16 / fp16 V straight from the cache and
-      // convert in registers (the loads interleave with the FMAs; measured faster at Q=5, G=4); with more
-      // groups the tile is converted to fp32 once and the groups read that (faster at Q=9).
+      // fp32 V is read from the cache. An fp16 V (or a bf16 one whose head dim is not a multiple of 32) is
+      // converted in registers by up to four row groups per slice of the head dim (the loads interleave with
+      // the FMAs); with more groups the tile is converted to fp32 once and the groups read that.
       if (eo) {
-        const Bf16EO* ve = reinterpret_cast<const Bf16EO*>(vp + j0 * sh.vs2);
-        if (R <= 4 * PV_ROWS4) {
-          pv_all(ve, sh.vs2, nb, sb, corr, acc, R, Dh, pf);
-        } else {
-          float* vt = sc.vt.data();
-          __m512 vv[2];
-          for (int64_t jj = 0; jj < nb; ++jj)
-            for (int64_t c = 0; c < Dh; c += 32) {
-              load_v<2>(ve + jj * sh.vs2, c, vv);
-              _mm512_storeu_ps(vt + jj * Dh + c, vv[0]);
-              _mm512_storeu_ps(vt + jj * Dh + c + 16, vv[1]);
-            }
-          pv_all(static_cast<const float*>(vt), Dh, nb, sb, corr, acc, R, Dh, pf);
-        }
+        // bf16 (even / odd): each group reads V from the cache, one shift or mask per vector (measured faster
+        // than a converted copy of the tile up to 36 rows)
+        pv_all(reinterpret_cast<const Bf16EO*>(vp + j0 * sh.vs2), sh.vs2, nb, sb, corr, acc, R, Dh, pf);
       } else if (std::is_same<T, float>::value || R <= 4 * PV_ROWS4) {
         pv_all(vp + j0 * sh.vs2, sh.vs2, nb, sb, corr, acc, R, Dh, pf);
       } else {
