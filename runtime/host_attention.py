@@ -17,14 +17,19 @@ Two implementations, same contract:
   the CPU has it, portable loops otherwise. Threads: torch's intra-op pool (``torch.set_num_threads``); work items are
   (row, kv head, 512-key chunk), taken longest first, so long rows split across threads even when
   there are fewer rows than threads. A query's result does not depend on the batch, on the number
-  of new queries or on the thread count. Per block of 16 keys (AVX-512): the block's K is transposed
+  of new queries or on the thread count. Per tile of 32 keys (AVX-512): the tile's K is transposed
   once in L1 (keys into lanes), then the query rows of a kv head (G heads x the new queries) run in
-  register-blocked groups of up to 24 rows, so each K vector loaded serves every row of the group and
-  each row's 16 scores come out as one vector (no horizontal sums); P.V likewise reads each V vector
-  once per group into up to 24 accumulators. With a bf16 cache on a CPU with AVX-512 BF16 the scores
-  take bf16 pairs straight from the cache against the queries rounded to bf16 (KVCache.attend hands
-  them over in the cache dtype anyway; products are exact in fp32); P.V stays fp32 for every cache
-  dtype (rounding P to bf16 would cost the 1e-5 exactness the tests hold it to).
+  register-blocked groups of up to 12 rows x 32 keys, so each K vector loaded serves every row of the
+  group and each row's scores come out as two vectors (no horizontal sums); one online-softmax step
+  per row and tile; P.V keeps 6 rows x 64 head-dim columns of accumulators in registers for the
+  whole tile (the softmax rescale fused into their load), each V vector read once per group; the next
+  tile's K/V lines are prefetched a few at a time across the tile's work (the hardware prefetchers stop
+  at every 4 KiB page). With a bf16 cache on a CPU with AVX-512 BF16 the scores take bf16 pairs
+  straight from the cache against the queries rounded to bf16 (KVCache.attend hands them over in the
+  cache dtype anyway; products are exact in fp32); P.V stays fp32 for every cache dtype (rounding P to
+  bf16 would cost the 1e-5 exactness the tests hold it to). ``peak_gflops`` in the same module measures
+  the core's fp32 FMA and bf16 dot-product throughput (tools/bench_cpu_attention.py prints the path's
+  fraction of it).
 - ``torch``: the grouped matmul (the G query heads folded into the query axis against one K/V),
   over rows grouped by length so no row is padded past the next multiple of 64 keys; fp32 math
   (bf16/fp16 K/V are upcast per group, a copy this path pays for exactness). Used where the kernel cannot be built (said once, with the reason), or when

@@ -2,7 +2,10 @@
 
     python tools/bench_cpu_attention.py            # the full grid (several minutes)
     python tools/bench_cpu_attention.py --quick    # a few points (under a minute)
-    python tools/bench_cpu_attention.py --focus    # host vs grouped vs copy, interleaved, ratios only
+    python tools/bench_cpu_attention.py --focus    # host vs grouped vs copy, interleaved, ratios only,
+                                                   # the host path against this core's measured peak,
+                                                   # and copy / host thread scaling at Q=1 (bf16)
+    python tools/bench_cpu_attention.py --focus --min-s 0.05 --rounds 5 --queries 1,5,9   # the README table
 
 For each (KV dtype, Q new queries per row, context, batch, ragged or uniform lengths, threads) it times:
 
@@ -32,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from specoffload.runtime.host_attention import backend_note, host_attention, usable_cores  # noqa: E402
+from specoffload.runtime.host_attention import backend, backend_note, host_attention, kernel_module, usable_cores  # noqa: E402
 from specoffload.runtime.layers import attention  # noqa: E402
 
 H, HKV, DH = 32, 8, 128
@@ -99,16 +102,69 @@ def run_point(dtype, Q, ctx, batch, ragged, threads, impls, args, g):
     return need_bytes, flops, out
 
 
+def measured_peaks() -> dict[str, float]:
+    """One core's measured compute peak in GFLOP/s (the kernel's throughput loops): 'fma' (fp32 512-bit FMAs),
+    'dpbf16' (bf16 pair dot products, 0 without AVX-512 BF16), and per cache dtype the roofline of the host
+    kernel's instruction mix: fp32 = fma; bf16 = scores at the dpbf16 rate and P.V (fp32) at the fma rate, half
+    the FLOPs each. Empty where the kernel is not built."""
+    if backend() != "kernel":
+        return {}
+    mod = kernel_module()
+    fma, dp = mod.peak_gflops("fma", 0.5), mod.peak_gflops("dpbf16", 0.5)
+    if fma <= 0:
+        return {}
+    bf16 = 2.0 / (1.0 / dp + 1.0 / fma) if dp > 0 else fma
+    return {"fma": fma, "dpbf16": dp, "fp32": fma, "bf16": bf16}
+
+
+def thread_scaling(args) -> None:
+    """Q = 1, bf16, uniform rows at --focus-ctx / --focus-batch: the copy's and the host path's GB/s on one thread
+    and on all usable cores, interleaved over --rounds (medians), and each one's speed-up."""
+    cores = usable_cores()
+    g = torch.Generator().manual_seed(1)
+    fns = make_fns(torch.bfloat16, 1, args.focus_ctx, args.focus_batch, False, g)
+    nbytes = fns.pop("_bytes")
+    fns.pop("_flops")
+    fns.pop("grouped")
+    counts = sorted({1, cores})
+    rate = {(n, t): [] for n in fns for t in counts}
+    for _ in range(args.rounds):
+        for t in counts:
+            torch.set_num_threads(t)
+            for n, f in fns.items():
+                rate[(n, t)].append(nbytes / timeit(f, args.min_s, 1) / 1e9)
+    torch.set_num_threads(1)
+    med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    print(f"thread scaling, bf16, Q=1, uniform rows, GB/s of KV (medians of {args.rounds} interleaved rounds):")
+    print(f"{'threads':>7} | {'copy':>6} | {'host':>6} | {'host/copy':>9}")
+    for t in counts:
+        c, h = med(rate[("copy", t)]), med(rate[("host", t)])
+        print(f"{t:>7} | {c:6.1f} | {h:6.1f} | {h / c:9.2f}")
+    if len(counts) > 1:
+        c1, h1 = med(rate[("copy", 1)]), med(rate[("host", 1)])
+        cn, hn = med(rate[("copy", cores)]), med(rate[("host", cores)])
+        print(f"speed-up 1 -> {cores} threads: copy {cn / c1:.2f}x, host {hn / h1:.2f}x")
+    else:
+        print("(one usable core: no scaling to measure)")
+
+
 def focus(args) -> int:
-    """Q = 1, 2, 5, 9 at context 512, batch 32, one thread, fp32 and bf16, uniform and ragged: copy,
-    grouped and host timed in turn (interleaved) ``--rounds`` times; the medians of the per-round
-    ratios are printed, so load from other processes hits all three alike."""
+    """Q = --queries at context --focus-ctx, batch --focus-batch, one thread, fp32 and bf16, uniform and ragged:
+    copy, grouped and host timed in turn (interleaved) ``--rounds`` times; the medians of the per-round
+    ratios are printed, so load from other processes hits all three alike. Then the host path's GFLOP/s
+    as a fraction of this core's measured peak, and thread scaling at Q = 1 (bf16)."""
     torch.set_num_threads(1)
     g = torch.Generator().manual_seed(0)
     ints = lambda text: [int(x) for x in text.split(",") if x]  # noqa: E731
+    peaks = measured_peaks()
     print(f"host attention path: {backend_note()}; one thread; context {args.focus_ctx}, batch {args.focus_batch}; "
           f"load average {os.getloadavg()[0]:.1f}; medians of {args.rounds} interleaved rounds")
-    print(f"{'dtype':5} {'Q':>2} {'rows':7} | {'host/grouped':>12} | {'host/copy':>9} | {'grouped/copy':>12} | {'host GF':>7}")
+    if peaks:
+        print(f"measured peak of one core: fp32 FMA {peaks['fma']:.0f} GFLOP/s, bf16 dot products {peaks['dpbf16']:.0f} "
+              f"GFLOP/s; 'of peak' = host GF / the roofline of the kernel's mix (fp32 {peaks['fp32']:.0f}, "
+              f"bf16 {peaks['bf16']:.0f}: scores at the bf16 rate, P.V in fp32)")
+    print(f"{'dtype':5} {'Q':>2} {'rows':7} | {'host/grouped':>12} | {'host/copy':>9} | {'grouped/copy':>12} | "
+          f"{'host GF':>7} | {'of peak':>7}")
     for dname in args.dtypes.split(","):
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dname]
         for Q in ints(args.queries):
@@ -123,8 +179,11 @@ def focus(args) -> int:
                     r_gc.append(t["copy"] / t["grouped"])
                     gfs.append(flops / t["host"] / 1e9)
                 med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+                frac = f"{med(gfs) / peaks[dname]:7.2f}" if peaks else f"{'n/a':>7}"
                 print(f"{dname:5} {Q:>2} {'ragged' if ragged else 'uniform':7} | {med(r_hg):12.2f} | {med(r_hc):9.2f} | "
-                      f"{med(r_gc):12.2f} | {med(gfs):7.1f}", flush=True)
+                      f"{med(r_gc):12.2f} | {med(gfs):7.1f} | {frac}", flush=True)
+    if not args.no_scaling:
+        thread_scaling(args)
     return 0
 
 
@@ -157,7 +216,9 @@ def make_fns(dtype, Q, ctx, batch, ragged, g):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                 epilog="example: python tools/bench_cpu_attention.py --focus --queries 1,5",
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="a few points only")
     ap.add_argument("--min-s", type=float, default=0.02, help="each sample averages calls over this long")
     ap.add_argument("--reps", type=int, default=5, help="samples per measurement (median)")
@@ -172,6 +233,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=7, help="--focus: interleaved rounds (median)")
     ap.add_argument("--focus-ctx", type=int, default=512)
     ap.add_argument("--focus-batch", type=int, default=32)
+    ap.add_argument("--no-scaling", action="store_true", help="--focus: skip the thread-scaling table")
     args = ap.parse_args(argv)
     if args.focus:
         return focus(args)
@@ -193,6 +255,10 @@ def main(argv=None) -> int:
     impls = [s for s in args.impls.split(",") if s]
     print(f"host attention path: {backend_note()}; {cores} usable CPU(s); Mixtral heads {H}/{HKV} x {DH}; "
           f"load average {os.getloadavg()[0]:.1f}")
+    peaks = measured_peaks()
+    if peaks:
+        print(f"measured peak of one core: fp32 FMA {peaks['fma']:.0f} GFLOP/s, bf16 dot products {peaks['dpbf16']:.0f} "
+              f"GFLOP/s (the host kernel's roofline: fp32 {peaks['fp32']:.0f}, bf16 {peaks['bf16']:.0f} per core)")
     print("GB/s of KV needed (sum of row lengths); (x.xx) = fraction of the copy's rate; GF = GFLOP/s of the host path")
     head = f"{'dtype':5} {'Q':>2} {'ctx':>5} {'B':>4} {'rows':7} {'thr':>3} | {'copy':>6} |"
     head += "".join(f" {n:>13} |" for n in impls) + f" {'host/grouped':>12} | {'GF':>6}"

@@ -12,13 +12,20 @@
 // j > q_pos[b, t] - W. A query that sees no key gets 0.
 //
 // Work: one item per (row, kv head, chunk of CHUNK keys at absolute positions). The G query heads
-// that share a kv head and all T queries of the row are handled together, so each K/V vector is
-// read from memory once per (row, kv head). Chunks and the 16-key blocks inside them sit at fixed
-// absolute positions, so a query's result does not depend on the batch it is in, on T, or on the
-// number of threads (the same sums in the same order). Inside a 16-key block (AVX-512 path) the keys
-// are transposed once into scratch, and the R = T*G query rows run in register-blocked groups of up to
-// 24: scores are sums over the head dim in order, one vector of 16 keys per row (no horizontal sums),
-// and P.V reads each V vector once per group. A row's sums never depend on the group it lands in. Rows with several chunks write one partial
+// that share a kv head and all T queries of the row are handled together (R = T*G query rows), so each
+// K/V vector is read from memory once per (row, kv head). Chunks and the 32-key tiles inside them sit at
+// fixed absolute positions, so a query's result does not depend on the batch it is in, on T, or on the
+// number of threads (the same sums in the same order). Per tile (AVX-512 path):
+//   - the tile's keys are transposed once into scratch (keys into lanes; bf16 caches as bf16 pairs);
+//   - scores: the R rows in groups of up to 12, each group a 12 x 2-vector block of accumulators in
+//     registers, so every key vector loaded serves the whole group and every broadcast query element two
+//     key vectors; sums over the head dim in order (bf16 caches: vdpbf16ps on bf16 pairs);
+//   - one online-softmax step per row per tile (max over 32 keys, vectorised exp);
+//   - P.V: rows x 64 head-dim columns (6 x 4 vectors) of accumulators in registers over the whole tile,
+//     the rescale of the previous tile's accumulator fused into their load; V read once per group (a bf16
+//     V as even / odd halves of each 32 columns: a shift and a mask, no shuffle; see Bf16EO);
+//   - the next tile's K and V lines are prefetched a few at a time across the tile's work.
+// A row's sums never depend on the group it lands in. Rows with several chunks write one partial
 // (max, sum, accumulator) per chunk, merged in chunk order afterwards. Items are taken from a
 // shared counter, longest rows first, by as many threads as the torch intra-op pool has.
 #include <torch/extension.h>
@@ -26,6 +33,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -43,8 +51,9 @@ namespace {
 // Register-blocked loops must be unrolled completely for their accumulators to stay in registers.
 #define UNROLL _Pragma("GCC unroll 32")
 
-constexpr int64_t BLK = 16;      // keys per block (one vector of scores)
-constexpr int64_t CHUNK = 512;   // keys per work item (a multiple of BLK)
+constexpr int64_t BLK = 16;      // keys per vector of scores (and per block of the portable loops)
+constexpr int64_t TILE = 32;     // keys per tile: two vectors of scores, one online-softmax step
+constexpr int64_t CHUNK = 512;   // keys per work item (a multiple of TILE)
 
 inline float to_f32(float x) { return x; }
 inline float to_f32(at::BFloat16 x) { return static_cast<float>(x); }
@@ -81,7 +90,7 @@ inline __m512 exp16(__m512 x) {
 }
 
 // In-place transpose of a 16 x 16 matrix of 32-bit elements held as 16 vectors (row i -> vector i).
-inline void transpose16(__m512* r) {
+__attribute__((always_inline)) inline void transpose16(__m512* r) {
   __m512 t[16], u[16];
   UNROLL
   for (int i = 0; i < 8; ++i) {
@@ -107,91 +116,224 @@ inline void transpose16(__m512* r) {
   }
 }
 
-// Scores of NR query rows against one block of 16 keys whose K is stored transposed: kt[d] holds
-// element d of the 16 keys. s[i] lane jj = sum over d (in order) of q[i, d] * k[jj, d]: every key
-// vector read once serves all NR rows, and the scores come out with keys in lanes (no horizontal sums).
-// q: the group's scaled queries transposed, q[d * NR + i] (one pointer serves all NR broadcasts).
+// Scores of NR query rows against one tile of 32 keys whose K is stored transposed: kt[d * TILE + jj] is
+// element d of key jj. s[i] lane jj = sum over d (in order) of q[i, d] * k[jj, d]: each query element is
+// broadcast once for two vectors of keys and each key vector serves all NR rows, with the scores coming
+// out keys-in-lanes (no horizontal sums). q: scaled queries transposed over all R rows of the item,
+// q[d * qs + i] (qs = R), starting at the group's first row. Out: [NR, TILE].
 template <int NR>
-inline void scores_f32(const float* kt, const float* q, int64_t Dh, float* out) {
-  __m512 s[NR];
+inline void scores_f32(const float* kt, const float* q, int64_t qs, int64_t Dh, float* out) {
+  __m512 s0[NR], s1[NR];
   UNROLL
-  for (int i = 0; i < NR; ++i) s[i] = _mm512_setzero_ps();
+  for (int i = 0; i < NR; ++i) { s0[i] = _mm512_setzero_ps(); s1[i] = _mm512_setzero_ps(); }
   for (int64_t d = 0; d < Dh; ++d) {
-    const __m512 kv = _mm512_loadu_ps(kt + d * 16);
+    const __m512 k0 = _mm512_loadu_ps(kt + d * TILE), k1 = _mm512_loadu_ps(kt + d * TILE + 16);
+    const float* qd = q + d * qs;
     UNROLL
-    for (int i = 0; i < NR; ++i) s[i] = _mm512_fmadd_ps(_mm512_set1_ps(q[d * NR + i]), kv, s[i]);
+    for (int i = 0; i < NR; ++i) {
+      const __m512 b = _mm512_set1_ps(qd[i]);
+      s0[i] = _mm512_fmadd_ps(b, k0, s0[i]);
+      s1[i] = _mm512_fmadd_ps(b, k1, s1[i]);
+    }
   }
   UNROLL
-  for (int i = 0; i < NR; ++i) _mm512_storeu_ps(out + i * 16, s[i]);
+  for (int i = 0; i < NR; ++i) { _mm512_storeu_ps(out + i * TILE, s0[i]); _mm512_storeu_ps(out + i * TILE + 16, s1[i]); }
 }
 
 #if defined(__AVX512BF16__)
-// The same with bf16 pairs: kt2[p] lane jj holds (k[jj, 2p], k[jj, 2p + 1]); q: the group's queries in
-// bf16, unscaled, as pairs transposed, q[(p * NR + i) * 2 + e] = q[i, 2p + e].
+// The same with bf16 pairs: kt2[p * TILE + jj] (a dword) holds (k[jj, 2p], k[jj, 2p + 1]); q: the queries in
+// bf16, unscaled, pairs transposed, q[(p * qs + i) * 2 + e] = q[i, 2p + e].
 template <int NR>
-inline void scores_bf16(const float* kt2, const uint16_t* q, int64_t Dh, float scale, float* out) {
-  __m512 s[NR];
+inline void scores_bf16(const float* kt2, const uint16_t* q, int64_t qs, int64_t Dh, float scale, float* out) {
+  __m512 s0[NR], s1[NR];
   UNROLL
-  for (int i = 0; i < NR; ++i) s[i] = _mm512_setzero_ps();
+  for (int i = 0; i < NR; ++i) { s0[i] = _mm512_setzero_ps(); s1[i] = _mm512_setzero_ps(); }
   for (int64_t p = 0; p < Dh / 2; ++p) {
-    const __m512bh kv = (__m512bh)_mm512_castps_si512(_mm512_loadu_ps(kt2 + p * 16));
+    const __m512bh k0 = (__m512bh)_mm512_castps_si512(_mm512_loadu_ps(kt2 + p * TILE));
+    const __m512bh k1 = (__m512bh)_mm512_castps_si512(_mm512_loadu_ps(kt2 + p * TILE + 16));
+    const uint16_t* qp = q + p * qs * 2;
     UNROLL
     for (int i = 0; i < NR; ++i) {
       int32_t pair;
-      std::memcpy(&pair, q + (p * NR + i) * 2, sizeof(pair));
-      s[i] = _mm512_dpbf16_ps(s[i], kv, (__m512bh)_mm512_set1_epi32(pair));
+      std::memcpy(&pair, qp + 2 * i, sizeof(pair));
+      const __m512bh b = (__m512bh)_mm512_set1_epi32(pair);
+      s0[i] = _mm512_dpbf16_ps(s0[i], k0, b);
+      s1[i] = _mm512_dpbf16_ps(s1[i], k1, b);
     }
   }
   const __m512 sc = _mm512_set1_ps(scale);
   UNROLL
-  for (int i = 0; i < NR; ++i) _mm512_storeu_ps(out + i * 16, _mm512_mul_ps(s[i], sc));
+  for (int i = 0; i < NR; ++i) {
+    _mm512_storeu_ps(out + i * TILE, _mm512_mul_ps(s0[i], sc));
+    _mm512_storeu_ps(out + i * TILE + 16, _mm512_mul_ps(s1[i], sc));
+  }
 }
 #endif
 
-// acc[i, :] += sum over jj < nb (in order) of p[i, jj] * v[jj, :], NC 16-wide slices of Dh at a time;
-// each V vector read once serves all NR rows.
-template <int NR, int NC, typename T>
-inline void pv_block(const T* v0, int64_t vs, int64_t nb, const float* p, float* acc, int64_t Dh) {
-  for (int64_t c = 0; c < Dh; c += 16 * NC) {
-    __m512 a[NR][NC];
-    UNROLL
-    for (int i = 0; i < NR; ++i)
-      UNROLL
-      for (int n = 0; n < NC; ++n) a[i][n] = _mm512_loadu_ps(acc + i * Dh + c + 16 * n);
-    for (int64_t jj = 0; jj < nb; ++jj) {
-      __m512 vv[NC];
-      UNROLL
-      for (int n = 0; n < NC; ++n) vv[n] = load16(v0 + jj * vs + c + 16 * n);
-      UNROLL
-      for (int i = 0; i < NR; ++i) {
-        const __m512 pb = _mm512_set1_ps(p[i * 16 + jj]);
-        UNROLL
-        for (int n = 0; n < NC; ++n) a[i][n] = _mm512_fmadd_ps(pb, vv[n], a[i][n]);
-      }
-    }
-    UNROLL
-    for (int i = 0; i < NR; ++i)
-      UNROLL
-      for (int n = 0; n < NC; ++n) _mm512_storeu_ps(acc + i * Dh + c + 16 * n, a[i][n]);
+// A bf16 cache's V read in the even / odd layout: 32 bf16 (one 64-byte load) give two fp32 vectors, the
+// even elements (a shift) and the odd ones (a mask), with no shuffle; accumulators then hold each block of
+// 32 head-dim columns as [16 even, 16 odd] and are put back in order once per item (unshuffle_eo).
+struct Bf16EO { uint16_t x; };
+
+template <int NC, typename V>
+inline void load_v(const V* row, int64_t c0, __m512* vv) {
+  UNROLL
+  for (int n = 0; n < NC; ++n) vv[n] = load16(row + c0 + 16 * n);
+}
+template <int NC>
+inline void load_v(const Bf16EO* row, int64_t c0, __m512* vv) {
+  static_assert(NC % 2 == 0, "the even / odd layout works on blocks of 32 columns");
+  UNROLL
+  for (int n = 0; n < NC; n += 2) {
+    const __m512i x = _mm512_loadu_si512(row + c0 + 16 * n);
+    vv[n] = _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
+    vv[n + 1] = _mm512_castsi512_ps(_mm512_and_si512(x, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
   }
 }
 
-template <int NR, typename T>
-inline void pv_rows(const T* v0, int64_t vs, int64_t nb, const float* p, float* acc, int64_t Dh) {
-  constexpr int NC = NR >= 16 ? 1 : NR >= 8 ? 2 : 4;
-  if (Dh % (16 * NC) == 0) pv_block<NR, NC>(v0, vs, nb, p, acc, Dh);
-  else pv_block<NR, 1>(v0, vs, nb, p, acc, Dh);
+// Rows [0, R) of acc from the even / odd layout back to column order.
+inline void unshuffle_eo(float* acc, int64_t R, int64_t Dh) {
+  const __m512i lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  const __m512i hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t c = 0; c < Dh; c += 32) {
+      const __m512 e = _mm512_loadu_ps(acc + r * Dh + c), o = _mm512_loadu_ps(acc + r * Dh + c + 16);
+      _mm512_storeu_ps(acc + r * Dh + c, _mm512_permutex2var_ps(e, lo, o));
+      _mm512_storeu_ps(acc + r * Dh + c + 16, _mm512_permutex2var_ps(e, hi, o));
+    }
 }
 
-// Rows [0, R) in groups of 24, 16, 8, 4, 2, 1 (a row's sums do not depend on its group).
+// acc[i, c0 : c0 + 16 NC] = corr[i] * acc[i, ...] + sum over jj < nb (in order) of p[i, jj] * v[jj, ...]:
+// NR rows x NC vectors of accumulators stay in registers for the whole tile, each V vector loaded serves
+// the NR rows and each broadcast probability the NC vectors. v: fp32 rows at stride vs; p: [NR, TILE].
+template <int NR, int NC, typename V>
+inline void pv_tile(const V* v, int64_t vs, int64_t nb, const float* p, const float* corr, float* acc,
+                    int64_t Dh, int64_t c0) {
+  __m512 a[NR][NC];
+  UNROLL
+  for (int i = 0; i < NR; ++i) {
+    const __m512 cv = _mm512_set1_ps(corr[i]);
+    UNROLL
+    for (int n = 0; n < NC; ++n) a[i][n] = _mm512_mul_ps(cv, _mm512_loadu_ps(acc + i * Dh + c0 + 16 * n));
+  }
+  for (int64_t jj = 0; jj < nb; ++jj) {
+    __m512 vv[NC];
+    load_v<NC>(v + jj * vs, c0, vv);
+    UNROLL
+    for (int i = 0; i < NR; ++i) {
+      const __m512 pb = _mm512_set1_ps(p[i * TILE + jj]);
+      UNROLL
+      for (int n = 0; n < NC; ++n) a[i][n] = _mm512_fmadd_ps(pb, vv[n], a[i][n]);
+    }
+  }
+  UNROLL
+  for (int i = 0; i < NR; ++i)
+    UNROLL
+    for (int n = 0; n < NC; ++n) _mm512_storeu_ps(acc + i * Dh + c0 + 16 * n, a[i][n]);
+}
+
+// Rows [0, R) in ceil(R / max_nr) groups of nearly equal size (a row's sums never depend on its group).
 template <typename F>
-inline void for_row_groups(int64_t R, F&& f) {
-  for (int64_t r0 = 0; r0 < R;) {
-    const int64_t rem = R - r0;
-    const int nr = rem >= 24 ? 24 : rem >= 16 ? 16 : rem >= 8 ? 8 : rem >= 4 ? 4 : rem >= 2 ? 2 : 1;
+inline void row_groups(int64_t R, int64_t max_nr, F&& f) {
+  const int64_t ng = (R + max_nr - 1) / max_nr;
+  if (ng == 0) return;
+  const int64_t base = R / ng, extra = R % ng;
+  for (int64_t g = 0, r0 = 0; g < ng; ++g) {
+    const int nr = static_cast<int>(base + (g < extra ? 1 : 0));
     f(r0, nr);
     r0 += nr;
   }
+}
+
+// Calls F::template call<N>() for a runtime N in 1..12.
+#define DISPATCH12(n, EXPR)                                   \
+  switch (n) {                                                \
+    case 1: { constexpr int N_ = 1; EXPR; } break;            \
+    case 2: { constexpr int N_ = 2; EXPR; } break;            \
+    case 3: { constexpr int N_ = 3; EXPR; } break;            \
+    case 4: { constexpr int N_ = 4; EXPR; } break;            \
+    case 5: { constexpr int N_ = 5; EXPR; } break;            \
+    case 6: { constexpr int N_ = 6; EXPR; } break;            \
+    case 7: { constexpr int N_ = 7; EXPR; } break;            \
+    case 8: { constexpr int N_ = 8; EXPR; } break;            \
+    case 9: { constexpr int N_ = 9; EXPR; } break;            \
+    case 10: { constexpr int N_ = 10; EXPR; } break;          \
+    case 11: { constexpr int N_ = 11; EXPR; } break;          \
+    default: { constexpr int N_ = 12; EXPR; } break;          \
+  }
+#define DISPATCH6(n, EXPR)                                    \
+  switch (n) {                                                \
+    case 1: { constexpr int N_ = 1; EXPR; } break;            \
+    case 2: { constexpr int N_ = 2; EXPR; } break;            \
+    case 3: { constexpr int N_ = 3; EXPR; } break;            \
+    case 4: { constexpr int N_ = 4; EXPR; } break;            \
+    case 5: { constexpr int N_ = 5; EXPR; } break;            \
+    default: { constexpr int N_ = 6; EXPR; } break;           \
+  }
+
+constexpr int64_t QK_ROWS = 12;  // rows per scores group: 2 x 12 accumulators
+constexpr int64_t PV_ROWS4 = 6;  // rows per P.V group with 4 vectors of the head dim: 24 accumulators
+constexpr int64_t PV_ROWS1 = 12; // with 1 or 2 vectors
+
+// Software prefetch of the next tile's K and V lines, spread over the work on this tile (a burst of
+// hundreds of prefetches stalls on the miss buffers; the hardware streams stop at every 4 KiB page).
+struct Prefetcher {
+  const char* p = nullptr;     // the key row being fetched (K rows first, then V rows)
+  const char* v = nullptr;
+  int64_t ks = 0, vs = 0;      // bytes between keys
+  int64_t lines = 0, line = 0; // 64-byte lines per key row, next line of the current row
+  int64_t left = 0, v_keys = 0;// rows left in the current tensor, V rows still to come
+  int64_t per_step = 0;
+  void start(const char* k_, const char* v_, int64_t ks_, int64_t vs_, int64_t row_bytes, int64_t n_keys,
+             int64_t steps) {
+    p = k_; v = v_; ks = ks_; vs = vs_; lines = (row_bytes + 63) / 64; line = 0;
+    left = n_keys; v_keys = n_keys;
+    const int64_t total = 2 * n_keys * lines;
+    per_step = steps > 0 ? (total + steps - 1) / steps : total;
+  }
+  inline void step_n(int64_t n) {
+    for (; n > 0; --n) {
+      if (left == 0) {
+        if (v_keys == 0) return;
+        p = v; ks = vs; left = v_keys; v_keys = 0;
+      }
+      _mm_prefetch(p + line * 64, _MM_HINT_T0);
+      if (++line == lines) { line = 0; p += ks; --left; }
+    }
+  }
+  inline void step() { step_n(per_step); }
+  inline void finish() { step_n(std::numeric_limits<int64_t>::max()); }
+};
+
+// The last 16-wide slice of the head dim (none in the even / odd layout, which needs Dh % 32 == 0).
+template <typename V>
+inline void pv_tail(const V* v, int64_t vs, int64_t nb, const float* p, const float* corr, float* acc,
+                    int64_t R, int64_t Dh, Prefetcher& pf, int64_t c0) {
+  for (; c0 < Dh; c0 += 16)
+    row_groups(R, PV_ROWS1, [&](int64_t r0, int nr) {
+      pf.step();
+      DISPATCH12(nr, (pv_tile<N_, 1>(v, vs, nb, p + r0 * TILE, corr + r0, acc + r0 * Dh, Dh, c0)));
+    });
+}
+inline void pv_tail(const Bf16EO*, int64_t, int64_t, const float*, const float*, float*, int64_t, int64_t,
+                    Prefetcher&, int64_t) {}
+
+// acc[r] = corr[r] * acc[r] + p[r] . v for all R rows, the head dim in slices of 64 (then 32, 16).
+template <typename V>
+inline void pv_all(const V* v, int64_t vs, int64_t nb, const float* p, const float* corr, float* acc,
+                   int64_t R, int64_t Dh, Prefetcher& pf) {
+  int64_t c0 = 0;
+  for (; c0 + 64 <= Dh; c0 += 64)
+    row_groups(R, PV_ROWS4, [&](int64_t r0, int nr) {
+      pf.step();
+      DISPATCH6(nr, (pv_tile<N_, 4>(v, vs, nb, p + r0 * TILE, corr + r0, acc + r0 * Dh, Dh, c0)));
+    });
+  for (; c0 + 32 <= Dh; c0 += 32)
+    row_groups(R, PV_ROWS1, [&](int64_t r0, int nr) {
+      pf.step();
+      DISPATCH12(nr, (pv_tile<N_, 2>(v, vs, nb, p + r0 * TILE, corr + r0, acc + r0 * Dh, Dh, c0)));
+    });
+  pv_tail(v, vs, nb, p, corr, acc, R, Dh, pf, c0);
 }
 #endif
 
@@ -207,20 +349,49 @@ struct Scratch {
   std::vector<float> q;    // [R, Dh] scaled queries
   std::vector<float> acc;  // [R, Dh]
   std::vector<float> m, l; // [R]
-  std::vector<float> s;    // [R, BLK] scores, then probabilities
+  std::vector<float> s;    // [R, TILE] scores, then probabilities
   std::vector<int64_t> lo, hi;  // [R] visible key range of each query row
-  std::vector<uint16_t> qbf;    // [R, Dh] the scaled queries in bf16 (bf16 caches with AVX-512 BF16)
-  std::vector<float> qt;        // [R, Dh] scaled queries, each row group transposed (see scores_f32)
-  std::vector<uint16_t> qbt;    // [R, Dh] bf16 queries, each row group transposed in pairs (see scores_bf16)
+  std::vector<float> qt;        // [Dh, R] scaled queries transposed (see scores_f32)
+  std::vector<uint16_t> qbt;    // [Dh / 2, R, 2] the queries in bf16, pairs transposed (see scores_bf16)
   std::vector<float> lv;        // [R, BLK] softmax denominators per lane (summed over lanes at the end)
-  std::vector<float> kt;        // [Dh, BLK] the block's keys transposed (bf16 pairs: [Dh / 2, BLK] dwords)
+  std::vector<float> corr;      // [R] this tile's rescaling of a row's accumulator (its max went up)
+  std::vector<float> kt;        // [Dh, TILE] the tile's keys transposed (bf16 pairs: [Dh / 2, TILE] dwords)
+  std::vector<float> vt;        // [TILE, Dh] the tile's values in fp32 (bf16 / fp16 caches)
   void resize(int64_t R, int64_t Dh) {
-    q.resize(R * Dh); acc.resize(R * Dh); m.resize(R); l.resize(R); s.resize(R * BLK);
-    lo.resize(R); hi.resize(R); qbf.resize(R * Dh); kt.resize(Dh * BLK); lv.resize(R * BLK); qt.resize(R * Dh); qbt.resize(R * Dh);
+    q.resize(R * Dh); acc.resize(R * Dh); m.resize(R); l.resize(R); s.resize(R * TILE);
+    lo.resize(R); hi.resize(R); qt.resize(R * Dh); qbt.resize(R * Dh + 2); lv.resize(R * BLK);
+    corr.resize(R); kt.resize(Dh * TILE); vt.resize(TILE * Dh);
   }
 };
 
-// Attend rows [0, R) of scratch over keys [j_begin, j_end) (block aligned start) of one (row, kv head).
+#if defined(__AVX512F__)
+// Transpose keys [j0, j0 + nb) (nb <= TILE; missing keys are zeros) of one (row, kv head) into sc.kt.
+template <typename T>
+__attribute__((always_inline)) inline void transpose_tile(const T* kp, int64_t ks, int64_t j0, int64_t nb, int64_t Dh, bool bf_pairs, float* kt) {
+  __m512 rr[16];
+  for (int64_t h = 0; h < TILE / BLK; ++h) {
+    const int64_t n = std::min<int64_t>(BLK, std::max<int64_t>(0, nb - h * BLK));
+    const T* k0 = kp + (j0 + h * BLK) * ks;
+    if (bf_pairs) {
+      // 32 bf16 of a key = 16 dwords (pairs); transpose dwords so kt[p] lane jj = pair p of key jj
+      for (int64_t c = 0; c < Dh; c += 32) {
+        for (int64_t jj = 0; jj < BLK; ++jj)
+          rr[jj] = jj < n ? _mm512_loadu_ps(reinterpret_cast<const float*>(k0 + jj * ks + c)) : _mm512_setzero_ps();
+        if (n > 0) transpose16(rr);
+        for (int i = 0; i < 16; ++i) _mm512_storeu_ps(kt + (c / 2 + i) * TILE + h * BLK, rr[i]);
+      }
+    } else {
+      for (int64_t c = 0; c < Dh; c += 16) {
+        for (int64_t jj = 0; jj < BLK; ++jj) rr[jj] = jj < n ? load16(k0 + jj * ks + c) : _mm512_setzero_ps();
+        if (n > 0) transpose16(rr);
+        for (int i = 0; i < 16; ++i) _mm512_storeu_ps(kt + (c + i) * TILE + h * BLK, rr[i]);
+      }
+    }
+  }
+}
+#endif
+
+// Attend rows [0, R) of scratch over keys [j_begin, j_end) (tile aligned start) of one (row, kv head).
 template <typename T>
 void attend_range(const Shape& sh, const T* kp, const T* vp, Scratch& sc, int64_t R, int64_t j_begin,
                   int64_t j_end) {
@@ -229,124 +400,116 @@ void attend_range(const Shape& sh, const T* kp, const T* vp, Scratch& sc, int64_
   float* acc = sc.acc.data();
   float* sb = sc.s.data();
 #if defined(__AVX512F__)
-  float* lvb = sc.lv.data();
-  std::fill(sc.lv.begin(), sc.lv.end(), 0.f);
-#endif
-  for (int64_t j0 = j_begin; j0 < j_end; j0 += BLK) {
-    const int64_t nb = std::min<int64_t>(BLK, j_end - j0);
-    // Which rows see any key of this block.
-    bool any = false;
-    for (int64_t r = 0; r < R; ++r) any |= (sc.lo[r] < j0 + nb && sc.hi[r] > j0);
-    if (!any) continue;
-#if defined(__AVX512F__)
-    if (Dh % 16 == 0) {
-      // Ask for the next block's K and V while this one is computed.
-      const int64_t n_next = std::min<int64_t>(BLK, j_end - (j0 + BLK));
-      const int64_t row_bytes = Dh * static_cast<int64_t>(sizeof(T));
-      for (int64_t jj = 0; jj < n_next; ++jj) {
-        const char* kn = reinterpret_cast<const char*>(kp + (j0 + BLK + jj) * sh.ks2);
-        const char* vn = reinterpret_cast<const char*>(vp + (j0 + BLK + jj) * sh.vs2);
-        for (int64_t off = 0; off < row_bytes; off += 64) {
-          _mm_prefetch(kn + off, _MM_HINT_T0);
-          _mm_prefetch(vn + off, _MM_HINT_T0);
-        }
-      }
-      // Scores: s[r, jj] = q[r] . k[j0 + jj]. The block's keys are transposed once (keys into lanes),
-      // then each query row's 16 scores are one vector of sums over d in order, whatever the row count.
+  if (Dh % 16 == 0) {
+    float* lvb = sc.lv.data();
+    float* corr = sc.corr.data();
+    std::fill(sc.lv.begin(), sc.lv.end(), 0.f);
 #if defined(__AVX512BF16__)
-      const bool bf_dot = std::is_same<T, at::BFloat16>::value && Dh % 32 == 0;
+    const bool bf_dot = std::is_same<T, at::BFloat16>::value && Dh % 32 == 0;
 #else
-      const bool bf_dot = false;
+    const bool bf_dot = false;
 #endif
+    // bf16 V in the even / odd layout (see Bf16EO) where the head dim is a multiple of 32.
+    const bool eo = std::is_same<T, at::BFloat16>::value && Dh % 32 == 0;
+    const int64_t row_bytes = Dh * static_cast<int64_t>(sizeof(T));
+    const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+    // Steps per tile at which the prefetcher issues some lines: score groups, softmax rows, P.V groups.
+    const int64_t pf_steps = (R + QK_ROWS - 1) / QK_ROWS + R + (Dh / 64) * ((R + PV_ROWS4 - 1) / PV_ROWS4) +
+                             ((Dh % 64) / 16) * ((R + PV_ROWS1 - 1) / PV_ROWS1);
+    Prefetcher pf;
+    for (int64_t j0 = j_begin; j0 < j_end; j0 += TILE) {
+      const int64_t nb = std::min<int64_t>(TILE, j_end - j0);
+      bool any = false;
+      for (int64_t r = 0; r < R; ++r) any |= (sc.lo[r] < j0 + nb && sc.hi[r] > j0);
+      if (!any) continue;
+      // Ask for the next tile's K and V while this one is computed, a few lines at every step below.
+      const int64_t n_next = std::max<int64_t>(0, std::min<int64_t>(TILE, j_end - (j0 + TILE)));
+      pf.start(reinterpret_cast<const char*>(kp + (j0 + TILE) * sh.ks2),
+               reinterpret_cast<const char*>(vp + (j0 + TILE) * sh.vs2), sh.ks2 * static_cast<int64_t>(sizeof(T)),
+               sh.vs2 * static_cast<int64_t>(sizeof(T)), row_bytes, n_next, pf_steps);
+      // Scores s[r, jj] = q[r] . k[j0 + jj]: the tile's keys transposed once, then register-blocked row groups.
       float* kt = sc.kt.data();
-      __m512 rr[16];
-      if (bf_dot) {
-        // 32 bf16 of a key = 16 dwords (pairs); transpose dwords so kt[p] lane jj = pair p of key jj
-        for (int64_t c = 0; c < Dh; c += 32) {
-          for (int64_t jj = 0; jj < BLK; ++jj)
-            rr[jj] = jj < nb ? _mm512_loadu_ps(reinterpret_cast<const float*>(kp + (j0 + jj) * sh.ks2 + c))
-                             : _mm512_setzero_ps();
-          transpose16(rr);
-          for (int i = 0; i < 16; ++i) _mm512_storeu_ps(kt + (c / 2 + i) * BLK, rr[i]);
-        }
-      } else {
-        for (int64_t c = 0; c < Dh; c += 16) {
-          for (int64_t jj = 0; jj < BLK; ++jj)
-            rr[jj] = jj < nb ? load16(kp + (j0 + jj) * sh.ks2 + c) : _mm512_setzero_ps();
-          transpose16(rr);
-          for (int i = 0; i < 16; ++i) _mm512_storeu_ps(kt + (c + i) * BLK, rr[i]);
-        }
-      }
-      for_row_groups(R, [&](int64_t r0, int nr) {
+      transpose_tile(kp, sh.ks2, j0, nb, Dh, bf_dot, kt);
+      row_groups(R, QK_ROWS, [&](int64_t r0, int nr) {
+        pf.step();
+        float* o = sb + r0 * TILE;
 #if defined(__AVX512BF16__)
         if (bf_dot) {
-          const uint16_t* qh = sc.qbt.data() + r0 * Dh;
-          float* o = sb + r0 * BLK;
-          switch (nr) {
-            case 24: scores_bf16<24>(kt, qh, Dh, sh.scale, o); break;
-            case 16: scores_bf16<16>(kt, qh, Dh, sh.scale, o); break;
-            case 8: scores_bf16<8>(kt, qh, Dh, sh.scale, o); break;
-            case 4: scores_bf16<4>(kt, qh, Dh, sh.scale, o); break;
-            case 2: scores_bf16<2>(kt, qh, Dh, sh.scale, o); break;
-            default: scores_bf16<1>(kt, qh, Dh, sh.scale, o); break;
-          }
+          const uint16_t* qh = sc.qbt.data() + r0 * 2;
+          DISPATCH12(nr, (scores_bf16<N_>(kt, qh, R, Dh, sh.scale, o)));
           return;
         }
 #endif
-        const float* qr = sc.qt.data() + r0 * Dh;
-        float* o = sb + r0 * BLK;
-        switch (nr) {
-          case 24: scores_f32<24>(kt, qr, Dh, o); break;
-          case 16: scores_f32<16>(kt, qr, Dh, o); break;
-          case 8: scores_f32<8>(kt, qr, Dh, o); break;
-          case 4: scores_f32<4>(kt, qr, Dh, o); break;
-          case 2: scores_f32<2>(kt, qr, Dh, o); break;
-          default: scores_f32<1>(kt, qr, Dh, o); break;
-        }
+        const float* qr = sc.qt.data() + r0;
+        DISPATCH12(nr, (scores_f32<N_>(kt, qr, R, Dh, o)));
       });
-      // Online softmax update per query row, 16 keys at a time.
-      const __m512i jv = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(j0)),
-                                          _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
-      const __mmask16 inblk = static_cast<__mmask16>(nb == 16 ? 0xFFFF : ((1u << nb) - 1u));
+      // Online softmax per query row, one step per tile (32 keys, two vectors).
+      const __m512i jv0 = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(j0)), iota);
+      const __m512i jv1 = _mm512_add_epi32(jv0, _mm512_set1_epi32(16));
+      const __mmask16 in0 = static_cast<__mmask16>(nb >= 16 ? 0xFFFF : ((1u << nb) - 1u));
+      const __mmask16 in1 = static_cast<__mmask16>(nb >= 32 ? 0xFFFF : nb > 16 ? ((1u << (nb - 16)) - 1u) : 0u);
       for (int64_t r = 0; r < R; ++r) {
-        const __mmask16 vis = inblk &
-            _mm512_cmpge_epi32_mask(jv, _mm512_set1_epi32(static_cast<int>(sc.lo[r]))) &
-            _mm512_cmplt_epi32_mask(jv, _mm512_set1_epi32(static_cast<int>(sc.hi[r])));
-        float* srow = sb + r * BLK;
-        if (!vis) { _mm512_storeu_ps(srow, _mm512_setzero_ps()); continue; }
-        const __m512 s = _mm512_loadu_ps(srow);
-        const float bmax = _mm512_mask_reduce_max_ps(vis, s);
+        const __m512i lo_v = _mm512_set1_epi32(static_cast<int>(sc.lo[r]));
+        const __m512i hi_v = _mm512_set1_epi32(static_cast<int>(sc.hi[r]));
+        const __mmask16 vis0 = in0 & _mm512_cmpge_epi32_mask(jv0, lo_v) & _mm512_cmplt_epi32_mask(jv0, hi_v);
+        const __mmask16 vis1 = in1 & _mm512_cmpge_epi32_mask(jv1, lo_v) & _mm512_cmplt_epi32_mask(jv1, hi_v);
+        float* srow = sb + r * TILE;
+        corr[r] = 1.f;
+        pf.step();
+        if (!(vis0 | vis1)) {
+          _mm512_storeu_ps(srow, _mm512_setzero_ps());
+          _mm512_storeu_ps(srow + 16, _mm512_setzero_ps());
+          continue;
+        }
+        const __m512 s0 = _mm512_loadu_ps(srow), s1 = _mm512_loadu_ps(srow + 16);
+        const float bmax = _mm512_reduce_max_ps(
+            _mm512_max_ps(_mm512_mask_mov_ps(ninf, vis0, s0), _mm512_mask_mov_ps(ninf, vis1, s1)));
         const float mnew = std::max(sc.m[r], bmax);
-        const __m512 p = _mm512_maskz_mov_ps(vis, exp16(_mm512_sub_ps(s, _mm512_set1_ps(mnew))));
-        _mm512_storeu_ps(srow, p);
+        const __m512 mv = _mm512_set1_ps(mnew);
+        const __m512 p0 = _mm512_maskz_mov_ps(vis0, exp16(_mm512_sub_ps(s0, mv)));
+        const __m512 p1 = _mm512_maskz_mov_ps(vis1, exp16(_mm512_sub_ps(s1, mv)));
+        _mm512_storeu_ps(srow, p0);
+        _mm512_storeu_ps(srow + 16, p1);
+        __m512 lsum = _mm512_loadu_ps(lvb + r * BLK);
         if (mnew > sc.m[r]) {
-          const float corr = std::exp(sc.m[r] - mnew);  // 0 when m was -inf
-          const __m512 cv = _mm512_set1_ps(corr);
-          _mm512_storeu_ps(lvb + r * BLK, _mm512_mul_ps(cv, _mm512_loadu_ps(lvb + r * BLK)));
-          for (int64_t c = 0; c < Dh; c += 16)
-            _mm512_storeu_ps(acc + r * Dh + c, _mm512_mul_ps(cv, _mm512_loadu_ps(acc + r * Dh + c)));
+          corr[r] = std::exp(sc.m[r] - mnew);  // 0 when m was -inf
+          lsum = _mm512_mul_ps(_mm512_set1_ps(corr[r]), lsum);
           sc.m[r] = mnew;
         }
-        _mm512_storeu_ps(lvb + r * BLK, _mm512_add_ps(p, _mm512_loadu_ps(lvb + r * BLK)));
+        _mm512_storeu_ps(lvb + r * BLK, _mm512_add_ps(lsum, _mm512_add_ps(p0, p1)));
       }
-      // acc[r] += sum_jj p[r, jj] * v[j0 + jj], rows in register-blocked groups.
-      const T* v0 = vp + j0 * sh.vs2;
-      for_row_groups(R, [&](int64_t r0, int nr) {
-        const float* pr = sb + r0 * BLK;
-        float* ar = acc + r0 * Dh;
-        switch (nr) {
-          case 24: pv_rows<24>(v0, sh.vs2, nb, pr, ar, Dh); break;
-          case 16: pv_rows<16>(v0, sh.vs2, nb, pr, ar, Dh); break;
-          case 8: pv_rows<8>(v0, sh.vs2, nb, pr, ar, Dh); break;
-          case 4: pv_rows<4>(v0, sh.vs2, nb, pr, ar, Dh); break;
-          case 2: pv_rows<2>(v0, sh.vs2, nb, pr, ar, Dh); break;
-          default: pv_rows<1>(v0, sh.vs2, nb, pr, ar, Dh); break;
+      // acc[r] = corr[r] acc[r] + sum_jj p[r, jj] v[j0 + jj] in fp32, rows x head-dim slices register-blocked.
+      // fp32 V is read from the cache. An fp16 V (or a bf16 one whose head dim is not a multiple of 32) is
+      // converted in registers by up to four row groups per slice of the head dim (the loads interleave with
+      // the FMAs); with more groups the tile is converted to fp32 once and the groups read that.
+      if (eo) {
+        // bf16 (even / odd): each group reads V from the cache, one shift or mask per vector (measured faster
+        // than a converted copy of the tile up to 36 rows)
+        pv_all(reinterpret_cast<const Bf16EO*>(vp + j0 * sh.vs2), sh.vs2, nb, sb, corr, acc, R, Dh, pf);
+      } else if (std::is_same<T, float>::value || R <= 4 * PV_ROWS4) {
+        pv_all(vp + j0 * sh.vs2, sh.vs2, nb, sb, corr, acc, R, Dh, pf);
+      } else {
+        float* vt = sc.vt.data();
+        for (int64_t jj = 0; jj < nb; ++jj) {
+          const T* vj = vp + (j0 + jj) * sh.vs2;
+          for (int64_t c = 0; c < Dh; c += 16) _mm512_storeu_ps(vt + jj * Dh + c, load16(vj + c));
         }
-      });
-      continue;
+        pv_all(static_cast<const float*>(vt), Dh, nb, sb, corr, acc, R, Dh, pf);
+      }
+      pf.finish();
     }
+    for (int64_t r = 0; r < R; ++r) sc.l[r] += _mm512_reduce_add_ps(_mm512_loadu_ps(lvb + r * BLK));
+    if (eo) unshuffle_eo(acc, R, Dh);
+    return;
+  }
 #endif
-    // Portable path (no AVX-512, or a head dim that is not a multiple of 16).
+  // Portable path (no AVX-512, or a head dim that is not a multiple of 16).
+  for (int64_t j0 = j_begin; j0 < j_end; j0 += BLK) {
+    const int64_t nb = std::min<int64_t>(BLK, j_end - j0);
+    bool any = false;
+    for (int64_t r = 0; r < R; ++r) any |= (sc.lo[r] < j0 + nb && sc.hi[r] > j0);
+    if (!any) continue;
     for (int64_t jj = 0; jj < nb; ++jj) {
       const T* kj = kp + (j0 + jj) * sh.ks2;
       for (int64_t r = 0; r < R; ++r) {
@@ -391,10 +554,6 @@ void attend_range(const Shape& sh, const T* kp, const T* vp, Scratch& sc, int64_
       }
     }
   }
-#if defined(__AVX512F__)
-  if (Dh % 16 == 0)
-    for (int64_t r = 0; r < R; ++r) sc.l[r] += _mm512_reduce_add_ps(_mm512_loadu_ps(lvb + r * BLK));
-#endif
 }
 
 struct Item {
@@ -453,27 +612,47 @@ void run(const Shape& sh, const float* q, const T* k, const T* v, const int64_t*
       for (int64_t t = 0; t < T_; ++t)
         for (int64_t g = 0; g < G; ++g) {
           const int64_t r = t * G + g;
-          const float* qs = q + ((b * T_ + t) * sh.H + h * G + g) * Dh;
-          for (int64_t c = 0; c < Dh; ++c) sc.q[r * Dh + c] = qs[c] * sh.scale;
           sc.lo[r] = lo[b * T_ + t];
           sc.hi[r] = hi[b * T_ + t];
           sc.m[r] = -std::numeric_limits<float>::infinity();
           sc.l[r] = 0.f;
-          if (std::is_same<T, at::BFloat16>::value)
-            for (int64_t c = 0; c < Dh; ++c) sc.qbf[r * Dh + c] = at::BFloat16(qs[c]).x;  // unscaled
         }
       std::fill(sc.acc.begin(), sc.acc.end(), 0.f);
+      // The queries: [R, Dh] scaled (portable loops), [Dh, R] scaled (fp32 scores) or bf16 pairs [Dh / 2, R]
+      // unscaled (bf16 scores), row r = t * G + g.
+      bool laid_out = false;
 #if defined(__AVX512F__)
-      if (Dh % 16 == 0)
-        for_row_groups(R, [&](int64_t r0, int nr) {
-          for (int i = 0; i < nr; ++i)
-            for (int64_t d = 0; d < Dh; ++d) {
-              sc.qt[r0 * Dh + d * nr + i] = sc.q[(r0 + i) * Dh + d];
-              sc.qbt[r0 * Dh + ((d / 2) * nr + i) * 2 + d % 2] = sc.qbf[(r0 + i) * Dh + d];
+      if (Dh % 16 == 0) {
+        laid_out = true;
+#if defined(__AVX512BF16__)
+        if (std::is_same<T, at::BFloat16>::value && Dh % 32 == 0) {
+          alignas(64) uint32_t pairs[16];
+          for (int64_t r = 0; r < R; ++r) {
+            const float* qs = q + ((b * T_ + r / G) * sh.H + h * G + r % G) * Dh;
+            for (int64_t d = 0; d < Dh; d += 32) {
+              // pair p = (q[2p], q[2p + 1]), rounded to nearest even
+              const __m512bh bh = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(qs + d + 16), _mm512_loadu_ps(qs + d));
+              _mm512_store_si512(reinterpret_cast<__m512i*>(pairs), (__m512i)bh);
+              uint32_t* dst = reinterpret_cast<uint32_t*>(sc.qbt.data());
+              for (int64_t i = 0; i < 16; ++i) dst[(d / 2 + i) * R + r] = pairs[i];
             }
-        });
+          }
+        } else
 #endif
-      const int64_t j_begin = std::max(it.chunk * CHUNK, (klo[b] / BLK) * BLK);
+        {
+          for (int64_t r = 0; r < R; ++r) {
+            const float* qs = q + ((b * T_ + r / G) * sh.H + h * G + r % G) * Dh;
+            for (int64_t d = 0; d < Dh; ++d) sc.qt[d * R + r] = qs[d] * sh.scale;
+          }
+        }
+      }
+#endif
+      if (!laid_out)
+        for (int64_t r = 0; r < R; ++r) {
+          const float* qs = q + ((b * T_ + r / G) * sh.H + h * G + r % G) * Dh;
+          for (int64_t c = 0; c < Dh; ++c) sc.q[r * Dh + c] = qs[c] * sh.scale;
+        }
+      const int64_t j_begin = std::max(it.chunk * CHUNK, (klo[b] / TILE) * TILE);
       const int64_t j_end = std::min((it.chunk + 1) * CHUNK, khi[b]);
       if (j_end > j_begin)
         attend_range<T>(sh, k + rows[b] * sh.ks0 + h * sh.ks1, v + rows[b] * sh.vs0 + h * sh.vs1, sc, R,
@@ -580,9 +759,64 @@ bool has_avx512() {
 #endif
 }
 
+// Measured compute peak of one core: GFLOP/s of a loop of independent 512-bit fp32 FMAs ("fma") or bf16
+// pair dot products ("dpbf16"), 24 accumulator chains (enough to cover the latency on both pipes), repeated
+// for about `seconds`; the best of five runs. 0 when the build lacks the instruction.
+double peak_gflops(const std::string& kind, double seconds) {
+  TORCH_CHECK(kind == "fma" || kind == "dpbf16", "peak_gflops: kind must be 'fma' or 'dpbf16', not '", kind, "'");
+#if defined(__AVX512F__)
+  constexpr int NA = 24;
+  constexpr int64_t ITERS = 1 << 14;
+  const bool bf = kind == "dpbf16";
+#if !defined(__AVX512BF16__)
+  if (bf) return 0.0;
+#endif
+  const double flops_per_iter = NA * (bf ? 64.0 : 32.0);
+  double best = 0.0;
+  volatile float sink = 0.f;
+  for (int run_ = 0; run_ < 5; ++run_) {
+    __m512 a[NA];
+    for (int i = 0; i < NA; ++i) a[i] = _mm512_set1_ps(0.001f * i);
+    // a = a * 0.999 + 1e-4 stays bounded and normal; the bf16 pairs are (0.5, 0.25) . (0.001, 0.001)
+    const __m512 x = _mm512_set1_ps(0.999f), y = _mm512_set1_ps(1e-4f);
+    int64_t n = 0;
+    const auto t0 = std::chrono::steady_clock::now();
+    double dt = 0.0;
+    do {
+      for (int64_t it = 0; it < ITERS; ++it) {
+#if defined(__AVX512BF16__)
+        if (bf) {
+          const __m512bh bx = _mm512_cvtne2ps_pbh(_mm512_set1_ps(0.5f), _mm512_set1_ps(0.25f));
+          const __m512bh by = _mm512_cvtne2ps_pbh(_mm512_set1_ps(0.001f), _mm512_set1_ps(0.001f));
+          UNROLL
+          for (int i = 0; i < NA; ++i) a[i] = _mm512_dpbf16_ps(a[i], bx, by);
+          continue;
+        }
+#endif
+        UNROLL
+        for (int i = 0; i < NA; ++i) a[i] = _mm512_fmadd_ps(a[i], x, y);
+      }
+      n += ITERS;
+      dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    } while (dt < seconds / 5);
+    __m512 t = a[0];
+    for (int i = 1; i < NA; ++i) t = _mm512_add_ps(t, a[i]);
+    sink = sink + _mm512_reduce_add_ps(t);
+    best = std::max(best, flops_per_iter * n / dt / 1e9);
+  }
+  (void)sink;
+  return best;
+#else
+  (void)seconds;
+  return 0.0;
+#endif
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("host_attention", &host_attention, "ragged GQA attention over a head-major host KV cache");
+  m.def("peak_gflops", &peak_gflops, "measured GFLOP/s of one core: kind 'fma' (fp32) or 'dpbf16'",
+        py::arg("kind"), py::arg("seconds") = 0.5);
   m.def("has_avx512", &has_avx512, "whether the kernel was compiled with the AVX-512 path");
 }
