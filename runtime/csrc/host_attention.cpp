@@ -22,8 +22,10 @@
 //     key vectors; sums over the head dim in order (bf16 caches: vdpbf16ps on bf16 pairs);
 //   - one online-softmax step per row per tile (max over 32 keys, vectorised exp);
 //   - P.V: rows x 64 head-dim columns (6 x 4 vectors) of accumulators in registers over the whole tile,
-//     the rescale of the previous tile's accumulator fused into their load; V read once per group (a bf16
-//     V as even / odd halves of each 32 columns: a shift and a mask, no shuffle; see Bf16EO);
+//     the rescale of the previous tile's accumulator fused into their load; V read once per group. bf16
+//     caches with AVX-512 BF16 (head dim a multiple of 32): vdpbf16ps on pairs of keys, P rounded to bf16
+//     and V of keys 2j, 2j+1 interleaved per column in registers (see pv_tile_dp); without BF16 a bf16 V
+//     is read as even / odd halves of each 32 columns, P in fp32 (see Bf16EO);
 //   - the next tile's K and V lines are prefetched a few at a time across the tile's work.
 // A row's sums never depend on the group it lands in. Rows with several chunks write one partial
 // (max, sum, accumulator) per chunk, merged in chunk order afterwards. Items are taken from a
