@@ -26,8 +26,12 @@ Two implementations, same contract:
   tile's K/V lines are prefetched a few at a time across the tile's work (the hardware prefetchers stop
   at every 4 KiB page). With a bf16 cache on a CPU with AVX-512 BF16 the scores take bf16 pairs
   straight from the cache against the queries rounded to bf16 (KVCache.attend hands them over in the
-  cache dtype anyway; products are exact in fp32); P.V stays fp32 for every cache dtype (rounding P to
-  bf16 would cost the 1e-5 exactness the tests hold it to). ``peak_gflops`` in the same module measures
+  cache dtype anyway; products are exact in fp32), and P.V runs bf16 dot products too: each softmax weight
+  rounded to bf16 (nearest even) and paired along the keys with V of keys 2j and 2j+1 interleaved per
+  column in registers, fp32 accumulation, the denominator from the fp32 weights. That costs at most
+  2^-8 * sum_j p_j |v_j| / sum_j p_j per output element (bf16's unit roundoff times the weighted |V|, at most
+  about half a bf16 ulp of the largest value), the bound the tests hold it to. fp32 and fp16 caches (and a
+  bf16 head dim that is not a multiple of 32) keep P.V in fp32, within 1e-5. ``peak_gflops`` in the same module measures
   the core's fp32 FMA and bf16 dot-product throughput (tools/bench_cpu_attention.py prints the path's
   fraction of it).
 - ``torch``: the grouped matmul (the G query heads folded into the query axis against one K/V),

@@ -16,7 +16,7 @@ import torch
 
 from specoffload.runtime import host_attention as ha
 
-from test_host_attention import case, reference
+from test_host_attention import assert_matches, case
 
 LENGTHS = [33, 0, 65, 1, 31, 200, 47]
 
@@ -41,8 +41,7 @@ def test_tiles_and_row_groups_match_reference(dtype, T, G, Dh, window):
     _need_kernel()
     q, k, v, q_pos, kv_len, rows = case(11, LENGTHS, T, G, 2, Dh, dtype, 210)
     got = ha.host_attention(q, k, v, q_pos, kv_len, window, rows=rows, impl="kernel")
-    want = reference(q, k, v, q_pos, kv_len, window, rows).float()
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert_matches(got, q, k, v, q_pos, kv_len, window, rows)
     # Bitwise the same as each query decoded alone (one row, one query: the smallest groups, one tile path).
     for b in range(len(LENGTHS)):
         for t in range(T):
@@ -68,7 +67,7 @@ def test_thread_count_does_not_change_results():
     finally:
         torch.set_num_threads(before)
     assert torch.equal(one, two)
-    torch.testing.assert_close(one, reference(q, k, v, q_pos, kv_len, None, rows).float(), atol=1e-5, rtol=1e-5)
+    assert_matches(one, q, k, v, q_pos, kv_len, None, rows)
 
 
 def test_peak_probe_reports_a_positive_rate_and_rejects_unknown_kinds():
@@ -83,3 +82,22 @@ def test_peak_probe_reports_a_positive_rate_and_rejects_unknown_kinds():
     assert dp >= 0 and dp < 1e5
     with pytest.raises(RuntimeError, match="kind must be 'fma' or 'dpbf16'"):
         mod.peak_gflops("amx", 0.01)
+
+
+@pytest.mark.parametrize("Dh,T,G", [(128, 5, 4), (32, 3, 5), (96, 1, 2)])
+def test_bf16_pairs_never_read_past_a_row(Dh, T, G):
+    """bf16 P.V works on pairs of keys; an odd key count pairs the last key with zeros. Keys past each row's
+    length (and the padding of a window) hold NaN and inf here: a result that read them would not be finite."""
+    _need_kernel()
+    lengths = [33, 1, 65, 47, 0, 3, 97]
+    L = 97
+    q, k, v, q_pos, kv_len, rows = case(13, lengths, T, G, 2, Dh, torch.bfloat16, L)
+    for b, n in enumerate(lengths):
+        k[rows[b], :, n:] = float("nan")
+        v[rows[b], :, n:] = float("nan")
+        if n < L:
+            v[rows[b], :, n] = float("inf")
+    for window in (None, 6):
+        got = ha.host_attention(q, k, v, q_pos, kv_len, window, rows=rows, impl="kernel")
+        assert torch.isfinite(got).all()
+        assert_matches(got, q, k, v, q_pos, kv_len, window, rows)

@@ -22,8 +22,10 @@
 //     key vectors; sums over the head dim in order (bf16 caches: vdpbf16ps on bf16 pairs);
 //   - one online-softmax step per row per tile (max over 32 keys, vectorised exp);
 //   - P.V: rows x 64 head-dim columns (6 x 4 vectors) of accumulators in registers over the whole tile,
-//     the rescale of the previous tile's accumulator fused into their load; V read once per group (a bf16
-//     V as even / odd halves of each 32 columns: a shift and a mask, no shuffle; see Bf16EO);
+//     the rescale of the previous tile's accumulator fused into their load; V read once per group. bf16
+//     caches with AVX-512 BF16 (head dim a multiple of 32): vdpbf16ps on pairs of keys, P rounded to bf16
+//     and V of keys 2j, 2j+1 interleaved per column in registers (see pv_tile_dp); without BF16 a bf16 V
+//     is read as even / odd halves of each 32 columns, P in fp32 (see Bf16EO);
 //   - the next tile's K and V lines are prefetched a few at a time across the tile's work.
 // A row's sums never depend on the group it lands in. Rows with several chunks write one partial
 // (max, sum, accumulator) per chunk, merged in chunk order afterwards. Items are taken from a
@@ -335,6 +337,79 @@ inline void pv_all(const V* v, int64_t vs, int64_t nb, const float* p, const flo
     });
   pv_tail(v, vs, nb, p, corr, acc, R, Dh, pf, c0);
 }
+
+#if defined(__AVX512BF16__)
+// P.V with bf16 dot products (a bf16 cache, head dim a multiple of 32). p2[i * TILE / 2 + jp] (a dword) holds
+// row i's probabilities of keys 2jp and 2jp + 1 rounded to bf16 (nearest even); V of the same two keys is
+// interleaved per column in registers: vpunpcklwd / vpunpckhwd of the two 64-byte rows give, per 128-bit
+// lane L, the pairs of columns 8L..8L+3 and 8L+4..8L+7, so an accumulator block of 32 columns holds them
+// as [lo: 0-3, 8-11, 16-19, 24-27 | hi: 4-7, 12-15, 20-23, 28-31] (put back in order by unshuffle_pairs).
+// An odd key count pairs the last key with zeros (its partner's V is never read). fp32 accumulation:
+// acc[i, c] += p'(2jp) v(2jp, c) + p'(2jp + 1) v(2jp + 1, c), keys pair by pair in order.
+template <int NR, int NC>
+inline void pv_tile_dp(const uint16_t* v, int64_t vs, int64_t nb, const uint32_t* p2, const float* corr,
+                       float* acc, int64_t Dh, int64_t c0) {
+  static_assert(NC % 2 == 0, "pairs of keys are interleaved in blocks of 32 columns");
+  __m512 a[NR][NC];
+  UNROLL
+  for (int i = 0; i < NR; ++i) {
+    const __m512 cv = _mm512_set1_ps(corr[i]);
+    UNROLL
+    for (int n = 0; n < NC; ++n) a[i][n] = _mm512_mul_ps(cv, _mm512_loadu_ps(acc + i * Dh + c0 + 16 * n));
+  }
+  const int64_t np = (nb + 1) / 2;
+  for (int64_t jp = 0; jp < np; ++jp) {
+    const uint16_t* r0 = v + 2 * jp * vs + c0;
+    const bool whole = 2 * jp + 1 < nb;
+    __m512bh vv[NC];
+    UNROLL
+    for (int n = 0; n < NC; n += 2) {
+      const __m512i x = _mm512_loadu_si512(r0 + 16 * n);
+      const __m512i y = whole ? _mm512_loadu_si512(r0 + vs + 16 * n) : _mm512_setzero_si512();
+      vv[n] = (__m512bh)_mm512_unpacklo_epi16(x, y);
+      vv[n + 1] = (__m512bh)_mm512_unpackhi_epi16(x, y);
+    }
+    UNROLL
+    for (int i = 0; i < NR; ++i) {
+      const __m512bh pb = (__m512bh)_mm512_set1_epi32(static_cast<int>(p2[i * (TILE / 2) + jp]));
+      UNROLL
+      for (int n = 0; n < NC; ++n) a[i][n] = _mm512_dpbf16_ps(a[i][n], vv[n], pb);
+    }
+  }
+  UNROLL
+  for (int i = 0; i < NR; ++i)
+    UNROLL
+    for (int n = 0; n < NC; ++n) _mm512_storeu_ps(acc + i * Dh + c0 + 16 * n, a[i][n]);
+}
+
+// All R rows, the head dim in slices of 64 columns (then one of 32).
+inline void pv_all_dp(const uint16_t* v, int64_t vs, int64_t nb, const uint32_t* p2, const float* corr,
+                      float* acc, int64_t R, int64_t Dh, Prefetcher& pf) {
+  int64_t c0 = 0;
+  for (; c0 + 64 <= Dh; c0 += 64)
+    row_groups(R, PV_ROWS4, [&](int64_t r0, int nr) {
+      pf.step();
+      DISPATCH6(nr, (pv_tile_dp<N_, 4>(v, vs, nb, p2 + r0 * (TILE / 2), corr + r0, acc + r0 * Dh, Dh, c0)));
+    });
+  for (; c0 + 32 <= Dh; c0 += 32)
+    row_groups(R, PV_ROWS1, [&](int64_t r0, int nr) {
+      pf.step();
+      DISPATCH12(nr, (pv_tile_dp<N_, 2>(v, vs, nb, p2 + r0 * (TILE / 2), corr + r0, acc + r0 * Dh, Dh, c0)));
+    });
+}
+
+// Rows [0, R) of acc from the key-pair layout (see pv_tile_dp) back to column order.
+inline void unshuffle_pairs(float* acc, int64_t R, int64_t Dh) {
+  const __m512i i0 = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+  const __m512i i1 = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t c = 0; c < Dh; c += 32) {
+      const __m512 lo = _mm512_loadu_ps(acc + r * Dh + c), hi = _mm512_loadu_ps(acc + r * Dh + c + 16);
+      _mm512_storeu_ps(acc + r * Dh + c, _mm512_permutex2var_ps(lo, i0, hi));
+      _mm512_storeu_ps(acc + r * Dh + c + 16, _mm512_permutex2var_ps(lo, i1, hi));
+    }
+}
+#endif
 #endif
 
 struct Shape {
@@ -357,10 +432,11 @@ struct Scratch {
   std::vector<float> corr;      // [R] this tile's rescaling of a row's accumulator (its max went up)
   std::vector<float> kt;        // [Dh, TILE] the tile's keys transposed (bf16 pairs: [Dh / 2, TILE] dwords)
   std::vector<float> vt;        // [TILE, Dh] the tile's values in fp32 (bf16 / fp16 caches)
+  std::vector<uint32_t> p2;     // [R, TILE / 2] probabilities as bf16 pairs of keys (bf16 P.V, see pv_tile_dp)
   void resize(int64_t R, int64_t Dh) {
     q.resize(R * Dh); acc.resize(R * Dh); m.resize(R); l.resize(R); s.resize(R * TILE);
     lo.resize(R); hi.resize(R); qt.resize(R * Dh); qbt.resize(R * Dh + 2); lv.resize(R * BLK);
-    corr.resize(R); kt.resize(Dh * TILE); vt.resize(TILE * Dh);
+    corr.resize(R); kt.resize(Dh * TILE); vt.resize(TILE * Dh); p2.resize(R * (TILE / 2));
   }
 };
 
@@ -409,8 +485,15 @@ void attend_range(const Shape& sh, const T* kp, const T* vp, Scratch& sc, int64_
 #else
     const bool bf_dot = false;
 #endif
-    // bf16 V in the even / odd layout (see Bf16EO) where the head dim is a multiple of 32.
-    const bool eo = std::is_same<T, at::BFloat16>::value && Dh % 32 == 0;
+    // bf16 P.V with dot products on pairs of keys (see pv_tile_dp) where the CPU has them and the head dim is
+    // a multiple of 32; otherwise a bf16 V in the even / odd layout (see Bf16EO), P in fp32.
+#if defined(SPECOFFLOAD_FP32_PV)
+    const bool dp_pv = false;  // a build for comparisons: P.V in fp32 for bf16 caches too
+#else
+    const bool dp_pv = bf_dot;
+#endif
+    const bool eo = std::is_same<T, at::BFloat16>::value && Dh % 32 == 0 && !dp_pv;
+    uint32_t* p2 = sc.p2.data();
     const int64_t row_bytes = Dh * static_cast<int64_t>(sizeof(T));
     const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
@@ -460,6 +543,7 @@ void attend_range(const Shape& sh, const T* kp, const T* vp, Scratch& sc, int64_
         if (!(vis0 | vis1)) {
           _mm512_storeu_ps(srow, _mm512_setzero_ps());
           _mm512_storeu_ps(srow + 16, _mm512_setzero_ps());
+          if (dp_pv) _mm512_storeu_si512(p2 + r * (TILE / 2), _mm512_setzero_si512());
           continue;
         }
         const __m512 s0 = _mm512_loadu_ps(srow), s1 = _mm512_loadu_ps(srow + 16);
@@ -471,6 +555,10 @@ void attend_range(const Shape& sh, const T* kp, const T* vp, Scratch& sc, int64_
         const __m512 p1 = _mm512_maskz_mov_ps(vis1, exp16(_mm512_sub_ps(s1, mv)));
         _mm512_storeu_ps(srow, p0);
         _mm512_storeu_ps(srow + 16, p1);
+#if defined(__AVX512BF16__)
+        // keys 2jp, 2jp + 1 -> dword jp, rounded to nearest even (the denominator keeps the fp32 weights)
+        if (dp_pv) _mm512_storeu_si512(p2 + r * (TILE / 2), (__m512i)_mm512_cvtne2ps_pbh(p1, p0));
+#endif
         __m512 lsum = _mm512_loadu_ps(lvb + r * BLK);
         if (mnew > sc.m[r]) {
           corr[r] = std::exp(sc.m[r] - mnew);  // 0 when m was -inf
@@ -483,6 +571,11 @@ void attend_range(const Shape& sh, const T* kp, const T* vp, Scratch& sc, int64_
       // fp32 V is read from the cache. An fp16 V (or a bf16 one whose head dim is not a multiple of 32) is
       // converted in registers by up to four row groups per slice of the head dim (the loads interleave with
       // the FMAs); with more groups the tile is converted to fp32 once and the groups read that.
+#if defined(__AVX512BF16__)
+      if (dp_pv) {
+        pv_all_dp(reinterpret_cast<const uint16_t*>(vp + j0 * sh.vs2), sh.vs2, nb, p2, corr, acc, R, Dh, pf);
+      } else
+#endif
       if (eo) {
         // bf16 (even / odd): each group reads V from the cache, one shift or mask per vector (measured faster
         // than a converted copy of the tile up to 36 rows)
@@ -501,6 +594,9 @@ void attend_range(const Shape& sh, const T* kp, const T* vp, Scratch& sc, int64_
     }
     for (int64_t r = 0; r < R; ++r) sc.l[r] += _mm512_reduce_add_ps(_mm512_loadu_ps(lvb + r * BLK));
     if (eo) unshuffle_eo(acc, R, Dh);
+#if defined(__AVX512BF16__)
+    if (dp_pv) unshuffle_pairs(acc, R, Dh);
+#endif
     return;
   }
 #endif
