@@ -1,6 +1,7 @@
 """Where the disk tier's time goes in the engine (tiny pair, CPU): the bench's plan run in variants.
 
     python tools/diag_disk_tier.py                         # disk,ram,inline,reuseconv,memory; 3 timed reps
+    python tools/diag_disk_tier.py --variants disk,noconvert,memory
     python tools/diag_disk_tier.py --variants disk,memory --reps 5
 
 Each variant runs the same plan as tools/bench_disk_tier.py (serial-spec, all 4 target layers on disk)
@@ -13,6 +14,7 @@ in-memory run's token for token. Variants:
   ram        reads served from a copy of the file in memory (same threads, same staging, no disk I/O)
   inline     reads done in the calling thread when needed (no reader or prefetch threads, no overlap)
   reuseconv  staged layers converted into two preallocated fp32 sets instead of fresh tensors each use
+  noconvert  each staged layer converted once and the result reused (reads kept): the reads' share
   memory     the same plan without the disk tier (the bench's control)
 
 The variants patch engine internals for the measurement only; nothing here changes the engine.
@@ -55,7 +57,7 @@ def main() -> None:
     ap.add_argument("--profile", default=str(ROOT / "profiles" / "cpu-2core.yaml"))
     ap.add_argument("--disk-rate", type=float, default=1.3e9, help="disk figure the plan is made with (B/s)")
     args = ap.parse_args()
-    known = ("disk", "ram", "inline", "reuseconv", "memory")
+    known = ("disk", "ram", "inline", "reuseconv", "noconvert", "memory")
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     bad = [v for v in variants if v not in known]
     if bad:
@@ -96,6 +98,16 @@ def main() -> None:
         out = original_convert(lw, dtype)
         conv_s[0] += time.perf_counter() - t0
         return out
+
+    current = [None]
+    cached: dict = {}
+
+    def cached_convert(lw, dtype):
+        t0 = time.perf_counter()
+        if current[0] not in cached:
+            cached[current[0]] = original_convert(lw, dtype)
+        conv_s[0] += time.perf_counter() - t0
+        return cached[current[0]]
 
     def reuse_convert(lw, dtype):
         t0 = time.perf_counter()
@@ -138,6 +150,7 @@ def main() -> None:
             wait = dl.wait
 
             def timed_wait(j, wait=wait, acc=waits[v]):
+                current[0] = j
                 t0 = time.perf_counter()
                 out = wait(j)
                 acc[0] += time.perf_counter() - t0
@@ -155,7 +168,7 @@ def main() -> None:
             eng.timeline.spans.clear()
             eng.timeline.passes.clear()
             conv_s[0] = waits[v][0] = 0.0
-            streaming.convert = reuse_convert if v == "reuseconv" else timed_convert
+            streaming.convert = {"reuseconv": reuse_convert, "noconvert": cached_convert}.get(v, timed_convert)
             eng.stats = type(eng.stats)()
             done = []
             c0, t0 = os.times(), time.perf_counter()
