@@ -52,6 +52,9 @@ SINGLE_FILE = "model.safetensors"
 #: O_DIRECT alignment of file offsets, lengths and buffer addresses (covers 512 B and 4 KiB sectors)
 ALIGN = 4096
 DEFAULT_BLOCK = 4 << 20
+#: reader threads the engine's disk tier uses (runtime/engine/disk_stream.py); the profiler's layer-read
+#: probe (runtime/profiler/disk.py, measure_layer_reads) reads with the same DiskReader settings
+READ_THREADS = 4
 MAX_HEADER = 100 << 20  # the safetensors format's own limit on the JSON header
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
@@ -306,7 +309,7 @@ class DiskReader:
     ``threads``: reader threads; ``block_bytes``: bytes per read call (a multiple of :data:`ALIGN`).
     """
 
-    def __init__(self, index: CheckpointIndex, threads: int = 4, direct: bool | None = None,
+    def __init__(self, index: CheckpointIndex, threads: int = READ_THREADS, direct: bool | None = None,
                  block_bytes: int = DEFAULT_BLOCK):
         if threads < 1:
             raise ValueError(f"threads must be >= 1, found {threads}")

@@ -371,3 +371,75 @@ def test_reads_leave_no_page_cache_behind(tmp_path, direct):
         _read_all(reader)
         assert reader.payload_bytes == sum(t.numel() * t.element_size() for t in REF.values())
     assert _resident_pages(f) == 0  # 6.6 MB read, nothing of it cached
+
+
+# --- the layer-read probe reads as the engine does -----------------------------------------------
+
+def _spy_readers(monkeypatch):
+    """Record the settings of every DiskReader made, and the layers each reads, in order."""
+    from specoffload.runtime import disk as disk_mod
+
+    made, reads = [], []
+    orig_init, orig_read = disk_mod.DiskReader.__init__, disk_mod.DiskReader.read_layer
+
+    def init(self, index, *a, **kw):
+        orig_init(self, index, *a, **kw)
+        made.append((self.threads, self.block_bytes, self.direct))
+
+    def read_layer(self, layer, staging):
+        reads.append(layer)
+        return orig_read(self, layer, staging)
+
+    monkeypatch.setattr(disk_mod.DiskReader, "__init__", init)
+    monkeypatch.setattr(disk_mod.DiskReader, "read_layer", read_layer)
+    return made, reads
+
+
+def test_layer_probe_uses_the_engines_reader_settings(monkeypatch):
+    from specoffload.runtime.config import load_args
+    from specoffload.runtime.disk import DEFAULT_BLOCK, READ_THREADS
+    from specoffload.runtime.engine.disk_stream import DiskLayers
+    from specoffload.runtime.profiler.disk import measure_layer_reads
+
+    made, reads = _spy_readers(monkeypatch)
+    dl = DiskLayers(TARGET, load_args(TARGET), [0, 1], pin=False)
+    dl.close()
+    r = measure_layer_reads(TARGET, reads=6)
+    assert len(made) == 2 and made[0] == made[1] == (READ_THREADS, DEFAULT_BLOCK, None)
+    assert (r.threads, r.block_bytes) == (READ_THREADS, DEFAULT_BLOCK)
+    idx = CheckpointIndex.open(TARGET)
+    n = idx.n_layers
+    # every layer once untimed, then `reads` layer reads round robin in sweep order
+    assert reads == list(range(n)) + [i % n for i in range(6)]
+    assert r.layer_bytes == idx.layer_bytes(0) and r.reads == 6 and len(r.samples) == 6
+    assert r.bytes_per_s == pytest.approx(r.layer_bytes / r.seconds_per_read)
+    assert 0 < r.min_seconds_per_read <= r.seconds_per_read and r.mode in ("direct", "buffered")
+
+
+def test_layer_probe_on_a_plain_file_reads_exact_extents(tmp_path, monkeypatch):
+    from specoffload.runtime.profiler.disk import measure_layer_reads
+
+    data = os.urandom(5 * ALIGN * 3 + 100)
+    f = tmp_path / "blob"
+    f.write_bytes(data)
+    made, reads = _spy_readers(monkeypatch)
+    r = measure_layer_reads(f, layer_bytes=3 * ALIGN - 10, reads=7, threads=2, block_bytes=ALIGN)
+    assert made == [(2, ALIGN, None)]
+    assert reads == [0, 1, 2, 3, 4] + [i % 5 for i in range(7)]  # 5 aligned extents of 3 pages fit
+    assert r.layer_bytes == 3 * ALIGN - 10 and r.threads == 2 and r.block_bytes == ALIGN
+    assert f.read_bytes() == data  # read only
+
+
+def test_layer_probe_errors(tmp_path):
+    from specoffload.runtime.profiler.disk import measure_layer_reads
+
+    f = tmp_path / "small"
+    f.write_bytes(b"x" * ALIGN)
+    with pytest.raises(DiskProbeError, match="layer_bytes"):
+        measure_layer_reads(f)
+    with pytest.raises(DiskProbeError, match="fewer than 2 extents"):
+        measure_layer_reads(f, layer_bytes=ALIGN)
+    with pytest.raises(DiskProbeError, match="no such file"):
+        measure_layer_reads(tmp_path / "missing", layer_bytes=ALIGN)
+    with pytest.raises(DiskProbeError, match="reads must be"):
+        measure_layer_reads(TARGET, reads=0)

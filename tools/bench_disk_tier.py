@@ -25,6 +25,7 @@ import argparse
 import json
 import math
 import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -101,9 +102,10 @@ def measured(profile_ref: str | None, reps: int, gen_len: int, threads: int) -> 
     from specoffload.planner.planner import make_plan
     from specoffload.planner.schema import load_profile
     from specoffload.planner.sim import simulate
+    from specoffload.planner.trace_names import TRACK_DISK
     from specoffload.runtime.engine import Engine, Request
     from specoffload.runtime.profiler.acceptance import measure_workload
-    from specoffload.runtime.profiler.disk import measure_disk
+    from specoffload.runtime.profiler.disk import measure_disk, measure_layer_reads
     from specoffload.runtime.tiny_pair import tiny_pair_paths, tiny_pair_tokenizer
 
     torch.set_num_threads(threads)
@@ -132,31 +134,57 @@ def measured(profile_ref: str | None, reps: int, gen_len: int, threads: int) -> 
     plan = make_plan(profile, target, draft, workload, policy="serial-spec", host_mem_limit_bytes=limit).plan
     control = plan.replace(disk_layers=0, host_mem_limit_bytes=0.0)
     runs = {"disk tier": plan, "same plan, no disk tier": control}
-    sims = {name: simulate(p, profile).report for name, p in runs.items()}
     requests = [Request(str(i), p, gen_len) for i, p in enumerate(prompts)]
     engines = {name: Engine(p, t_dir, d_dir, device="cpu") for name, p in runs.items()}
 
     def timed(name: str) -> tuple[float, dict]:
         eng = engines[name]
         eng.stats = type(eng.stats)()
+        disk = eng.target.disk
+        busy0, read0 = eng.timeline.busy.get(TRACK_DISK, 0.0), disk.reader.payload_bytes if disk else 0
         done = []
         t0 = time.perf_counter()
         stats = eng.run(requests, done.append)
         wall = time.perf_counter() - t0
-        return sum(len(f.tokens) for f in done) / wall, {"disk_bytes_per_sweep": stats.disk_bytes_per_sweep,
-                                                         "sweeps": stats.sweeps, "disk_read_bytes": stats.disk_read_bytes}
+        info = {"disk_bytes_per_sweep": stats.disk_bytes_per_sweep, "sweeps": stats.sweeps,
+                "disk_read_bytes": stats.disk_read_bytes}
+        if disk is not None:  # the engine's own reads: seconds per layer read, as its disk track timed them
+            n_reads = (disk.reader.payload_bytes - read0) / cm.disk_layer_bytes
+            info["engine_read_s"] = (eng.timeline.busy.get(TRACK_DISK, 0.0) - busy0) / max(n_reads, 1.0)
+        return sum(len(f.tokens) for f in done) / wall, info
+
+    def layer_probe() -> float:
+        """The engine's reader on the checkpoint's own layers, just before a timed run (the disk's rate
+        varies from minute to minute on a shared machine)."""
+        r = measure_layer_reads(t_dir, reads=16)
+        probes.append(r.bytes_per_s)
+        return r.bytes_per_s
 
     load_before = os.getloadavg()[0]
+    probes: list[float] = []
     timed("disk tier")  # warm-up
     samples = {n: [] for n in runs}
-    extra = {}
+    extra, engine_reads = {}, []
     names = list(runs)
     for rep in range(reps):
         for name in names[rep % 2:] + names[:rep % 2]:
+            if name == "disk tier":
+                layer_probe()
             tps, info = timed(name)
             samples[name].append(tps)
             extra[name] = info
+            if "engine_read_s" in info:
+                engine_reads.append(info["engine_read_s"])
+    layer_rate = statistics.median(probes)
+    # the simulation with each figure: the sequential probe's (what `specoffload-profile --disk` writes) and
+    # the engine reader's layer reads (measure_layer_reads) taken beside the runs
+    sims = {name: simulate(p, profile).report for name, p in runs.items()}
+    layer_profile = base.with_overrides({"disk_read_bytes_per_s": layer_rate})
+    sims_layer = {name: simulate(p, layer_profile).report for name, p in runs.items()}
     out = {"profile": base.name, "disk_read_bytes_per_s": rate.bytes_per_s, "disk_mode": rate.mode,
+           "layer_read_bytes_per_s": layer_rate, "layer_read_probes": probes,
+           "layer_read_s": cm.disk_layer_bytes / layer_rate,
+           "engine_read_s": statistics.median(engine_reads) if engine_reads else None,
            "disk_threads": rate.threads, "disk_block_bytes": rate.block_bytes, "fs_type": rate.fs_type,
            "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],
            "torch_threads": threads, "gen_len": gen_len, "prompts": len(prompts), "reps": reps,
@@ -169,9 +197,12 @@ def measured(profile_ref: str | None, reps: int, gen_len: int, threads: int) -> 
         xs = sorted(samples[name])
         med = xs[len(xs) // 2] if len(xs) % 2 else (xs[len(xs) // 2 - 1] + xs[len(xs) // 2]) / 2
         sim = sims[name].throughput_tokens_per_s
+        sim_l = sims_layer[name].throughput_tokens_per_s
         out["runs"][name] = {"measured_tok_s": med, "spread": (xs[-1] - xs[0]) / med, "samples": xs,
                              "best_tok_s": xs[-1], "best_sim_error": (sim - xs[-1]) / xs[-1],
                              "simulated_tok_s": sim, "sim_error": (sim - med) / med,
+                             "simulated_layer_tok_s": sim_l, "layer_sim_error": (sim_l - med) / med,
+                             "layer_best_sim_error": (sim_l - xs[-1]) / xs[-1],
                              "simulated_busy_fraction": sims[name].busy_fraction, **extra[name]}
     for eng in engines.values():
         if eng.target.disk is not None:
@@ -207,13 +238,22 @@ def markdown(plans: list[dict], meas: dict | None) -> str:
                   f"{meas['gen_len']} tokens, {meas['torch_threads']} torch thread(s), median of {meas['reps']}.", "",
                   f"Profile: {meas['profile']}. Load average (1 min) {meas['load_average'][0]:.2f} before the runs, "
                   f"{meas['load_average'][1]:.2f} after, on {os.cpu_count()} CPUs.", "",
-                  "| run | measured tok/s (median) | spread | best | simulated tok/s | sim error vs median | vs best "
+                  f"Layer reads by the engine's reader (measure_layer_reads on the checkpoint, before each disk-tier "
+                  f"run): median {meas['layer_read_bytes_per_s'] / 1e9:.2f} GB/s = {1e3 * meas['layer_read_s']:.2f} ms "
+                  f"per layer (per run: {', '.join(f'{x / 1e9:.2f}' for x in meas['layer_read_probes'])} GB/s); "
+                  f"the sequential probe's figure gives {1e3 * meas['layer_read_s'] * meas['layer_read_bytes_per_s'] / meas['disk_read_bytes_per_s']:.2f} ms; "
+                  + (f"inside the engine (its disk track): {1e3 * meas['engine_read_s']:.2f} ms per layer."
+                     if meas.get("engine_read_s") else ""), "",
+                  "| run | measured tok/s (median) | spread | best | simulated tok/s (sequential figure) | sim error "
+                  "vs median | vs best | simulated tok/s (layer-read figure) | sim error vs median | vs best "
                   "| MiB read per sweep (plan: "
                   f"{meas['plan']['disk_bytes_per_sweep'] / 2**20:.2f}) | simulated disk busy |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for name, r in meas["runs"].items():
             lines.append(f"| {name} | {r['measured_tok_s']:.1f} | {100 * r['spread']:.0f}% | {r['best_tok_s']:.1f} | "
                          f"{r['simulated_tok_s']:.1f} | {100 * r['sim_error']:+.1f}% | {100 * r['best_sim_error']:+.1f}% | "
+                         f"{r['simulated_layer_tok_s']:.1f} | {100 * r['layer_sim_error']:+.1f}% | "
+                         f"{100 * r['layer_best_sim_error']:+.1f}% | "
                          f"{r['disk_bytes_per_sweep'] / 2**20:.2f} | "
                          f"{100 * r['simulated_busy_fraction'].get('disk', 0.0):.0f}% |")
     return "\n".join(lines) + "\n"

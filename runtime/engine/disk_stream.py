@@ -21,7 +21,7 @@ import torch
 from specoffload.planner.trace_names import SPAN_DISK_READ, TRACK_DISK
 
 from ..config import ModelArgs
-from ..disk import CheckpointIndex, DiskReader, Prefetcher
+from ..disk import DEFAULT_BLOCK, READ_THREADS, CheckpointIndex, DiskReader, Prefetcher
 from ..layers import LayerWeights
 from ..loader import hf_name_map
 
@@ -62,11 +62,13 @@ class _TimedReader:
 class DiskLayers:
     """Reads the plan's disk layers into staging buffers ahead of use; see the module docstring."""
 
-    def __init__(self, model_dir: str | Path, args: ModelArgs, layers: list[int], threads: int = 4,
-                 depth: int = STAGING_BUFFERS, pin: bool | None = None, timeline=None):
+    def __init__(self, model_dir: str | Path, args: ModelArgs, layers: list[int], threads: int = READ_THREADS,
+                 depth: int = STAGING_BUFFERS, pin: bool | None = None, timeline=None,
+                 block_bytes: int = DEFAULT_BLOCK):
         self.layers = sorted(layers)
         self.index = CheckpointIndex.open(model_dir)
-        self.reader = DiskReader(self.index, threads=threads)
+        # the settings the profiler's layer-read probe (profiler/disk.py, measure_layer_reads) reads with
+        self.reader = DiskReader(self.index, threads=threads, block_bytes=block_bytes)
         self.prefetcher = Prefetcher(_TimedReader(self.reader, timeline), self.layers, depth=depth, pin=pin)
         self.depth = depth
         names = hf_name_map(args)

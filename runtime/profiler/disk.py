@@ -240,3 +240,82 @@ def measure_disk(folder: str | os.PathLike = ".", *, file: str | os.PathLike | N
                      + "[" + ",".join(f"[{b},{t},{r:.4g},{s:.3g}]" for b, t, r, s in points) + "]",
     }
     return DiskRate(best[2], best[0], best[1], mode, str(path), size, fs, tuple(points), seconds, prov)
+
+
+@dataclass(frozen=True)
+class LayerReadRate:
+    """What the engine's own reader gets: one layer-sized read at a time, as the disk tier issues them."""
+
+    bytes_per_s: float  # layer payload bytes / median seconds per read
+    layer_bytes: int  # payload bytes per read (tensor bytes, as the sweep counts them)
+    seconds_per_read: float  # median
+    min_seconds_per_read: float
+    reads: int
+    threads: int
+    block_bytes: int
+    mode: str  # the reader's mode over the files read: direct | buffered | mixed
+    source: str
+    samples: tuple[float, ...] = ()
+
+
+def _layer_index(source: Path, layer_bytes: int | None):
+    """(CheckpointIndex, layer ids) for ``source``: a safetensors checkpoint folder (its decoder layers, as
+    the engine reads them) or any file (consecutive aligned extents of ``layer_bytes`` as one-tensor layers)."""
+    from ..disk import CheckpointIndex, FileStamp, TensorEntry, _up
+
+    if source.is_dir():
+        index = CheckpointIndex.open(source)
+        layers = list(range(index.n_layers))
+        if not layers:
+            raise DiskProbeError(f"{source}: the checkpoint has no decoder layers (model.layers.N.*) to read")
+        return index, layers
+    if not source.is_file():
+        raise DiskProbeError(f"{source}: no such file or folder; give a checkpoint folder or a large file on the disk")
+    if not layer_bytes or layer_bytes < 1:
+        raise DiskProbeError(f"{source}: a plain file needs layer_bytes (the bytes one layer read moves), e.g. "
+                             "the target's per-layer weight bytes")
+    size = source.stat().st_size
+    stride = _up(layer_bytes)
+    n = size // stride
+    if n < 2:
+        raise DiskProbeError(f"{source}: {size} bytes hold fewer than 2 extents of {layer_bytes} bytes; use a file "
+                             f"of at least {2 * stride} bytes")
+    tensors = {f"model.layers.{i}.probe": TensorEntry(f"model.layers.{i}.probe", source, "U8", (layer_bytes,),
+                                                      i * stride, layer_bytes) for i in range(n)}
+    return CheckpointIndex(source.parent, tensors, {source: FileStamp.of(source)}), list(range(n))
+
+
+def measure_layer_reads(source: str | os.PathLike, layer_bytes: int | None = None, *, reads: int = 32,
+                        threads: int | None = None, block_bytes: int | None = None,
+                        direct: bool | None = None) -> LayerReadRate:
+    """Time the disk tier's reads as the engine makes them: its :class:`~specoffload.runtime.disk.DiskReader`
+    (same threads, block size and O_DIRECT choice as runtime/engine/disk_stream.py, unless given),
+    ``read_layer`` one layer at a time into an aligned staging buffer (``alloc_staging``), layers in
+    sweep order, round robin. ``source``: a checkpoint folder (its own layers, nothing written) or a
+    large file (extents of ``layer_bytes``). Unlike :func:`measure_disk`'s long sequential stream,
+    each read pays the per-request cost once and runs at the queue depth one layer gives
+    (ceil(layer / block) blocks over the reader threads). The first read of each layer is untimed.
+    """
+    from ..disk import DEFAULT_BLOCK, READ_THREADS, DiskReader, alloc_staging
+
+    if reads < 1:
+        raise DiskProbeError(f"reads must be >= 1, found {reads}")
+    index, layers = _layer_index(Path(source), layer_bytes)
+    threads = READ_THREADS if threads is None else threads
+    block_bytes = DEFAULT_BLOCK if block_bytes is None else block_bytes
+    with DiskReader(index, threads=threads, direct=direct, block_bytes=block_bytes) as reader:
+        staging = alloc_staging(max(reader.layer_staging_bytes(j) for j in layers), pin=False)
+        for j in layers:  # untimed: opens the files, first touch of the buffer
+            reader.read_layer(j, staging)
+        reader.reset_counters()
+        samples = []
+        for i in range(reads):
+            j = layers[i % len(layers)]
+            t0 = time.perf_counter()
+            reader.read_layer(j, staging)
+            samples.append(time.perf_counter() - t0)
+        payload = reader.payload_bytes / reads
+        mode = reader.mode
+    med = statistics.median(samples)
+    return LayerReadRate(payload / med, int(round(payload)), med, min(samples), reads, threads, block_bytes, mode,
+                         str(source), tuple(samples))
