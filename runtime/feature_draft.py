@@ -542,6 +542,7 @@ class FeatureDraft:
             keys = float(self.kv.lengths[idx].max()) + int(n_new.max()) if self.tl.enabled else 0.0
             width = tokens.shape[1]
             pred, logits = self.head.forward(self.kv, rows, tokens, feats, n_new)
+            t_fwd = time.perf_counter()  # the pass record covers the forward; the step span its bookkeeping too
             if step == 0:
                 self.base[idx] = self.kv.lengths[idx]
             nxt = logits.argmax(-1).cpu()
@@ -555,7 +556,7 @@ class FeatureDraft:
             t1 = time.perf_counter()
             self.tl.add(TRACK_GPU, f"{SPAN_DRAFT_STEP} {step}", t0, t1)
             if self.tl.enabled:
-                self.tl.add_pass("draft", len(seqs), width, keys, t0, t1, False)
+                self.tl.add_pass("draft", len(seqs), width, keys, t0, t_fwd, False)
             yield
         self.n_feats[idx] = 0
         for i, s in enumerate(seqs):
