@@ -171,17 +171,9 @@ class Durations:
         ctx = self.attention_context(batch, in_flight) if context is None else context
         # Host attention (draft KV on the host, or everything on a CPU-only machine) reads rows to their own length.
         host_ctx = self.host_attention_context() if context is None else context
-        # Each step's linear layers for s sequences: FLOPs over the rate at s tokens, or reading all weights.
-        def step(s: float, tokens_per_seq: float = 1.0) -> float:
-            tok = s * tokens_per_seq
-            lin = self.matmul_seconds(tok * d.linear_flops_per_token_per_layer * L, tok, weights * L)
-            return lin + self.lm_head_seconds(d, s) + L * self.layer_fixed_seconds(tok)
-
+        step = self.draft_step_seconds
         out = dict(zero)
-        hw = self.hw
-        # The runtime's bookkeeping per round (inputs, commits, the draft KV's rollback) and per step.
-        host = (hw.engine_draft_round_overhead_seconds + batch * hw.engine_draft_seq_overhead_seconds
-                + k * hw.engine_draft_step_overhead_seconds)
+        host = self.draft_host_seconds(batch, k)
         if draft_kv == "recompute":
             s = min(sub_batch, batch)
             subs = math.ceil(batch / s)
@@ -198,8 +190,8 @@ class Durations:
             return out
         # KV kept: k steps of one token each, plus one catch-up token (the target's bonus token). A feature
         # draft instead re-reads every position the verification kept (accepted drafts + the bonus token) with
-        # the target's true features: E[tokens per round] pairs in its first step.
-        catch_up = self.rounds(k).expected_tokens if d.feature_draft else 2.0
+        # the target's true features; the runtime pads that first step to its longest row (feature_catch_up).
+        catch_up = self.feature_catch_up(k, batch) if d.feature_draft else 2.0
         out["gpu"] = (k - 1) * step(batch) + step(batch, catch_up) + host
         if draft_kv == "gpu" and self.cpu_only:  # the "device" is the CPU: the same attention call
             out["gpu"] += k * L * self.cpu_attention_seconds(d, batch, 1, host_ctx)
@@ -211,6 +203,37 @@ class Durations:
             out["d2h"] = k * L * self.d2h_seconds(down)
             out["h2d"] = k * L * self.h2d_seconds(up)
         return out
+
+    def draft_step_seconds(self, s: float, tokens_per_seq: float = 1.0) -> float:
+        """One draft step's device work beyond attention for `s` sequences of `tokens_per_seq` new tokens each:
+        every layer's linear parts (a feature draft's fc over [embedding; feature] included) at s x
+        tokens_per_seq tokens (FLOPs over the rate, or reading all weights), the LM head over the full
+        vocabulary for the s rows' last tokens (a feature draft's is the target's), and the layers' fixed
+        and per-token costs."""
+        d = self.d
+        L, tok = d.num_layers, s * tokens_per_seq
+        lin = self.matmul_seconds(tok * d.linear_flops_per_token_per_layer * L, tok, d.b(d.layer_params) * L)
+        return lin + self.lm_head_seconds(d, s) + L * self.layer_fixed_seconds(tok)
+
+    def feature_catch_up(self, k: int, batch: float) -> float:
+        """Pairs per row in a feature draft's first step: the runtime feeds every position the verification
+        kept (a + 1 for a accepted drafts) as one batched forward padded to its longest row, so the linear
+        parts run E[max over the batch of a + 1] tokens per row, not the mean. Rows taken as independent:
+        E[max] = 1 + sum_j P(some row accepted >= j) = 1 + sum_j 1 - (1 - P(a >= j))^batch."""
+        if k <= 0:
+            return 1.0
+        alpha = self.w.acceptance_vector(k)
+        out, reach = 1.0, 1.0
+        for j in range(k):
+            reach *= alpha[j]  # P(a >= j + 1)
+            out += 1.0 - (1.0 - reach) ** max(batch, 1.0)
+        return out
+
+    def draft_host_seconds(self, batch: float, k: int) -> float:
+        """The runtime's bookkeeping per draft round (inputs, commits, the draft KV's rollback) and per step."""
+        hw = self.hw
+        return (hw.engine_draft_round_overhead_seconds + batch * hw.engine_draft_seq_overhead_seconds
+                + k * hw.engine_draft_step_overhead_seconds)
 
     def host_pass_seconds(self, batch: float) -> float:
         """The runtime's bookkeeping per verification pass of `batch` sequences (profiled)."""

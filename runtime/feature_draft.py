@@ -473,8 +473,12 @@ class FeatureDraft:
         self.mode = plan.draft_kv
         kv_device = "cpu" if self.mode == "host" else device
         self.kv = self.head.new_cache(n_slots, max_len, device=kv_device)
-        self.feats: dict[int, Tensor] = {}  # slot -> [m, D] target features of the pending pairs
-        self.base: dict[int, int] = {}  # slot -> cache length holding only true-feature pairs
+        # Per slot, as whole-batch tensors (one indexed op per round, no per-sequence Python work): the target's
+        # features of the pending pairs (at most k + 1: the verification's kept positions), how many are
+        # pending, and the cache length that holds only true-feature pairs (what commit rolls back to).
+        self.feats = torch.zeros(n_slots, max(1, plan.draft_len + 1), self.head.args.dim, dtype=dtype, device=device)
+        self.n_feats = torch.zeros(n_slots, dtype=torch.long)
+        self.base = torch.zeros(n_slots, dtype=torch.long)
         target.keep_hidden = True
 
     @property
@@ -488,10 +492,12 @@ class FeatureDraft:
 
         hidden = self.target.last_hidden  # [B, T, D]: the prefill's features
         rows = [s.slot for s in seqs]
+        idx = torch.tensor(rows, dtype=torch.long)
         self.kv.reset(rows)
         n = torch.tensor([len(p) for p in prompts])
-        for i, s in enumerate(seqs):
-            self.feats[s.slot] = hidden[i, len(prompts[i]) - 1:len(prompts[i])].to(self.device, self.dtype)
+        self.feats[idx, 0] = hidden[torch.arange(len(seqs), device=hidden.device), (n - 1).to(hidden.device)].to(
+            self.device, self.dtype)
+        self.n_feats[idx] = 1
         feed = [i for i, p in enumerate(prompts) if len(p) > 1]
         if feed:
             t0 = time.perf_counter()
@@ -503,14 +509,13 @@ class FeatureDraft:
             self.tl.add(TRACK_GPU, SPAN_DRAFT_PREFILL, t0, t1)
             if self.tl.enabled:
                 self.tl.add_pass("draft", len(feed), tokens.shape[1], float(int(n.max()) - 1), t0, t1, True)
-        for s in seqs:
-            self.base[s.slot] = int(self.kv.lengths[s.slot])
+        self.base[idx] = self.kv.lengths[idx]
 
     def release(self, slots: list[int]) -> None:
         self.kv.reset(slots)
-        for s in slots:
-            self.feats.pop(s, None)
-            self.base.pop(s, None)
+        idx = torch.tensor(slots, dtype=torch.long)
+        self.n_feats[idx] = 0
+        self.base[idx] = 0
 
     def propose(self, seqs, k: int) -> Iterator[None]:
         """Draft k tokens per sequence into seq.drafted (and seq.draft_probs for sampled rows); a generator
@@ -520,27 +525,26 @@ class FeatureDraft:
         if not seqs or k == 0:
             return
         rows = [s.slot for s in seqs]
-        first = [s.pending for s in seqs]
-        n_new = torch.tensor([len(f) for f in first])
-        tokens = padded(first)
-        D = self.head.args.dim
-        feats = torch.zeros(len(seqs), tokens.shape[1], D, dtype=self.dtype, device=self.device)
-        for i, s in enumerate(seqs):
-            f = self.feats[s.slot]
-            if f.shape[0] != len(s.pending):
-                raise AssertionError(f"slot {s.slot}: {f.shape[0]} pending features for {len(s.pending)} tokens")
-            feats[i, :f.shape[0]] = f
+        idx = torch.tensor(rows, dtype=torch.long)
+        n_new = torch.tensor([len(s.pending) for s in seqs])
+        tokens = padded([s.pending for s in seqs])
+        if not torch.equal(self.n_feats[idx], n_new):
+            bad = int((self.n_feats[idx] != n_new).nonzero()[0, 0])
+            raise AssertionError(f"slot {rows[bad]}: {int(self.n_feats[rows[bad]])} pending features for "
+                                 f"{int(n_new[bad])} tokens")
+        feats = self.feats[idx, :tokens.shape[1]]  # [B, T, D]; past each row's n_new: ignored (padding)
         sampled = [i for i, s in enumerate(seqs) if s.req.temperature > 0]
         params = sampling_tensors([seqs[i].req for i in sampled])
         drafted = torch.zeros(len(seqs), k, dtype=torch.long)
         probs: list[Tensor] = []
         for step in range(k):
             t0 = time.perf_counter()
-            keys = float(self.kv.lengths[torch.tensor(rows)].max()) + int(n_new.max())
+            keys = float(self.kv.lengths[idx].max()) + int(n_new.max()) if self.tl.enabled else 0.0
+            width = tokens.shape[1]
             pred, logits = self.head.forward(self.kv, rows, tokens, feats, n_new)
+            t_fwd = time.perf_counter()  # the pass record covers the forward; the step span its bookkeeping too
             if step == 0:
-                for s in seqs:
-                    self.base[s.slot] = int(self.kv.lengths[s.slot])
+                self.base[idx] = self.kv.lengths[idx]
             nxt = logits.argmax(-1).cpu()
             if sampled:
                 p = processed_probs(logits[sampled], *params)
@@ -552,13 +556,12 @@ class FeatureDraft:
             t1 = time.perf_counter()
             self.tl.add(TRACK_GPU, f"{SPAN_DRAFT_STEP} {step}", t0, t1)
             if self.tl.enabled:
-                self.tl.add_pass("draft", len(seqs), tokens.shape[1] if step else int(max(len(f) for f in first)),
-                                 keys, t0, t1, False)
+                self.tl.add_pass("draft", len(seqs), width, keys, t0, t_fwd, False)
             yield
+        self.n_feats[idx] = 0
         for i, s in enumerate(seqs):
             s.drafted = drafted[i]
             s.pending = []
-            self.feats[s.slot] = self.feats[s.slot][:0]
         for r, i in enumerate(sampled):
             seqs[i].draft_probs = torch.stack([p[r] for p in probs])  # [k, V]
 
@@ -567,10 +570,13 @@ class FeatureDraft:
         features with the tokens that followed them (the accepted drafts, then the target's token)."""
         hidden = self.target.last_hidden  # [B, k+1, D]: the verification's features
         slots = [s.slot for s in seqs]
-        self.kv.rollback(slots, [self.base[s] for s in slots])
-        for i, (s, a, new) in enumerate(zip(seqs, n_accepted, new_tokens)):
+        idx = torch.tensor(slots, dtype=torch.long)
+        self.kv.rollback(slots, self.base[idx])
+        # All k + 1 positions in one copy; the first a + 1 of each row are the pending ones.
+        self.feats[idx, :hidden.shape[1]] = hidden.to(self.device, self.dtype)
+        self.n_feats[idx] = torch.tensor(n_accepted, dtype=torch.long) + 1
+        for s, new in zip(seqs, new_tokens):
             s.pending = list(new)
-            self.feats[s.slot] = hidden[i, :a + 1].to(self.device, self.dtype)
 
 
 # ----------------------------------------------------------------------------------------------

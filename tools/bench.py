@@ -6,6 +6,8 @@
 Runs, on the bundled 64 prompts with the same generation length each:
   - our runtime with the specoffload, offload-only, serial-spec and interleaved plans (each planned
     by the planner for this profile and the measured acceptance), each simulated before it runs;
+  - the same with the feature draft tiny-eagle (an EAGLE-style head over the tiny target, its own measured
+    acceptance): "ours: serial-spec, tiny-eagle" and "ours: interleaved, tiny-eagle";
   - transformers' own `generate` (greedy, batched with left padding) and with `assistant_model`
     (assisted generation, one prompt at a time as transformers requires).
 Prints throughput (generated tokens / wall seconds, each sequence capped at its requested length),
@@ -18,7 +20,9 @@ numbers across runs.
 --terms: before the benchmark, each policy's plan runs once more with the engine's trace on, and each
 cost-model term is set beside what the engine's spans measured for the same shapes (per decode pass of
 the target: its layers' QKV + FFN, its attention, its LM head; per prefill pass; the decode's time
-outside the forwards), medians over the passes: where a prediction is off, this says which term.
+outside the forwards), medians over the passes; with a draft, its steps (the first step's padded width
+and its time at that width, the later steps), its prefill pass and the bookkeeping outside every forward
+(serial plans): where a prediction is off, this says which term. The tiny-eagle plans are included.
 """
 from __future__ import annotations
 
@@ -58,7 +62,7 @@ def main() -> None:
     from specoffload.planner.sim import simulate
     from specoffload.runtime.engine import Engine, Request
     from specoffload.runtime.profiler.acceptance import measure_workload
-    from specoffload.runtime.tiny_pair import tiny_pair_paths, tiny_pair_tokenizer
+    from specoffload.runtime.tiny_pair import tiny_eagle_path, tiny_pair_paths, tiny_pair_tokenizer
 
     t_dir, d_dir = tiny_pair_paths()
     tok = tiny_pair_tokenizer()
@@ -77,27 +81,36 @@ def main() -> None:
         profile = load_profile(args.profile)
     workload = measure_workload("tiny-target", "tiny-draft", PROMPTS, k=6, max_new_tokens=G, sample=16,
                                 progress=False).workload
+    eagle_spec, e_dir = load_model_spec("tiny-eagle"), tiny_eagle_path()
+    eagle_workload = measure_workload("tiny-target", "tiny-eagle", PROMPTS, k=6, max_new_tokens=G, sample=16,
+                                      progress=False).workload
     print(f"tiny pair, {len(prompts)} prompts (mean {workload.prompt_len_tokens} tokens) -> {G} tokens each, "
           f"{args.threads} torch thread(s), profile {profile.name}; measured acceptance "
-          f"{[round(a, 2) for a in workload.acceptance]}")
+          f"{[round(a, 2) for a in workload.acceptance]}, tiny-eagle's {[round(a, 2) for a in eagle_workload.acceptance]}")
     requests = [Request(str(i), p, G) for i, p in enumerate(prompts)]
     if args.terms:
         for policy in ("offload-only", "serial-spec", "interleaved"):
             plan = make_plan(profile, target_spec, draft_spec, workload, policy=policy).plan
             term_table(plan, profile, target_spec, draft_spec, workload, t_dir, d_dir, requests)
+        for policy in ("serial-spec", "interleaved"):
+            plan = make_plan(profile, target_spec, eagle_spec, eagle_workload, policy=policy).plan
+            term_table(plan, profile, target_spec, eagle_spec, eagle_workload, t_dir, e_dir, requests, "tiny-eagle")
     runs = {}  # name -> (run() -> (tokens, seconds), simulated tok/s or None, plan summary)
-    for policy in ("specoffload", "offload-only", "serial-spec", "interleaved"):
-        plan = make_plan(profile, target_spec, draft_spec, workload, policy=policy).plan
+    ours_runs = [(p, draft_spec, workload, d_dir, "") for p in ("specoffload", "offload-only", "serial-spec",
+                                                                "interleaved")]
+    ours_runs += [(p, eagle_spec, eagle_workload, e_dir, ", tiny-eagle") for p in ("serial-spec", "interleaved")]
+    for policy, dspec, wl, ddir, tag in ours_runs:
+        plan = make_plan(profile, target_spec, dspec, wl, policy=policy).plan
         sim = simulate(plan, profile).report
 
-        def ours(plan=plan) -> tuple[int, float]:
+        def ours(plan=plan, ddir=ddir) -> tuple[int, float]:
             done = []
-            eng = Engine(plan, t_dir, d_dir)  # loading the checkpoints is not part of the run
+            eng = Engine(plan, t_dir, ddir)  # loading the checkpoints is not part of the run
             t0 = time.perf_counter()
             eng.run(requests, done.append)
             return sum(len(f.tokens) for f in done), time.perf_counter() - t0
 
-        name = f"ours: {policy}" + (f" ({plan.policy})" if policy == "specoffload" else "")
+        name = f"ours: {policy}" + (f" ({plan.policy})" if policy == "specoffload" else "") + tag
         runs[name] = (ours, sim.throughput_tokens_per_s, f"b={plan.decode_batch}x{plan.num_batches} k={plan.draft_len}")
 
     hf = AutoModelForCausalLM.from_pretrained(t_dir, dtype=torch.float32)
@@ -157,10 +170,10 @@ def main() -> None:
         rows.append((name, med, (xs[-1] - xs[0]) / med, sim, what))
 
     base = next(r[1] for r in rows if r[0] == "ours: offload-only")
-    print(f"\n{'run':38}{'tok/s':>9}{'spread':>8}{'vs ours offload-only':>22}{'sim tok/s':>11}{'sim err':>9}  plan")
+    print(f"\n{'run':40}{'tok/s':>9}{'spread':>8}{'vs ours offload-only':>22}{'sim tok/s':>11}{'sim err':>9}  plan")
     for name, tps, spread, sim, what in rows:
         err = f"{100 * (sim - tps) / tps:+.0f}%" if sim else "-"
-        print(f"{name:38}{tps:>9.1f}{100 * spread:>7.0f}%{tps / base:>21.2f}x{(f'{sim:.1f}' if sim else '-'):>11}"
+        print(f"{name:40}{tps:>9.1f}{100 * spread:>7.0f}%{tps / base:>21.2f}x{(f'{sim:.1f}' if sim else '-'):>11}"
               f"{err:>9}  {what}")
     print(f"\nload average (1 min) {load_before:.2f} before the timed runs, {os.getloadavg()[0]:.2f} after, on "
           f"{os.cpu_count()} CPUs")
@@ -169,13 +182,13 @@ def main() -> None:
           "the cost model, so this is the cost model's error on this machine")
 
 
-def term_table(plan, profile, target, draft, workload, t_dir, d_dir, requests) -> None:
+def term_table(plan, profile, target, draft, workload, t_dir, d_dir, requests, label: str = "") -> None:
     """Print the engine's traced pieces against the cost model's terms for one plan (see --terms)."""
     import numpy as np
 
     from specoffload.planner.durations import Durations
     from specoffload.planner.sim import simulate
-    from specoffload.planner.trace_names import SPAN_LM_HEAD
+    from specoffload.planner.trace_names import SPAN_DRAFT_STEP, SPAN_LM_HEAD
     from specoffload.runtime.engine import Engine
     from specoffload.runtime.profiler.in_engine import layer_and_attention_seconds
 
@@ -204,7 +217,7 @@ def term_table(plan, profile, target, draft, workload, t_dir, d_dir, requests) -
                     du.lm_head_seconds(target, tokens), rec.end - rec.start, rec.batch))
     rep = simulate(plan, profile).report
     st = eng.stats
-    fwd = sum(r.end - r.start for r in eng.timeline.passes if not r.prefill)
+    fwd = sum(r.end - r.start for r in eng.timeline.passes if not r.prefill and r.model == "target")
     b = plan.decode_batch
     rows = []
     if dec:
@@ -215,19 +228,72 @@ def term_table(plan, profile, target, draft, workload, t_dir, d_dir, requests) -
     if pre:
         a = np.median(np.array(pre), axis=0)
         rows.append(("target prefill pass", a[0], a[1]))
-    if not plan.draft_len:  # with a draft, its passes overlap the target's (interleaved) and hold its bookkeeping
-        outside = (st.decode_seconds - fwd) / max(st.slots, 1)
+    k = plan.draft_len
+    print(f"\nterms, {plan.policy}{', ' + label if label else ''} b={plan.decode_batch}x{plan.num_batches} k={k} (one "
+          f"traced run; {len(dec)} decode passes of the target, medians)")
+    if k:
+        rows += draft_terms(du, eng, plan, draft)
+    if plan.num_batches == 1:  # interleaved: the draft's steps overlap the target's layers
+        draft_steps = sum(e - s_ for _, nm, s_, e in spans if nm.startswith(SPAN_DRAFT_STEP))
+        outside = (st.decode_seconds - fwd - draft_steps) / max(st.slots, 1)
+        host = du.host_pass_seconds(b) + (du.draft_host_seconds(b, k) - k * profile.engine_draft_step_overhead_seconds
+                                          if k else 0.0)
         rows.append(("LM head + logit scan + bookkeeping, per verification", (a_lm + outside) if dec else outside,
-                     (m_lm if dec else 0.0) + du.host_pass_seconds(b)))
+                     (m_lm if dec else 0.0) + host))
     rows += [("run: prefill", st.prefill_seconds, rep.prefill_seconds),
              ("run: decode", st.decode_seconds, rep.decode_seconds)]
-    print(f"\nterms, {plan.policy} b={plan.decode_batch}x{plan.num_batches} k={plan.draft_len} (one traced run; "
-          f"{len(dec)} decode passes of the target, medians)")
     print(f"  {'term':50}{'measured us':>13}{'model us':>11}{'model err':>11}")
     for name, m, p in rows:
         print(f"  {name:50}{m * 1e6:>13.1f}{p * 1e6:>11.1f}{100 * (p - m) / m if m > 0 else float('nan'):>+10.0f}%")
     print("  (the engine scans the logits after its LM head span, in the time outside the forwards; the model charges "
-          "the scan with the LM head: compare their sum)")
+          "the scan with the LM head: compare their sum. Draft steps: each step's whole span against the model at its "
+          "traced width and keys; bookkeeping per verification includes the draft round's outside its steps)")
+
+
+def draft_terms(du, eng, plan, draft) -> list[tuple[str, float, float]]:
+    """The draft's traced steps against the cost model's terms (see --terms): each step's span (forward, logit scan,
+    bookkeeping) against the model at its traced shape, the first step's padded width, its prefill pass."""
+    import numpy as np
+
+    from specoffload.planner.trace_names import SPAN_DRAFT_STEP
+
+    k, b, L = plan.draft_len, plan.decode_batch, draft.num_layers
+    passes = [r for r in eng.timeline.passes if r.model == "draft"]
+    steps = [r for r in passes if not r.prefill]
+    attend = du.cpu_attention_seconds if (du.cpu_only or plan.draft_kv == "host") else du.gpu_attention_seconds
+
+    def model_step(r) -> float:  # one step at the traced shape: linear parts, LM head and logit scan, KV attention,
+        return (du.draft_step_seconds(r.batch, r.query) + L * attend(draft, r.batch, r.query, r.keys)
+                + du.hw.engine_draft_step_overhead_seconds)  # and the step's bookkeeping
+
+    # Each step's whole span (forward, logit scan, drawing, bookkeeping), in order: one per traced step pass.
+    spans = sorted((s_, e) for _, nm, s_, e in eng.timeline.spans if nm.startswith(SPAN_DRAFT_STEP))
+    rows = []
+    if len(spans) != len(steps):
+        return rows
+    first = [(r, e - s_) for i, (r, (s_, e)) in enumerate(zip(steps, spans)) if i % k == 0]  # rounds: k steps each
+    later = [(r, e - s_) for i, (r, (s_, e)) in enumerate(zip(steps, spans)) if i % k]
+    full = [r for r, _ in first[1:] if r.batch == b]  # full batches, after the first round (one pending pair per row)
+    if full:
+        width = du.feature_catch_up(k, b) if draft.feature_draft else 2.0
+        print(f"  draft first step's width (tokens per row, padded to the longest): traced "
+              f"{np.mean([r.query for r in full]):.2f} over {len(full)} full-batch rounds, model {width:.2f}"
+              + (f" (the mean row keeps {du.rounds(k).expected_tokens:.2f})" if draft.feature_draft else ""))
+    for name, rs in (("draft first step, at its traced width", first), ("draft later step", later)):
+        if rs:
+            rows.append((name, float(np.median([t for _, t in rs])), float(np.median([model_step(r) for r, _ in rs]))))
+    pre = [r for r in passes if r.prefill]
+    if pre:
+        def model_pre(r) -> float:
+            padded = r.batch * r.query
+            t = (L * (du.qkv_seconds(draft, padded) + du.ffn_seconds(draft, padded)
+                      + du.prefill_attention_seconds(draft, r.batch, r.query)) + du.lm_head_seconds(draft, r.batch))
+            if draft.feature_draft:
+                t += du.matmul_seconds(2.0 * padded * draft.fc_params, padded, draft.b(draft.fc_params))
+            return t
+        rows.append(("draft prefill pass", float(np.median([r.end - r.start for r in pre])),
+                     float(np.median([model_pre(r) for r in pre]))))
+    return rows
 
 
 if __name__ == "__main__":

@@ -201,12 +201,15 @@ class Target:
             # ones (a verification of the other batch, or a prefill), copied while a serial draft round runs.
             self.streamer.fill(ahead)
         self.kv.advance(slots, n_new.tolist())
-        if self.keep_hidden:
+        if self.keep_hidden:  # normed once: the LM head reads the same states (no second norm of every position)
             self.last_hidden = rms_norm(x, self.w.norm, a.norm_eps)
-        if logits_at == "last":
-            x = x[torch.arange(B, device=dev), (n_new - 1).clamp(min=0).to(dev)]
+        last = torch.arange(B, device=dev), (n_new - 1).clamp(min=0).to(dev)
         t0 = time.perf_counter()
-        out = F.linear(rms_norm(x, self.w.norm, a.norm_eps), self.w.lm_head).float()
+        if self.keep_hidden:
+            h = self.last_hidden[last] if logits_at == "last" else self.last_hidden
+        else:
+            h = rms_norm(x[last] if logits_at == "last" else x, self.w.norm, a.norm_eps)
+        out = F.linear(h, self.w.lm_head).float()
         t_end = time.perf_counter()
         self.tl.add(TRACK_GPU, SPAN_LM_HEAD, t0, t_end)
         if self.tl.enabled:
