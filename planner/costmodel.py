@@ -406,7 +406,7 @@ class CostModel(Durations):
         the batch runs as if that much smaller. (Offload-only rows free together: bp = 1 here.)"""
         per_stream = math.ceil(self.w.num_prompts / nb)
         stats = self.rounds(k)
-        chunk = bp if bp <= refill_rows(b) else refill_rows(b)  # the rows a refill waits for
+        chunk = min(bp, refill_rows(b))  # the rows a refill waits for
         waiting = (chunk - 1) / 2 if per_stream > b else 0.0
         span = stats.makespan(per_stream, max(1, round(b - waiting)))
         fluid = per_stream * stats.mean_rounds / b

@@ -320,7 +320,7 @@ class Planner:
         grid = sorted({bp for bp in PREFILL_BATCHES if bp < n} | {min(n, PREFILL_BATCHES[-1])})
         if knobs is not None and knobs.draft_len > 0:
             cap = refill_rows(knobs.decode_batch)
-            grid = [bp for bp in grid if bp <= cap] or [min(grid)]
+            grid = [bp for bp in grid if bp <= cap]  # never empty: the grid starts at 1
         return grid
 
     # --- the placement LP ----------------------------------------------------------------------

@@ -193,16 +193,21 @@ inline void load_v(const Bf16EO* row, int64_t c0, __m512* vv) {
   }
 }
 
-// Rows [0, R) of acc from the even / odd layout back to column order.
-inline void unshuffle_eo(float* acc, int64_t R, int64_t Dh) {
-  const __m512i lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
-  const __m512i hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+// Rows [0, R) of acc, each block of 32 columns [a: 16 | b: 16] rewritten as
+// [permutex2var(a, i0, b) | permutex2var(a, i1, b)]: puts a register layout back in column order.
+inline void permute_blocks(float* acc, int64_t R, int64_t Dh, __m512i i0, __m512i i1) {
   for (int64_t r = 0; r < R; ++r)
     for (int64_t c = 0; c < Dh; c += 32) {
-      const __m512 e = _mm512_loadu_ps(acc + r * Dh + c), o = _mm512_loadu_ps(acc + r * Dh + c + 16);
-      _mm512_storeu_ps(acc + r * Dh + c, _mm512_permutex2var_ps(e, lo, o));
-      _mm512_storeu_ps(acc + r * Dh + c + 16, _mm512_permutex2var_ps(e, hi, o));
+      const __m512 a = _mm512_loadu_ps(acc + r * Dh + c), b = _mm512_loadu_ps(acc + r * Dh + c + 16);
+      _mm512_storeu_ps(acc + r * Dh + c, _mm512_permutex2var_ps(a, i0, b));
+      _mm512_storeu_ps(acc + r * Dh + c + 16, _mm512_permutex2var_ps(a, i1, b));
     }
+}
+
+// Rows [0, R) of acc from the even / odd layout back to column order.
+inline void unshuffle_eo(float* acc, int64_t R, int64_t Dh) {
+  permute_blocks(acc, R, Dh, _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23),
+                 _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31));
 }
 
 // acc[i, c0 : c0 + 16 NC] = corr[i] * acc[i, ...] + sum over jj < nb (in order) of p[i, jj] * v[jj, ...]:
@@ -400,14 +405,8 @@ inline void pv_all_dp(const uint16_t* v, int64_t vs, int64_t nb, const uint32_t*
 
 // Rows [0, R) of acc from the key-pair layout (see pv_tile_dp) back to column order.
 inline void unshuffle_pairs(float* acc, int64_t R, int64_t Dh) {
-  const __m512i i0 = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
-  const __m512i i1 = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
-  for (int64_t r = 0; r < R; ++r)
-    for (int64_t c = 0; c < Dh; c += 32) {
-      const __m512 lo = _mm512_loadu_ps(acc + r * Dh + c), hi = _mm512_loadu_ps(acc + r * Dh + c + 16);
-      _mm512_storeu_ps(acc + r * Dh + c, _mm512_permutex2var_ps(lo, i0, hi));
-      _mm512_storeu_ps(acc + r * Dh + c + 16, _mm512_permutex2var_ps(lo, i1, hi));
-    }
+  permute_blocks(acc, R, Dh, _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23),
+                 _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31));
 }
 #endif
 #endif

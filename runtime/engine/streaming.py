@@ -62,6 +62,7 @@ class LayerStreamer:
         self._streamed = set(self.order)
         self.n_buffers = max(1, n_buffers) if self.order else 0
         self.cursor = 0  # position in `order` of the next copy to issue (wraps into the next pass)
+        self.max_ahead = 0  # the most layers issued and not yet released at once (the prefetch depth reached)
         self.free = list(range(self.n_buffers))  # buffers whose last user released them (copies may go in)
         self.buffer_of: dict[int, int] = {}  # issued layer -> its buffer, until released
         self.next_compute = 0  # the layer the compute reaches next (where disk reads continue from)
@@ -70,7 +71,6 @@ class LayerStreamer:
         self.free_event: dict[int, object] = {}
         self.buffers: list[dict] = []
         self.copied_bytes = 0
-        self.max_ahead = 0  # the most layers issued and not yet released at once (the prefetch depth reached)
         if self.cuda and self.order:
             streamed = self.order
             template = weights.layers[streamed[0]]
@@ -117,10 +117,6 @@ class LayerStreamer:
             if self.disk is not None and j in self.disk and not (self.cuda and self.disk.ready(j)):
                 return
             self._issue(j, experts)
-
-    def prefetch(self, j: int, experts: list[int] | None = None) -> None:
-        """The copies of layers up to j and beyond, as far as the buffers allow (see `fill`)."""
-        self.fill(experts)
 
     def _issue(self, j: int, experts: list[int] | None) -> None:
         """Take a free buffer for layer j (the layer at the cursor) and start its copy."""
@@ -196,7 +192,10 @@ class LayerStreamer:
                 self.cursor = self.order.index(j)
             if self.disk is not None:
                 self.disk.ahead(j, self.n)
-            self._issue_waiting(j, experts)
+            if not self.free:  # a buffer is free once every earlier layer is released
+                raise RuntimeError(f"layer {j} needed with all {self.n_buffers} weight buffers held by "
+                                   f"layers {self.issued()}")
+            self._issue(j, experts)  # j is at the cursor now
         if j not in self.ready:  # a disk layer issued while its read was running: copy (or convert) it now
             self._make_ready(j, self.pending.pop(j, None))
         out, done = self.ready[j]
@@ -223,19 +222,6 @@ class LayerStreamer:
                 self.disk_done[j] = done
             torch.cuda.current_stream().wait_event(done)
         return LayerWeights(out["attn"], out["ffn"], out["experts"])
-
-    def _issue_waiting(self, j: int, experts: list[int] | None) -> None:
-        """Issue layer j now (the compute needs it): a buffer is free once every earlier layer is released."""
-        if not self.free:
-            raise RuntimeError(f"layer {j} needed with all {self.n_buffers} weight buffers held by "
-                               f"layers {self.issued()}")
-        self.buffer_of[j] = self.free.pop(0)
-        self.cursor = (self.order.index(j) + 1) % len(self.order)
-        self.max_ahead = max(self.max_ahead, len(self.buffer_of))
-        if self.disk is not None and j in self.disk and not self.cuda:
-            self.pending[j] = experts
-            return
-        self._make_ready(j, experts)
 
     def _drop_ahead(self) -> None:
         """Forget copies issued ahead of use (their buffers are free again once the copies are done)."""
