@@ -329,13 +329,70 @@ class FeatureHead:
     def new_cache(self, n_slots: int, max_len: int, device=None) -> KVCache:
         return KVCache.for_model(self.args, n_slots, max_len, dtype=self.dtype, device=device or self.device)
 
-    def forward(self, cache: KVCache, rows, tokens: Tensor, feats: Tensor, n_new: Tensor
+    @staticmethod
+    def packs(n_new: Tensor, T: int) -> bool:
+        """Whether a forward over [B, T] pairs with `n_new` valid per row runs its linear parts packed: when rows
+        are ragged (some row has fewer than T valid pairs) and every row has at least one."""
+        return T > 1 and int(n_new.min()) >= 1 and int(n_new.sum()) < n_new.numel() * T
+
+    @staticmethod
+    def computed_width(n_new: Tensor, T: int) -> float:
+        """Pairs per row the linear parts compute in a forward over [B, T] (what the timeline records): the
+        mean of n_new when the forward packs, else T."""
+        return float(n_new.sum()) / n_new.numel() if FeatureHead.packs(n_new, T) else float(T)
+
+    def forward(self, cache: KVCache, rows, tokens: Tensor, feats: Tensor, n_new: Tensor, pack: bool | None = None
                 ) -> tuple[Tensor, Tensor]:
-        """New (token, feature) pairs [B, T] / [B, T, D] (right-padded, n_new valid per row) through the head.
+        """New (token, feature) pairs [B, T] / [B, T, D] (right-padded, n_new valid per row; n_new on the host)
+        through the head.
 
         Extends the cache by n_new. Returns (predicted feature [B, D], logits [B, V] fp32) at each row's
         last valid pair.
+
+        Ragged rows (see `packs`; `pack` forces it on or off) run packed: the valid pairs are gathered into
+        [N, ...] (N = sum of n_new) for the fc, norms, q/k/v, o and FFN; only q/k/v are scattered to the padded
+        [B, T, ...] layout for the cache's attention, whose output is gathered back. The index tensors are
+        built once per call on the host from n_new, with no per-row Python work.
         """
+        B, T = tokens.shape
+        if pack is None:
+            pack = self.packs(n_new, T)
+        if not pack:
+            return self._forward_padded(cache, rows, tokens, feats, n_new)
+        a, w, dev = self.args, self.w, self.device
+        n_new = n_new.to(torch.long)
+        valid = (torch.arange(T)[None, :] < n_new[:, None]).flatten()  # [B*T] on the host
+        sel = valid.nonzero().squeeze(1).to(dev)  # [N]: flat (row, column) of each valid pair
+        N = sel.numel()
+        positions = cache.positions(rows, T).flatten().to(dev).index_select(0, sel)  # [N]
+        cos, sin = rope_cos_sin(self.inv_freq, positions[None], self.dtype)  # [1, N, Dh]
+        e = F.embedding(tokens.to(dev).flatten().index_select(0, sel), self.embed)  # [N, D]
+        if "embed_norm" in w:
+            e = rms_norm(e, w["embed_norm"], a.norm_eps)
+        f = feats.to(dev, self.dtype).reshape(B * T, -1).index_select(0, sel)
+        x = F.linear(torch.cat((e, f), dim=-1), w["fc.w"], w.get("fc.b"))  # [N, D]
+        h = rms_norm(x, w["attn.norm"], a.norm_eps) if "attn.norm" in w else x
+
+        def padded(t: Tensor) -> Tensor:  # [1, N, heads, Dh] -> [B, T, heads, Dh], zeros at the padding
+            out = t.new_zeros(B * T, *t.shape[2:])
+            return out.index_copy_(0, sel, t[0]).view(B, T, *t.shape[2:])
+
+        q = apply_rope(F.linear(h, w["attn.wq"]).view(1, N, a.n_heads, a.head_dim), cos, sin)
+        k = apply_rope(F.linear(h, w["attn.wk"]).view(1, N, a.n_kv_heads, a.head_dim), cos, sin)
+        v = F.linear(h, w["attn.wv"]).view(1, N, a.n_kv_heads, a.head_dim)
+        o = cache.attend(0, rows, padded(q), padded(k), padded(v), n_new).to(dev, self.dtype)  # [B, T, H, Dh]
+        o = o.reshape(B * T, -1).index_select(0, sel)  # [N, H*Dh]
+        x = x + F.linear(o, w["attn.wo"])
+        x = x + swiglu({"w_gate": w["ffn.w_gate"], "w_up": w["ffn.w_up"], "w_down": w["ffn.w_down"]},
+                       rms_norm(x, w["ffn.norm"], a.norm_eps))
+        cache.advance(rows, n_new)
+        last = x.index_select(0, (n_new.cumsum(0) - 1).to(dev))  # [B, D]: each row's last pair
+        y = rms_norm(last, w["out_norm"], a.norm_eps) if "out_norm" in w else last
+        return last, F.linear(y, self.lm_head).float()
+
+    def _forward_padded(self, cache: KVCache, rows, tokens: Tensor, feats: Tensor, n_new: Tensor
+                        ) -> tuple[Tensor, Tensor]:
+        """`forward` over the padded [B, T] layout (every row T pairs; past n_new ignored)."""
         a, w, dev = self.args, self.w, self.device
         B, T = tokens.shape
         positions = cache.positions(rows, T)
@@ -508,7 +565,8 @@ class FeatureDraft:
             t1 = time.perf_counter()
             self.tl.add(TRACK_GPU, SPAN_DRAFT_PREFILL, t0, t1)
             if self.tl.enabled:
-                self.tl.add_pass("draft", len(feed), tokens.shape[1], float(int(n.max()) - 1), t0, t1, True)
+                self.tl.add_pass("draft", len(feed), self.head.computed_width(n[feed] - 1, tokens.shape[1]),
+                                 float(int(n.max()) - 1), t0, t1, True)
         self.base[idx] = self.kv.lengths[idx]
 
     def release(self, slots: list[int]) -> None:
@@ -540,7 +598,7 @@ class FeatureDraft:
         for step in range(k):
             t0 = time.perf_counter()
             keys = float(self.kv.lengths[idx].max()) + int(n_new.max()) if self.tl.enabled else 0.0
-            width = tokens.shape[1]
+            width = self.head.computed_width(n_new, tokens.shape[1])  # pairs per row the linear parts compute
             pred, logits = self.head.forward(self.kv, rows, tokens, feats, n_new)
             t_fwd = time.perf_counter()  # the pass record covers the forward; the step span its bookkeeping too
             if step == 0:

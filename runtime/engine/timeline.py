@@ -8,13 +8,13 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class PassRecord:
     """One forward: `model` (target | draft), `batch` rows of `query` new tokens each (padded: the longest
-    row's count), `keys` the keys the attention reads per row (the mean over rows of cached + new: host
+    row's count; a feature draft's packed forward records the mean count its linear parts compute), `keys` the keys the attention reads per row (the mean over rows of cached + new: host
     attention reads each row only up to its own length), start/end on the timeline's clock; `prefill`
     for prompts."""
 
     model: str
     batch: int
-    query: int
+    query: float
     keys: float
     start: float
     end: float
@@ -32,7 +32,7 @@ class Timeline:
         self.passes: list[PassRecord] = []
         self.enabled, self.max_spans = enabled, max_spans
 
-    def add_pass(self, model: str, batch: int, query: int, keys: float, start: float, end: float,
+    def add_pass(self, model: str, batch: int, query: float, keys: float, start: float, end: float,
                  prefill: bool = False) -> None:
         if self.enabled and len(self.passes) < self.max_spans:
             self.passes.append(PassRecord(model, batch, query, keys, start - self.t0, end - self.t0, prefill))
