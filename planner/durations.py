@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from .memo import memo_method
 from .models import ModelSpec
-from .rounds import RoundStats, round_stats
+from .rounds import RoundStats, expected_tokens, round_stats, token_distribution
 from .schema import HardwareProfile, Workload
 
 if TYPE_CHECKING:
@@ -188,20 +188,28 @@ class Durations:
             steps = (k - 1) * (step(s) + L * attend(d, s, 1, ctx))
             out["gpu"] = subs * (pre + steps) + host
             return out
-        # KV kept: k steps of one token each, plus one catch-up token (the target's bonus token). A feature
-        # draft instead re-reads every position the verification kept (accepted drafts + the bonus token) with
-        # the target's true features; the runtime pads that first step to its longest row (feature_catch_up).
-        catch_up = self.feature_catch_up(k, batch) if d.feature_draft else 2.0
-        out["gpu"] = (k - 1) * step(batch) + step(batch, catch_up) + host
+        # KV kept: k steps of one token each, plus one catch-up token (the target's bonus token). A feature draft
+        # instead re-reads every position the verification kept (accepted drafts + the bonus token) with the
+        # target's true features: feature_first_step.
+        if d.feature_draft:
+            first, first_query = self.feature_first_step_seconds(k, batch), self.feature_catch_up(k, batch)
+        else:
+            first, first_query = step(batch, 2.0), 1.0
+        out["gpu"] = (k - 1) * step(batch) + first + host
         if draft_kv == "gpu" and self.cpu_only:  # the "device" is the CPU: the same attention call
-            out["gpu"] += k * L * self.cpu_attention_seconds(d, batch, 1, host_ctx)
+            attend, kv_ctx = self.cpu_attention_seconds, host_ctx
         elif draft_kv == "gpu":
-            out["gpu"] += k * L * self.gpu_attention_seconds(d, batch, 1, ctx)
+            attend, kv_ctx = self.gpu_attention_seconds, ctx
+        else:
+            attend, kv_ctx = None, host_ctx
+        if attend is not None:
+            out["gpu"] += L * ((k - 1) * attend(d, batch, 1, kv_ctx) + attend(d, batch, first_query, kv_ctx))
         else:  # host KV, attention on the CPU workers, activations round-trip
-            out["cpu"] = k * L * self.cpu_attention_seconds(d, batch, 1, host_ctx)
-            down, up = self.attention_io_bytes(d, batch)
-            out["d2h"] = k * L * self.d2h_seconds(down)
-            out["h2d"] = k * L * self.h2d_seconds(up)
+            cpu = self.cpu_attention_seconds
+            out["cpu"] = L * ((k - 1) * cpu(d, batch, 1, host_ctx) + cpu(d, batch, first_query, host_ctx))
+            (down1, up1), (down, up) = self.attention_io_bytes(d, batch), self.attention_io_bytes(d, batch * first_query)
+            out["d2h"] = L * ((k - 1) * self.d2h_seconds(down1) + self.d2h_seconds(down))
+            out["h2d"] = L * ((k - 1) * self.h2d_seconds(up1) + self.h2d_seconds(up))
         return out
 
     def draft_step_seconds(self, s: float, tokens_per_seq: float = 1.0) -> float:
@@ -216,10 +224,11 @@ class Durations:
         return lin + self.lm_head_seconds(d, s) + L * self.layer_fixed_seconds(tok)
 
     def feature_catch_up(self, k: int, batch: float) -> float:
-        """Pairs per row in a feature draft's first step: the runtime feeds every position the verification
-        kept (a + 1 for a accepted drafts) as one batched forward padded to its longest row, so the linear
-        parts run E[max over the batch of a + 1] tokens per row, not the mean. Rows taken as independent:
-        E[max] = 1 + sum_j P(some row accepted >= j) = 1 + sum_j 1 - (1 - P(a >= j))^batch."""
+        """Padded width of a feature draft's first step: the runtime feeds every position the verification kept
+        (a + 1 for a accepted drafts) in one forward whose attention runs on the [batch, longest row] layout,
+        so its attention has E[max over the batch of a + 1] query rows per row. Rows taken as independent:
+        E[max] = 1 + sum_j P(some row accepted >= j) = 1 + sum_j 1 - (1 - P(a >= j))^batch. (Its linear parts
+        run packed: feature_first_step_seconds.)"""
         if k <= 0:
             return 1.0
         alpha = self.w.acceptance_vector(k)
@@ -228,6 +237,27 @@ class Durations:
             reach *= alpha[j]  # P(a >= j + 1)
             out += 1.0 - (1.0 - reach) ** max(batch, 1.0)
         return out
+
+    def feature_kept_mean(self, k: int) -> float:
+        """Pairs per row a feature draft's first step computes in its linear parts: the runtime packs the valid
+        pairs, so E[a + 1] = 1 + sum_j P(a >= j) (the mean tokens per verification), whatever the batch."""
+        return expected_tokens(self.w.acceptance_vector(k)) if k > 0 else 1.0
+
+    def feature_pack_probability(self, k: int, batch: float) -> float:
+        """P(the first step packs): some rows kept fewer positions than others, 1 - sum_j P(a + 1 = j)^batch
+        (when every row kept the same count the runtime runs the step unpacked; one row never packs)."""
+        if k <= 0 or batch <= 1:
+            return 0.0
+        return max(0.0, 1.0 - sum(p ** batch for p in token_distribution(self.w.acceptance_vector(k))))
+
+    def feature_first_step_seconds(self, k: int, batch: float) -> float:
+        """A feature draft's first step beyond attention: its linear parts, norms and per-token costs over the
+        packed E[a + 1] pairs per row (feature_kept_mean), the LM head over the batch's rows, and when the step
+        packs, the gathers and scatters around the attention: about as many dispatched ops as one layer half
+        (measured on the 2-core CPU with the tiny head: 30-120 us over the padded forward at 48-320 pairs, the
+        profile's per-layer-half fixed cost there 64 us), charged as one device_op_overhead_seconds."""
+        pack = self.feature_pack_probability(k, batch) * self.hw.device_op_overhead_seconds
+        return self.draft_step_seconds(batch, self.feature_kept_mean(k)) + pack
 
     def draft_host_seconds(self, batch: float, k: int) -> float:
         """The runtime's bookkeeping per draft round (inputs, commits, the draft KV's rollback) and per step."""

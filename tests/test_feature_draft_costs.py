@@ -1,5 +1,5 @@
 """The feature draft's cost formula against the engine's shapes, without timing: the FLOPs and bytes each
-draft step is charged, and the padded width of its first step."""
+draft step is charged, the packed width of its first step's linear parts and the padded width of its attention."""
 from __future__ import annotations
 
 import dataclasses
@@ -40,7 +40,7 @@ def recorded_matmuls(du: Durations, monkeypatch) -> list[tuple[float, float, flo
     monkeypatch.setattr(Durations, "layer_fixed_seconds", lambda self, tokens: 0.0)
     monkeypatch.setattr(Durations, "cpu_attention_seconds", lambda self, *a: 0.0)
     monkeypatch.setattr(Durations, "draft_host_seconds", lambda self, *a: 0.0)
-    du.hw = dataclasses.replace(du.hw, device_logit_element_seconds=0.0)
+    du.hw = dataclasses.replace(du.hw, device_logit_element_seconds=0.0, device_op_overhead_seconds=0.0)
     return calls
 
 
@@ -71,10 +71,12 @@ def test_each_draft_step_is_charged_the_full_vocabulary_lm_head(monkeypatch):
     lin = [c for c in calls if c[0] == s * d.linear_flops_per_token_per_layer]
     assert len(lin) == 1 and lin[0][1] == s
     # A round of k steps: k LM heads over the batch's rows (the first step's catch-up pairs feed the layer
-    # only: the logits are read at each row's last pair), the layer over k - 1 single pairs and the catch-up.
+    # only: the logits are read at each row's last pair), the layer over k - 1 single pairs and the first step's
+    # packed pairs: the mean kept per row, not the longest row's.
     k = 4
     gpu = du.draft_round(Knobs("serial-spec", s, 1, k, 1, "gpu", 1, 2), s)["gpu"]
-    first = du.feature_catch_up(k, s)
+    first = du.feature_kept_mean(k)
+    assert first == pytest.approx(du.rounds(k).expected_tokens) and first < du.feature_catch_up(k, s) - 2
     assert gpu == pytest.approx(k * s * d.lm_head_flops_per_token
                                 + (k - 1 + first) * s * d.linear_flops_per_token_per_layer)
     # The LM head is most of a tiny head's step: 2 x 4096 x 128 per row against the layer's per-pair FLOPs.
@@ -97,9 +99,39 @@ def test_catch_up_is_the_expected_longest_row():
     assert du.feature_catch_up(0, b) == 1.0
 
 
-def test_engine_pads_the_first_step_to_the_charged_width():
-    """The engine's traced first draft steps (synthetic acceptance 0.7, one wave of 4 rows) are as wide as the
-    cost model charges: the longest row's catch-up, not the mean."""
+def test_pack_probability_and_first_step_attention_width(monkeypatch):
+    du = durations()
+    k = 4
+    # The step packs unless every row kept the same count: never for one row, almost always for many.
+    assert du.feature_pack_probability(k, 1) == 0.0 and du.feature_pack_probability(0, 64) == 0.0
+    rng = np.random.default_rng(1)
+    b, n = 3, 20000
+    kept = (rng.random((n, b, k)) < 0.7).cumprod(axis=2).sum(axis=2) + 1
+    ragged = (kept != kept[:, :1]).any(axis=1).mean()
+    assert du.feature_pack_probability(k, b) == pytest.approx(ragged, abs=0.01)
+    assert du.feature_pack_probability(k, 64) == pytest.approx(1.0, abs=1e-9)
+    # The first step's attention runs on the padded layout: charged at the longest row's width, the k - 1
+    # later steps at one query row each.
+    d = du.d
+    recorded_matmuls(du, monkeypatch)  # a round's seconds: its FLOPs, plus the attention below
+    queries = []
+
+    def attention(self, spec, batch, query, ctx):
+        queries.append(query)
+        return 1e12 * query
+
+    monkeypatch.setattr(Durations, "cpu_attention_seconds", attention)
+    s = 64
+    gpu = du.draft_round(Knobs("serial-spec", s, 1, k, 1, "gpu", 1, 2), s)["gpu"]
+    padded = du.feature_catch_up(k, s)
+    assert sorted(queries) == pytest.approx([1.0, padded])
+    flops = k * s * d.lm_head_flops_per_token + (k - 1 + du.feature_kept_mean(k)) * s * d.linear_flops_per_token_per_layer
+    assert gpu - flops == pytest.approx(1e12 * d.num_layers * (k - 1 + padded))
+
+
+def test_engine_packs_the_first_step_to_the_charged_width():
+    """The engine's traced first draft steps (synthetic acceptance 0.7, one wave of 4 rows) compute as many pairs
+    per row as the cost model charges their linear parts: the mean row's kept positions, not the longest row's."""
     t_dir, _ = tiny_pair_paths()
     k, b, gen = 3, 4, 96
     plan = dataclasses.replace(make_plan("serial-spec", b, k, "gpu", prefill=b, gen=gen), num_batches=1)
@@ -110,8 +142,9 @@ def test_engine_pads_the_first_step_to_the_charged_width():
     # Rounds of k steps each; the first round follows the prefill (one pending pair per row): skip it.
     firsts = [r.query for i, r in enumerate(steps) if i % k == 0 and r.batch == b][1:]
     assert len(steps) % k == 0 and len(firsts) > 15
+    assert all(r.query == 1 for i, r in enumerate(steps) if i % k)  # later steps: one pair per row
     du = durations(Workload(prompt_len_tokens=4, gen_len_tokens=gen, num_prompts=b, acceptance=0.7))
-    charged, mean_kept = du.feature_catch_up(k, b), du.rounds(k).expected_tokens
+    charged, padded = du.feature_kept_mean(k), du.feature_catch_up(k, b)
     measured = float(np.mean(firsts))
-    print(f"first-step width: engine {measured:.2f}, charged {charged:.2f}, mean kept {mean_kept:.2f}")
-    assert abs(measured - charged) < 0.3 < abs(measured - mean_kept)
+    print(f"first-step width: engine {measured:.2f}, charged {charged:.2f}, longest row {padded:.2f}")
+    assert abs(measured - charged) < 0.3 < abs(measured - padded)
