@@ -589,12 +589,17 @@ class Planner:
         """What the feature draft costs and buys in plan c: its bytes, its KV, its round against the slot."""
         d, k, t = self.draft, c.knobs, self.target
         dr = self.cm.draft_round(k, k.decode_batch)
+        du, b = self.cm, k.decode_batch
+        kept = du.feature_kept_mean(k.draft_len)
         pr = c.prediction
         return (f"feature draft {d.name}: {d.total_bytes / 2**30:.2f} GiB of its own weights (embedding and LM head "
                 f"are the target's), KV {d.kv_bytes_per_token / 2**10:.0f} KiB per token in 1 layer (the target "
                 f"keeps {t.kv_bytes_per_token / 2**10:.0f} KiB), on the {'GPU' if k.draft_kv == 'gpu' else 'host'}; "
                 f"its round of k={k.draft_len} for {k.decode_batch} sequences: {dr['gpu']:.3f} s GPU"
                 + (f" + {dr['cpu']:.3f} s CPU attention" if dr["cpu"] else "")
+                + f" (first step {du.feature_first_step_seconds(k.draft_len, b):.4g} s over {kept:.2f} kept "
+                f"positions per row, packed; its attention padded to {du.feature_catch_up(k.draft_len, b):.2f}; "
+                f"then {k.draft_len - 1} one-token steps of {du.draft_step_seconds(b):.4g} s; attention apart)"
                 + f" against a {pr.slot_seconds:.3f} s slot, for {pr.expected_tokens_per_round:.2f} tokens per "
                 f"sequence per verification instead of 1")
 

@@ -252,7 +252,7 @@ def term_table(plan, profile, target, draft, workload, t_dir, d_dir, requests, l
 
 def draft_terms(du, eng, plan, draft) -> list[tuple[str, float, float]]:
     """The draft's traced steps against the cost model's terms (see --terms): each step's span (forward, logit scan,
-    bookkeeping) against the model at its traced shape, the first step's padded width, its prefill pass."""
+    bookkeeping) against the model at its traced shape, the first step's width, its prefill pass."""
     import numpy as np
 
     from specoffload.planner.trace_names import SPAN_DRAFT_STEP
@@ -262,9 +262,15 @@ def draft_terms(du, eng, plan, draft) -> list[tuple[str, float, float]]:
     steps = [r for r in passes if not r.prefill]
     attend = du.cpu_attention_seconds if (du.cpu_only or plan.draft_kv == "host") else du.gpu_attention_seconds
 
-    def model_step(r) -> float:  # one step at the traced shape: linear parts, LM head and logit scan, KV attention,
-        return (du.draft_step_seconds(r.batch, r.query) + L * attend(draft, r.batch, r.query, r.keys)
-                + du.hw.engine_draft_step_overhead_seconds)  # and the step's bookkeeping
+    def model_step(r, first: bool = False) -> float:  # one step at the traced shape: linear parts, LM head and logit
+        # scan, KV attention, and the step's bookkeeping. A feature draft's first step records the pairs its packed
+        # linear parts computed; its attention runs padded to the longest row, and its gathers cost a layer half's ops.
+        query = r.query
+        if first and draft.feature_draft and r.query > 1:
+            query = du.feature_catch_up(k, r.batch)
+        pack = du.hw.device_op_overhead_seconds * (first and draft.feature_draft and float(r.query) != int(r.query))
+        return (du.draft_step_seconds(r.batch, r.query) + L * attend(draft, r.batch, query, r.keys) + pack
+                + du.hw.engine_draft_step_overhead_seconds)
 
     # Each step's whole span (forward, logit scan, drawing, bookkeeping), in order: one per traced step pass.
     spans = sorted((s_, e) for _, nm, s_, e in eng.timeline.spans if nm.startswith(SPAN_DRAFT_STEP))
@@ -275,13 +281,16 @@ def draft_terms(du, eng, plan, draft) -> list[tuple[str, float, float]]:
     later = [(r, e - s_) for i, (r, (s_, e)) in enumerate(zip(steps, spans)) if i % k]
     full = [r for r, _ in first[1:] if r.batch == b]  # full batches, after the first round (one pending pair per row)
     if full:
-        width = du.feature_catch_up(k, b) if draft.feature_draft else 2.0
-        print(f"  draft first step's width (tokens per row, padded to the longest): traced "
+        width = du.feature_kept_mean(k) if draft.feature_draft else 2.0
+        print(f"  draft first step's width (tokens per row its linear parts compute; "
+              f"{'packed: the mean kept' if draft.feature_draft else 'padded to the longest row'}): traced "
               f"{np.mean([r.query for r in full]):.2f} over {len(full)} full-batch rounds, model {width:.2f}"
-              + (f" (the mean row keeps {du.rounds(k).expected_tokens:.2f})" if draft.feature_draft else ""))
-    for name, rs in (("draft first step, at its traced width", first), ("draft later step", later)):
+              + (f" (attention padded to {du.feature_catch_up(k, b):.2f})" if draft.feature_draft else ""))
+    for name, rs, is_first in (("draft first step, at its traced width", first, True),
+                               ("draft later step", later, False)):
         if rs:
-            rows.append((name, float(np.median([t for _, t in rs])), float(np.median([model_step(r) for r, _ in rs]))))
+            rows.append((name, float(np.median([t for _, t in rs])),
+                         float(np.median([model_step(r, is_first) for r, _ in rs]))))
     pre = [r for r in passes if r.prefill]
     if pre:
         def model_pre(r) -> float:
