@@ -598,7 +598,8 @@ class FeatureDraft:
         for step in range(k):
             t0 = time.perf_counter()
             keys = float(self.kv.lengths[idx].max()) + int(n_new.max()) if self.tl.enabled else 0.0
-            width = self.head.computed_width(n_new, tokens.shape[1])  # pairs per row the linear parts compute
+            # Pairs per row the linear parts compute (packed: the mean of n_new), for the trace.
+            width = self.head.computed_width(n_new, tokens.shape[1]) if self.tl.enabled else 0.0
             pred, logits = self.head.forward(self.kv, rows, tokens, feats, n_new)
             t_fwd = time.perf_counter()  # the pass record covers the forward; the step span its bookkeeping too
             if step == 0:
