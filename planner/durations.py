@@ -207,7 +207,8 @@ class Durations:
         else:  # host KV, attention on the CPU workers, activations round-trip
             cpu = self.cpu_attention_seconds
             out["cpu"] = L * ((k - 1) * cpu(d, batch, 1, host_ctx) + cpu(d, batch, first_query, host_ctx))
-            (down1, up1), (down, up) = self.attention_io_bytes(d, batch), self.attention_io_bytes(d, batch * first_query)
+            down1, up1 = self.attention_io_bytes(d, batch)
+            down, up = self.attention_io_bytes(d, batch * first_query)
             out["d2h"] = L * ((k - 1) * self.d2h_seconds(down1) + self.d2h_seconds(down))
             out["h2d"] = L * ((k - 1) * self.h2d_seconds(up1) + self.h2d_seconds(up))
         return out

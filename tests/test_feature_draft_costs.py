@@ -125,7 +125,8 @@ def test_pack_probability_and_first_step_attention_width(monkeypatch):
     gpu = du.draft_round(Knobs("serial-spec", s, 1, k, 1, "gpu", 1, 2), s)["gpu"]
     padded = du.feature_catch_up(k, s)
     assert sorted(queries) == pytest.approx([1.0, padded])
-    flops = k * s * d.lm_head_flops_per_token + (k - 1 + du.feature_kept_mean(k)) * s * d.linear_flops_per_token_per_layer
+    flops = (k * s * d.lm_head_flops_per_token
+             + (k - 1 + du.feature_kept_mean(k)) * s * d.linear_flops_per_token_per_layer)
     assert gpu - flops == pytest.approx(1e12 * d.num_layers * (k - 1 + padded))
 
 

@@ -15,7 +15,8 @@ from test_feature_draft import FAMILY_CONFIGS
 
 @pytest.fixture(scope="module")
 def heads(tmp_path_factory):
-    """Per family: a random fp32 head (with every optional norm, so each packed op is exercised) over a random target."""
+    """Per family: a random fp32 head (with every optional norm, so each packed op is exercised) over a random
+    target."""
     root = tmp_path_factory.mktemp("packed")
     out = {}
     for fam, cfg in FAMILY_CONFIGS.items():

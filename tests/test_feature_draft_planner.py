@@ -39,6 +39,15 @@ def test_plan_with_eagle_head_never_recomputes_and_beats_offload_only():
     plan = res.plan
     assert plan.draft == "eagle-mixtral-8x7b" and plan.draft_kv in ("gpu", "host")
     assert plan.policy != "offload-only"
+    # --explain's note on the head: the first step's packed width (the mean kept per row) and its attention's
+    # padded width beside the round's cost.
+    cm = CostModel(load_profile("rtx4090-pcie3"), load_model_spec("mixtral-8x7b"),
+                   load_model_spec("eagle-mixtral-8x7b"), W)
+    note = next(n for n in plan.notes if n.startswith("feature draft"))
+    k, b = plan.draft_len, plan.decode_batch
+    assert f"over {cm.feature_kept_mean(k):.2f} kept positions per row, packed" in note
+    assert f"attention padded to {cm.feature_catch_up(k, b):.2f}" in note
+    assert cm.feature_catch_up(k, b) > cm.feature_kept_mean(k)
 
 
 def test_feature_draft_costs_less_than_a_full_draft_model_per_round():

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class PassRecord:
     """One forward: `model` (target | draft), `batch` rows of `query` new tokens each (padded: the longest
-    row's count; a feature draft's packed forward records the mean count its linear parts compute), `keys` the keys the attention reads per row (the mean over rows of cached + new: host
-    attention reads each row only up to its own length), start/end on the timeline's clock; `prefill`
-    for prompts."""
+    row's count; a feature draft's packed forward records the mean count its linear parts compute), `keys`
+    the keys the attention reads per row (the mean over rows of cached + new: host attention reads each row
+    only up to its own length), start/end on the timeline's clock; `prefill` for prompts."""
 
     model: str
     batch: int
