@@ -322,6 +322,27 @@ def measure_layer_reads(source: str | os.PathLike, layer_bytes: int | None = Non
                          str(source), tuple(samples))
 
 
+def check_checkpoint(model_dir: str | os.PathLike):
+    """(ModelArgs, CheckpointIndex) of a safetensors checkpoint folder with decoder layers, or a DiskProbeError
+    naming the fix (checked before any probe runs)."""
+    from ..config import load_args
+    from ..disk import CheckpointIndex
+    from ..loader import CheckpointError
+
+    source = Path(model_dir)
+    if not source.is_dir():
+        raise DiskProbeError(f"--disk-checkpoint {source}: not a checkpoint folder; give the folder of the model the "
+                             "disk tier reads (its config.json and safetensors files)")
+    try:
+        args = load_args(source)
+        index = CheckpointIndex.open(source)
+    except (CheckpointError, ValueError) as exc:  # not a readable safetensors checkpoint
+        raise DiskProbeError(f"--disk-checkpoint {source}: {exc}") from None
+    if not index.n_layers:
+        raise DiskProbeError(f"--disk-checkpoint {source}: the checkpoint has no decoder layers (model.layers.N.*)")
+    return args, index
+
+
 @dataclass(frozen=True)
 class DiskCpuCosts:
     """The disk tier's CPU costs as the engine pays them (profile fields disk_convert_bytes_per_s and
@@ -353,7 +374,6 @@ def measure_disk_cpu_costs(model_dir: str | os.PathLike, *, converts: int = 32, 
     Torch's threads are what the caller set (the engine's setting)."""
     import torch
 
-    from ..config import load_args
     from ..engine.disk_stream import DiskLayers
     from ..layers import attn_out, moe_experts, qkv, rope_cos_sin, rope_inv_freq, route, rms_norm, swiglu
 
@@ -361,10 +381,7 @@ def measure_disk_cpu_costs(model_dir: str | os.PathLike, *, converts: int = 32, 
         raise DiskProbeError(f"converts, pairs and tokens must be >= 1, found {converts}, {pairs}, {tokens}")
     dtype = dtype or torch.float32
     source = Path(model_dir)
-    if not source.is_dir():
-        raise DiskProbeError(f"{source}: not a checkpoint folder; give the folder of the model the disk tier "
-                             "reads (its safetensors files)")
-    args = load_args(source)
+    args, _ = check_checkpoint(source)
     layers = list(range(args.n_layers))
     disk = DiskLayers(source, args, layers)
     try:
