@@ -360,28 +360,30 @@ class DiskCpuCosts:
     provenance: dict[str, str] = field(default_factory=dict)
 
 
-def measure_disk_cpu_costs(model_dir: str | os.PathLike, *, converts: int = 32, pairs: int = 60,
+def measure_disk_cpu_costs(model_dir: str | os.PathLike, *, pairs: int = 60,
                            tokens: int = 128, dtype=None) -> DiskCpuCosts:
     """Time the disk tier's CPU work in the engine's own code on a checkpoint (``model_dir``, e.g. the target's):
 
-    * conversion: :class:`~specoffload.runtime.engine.disk_stream.DiskLayers` reads each layer from disk with
-      the engine's reader and prefetcher and ``take`` converts it to ``dtype`` (default fp32, the CPU engine's),
-      as the CPU engine does every pass; the figure is layer bytes / the median conversion time.
     * a read in flight: a layer's compute (the engine's qkv, output projection and FFN / routed experts for
       ``tokens`` tokens, repeated to last about four layer reads; attention itself is left out, it needs a KV
-      cache) is timed alone and with a layer read started beside it, in pairs of alternating order; the figure
-      is the median per-pair slowdown / the bytes one read moves (clamped at 0).
+      cache) is timed alone and with a layer read (:class:`~specoffload.runtime.engine.disk_stream.DiskLayers`:
+      the engine's reader and prefetcher) started beside it, in ``pairs`` pairs of alternating order; the
+      figure is the median per-pair slowdown / the bytes one read moves (clamped at 0).
+    * conversion: after each compute with a read beside it, ``DiskLayers.take`` converts the layer read to
+      ``dtype`` (default fp32, the CPU engine's), as the engine does when the compute reaches the layer (its
+      caches holding the compute's data, not the layer); the figure is layer bytes / the median time.
     Torch's threads are what the caller set (the engine's setting)."""
     import torch
 
     from ..engine.disk_stream import DiskLayers
     from ..layers import attn_out, moe_experts, qkv, rope_cos_sin, rope_inv_freq, route, rms_norm, swiglu
 
-    if converts < 1 or pairs < 1 or tokens < 1:
-        raise DiskProbeError(f"converts, pairs and tokens must be >= 1, found {converts}, {pairs}, {tokens}")
+    if pairs < 1 or tokens < 1:
+        raise DiskProbeError(f"pairs and tokens must be >= 1, found {pairs}, {tokens}")
     dtype = dtype or torch.float32
     source = Path(model_dir)
     args, _ = check_checkpoint(source)
+    load0 = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     layers = list(range(args.n_layers))
     disk = DiskLayers(source, args, layers)
     try:
@@ -389,18 +391,7 @@ def measure_disk_cpu_costs(model_dir: str | os.PathLike, *, converts: int = 32, 
         for j in layers:  # untimed: opens the files, first touch of the buffers and destinations
             disk.ahead(j, n)
             disk.take(j, dtype)
-        conv = []
-        for i in range(converts):
-            j = layers[i % n]
-            disk.ahead(j, n)
-            disk.prefetcher.wait(j)  # the read is not timed, only the conversion
-            before = disk.convert_seconds
-            lw = disk.take(j, dtype)
-            conv.append(disk.convert_seconds - before)
-            del lw
         layer_bytes = max(disk.layer_bytes.values())
-        conv_med = statistics.median(conv)
-
         # the compute: layer 0's weights, converted once and kept (as a resident layer would be)
         disk.ahead(0, n)
         w = disk.take(0, dtype)
@@ -436,7 +427,7 @@ def measure_disk_cpu_costs(model_dir: str | os.PathLike, *, converts: int = 32, 
             read.append(time.perf_counter() - t0)
             disk.release(j)
         reps = max(1, math.ceil(4 * statistics.median(read) / max(one, 1e-6)))
-        alone, beside, diffs = [], [], []
+        alone, beside, diffs, conv = [], [], [], []
         for i in range(pairs):
             j = layers[i % n]
 
@@ -444,7 +435,10 @@ def measure_disk_cpu_costs(model_dir: str | os.PathLike, *, converts: int = 32, 
                 disk.ahead(j, n)  # the read starts in the prefetcher's thread
                 dt = timed(reps)
                 disk.prefetcher.wait(j)
-                disk.release(j)
+                before = disk.convert_seconds  # then converted, as the engine does when it reaches the layer
+                lw = disk.take(j, dtype)
+                conv.append(disk.convert_seconds - before)
+                del lw
                 return dt
 
             if i % 2:
@@ -457,23 +451,28 @@ def measure_disk_cpu_costs(model_dir: str | os.PathLike, *, converts: int = 32, 
             beside.append(b)
             diffs.append(b - a)
         slow = statistics.median(diffs)
+        conv_med = statistics.median(conv)
         mode = disk.mode
     finally:
         disk.close()
     per_byte = max(0.0, slow) / layer_bytes
+    load1 = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     what = (f"{source} ({n} layers of {layer_bytes / 2**20:.2f} MiB, read {mode}, engine reader and prefetcher)")
+    where = (f"; {torch.get_num_threads()} torch thread(s), load average (1 min) {load0:.2f} before, {load1:.2f} "
+             f"after, on {os.cpu_count()} CPUs")
     prov = {
         "disk_convert_bytes_per_s": (
-            f"measured: DiskLayers.take converting each layer of {what} to {str(dtype).replace('torch.', '')} "
-            f"right after its read, median of {converts}: {conv_med * 1e3:.3f} ms per layer "
-            f"(min {min(conv) * 1e3:.3f}, max {max(conv) * 1e3:.3f})"),
+            f"measured: DiskLayers.take converting layers of {what} to {str(dtype).replace('torch.', '')} "
+            f"after the compute their read ran beside (below), as the engine does, median of {len(conv)}: "
+            f"{conv_med * 1e3:.3f} ms per layer (quartiles {_quantile(conv, 0.25) * 1e3:.3f}, "
+            f"{_quantile(conv, 0.75) * 1e3:.3f}){where}"),
         "disk_read_compute_seconds_per_byte": (
             f"measured: {reps} layer computes of {tokens} tokens (qkv, output projection, FFN / routed experts; "
             f"attention left out) timed alone ({statistics.median(alone) * 1e3:.2f} ms median) and with one layer "
             f"read of {what} started beside them ({statistics.median(beside) * 1e3:.2f} ms), {pairs} pairs "
             f"in alternating order; median per-pair slowdown {slow * 1e3:.3f} ms (quartiles "
             f"{_quantile(diffs, 0.25) * 1e3:.3f}, {_quantile(diffs, 0.75) * 1e3:.3f}) / {layer_bytes} bytes"
-            + ("; the median slowdown was negative (noise), charged as 0" if slow < 0 else "")),
+            + ("; the median slowdown was negative (noise), charged as 0" if slow < 0 else "") + where),
     }
     return DiskCpuCosts(layer_bytes / conv_med if conv_med > 0 else 0.0, conv_med, per_byte,
                         statistics.median(alone), slow, layer_bytes, pairs, mode, str(source), prov)
