@@ -14,6 +14,7 @@ EXAMPLE = """examples:
       --workload workload.yaml
   specoffload-profile --quick -o my-machine.yaml --disk /nvme/models  # ... and the disk holding a checkpoint
   specoffload-profile --disk /nvme/models --disk-only -o my-machine.yaml  # add the disk to an existing profile
+  specoffload-profile --disk /nvme/models --disk-only --disk-checkpoint /nvme/models/mixtral -o my-machine.yaml
   specoffload-profile --ray HEAD_IP:6379 --quick -o cluster/   # every node of a Ray cluster, a file per kind
 
 Hardware mode measures what the planner's cost model consumes (transfer curves, matmul rate over

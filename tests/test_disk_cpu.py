@@ -109,15 +109,15 @@ def test_layout_with_two_dtypes_a_gap_and_a_loose_tensor():
 
 
 def test_destinations_are_reused_only_when_no_weight_of_theirs_is_alive(target_disk):
-    """The engine keeps the previous layer's weights while it asks for the next: two destinations alternate,
-    and a layer still held is never overwritten (a third is allocated instead)."""
+    """As the engine uses it (a layer's weights dropped before the next is taken) one destination serves
+    every conversion; a layer still held is never overwritten (a fresh one is allocated instead)."""
     disk = target_disk
-    lw = None
     for i in range(12):
         j = i % 4
         disk.ahead(j, 4)
-        lw = disk.take(j, torch.float32)  # as the compute loop: the previous layer is dropped only now
-    assert disk.dests.allocated == 2
+        lw = disk.take(j, torch.float32)
+        lw = None  # noqa: F841 - dropped, as the engine's compute loop does after releasing the layer
+    assert disk.dests.allocated == 1
     held = []
     for j in range(4):  # every layer held: none may share a destination with a live one
         disk.ahead(j, 4)
@@ -129,8 +129,6 @@ def test_destinations_are_reused_only_when_no_weight_of_theirs_is_alive(target_d
     disk.release(0)
     for (_, a), (_, b) in zip(flat(ref), flat(held[0])):  # still layer 0's values after three more takes
         assert torch.equal(a, b)
-    del lw
-    assert DestPool().size == 2
 
 
 def test_engine_outputs_with_flat_conversion_equal_the_in_memory_run():
@@ -152,7 +150,8 @@ def test_engine_outputs_with_flat_conversion_equal_the_in_memory_run():
         eng.run([Request(str(i), x, 8) for i, x in enumerate(prompts)], done.append)
         outs[name] = {f.request.id: list(f.tokens) for f in done}
         if eng.target.disk is not None:
-            assert eng.target.disk.converted_bytes > 0 and eng.target.disk.dests.allocated <= 3
+            # one converted layer at a time, in one reused destination (the cost model's staging count)
+            assert eng.target.disk.converted_bytes > 0 and eng.target.disk.dests.allocated == 1
             eng.target.disk.close()
     assert outs["disk"] == outs["memory"] and len(outs["disk"]) == 4
 

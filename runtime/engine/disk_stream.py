@@ -114,7 +114,8 @@ class DiskLayers:
         """Layer j converted to ``dtype`` once read (the CPU path), its staging buffer handed back.
 
         Flat: one copy per run of the staging buffer (FlatLayout, computed once per layer) into one
-        destination tensor from a small pool, the weights being views into it."""
+        destination tensor (DestPool: reused once the previous layer's weights are dropped), the weights
+        being views into it."""
         raw = self.prefetcher.wait(j)
         staging = self.prefetcher.buffer(j)
         layout = self._layouts.get(j)
@@ -250,13 +251,14 @@ def _storage_refs(t: torch.Tensor) -> int | None:
 
 
 class DestPool:
-    """Destination tensors for converted layers, reused once no weight view of a previous layer is alive.
+    """Destination tensors for converted layers, reused once no weight view of the layer they hold is alive.
 
-    The engine holds a layer's weights until it asks for the next one (the compute loop's variable), so two
-    destinations alternate; when none is free (or torch cannot say) a fresh one is allocated. Reuse spares
-    the allocator's fresh pages (a page fault and a zeroed page each) on every conversion."""
+    The engine drops a layer's weights when it releases the layer, before it asks for the next one, so one
+    destination serves every conversion (the cost model's one converted layer); where a layer is still held
+    (or torch cannot say) a fresh tensor is allocated instead, so a live layer is never overwritten. Reuse
+    spares the allocator's fresh pages (a page fault and a zeroed page each) on every conversion."""
 
-    def __init__(self, size: int = STAGING_BUFFERS):
+    def __init__(self, size: int = 1):
         self.size = size
         self._pool: list[tuple[torch.Tensor, int]] = []  # (tensor, its storage's reference count when free)
         self.allocated = 0
