@@ -148,7 +148,7 @@ class CostModel(Durations):
         bandwidth (it reads the on-disk bytes and writes weight_read_factor times as many)."""
         if not self.cpu_only:
             return 0.0
-        rate = float(getattr(self.hw, "disk_convert_bytes_per_s", 0.0) or 0.0)
+        rate = self.hw.disk_convert_bytes_per_s
         if rate > 0:
             return self.disk_layer_bytes / rate
         return self.disk_layer_bytes * (1.0 + self.weight_read_factor) / self._gpu_bw
@@ -157,7 +157,7 @@ class CostModel(Durations):
         """Host compute time one layer read in flight takes from the compute beside it (the reader's CPU work:
         its threads, and a virtual disk's copies, on the cores the compute runs on): the profile's
         `disk_read_compute_seconds_per_byte` x the layer's bytes (0 where not measured)."""
-        return self.disk_layer_bytes * float(getattr(self.hw, "disk_read_compute_seconds_per_byte", 0.0) or 0.0)
+        return self.disk_layer_bytes * self.hw.disk_read_compute_seconds_per_byte
 
     def disk_cpu_terms(self) -> dict[str, Linear]:
         """The disk tier's CPU costs per sweep, linear in `disk`, by the resource that pays them: on a CPU-only
