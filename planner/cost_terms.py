@@ -139,6 +139,15 @@ TERMS: tuple[CostTerm, ...] = (
     CostTerm("disk_read_bytes_per_s", "B/s", COST, "sequential read rate of the disk holding the checkpoint "
              "(0 = not measured)", {}, "specoffload-profile --disk DIR: bytes / time over block sizes x reader "
              "threads, the best", ZERO, "disk sequential read", "", 1e-9, " GB/s"),
+    CostTerm("disk_convert_bytes_per_s", "B/s", COST, "the disk tier on a CPU-only machine: on-disk bytes per "
+             "second the engine converts a staged layer to the compute dtype (0 = estimated from memory bandwidth)",
+             {}, "specoffload-profile --disk DIR: the engine's own conversion (DiskLayers.take) of layers read from "
+             "the target checkpoint, layer bytes / median seconds", ZERO, "disk sequential read", "converted",
+             1e-9, " GB/s"),
+    CostTerm("disk_read_compute_seconds_per_byte", "s", COST, "host compute time a disk-tier read in flight takes "
+             "from the compute beside it, per byte read (0 = not charged)", {}, "specoffload-profile --disk DIR: a "
+             "layer's compute timed alone and with the engine's reader reading a layer beside it, the median "
+             "difference / layer bytes", ZERO, "disk sequential read", "of compute per byte read", 1e9, " ns"),
 )
 
 BY_NAME = {t.name: t for t in TERMS}

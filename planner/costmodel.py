@@ -24,6 +24,9 @@ into `DISK_STAGING_BUFFERS` staging buffers (one layer each) a layer or two ahea
 the GPU from there as any streamed layer. Disk -> host and host -> GPU are two pipelined stages on
 their own resources (`disk`, `h2d`): they overlap, and the slower one binds. On a CPU-only machine
 the layer is read into the staging buffer and used from there (converted to the compute dtype).
+The tier's CPU work is charged where it lands (`disk_cpu_terms`): on a CPU-only machine the device
+converts each disk layer (`disk_convert_seconds`) and each read in flight takes compute time from it
+(`disk_read_compute_seconds`); beside a GPU the reads' CPU work lands on the `cpu` resource.
 The staging buffers are a fixed cost paid only when some layer is on disk: the planner's LP carries
 it with a 0/1 variable (`disk_staging_bytes`); `evaluate` adds it where the placement has disk > 0.
 
@@ -139,12 +142,31 @@ class CostModel(Durations):
         return Linear.of(0.0, disk=self.disk_seconds(L * self.disk_layer_bytes))
 
     def disk_convert_seconds(self) -> float:
-        """CPU-only machine: the device's time to convert one staged layer to the compute dtype (it reads
-        the on-disk bytes and writes weight_read_factor times as many); 0 on a GPU machine, where the
-        copy to the GPU (h2d) moves the staged bytes as they are."""
+        """CPU-only machine: the device's time to convert one staged layer to the compute dtype; 0 on a GPU
+        machine, where the copy to the GPU (h2d) moves the staged bytes as they are. The profile's measured
+        `disk_convert_bytes_per_s` (the engine's own conversion) where it has one, else estimated at memory
+        bandwidth (it reads the on-disk bytes and writes weight_read_factor times as many)."""
         if not self.cpu_only:
             return 0.0
+        rate = self.hw.disk_convert_bytes_per_s
+        if rate > 0:
+            return self.disk_layer_bytes / rate
         return self.disk_layer_bytes * (1.0 + self.weight_read_factor) / self._gpu_bw
+
+    def disk_read_compute_seconds(self) -> float:
+        """Host compute time one layer read in flight takes from the compute beside it (the reader's CPU work:
+        its threads, and a virtual disk's copies, on the cores the compute runs on): the profile's
+        `disk_read_compute_seconds_per_byte` x the layer's bytes (0 where not measured)."""
+        return self.disk_layer_bytes * self.hw.disk_read_compute_seconds_per_byte
+
+    def disk_cpu_terms(self) -> dict[str, Linear]:
+        """The disk tier's CPU costs per sweep, linear in `disk`, by the resource that pays them: on a CPU-only
+        machine the device (the CPU) converts every disk layer and feels every read; beside a GPU the reads'
+        CPU work lands on the host's attention workers (`cpu`), and nothing is converted."""
+        L = self.t.num_layers
+        if self.cpu_only:
+            return {"gpu": Linear.of(0.0, disk=L * (self.disk_convert_seconds() + self.disk_read_compute_seconds()))}
+        return {"cpu": Linear.of(0.0, disk=L * self.disk_read_compute_seconds())}
 
     def disk_bytes_per_sweep(self, placement: dict[str, float]) -> float:
         L = self.t.num_layers
@@ -260,7 +282,8 @@ class CostModel(Durations):
         out = {"gpu": gpu, "cpu": cpu, "h2d": h2d, "d2h": d2h}
         if self.disk_tier:  # the disk stage runs beside the copies: its own resource, the slower binds
             out["disk"] = self.disk_sweep_terms()
-            out["gpu"] = gpu + Linear.of(0.0, disk=L * self.disk_convert_seconds())
+            for r, f in self.disk_cpu_terms().items():  # its CPU work: conversion, reads in flight
+                out[r] = out[r] + f
         # Dependency chain of one layer with m micro-batches in a pipeline:
         # sum of the stages for one micro-batch, plus (m-1) times the slowest stage.
         stages = [s_qkv + s_gpu_attn, s_d2h, s_cpu, s_h2d, s_ffn]
@@ -321,7 +344,8 @@ class CostModel(Durations):
                                            + streamed(self.h2d_seconds(self.ffn_streamed_bytes(tok)), "ffn_gpu"))
         if self.disk_tier:
             out["disk"] = self.disk_sweep_terms()
-            out["gpu"] = out["gpu"] + Linear.of(0.0, disk=L * self.disk_convert_seconds())
+            for r, f in self.disk_cpu_terms().items():  # its CPU work: conversion, reads in flight
+                out[r] = out[r] + f
         return out
 
     def prefill_chunks(self, knobs: Knobs) -> int:

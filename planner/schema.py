@@ -142,6 +142,11 @@ class HardwareProfile(YamlContract):
     engine_draft_step_overhead_seconds: float = 0.0  # ... and per draft step (one token for the batch)
     # sequential read rate of the disk holding the checkpoint (the disk tier); 0.0 = not measured / unknown
     disk_read_bytes_per_s: float = 0.0
+    # the disk tier's CPU costs (0.0 = not measured): the rate at which the engine converts a staged layer to
+    # the compute dtype on a CPU-only machine (on-disk bytes per second; 0: estimated from memory bandwidth),
+    # and the host compute time a read in flight takes from the compute beside it, per byte read (0: none charged)
+    disk_convert_bytes_per_s: float = 0.0
+    disk_read_compute_seconds_per_byte: float = 0.0
     provenance: dict[str, str] = field(default_factory=dict)
     missing: tuple[str, ...] = ()
     schema_version: int = PROFILE_SCHEMA
@@ -162,6 +167,11 @@ class HardwareProfile(YamlContract):
                 raise ValueError(f"{term.name} must be >= 0, found {value}")
         if not math.isfinite(self.disk_read_bytes_per_s):
             raise ValueError(f"disk_read_bytes_per_s must be finite (0 = unknown), found {self.disk_read_bytes_per_s}")
+        for name in ("disk_convert_bytes_per_s", "disk_read_compute_seconds_per_byte"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0 (0 = not measured), found {value!r}; "
+                                 "measure it with specoffload-profile --disk DIR --disk-only -o PROFILE")
         if self.gpu_mem_reserve_bytes >= self.gpu_mem_bytes:
             raise ValueError("gpu_mem_reserve_bytes must be below gpu_mem_bytes")
         for name in OPTIONAL_FIGURES:

@@ -30,6 +30,7 @@ SPAN_WEIGHTS = "weights"  # h2d: a streamed layer's weights
 SPAN_LM_HEAD = "lm_head"  # gpu: final norm and LM head of a target pass
 SPAN_DISK_READ = "disk read"  # disk: a disk-tier layer read into a staging buffer
 SPAN_DISK_CONVERT = "disk convert"  # gpu (CPU-only machine): a staged layer converted to the compute dtype
+SPAN_DISK_READ_CPU = "disk read cpu"  # gpu (CPU-only) or cpu-attn: the host compute a disk-tier read takes (simulator)
 SPAN_DRAFT_ATTN = "draft attn"  # cpu-attn: the draft's attention over a host KV cache
 SPAN_DRAFT_PREFILL = "draft prefill"  # gpu: the draft over the prompts
 SPAN_DRAFT_STEP = "draft step"  # gpu: one draft step, "draft step 2"

@@ -567,6 +567,10 @@ class Prefetcher:
         buf = self._free.pop()
         self._busy[layer] = (buf, self._exec.submit(self.reader.read_layer, layer, buf))
 
+    def buffer(self, layer: int) -> torch.Tensor:
+        """The staging buffer a started layer is read into (its tensors are views into it)."""
+        return self._busy[layer][0]
+
     def wait(self, layer: int) -> dict[str, torch.Tensor]:
         if layer not in self._busy:
             self.start(layer)

@@ -14,6 +14,7 @@ EXAMPLE = """examples:
       --workload workload.yaml
   specoffload-profile --quick -o my-machine.yaml --disk /nvme/models  # ... and the disk holding a checkpoint
   specoffload-profile --disk /nvme/models --disk-only -o my-machine.yaml  # add the disk to an existing profile
+  specoffload-profile --disk /nvme/models --disk-only --disk-checkpoint /nvme/models/mixtral -o my-machine.yaml
   specoffload-profile --ray HEAD_IP:6379 --quick -o cluster/   # every node of a Ray cluster, a file per kind
 
 Hardware mode measures what the planner's cost model consumes (transfer curves, matmul rate over
@@ -29,6 +30,9 @@ with O_DIRECT (or buffered + posix_fadvise where the file system refuses O_DIREC
 and reader threads, and deleted. Without --disk the figure is 0 (not measured). --disk-only skips
 the other probes: it writes the figure into the existing profile -o names, or prints it.
 --disk-file FILE reads an existing large file there (a checkpoint shard) instead of writing one.
+--disk also times the disk tier's CPU costs in the engine's own code, on --disk-checkpoint DIR (default: the
+shipped tiny target): converting a staged layer to the compute dtype (disk_convert_bytes_per_s) and the compute
+time a read in flight takes from a layer's compute beside it, per byte read (disk_read_compute_seconds_per_byte).
 
 --ray ADDRESS profiles every node of a Ray cluster on itself (one task per node, pinned to it, with all its
 CPUs and GPUs; the same probes and options), groups the nodes by hardware (GPU model and count, CPU model,
@@ -73,6 +77,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     hw.add_argument("--disk-file", default=None, metavar="FILE",
                     help="with --disk: read this existing large file (e.g. a checkpoint shard) instead of writing "
                          "a test file")
+    hw.add_argument("--disk-checkpoint", default=None, metavar="DIR",
+                    help="with --disk: the safetensors checkpoint whose layers time the disk tier's CPU costs (the "
+                         "engine's conversion, and what a read in flight takes from compute); default: the shipped "
+                         "tiny target")
     hw.add_argument("--disk-size-mib", type=int, default=None,
                     help="size of the disk probe's test file in MiB (default 1024, --quick 64)")
     hw.add_argument("--ray", default=None, metavar="ADDRESS",
@@ -97,6 +105,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.disk = "."
     if args.disk_file and args.disk is None:
         args.disk = str(Path(args.disk_file).parent)
+    if args.disk_checkpoint is not None and not Path(args.disk_checkpoint).is_dir():
+        ap.error(f"--disk-checkpoint {args.disk_checkpoint}: no such folder; give a safetensors checkpoint folder "
+                 "(e.g. the target's), or leave it out to use the shipped tiny target")
+    if args.disk_checkpoint is not None and args.disk is None:
+        args.disk = "."
     if args.disk_size_mib is not None and args.disk_size_mib < 1:
         ap.error(f"--disk-size-mib must be >= 1, found {args.disk_size_mib}")
     if args.acceptance and args.disk is not None:
@@ -163,6 +176,25 @@ def measure_disk_figure(args, quiet: bool = False) -> tuple[float, dict[str, str
     return rate.bytes_per_s, rate.provenance
 
 
+def measure_disk_cpu_figures(args, quiet: bool = False) -> tuple[dict[str, float], dict[str, str]]:
+    """The disk tier's CPU costs (disk_convert_bytes_per_s, disk_read_compute_seconds_per_byte) for --disk,
+    timed in the engine's own code on --disk-checkpoint (default: the tiny target), with a line on stderr."""
+    from specoffload.runtime.profiler.disk import measure_disk_cpu_costs
+
+    ckpt = args.disk_checkpoint
+    if ckpt is None:
+        from specoffload.runtime.tiny_pair import tiny_pair_paths
+
+        ckpt = tiny_pair_paths()[0]
+    c = measure_disk_cpu_costs(ckpt, pairs=30 if args.quick else 60)
+    if not quiet:
+        print(f"disk tier CPU: conversion {c.convert_bytes_per_s / 1e9:.3g} GB/s ({c.convert_seconds * 1e3:.3f} ms "
+              f"per layer), a read in flight takes {c.read_compute_seconds_per_byte * 1e9:.3g} ns of compute per "
+              f"byte ({c.slowdown_seconds * 1e3:.3f} ms per {c.layer_bytes / 2**20:.2f} MiB layer)", file=sys.stderr)
+    return ({"disk_convert_bytes_per_s": c.convert_bytes_per_s,
+             "disk_read_compute_seconds_per_byte": c.read_compute_seconds_per_byte}, c.provenance)
+
+
 def run_disk_only(args) -> int:
     import dataclasses
 
@@ -170,21 +202,34 @@ def run_disk_only(args) -> int:
     from specoffload.planner.strict import SchemaError, dump_yaml
     from specoffload.runtime.profiler.disk import check_folder
 
+    from specoffload.runtime.profiler.disk import check_checkpoint
+
     if not args.disk_file:
         check_folder(args.disk)
+    if args.disk_checkpoint:
+        check_checkpoint(args.disk_checkpoint)
     out = Path(args.output) if args.output else None
     if out is not None and not out.is_file():
         raise SchemaError(f"--disk-only -o {out}: no such profile; --disk-only adds the disk figure to an existing "
                           "profile (make one with specoffload-profile -o FILE, or drop --disk-only to profile "
                           "everything)")
     base = HardwareProfile.load(out) if out is not None else None
+    from specoffload.runtime.host_attention import set_threads
+
+    try:
+        set_threads(args.threads)  # the engine's setting: the CPU costs are timed under it
+    except ValueError as exc:
+        raise SchemaError(str(exc)) from None
     rate, prov = measure_disk_figure(args)
+    cpu, cpu_prov = measure_disk_cpu_figures(args)
     if base is None:
-        sys.stdout.write(dump_yaml({"disk_read_bytes_per_s": rate, "provenance": prov}))
+        sys.stdout.write(dump_yaml({"disk_read_bytes_per_s": rate, **cpu, "provenance": {**prov, **cpu_prov}}))
         return 0
-    p = dataclasses.replace(base, disk_read_bytes_per_s=rate, provenance={**base.provenance, **prov})
+    p = dataclasses.replace(base, disk_read_bytes_per_s=rate, **cpu,
+                            provenance={**base.provenance, **prov, **cpu_prov})
     p.save(out)
-    print(f"wrote disk_read_bytes_per_s {rate:.4g} into {out}")
+    print(f"wrote disk_read_bytes_per_s {rate:.4g}, disk_convert_bytes_per_s {cpu['disk_convert_bytes_per_s']:.4g} "
+          f"and disk_read_compute_seconds_per_byte {cpu['disk_read_compute_seconds_per_byte']:.4g} into {out}")
     return 0
 
 
@@ -209,6 +254,10 @@ def measure_here(args, name: str, progress: bool = True, warn=None, quiet_disk: 
 
         if not args.disk_file:
             check_folder(args.disk)  # before minutes of other probes
+        if args.disk_checkpoint:
+            from specoffload.runtime.profiler.disk import check_checkpoint
+
+            check_checkpoint(args.disk_checkpoint)
     result = run_profile(cfg, device, name=name, progress=progress, threads=threads,
                          **({"warn": warn} if warn is not None else {}))
     if args.disk is not None:
@@ -218,6 +267,8 @@ def measure_here(args, name: str, progress: bool = True, warn=None, quiet_disk: 
 
         try:
             rate, prov = measure_disk_figure(args, quiet=quiet_disk)
+            cpu, cpu_prov = measure_disk_cpu_figures(args, quiet=quiet_disk)
+            prov = {**prov, **cpu_prov}
         except (DiskProbeError, OSError) as exc:  # keep the other probes' minutes of work
             msg = (f"the disk probe failed ({exc}); disk_read_bytes_per_s stays 0 (not measured); retry with --disk "
                    "DIR --disk-only -o FILE")
@@ -226,7 +277,8 @@ def measure_here(args, name: str, progress: bool = True, warn=None, quiet_disk: 
             else:
                 print(f"specoffload-profile: warning: {msg}", file=sys.stderr)
             rate, prov = 0.0, {"disk_read_bytes_per_s": f"not measured: the disk probe failed ({exc})"}
-        result.profile = dataclasses.replace(result.profile, disk_read_bytes_per_s=rate,
+            cpu = {}
+        result.profile = dataclasses.replace(result.profile, disk_read_bytes_per_s=rate, **cpu,
                                              provenance={**result.profile.provenance, **prov})
     return result
 

@@ -241,8 +241,14 @@ def test_cli_disk_only_writes_into_a_profile(tmp_path, capsys):
     assert after.disk_read_bytes_per_s > 0
     assert "O_DIRECT" in after.provenance["disk_read_bytes_per_s"] or "fadvise" in after.provenance[
         "disk_read_bytes_per_s"]
+    # and the disk tier's CPU costs, timed on the tiny target in the engine's own code
+    assert after.disk_convert_bytes_per_s > 0 and after.disk_read_compute_seconds_per_byte >= 0
+    assert after.provenance["disk_convert_bytes_per_s"].startswith("measured:")
+    assert after.provenance["disk_read_compute_seconds_per_byte"].startswith("measured:")
     import dataclasses
-    assert dataclasses.replace(after, disk_read_bytes_per_s=0.0, provenance=before.provenance) == before
+    assert dataclasses.replace(after, disk_read_bytes_per_s=0.0, provenance=before.provenance,
+                               disk_convert_bytes_per_s=before.disk_convert_bytes_per_s,
+                               disk_read_compute_seconds_per_byte=before.disk_read_compute_seconds_per_byte) == before
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(PROBE_PREFIX)]
     # an existing file: read in place, nothing written beside it
     big = tmp_path / "shard.safetensors"
@@ -254,7 +260,13 @@ def test_cli_disk_only_writes_into_a_profile(tmp_path, capsys):
     assert "no such file" in capsys.readouterr().err
     # without -o: printed
     assert profile_main(["--disk", str(tmp_path), "--disk-only", "--quick", "--disk-size-mib", "1"]) == 0
-    assert "disk_read_bytes_per_s:" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "disk_read_bytes_per_s:" in printed and "disk_convert_bytes_per_s:" in printed
+    # a --disk-checkpoint that is not a checkpoint: refused before any probe, nothing written
+    assert profile_main(["--disk", str(tmp_path), "--disk-only", "--quick", "--disk-checkpoint", str(tmp_path),
+                         "-o", str(prof)]) == 2
+    assert "--disk-checkpoint" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.yaml", "shard.safetensors"]
 
 
 def test_cli_refuses_bad_folders(tmp_path, capsys, monkeypatch):

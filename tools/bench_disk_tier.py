@@ -105,7 +105,7 @@ def measured(profile_ref: str | None, reps: int, gen_len: int, threads: int) -> 
     from specoffload.planner.trace_names import TRACK_DISK
     from specoffload.runtime.engine import Engine, Request
     from specoffload.runtime.profiler.acceptance import measure_workload
-    from specoffload.runtime.profiler.disk import measure_disk, measure_layer_reads
+    from specoffload.runtime.profiler.disk import measure_disk, measure_disk_cpu_costs, measure_layer_reads
     from specoffload.runtime.tiny_pair import tiny_pair_paths, tiny_pair_tokenizer
 
     torch.set_num_threads(threads)
@@ -142,6 +142,7 @@ def measured(profile_ref: str | None, reps: int, gen_len: int, threads: int) -> 
         eng.stats = type(eng.stats)()
         disk = eng.target.disk
         busy0, read0 = eng.timeline.busy.get(TRACK_DISK, 0.0), disk.reader.payload_bytes if disk else 0
+        conv0 = (disk.convert_seconds, disk.converted_bytes) if disk else (0.0, 0)
         done = []
         t0 = time.perf_counter()
         stats = eng.run(requests, done.append)
@@ -151,6 +152,8 @@ def measured(profile_ref: str | None, reps: int, gen_len: int, threads: int) -> 
         if disk is not None:  # the engine's own reads: seconds per layer read, as its disk track timed them
             n_reads = (disk.reader.payload_bytes - read0) / cm.disk_layer_bytes
             info["engine_read_s"] = (eng.timeline.busy.get(TRACK_DISK, 0.0) - busy0) / max(n_reads, 1.0)
+            n_conv = (disk.converted_bytes - conv0[1]) / cm.disk_layer_bytes
+            info["engine_convert_s"] = (disk.convert_seconds - conv0[0]) / max(n_conv, 1.0)
         return sum(len(f.tokens) for f in done) / wall, info
 
     def layer_probe() -> float:
@@ -161,10 +164,12 @@ def measured(profile_ref: str | None, reps: int, gen_len: int, threads: int) -> 
         return r.bytes_per_s
 
     load_before = os.getloadavg()[0]
+    # the disk tier's CPU costs measured now, beside the runs (the profile's figures are from another hour)
+    cpu_now = measure_disk_cpu_costs(t_dir)
     probes: list[float] = []
     timed("disk tier")  # warm-up
     samples = {n: [] for n in runs}
-    extra, engine_reads = {}, []
+    extra, engine_reads, engine_converts = {}, [], []
     names = list(runs)
     for rep in range(reps):
         for name in names[rep % 2:] + names[:rep % 2]:
@@ -175,16 +180,32 @@ def measured(profile_ref: str | None, reps: int, gen_len: int, threads: int) -> 
             extra[name] = info
             if "engine_read_s" in info:
                 engine_reads.append(info["engine_read_s"])
+                engine_converts.append(info["engine_convert_s"])
     layer_rate = statistics.median(probes)
     # the simulation with each figure: the sequential probe's (what `specoffload-profile --disk` writes) and
     # the engine reader's layer reads (measure_layer_reads) taken beside the runs
+    # and with the disk tier's CPU terms: the profile's figures (the main column), the ones measured beside
+    # these runs, and none (the model before those terms)
     sims = {name: simulate(p, profile).report for name, p in runs.items()}
     layer_profile = base.with_overrides({"disk_read_bytes_per_s": layer_rate})
     sims_layer = {name: simulate(p, layer_profile).report for name, p in runs.items()}
+    now_profile = profile.with_overrides({"disk_convert_bytes_per_s": cpu_now.convert_bytes_per_s,
+                                          "disk_read_compute_seconds_per_byte": cpu_now.read_compute_seconds_per_byte})
+    sims_now = {name: simulate(p, now_profile).report for name, p in runs.items()}
+    bare = profile.with_overrides({"disk_convert_bytes_per_s": 0.0, "disk_read_compute_seconds_per_byte": 0.0})
+    sims_bare = {name: simulate(p, bare).report for name, p in runs.items()}
     out = {"profile": base.name, "disk_read_bytes_per_s": rate.bytes_per_s, "disk_mode": rate.mode,
            "layer_read_bytes_per_s": layer_rate, "layer_read_probes": probes,
            "layer_read_s": cm.disk_layer_bytes / layer_rate,
            "engine_read_s": statistics.median(engine_reads) if engine_reads else None,
+           "engine_convert_s": statistics.median(engine_converts) if engine_converts else None,
+           "cpu_costs": {"profile": {"disk_convert_bytes_per_s": base.disk_convert_bytes_per_s,
+                                     "disk_read_compute_seconds_per_byte": base.disk_read_compute_seconds_per_byte,
+                                     "convert_s": cm.disk_convert_seconds(),
+                                     "read_compute_s": cm.disk_read_compute_seconds()},
+                         "now": {"disk_convert_bytes_per_s": cpu_now.convert_bytes_per_s,
+                                 "disk_read_compute_seconds_per_byte": cpu_now.read_compute_seconds_per_byte,
+                                 "convert_s": cpu_now.convert_seconds, "read_slowdown_s": cpu_now.slowdown_seconds}},
            "disk_threads": rate.threads, "disk_block_bytes": rate.block_bytes, "fs_type": rate.fs_type,
            "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],
            "torch_threads": threads, "gen_len": gen_len, "prompts": len(prompts), "reps": reps,
@@ -203,6 +224,11 @@ def measured(profile_ref: str | None, reps: int, gen_len: int, threads: int) -> 
                              "simulated_tok_s": sim, "sim_error": (sim - med) / med,
                              "simulated_layer_tok_s": sim_l, "layer_sim_error": (sim_l - med) / med,
                              "layer_best_sim_error": (sim_l - xs[-1]) / xs[-1],
+                             "simulated_now_tok_s": sims_now[name].throughput_tokens_per_s,
+                             "now_sim_error": (sims_now[name].throughput_tokens_per_s - med) / med,
+                             "now_best_sim_error": (sims_now[name].throughput_tokens_per_s - xs[-1]) / xs[-1],
+                             "simulated_bare_tok_s": sims_bare[name].throughput_tokens_per_s,
+                             "bare_sim_error": (sims_bare[name].throughput_tokens_per_s - med) / med,
                              "simulated_busy_fraction": sims[name].busy_fraction, **extra[name]}
     for eng in engines.values():
         if eng.target.disk is not None:
@@ -244,19 +270,38 @@ def markdown(plans: list[dict], meas: dict | None) -> str:
                   f"the sequential probe's figure gives {1e3 * meas['layer_read_s'] * meas['layer_read_bytes_per_s'] / meas['disk_read_bytes_per_s']:.2f} ms; "
                   + (f"inside the engine (its disk track): {1e3 * meas['engine_read_s']:.2f} ms per layer."
                      if meas.get("engine_read_s") else ""), "",
-                  "| run | measured tok/s (median) | spread | best | simulated tok/s (sequential figure) | sim error "
-                  "vs median | vs best | simulated tok/s (layer-read figure) | sim error vs median | vs best "
+                  _cpu_line(meas), "",
+                  "| run | measured tok/s (median) | spread | best | simulated tok/s (profile's CPU figures) | sim error "
+                  "vs median | vs best | simulated (CPU figures measured beside the runs) | vs median | vs best | "
+                  "simulated (layer-read disk figure) | vs median | simulated (no CPU terms) | vs median "
                   "| MiB read per sweep (plan: "
                   f"{meas['plan']['disk_bytes_per_sweep'] / 2**20:.2f}) | simulated disk busy |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for name, r in meas["runs"].items():
             lines.append(f"| {name} | {r['measured_tok_s']:.1f} | {100 * r['spread']:.0f}% | {r['best_tok_s']:.1f} | "
                          f"{r['simulated_tok_s']:.1f} | {100 * r['sim_error']:+.1f}% | {100 * r['best_sim_error']:+.1f}% | "
+                         f"{r['simulated_now_tok_s']:.1f} | {100 * r['now_sim_error']:+.1f}% | "
+                         f"{100 * r['now_best_sim_error']:+.1f}% | "
                          f"{r['simulated_layer_tok_s']:.1f} | {100 * r['layer_sim_error']:+.1f}% | "
-                         f"{100 * r['layer_best_sim_error']:+.1f}% | "
+                         f"{r['simulated_bare_tok_s']:.1f} | {100 * r['bare_sim_error']:+.1f}% | "
                          f"{r['disk_bytes_per_sweep'] / 2**20:.2f} | "
                          f"{100 * r['simulated_busy_fraction'].get('disk', 0.0):.0f}% |")
     return "\n".join(lines) + "\n"
+
+
+def _cpu_line(meas: dict) -> str:
+    c = meas.get("cpu_costs")
+    if not c:
+        return ""
+    p, now = c["profile"], c["now"]
+    eng = meas.get("engine_convert_s")
+    layer = meas["plan"]["disk_bytes_per_sweep"] / max(1, meas["plan"]["disk_layers"]) / 2**20
+    return (f"Disk tier CPU costs per layer ({layer:.2f} MiB): conversion {1e3 * p['convert_s']:.3f} ms by the profile "
+            f"({p['disk_convert_bytes_per_s'] / 1e9:.2f} GB/s), {1e3 * now['convert_s']:.3f} ms measured beside the runs"
+            + (f", {1e3 * eng:.3f} ms inside the engine" if eng else "")
+            + f"; compute taken by a read in flight {1e3 * p['read_compute_s']:.3f} ms by the profile "
+            f"({1e9 * p['disk_read_compute_seconds_per_byte']:.3g} ns/B), {1e3 * now['read_slowdown_s']:.3f} ms "
+            f"measured beside the runs ({1e9 * now['disk_read_compute_seconds_per_byte']:.3g} ns/B).")
 
 
 def main() -> None:

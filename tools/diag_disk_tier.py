@@ -1,6 +1,6 @@
 """Where the disk tier's time goes in the engine (tiny pair, CPU): the bench's plan run in variants.
 
-    python tools/diag_disk_tier.py                         # disk,ram,inline,reuseconv,memory; 3 timed reps
+    python tools/diag_disk_tier.py                         # disk,pertensor,noconvert,memory; 3 timed reps
     python tools/diag_disk_tier.py --variants disk,noconvert,memory
     python tools/diag_disk_tier.py --variants disk,memory --reps 5
 
@@ -10,10 +10,10 @@ with the engine's trace on, interleaved rep by rep, and prints tok/s, the median
 staged layers to fp32, target and draft pass time, process CPU time, and whether the output equals the
 in-memory run's token for token. Variants:
 
-  disk       the engine as it is
+  disk       the engine as it is (flat conversion: one copy per layer into a pooled destination)
+  pertensor  staged layers converted tensor by tensor into fresh tensors (the conversion before the flat one)
   ram        reads served from a copy of the file in memory (same threads, same staging, no disk I/O)
   inline     reads done in the calling thread when needed (no reader or prefetch threads, no overlap)
-  reuseconv  staged layers converted into two preallocated fp32 sets instead of fresh tensors each use
   noconvert  each staged layer converted once and the result reused (reads kept): the reads' share
   memory     the same plan without the disk tier (the bench's control)
 
@@ -52,12 +52,12 @@ class _Immediate:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--variants", default="disk,ram,inline,reuseconv,memory")
+    ap.add_argument("--variants", default="disk,pertensor,noconvert,memory")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--profile", default=str(ROOT / "profiles" / "cpu-2core.yaml"))
     ap.add_argument("--disk-rate", type=float, default=1.3e9, help="disk figure the plan is made with (B/s)")
     args = ap.parse_args()
-    known = ("disk", "ram", "inline", "reuseconv", "noconvert", "memory")
+    known = ("disk", "ram", "inline", "pertensor", "noconvert", "memory")
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     bad = [v for v in variants if v not in known]
     if bad:
@@ -69,7 +69,6 @@ def main() -> None:
     from specoffload.planner.schema import load_profile
     from specoffload.planner.trace_names import TRACK_DISK
     from specoffload.runtime.engine import Engine, Request
-    from specoffload.runtime.engine import streaming
     from specoffload.runtime.layers import LayerWeights
     from specoffload.runtime.profiler.acceptance import measure_workload
     from specoffload.runtime.tiny_pair import tiny_pair_paths, tiny_pair_tokenizer
@@ -89,42 +88,28 @@ def main() -> None:
     requests = [Request(str(i), p, 32) for i, p in enumerate(prompts)]
     print(f"plan: {plan.policy} b={plan.decode_batch} k={plan.draft_len}, {plan.disk_layers} layers on disk")
 
-    original_convert = streaming.convert
     conv_s = [0.0]
-    rot = [0, [{}, {}]]
 
-    def timed_convert(lw, dtype):
+    def per_tensor(dl, j, dtype):
+        """The conversion as it was before the flat one: a fresh tensor per weight, one copy each."""
+        src = dl.wait(j)
         t0 = time.perf_counter()
-        out = original_convert(lw, dtype)
+        out = LayerWeights(*({k: t.to(dtype=dtype, copy=True) for k, t in d.items()} for d in (src.attn, src.ffn)),
+                           [{k: t.to(dtype=dtype, copy=True) for k, t in e.items()} for e in src.experts])
         conv_s[0] += time.perf_counter() - t0
+        dl.release(j)
         return out
 
-    current = [None]
     cached: dict = {}
 
-    def cached_convert(lw, dtype):
-        t0 = time.perf_counter()
-        if current[0] not in cached:
-            cached[current[0]] = original_convert(lw, dtype)
-        conv_s[0] += time.perf_counter() - t0
-        return cached[current[0]]
-
-    def reuse_convert(lw, dtype):
-        t0 = time.perf_counter()
-        pre = rot[1][rot[0] % 2]
-        rot[0] += 1
-
-        def c(d, tag):
-            out = {}
-            for k, t in d.items():
-                if (tag, k) not in pre:
-                    pre[(tag, k)] = torch.empty(t.shape, dtype=dtype)
-                out[k] = pre[(tag, k)].copy_(t)
-            return out
-
-        out = LayerWeights(c(lw.attn, "a"), c(lw.ffn, "f"), [c(e, f"e{i}") for i, e in enumerate(lw.experts)])
-        conv_s[0] += time.perf_counter() - t0
-        return out
+    def cached_take(dl, j, dtype, take):
+        """Each staged layer converted once and reused (the read still made each pass)."""
+        if j not in cached:
+            cached[j] = take(j, dtype)
+        else:
+            dl.prefetcher.wait(j)
+            dl.release(j)
+        return cached[j]
 
     engines, waits = {}, {}
     for v in variants:
@@ -147,16 +132,19 @@ def main() -> None:
             if v == "inline":
                 dl.prefetcher._exec = _Immediate()
                 dl.reader._pool = _Immediate()
-            wait = dl.wait
+            wait = dl.prefetcher.wait
 
             def timed_wait(j, wait=wait, acc=waits[v]):
-                current[0] = j
                 t0 = time.perf_counter()
                 out = wait(j)
                 acc[0] += time.perf_counter() - t0
                 return out
 
-            dl.wait = timed_wait
+            dl.prefetcher.wait = timed_wait
+            if v == "pertensor":
+                dl.take = lambda j, dtype, dl=dl: per_tensor(dl, j, dtype)
+            if v == "noconvert":
+                dl.take = lambda j, dtype, dl=dl, take=dl.take: cached_take(dl, j, dtype, take)
         engines[v] = eng
 
     rows = {v: [] for v in variants}
@@ -168,7 +156,7 @@ def main() -> None:
             eng.timeline.spans.clear()
             eng.timeline.passes.clear()
             conv_s[0] = waits[v][0] = 0.0
-            streaming.convert = {"reuseconv": reuse_convert, "noconvert": cached_convert}.get(v, timed_convert)
+            conv0 = eng.target.disk.convert_seconds if eng.target.disk is not None else 0.0
             eng.stats = type(eng.stats)()
             done = []
             c0, t0 = os.times(), time.perf_counter()
@@ -180,11 +168,12 @@ def main() -> None:
             reads = [e - s for track, _, s, e in eng.timeline.spans if track == TRACK_DISK]
             rows[v].append({"tok_s": sum(len(f.tokens) for f in done) / wall, "wall": wall,
                             "read": statistics.median(reads) if reads else 0.0, "n_reads": len(reads),
-                            "wait": waits[v][0], "convert": conv_s[0],
+                            "wait": waits[v][0],
+                            "convert": conv_s[0] + ((eng.target.disk.convert_seconds - conv0)
+                                                    if eng.target.disk is not None else 0.0),
                             "target": sum(p.end - p.start for p in eng.timeline.passes if p.model == "target"),
                             "draft": sum(p.end - p.start for p in eng.timeline.passes if p.model != "target"),
                             "cpu": (c1.user - c0.user) + (c1.system - c0.system)})
-    streaming.convert = original_convert
     ref = tokens.get("memory")
     print(f"load average after: {os.getloadavg()[0]:.2f}")
     print("| variant | tok/s | wall ms | read ms/layer | reads | wait ms | convert ms | target passes ms | "

@@ -50,6 +50,11 @@ def preset(name, device, cpu, cores, host, gpu_mem, gpu_bw, peak, pcie, dram_bw,
                       "CUDA context and fragmentation (assumed until measured)",
             "disk_read_bytes_per_s": f"estimated, not measured: {disk[1]}, at about 85% of its sequential-read "
                                      "spec; measure the real drive with specoffload-profile --disk DIR",
+            "disk_convert_bytes_per_s": "0: not used beside a GPU (a staged layer is copied to the GPU as it is, "
+                                        "not converted on the host)",
+            "disk_read_compute_seconds_per_byte": "0, not estimated: the host CPU time a disk read takes from the "
+                                                  "CPU attention beside it is not charged; measure it with "
+                                                  "specoffload-profile --disk DIR",
             "written_by": "tools/spec_profiles.py",
         })
 

@@ -7,8 +7,12 @@ DISK_STAGING_BUFFERS staging buffers (host memory, pinned on a GPU machine; one 
 machine a disk layer's host->GPU copies wait for its read, and its staging buffer is held until the
 layer's last compute in the pass (the runtime frees it when it releases the layer); on a CPU-only
 machine the staged layer is converted to the compute dtype on the device (`disk convert`), which
-frees the buffer, and the layer's compute waits for that. Reads are issued in sweep order, into the
-next pass before it is decided, as the weight copies are.
+frees the buffer, and the layer's compute waits for that (`disk_convert_seconds`: the profile's measured
+conversion rate, else a memory-bandwidth estimate). Each read also takes host compute while in flight
+(`disk read cpu`, `disk_read_compute_seconds`: the profile's measured slowdown per byte read): a task on
+the device (CPU-only) or the CPU-attention resource, served before other work, as the cost model's
+`disk_cpu_terms` charges it. Reads are issued in sweep order, into the next pass before it is decided, as
+the weight copies are.
 
 Methods of `Simulation` (mixed in); the stream's state (streamed, attn_streamed, ffn_streamed,
 issued, free_buffers, stream_pos, buffer_taken, ...) is set up by `Simulation.__init__`, the disk
@@ -20,9 +24,9 @@ from ..trace_names import SPAN_WEIGHTS
 from ..costmodel import DISK_STAGING_BUFFERS
 from ..schema import disk_layer_ids
 from ..strict import SchemaError
-from ..trace_names import SPAN_DISK_CONVERT, SPAN_DISK_READ
+from ..trace_names import SPAN_DISK_CONVERT, SPAN_DISK_READ, SPAN_DISK_READ_CPU
 from .engine import Task
-from .state import BULK, _Pass, _prio
+from .state import BULK, TARGET, _Pass, _prio
 
 
 class WeightStream:
@@ -55,6 +59,7 @@ class WeightStream:
         self.disk_layer_bytes = cm.disk_layer_bytes
         self._disk_read = cm.disk_seconds(cm.disk_layer_bytes)
         self._disk_convert = cm.disk_convert_seconds()
+        self._disk_read_cpu = cm.disk_read_compute_seconds()
         self.staging_pools = ("host",) if self.cpu_only else ("pinned", "host")
         extra = cm.disk_staging_bytes() - DISK_STAGING_BUFFERS * cm.disk_layer_bytes
         if extra > 0:  # CPU-only: the layer converted to the compute dtype, one at a time
@@ -93,6 +98,10 @@ class WeightStream:
             for u in self.disk_waiting.pop((n, j), ()):
                 self.eng.attach(last, u)
             self.eng.arm(read)
+            if self._disk_read_cpu > 0:  # the host compute the read takes while in flight, served first
+                self.eng.arm(Task(SPAN_DISK_READ_CPU, "gpu" if self.cpu_only else "cpu", self.cpu,
+                                  self._disk_read_cpu, priority=_prio(TARGET, 0), layer=j, pass_index=n,
+                                  traced=traced))
 
     def _staging_release(self, n: int, j: int) -> None:
         if (n, j) not in self.staging_taken:

@@ -11,7 +11,6 @@ import torch
 from specoffload.planner.trace_names import SPAN_WEIGHTS, TRACK_H2D
 
 from ..layers import LayerWeights, ModelWeights
-from .disk_stream import convert
 from .timeline import Timeline
 
 
@@ -131,12 +130,11 @@ class LayerStreamer:
     def _make_ready(self, j: int, experts: list[int] | None) -> None:
         lw = self.w.layers[j]
         if self.disk is not None and j in self.disk:
-            src = self.disk.wait(j)
             if not self.cuda:  # converted to the compute dtype; the staging buffer is free again
-                lw = convert(src, self.dtype or torch.float32)
-                self.disk.release(j)
+                lw = self.disk.take(j, self.dtype or torch.float32)
                 self.ready[j] = ({"attn": lw.attn, "ffn": lw.ffn, "experts": lw.experts}, None)
                 return
+            src = self.disk.wait(j)
             self.disk_src[j] = src
             lw = src
         if not self.cuda:  # weights are used where they lie

@@ -197,6 +197,7 @@ class Target:
                     x[lo:hi] = xs
                 self.tl.add(TRACK_GPU, f"{SPAN_FFN} L{j} mb{i}", t0, time.perf_counter())
             self.streamer.release(j)
+            lw = None  # nothing holds layer j's weights now (a disk layer's converted copy can be reused)
             # The freed buffer takes the next streamed layer: past the last layers, the next pass's first
             # ones (a verification of the other batch, or a prefill), copied while a serial draft round runs.
             self.streamer.fill(ahead)

@@ -18,6 +18,7 @@ first (exists, is a folder, writable) with an error naming the fix.
 from __future__ import annotations
 
 import errno
+import math
 import mmap
 import os
 import secrets
@@ -319,3 +320,164 @@ def measure_layer_reads(source: str | os.PathLike, layer_bytes: int | None = Non
     med = statistics.median(samples)
     return LayerReadRate(payload / med, int(round(payload)), med, min(samples), reads, threads, block_bytes, mode,
                          str(source), tuple(samples))
+
+
+def check_checkpoint(model_dir: str | os.PathLike):
+    """(ModelArgs, CheckpointIndex) of a safetensors checkpoint folder with decoder layers, or a DiskProbeError
+    naming the fix (checked before any probe runs)."""
+    from ..config import load_args
+    from ..disk import CheckpointIndex
+    from ..loader import CheckpointError
+
+    source = Path(model_dir)
+    if not source.is_dir():
+        raise DiskProbeError(f"--disk-checkpoint {source}: not a checkpoint folder; give the folder of the model the "
+                             "disk tier reads (its config.json and safetensors files)")
+    try:
+        args = load_args(source)
+        index = CheckpointIndex.open(source)
+    except (CheckpointError, ValueError) as exc:  # not a readable safetensors checkpoint
+        raise DiskProbeError(f"--disk-checkpoint {source}: {exc}") from None
+    if not index.n_layers:
+        raise DiskProbeError(f"--disk-checkpoint {source}: the checkpoint has no decoder layers (model.layers.N.*)")
+    return args, index
+
+
+@dataclass(frozen=True)
+class DiskCpuCosts:
+    """The disk tier's CPU costs as the engine pays them (profile fields disk_convert_bytes_per_s and
+    disk_read_compute_seconds_per_byte), measured on a checkpoint's own layers."""
+
+    convert_bytes_per_s: float  # on-disk layer bytes / median seconds of DiskLayers.take's conversion
+    convert_seconds: float  # median per layer
+    read_compute_seconds_per_byte: float  # median (compute with a read beside it - alone) / layer bytes, >= 0
+    compute_seconds: float  # median of one timed compute alone (several layer computes)
+    slowdown_seconds: float  # median of the per-pair differences (may be < 0 in noise; the figure is clamped)
+    layer_bytes: int
+    pairs: int
+    mode: str
+    source: str
+    provenance: dict[str, str] = field(default_factory=dict)
+
+
+def measure_disk_cpu_costs(model_dir: str | os.PathLike, *, pairs: int = 60,
+                           tokens: int = 128, dtype=None) -> DiskCpuCosts:
+    """Time the disk tier's CPU work in the engine's own code on a checkpoint (``model_dir``, e.g. the target's):
+
+    * a read in flight: a layer's compute (the engine's qkv, output projection and FFN / routed experts for
+      ``tokens`` tokens, repeated to last about four layer reads; attention itself is left out, it needs a KV
+      cache) is timed alone and with a layer read (:class:`~specoffload.runtime.engine.disk_stream.DiskLayers`:
+      the engine's reader and prefetcher) started beside it, in ``pairs`` pairs of alternating order; the
+      figure is the median per-pair slowdown / the bytes one read moves (clamped at 0).
+    * conversion: after each compute with a read beside it, ``DiskLayers.take`` converts the layer read to
+      ``dtype`` (default fp32, the CPU engine's), as the engine does when the compute reaches the layer (its
+      caches holding the compute's data, not the layer); the figure is layer bytes / the median time.
+    Torch's threads are what the caller set (the engine's setting)."""
+    import torch
+
+    from ..engine.disk_stream import DiskLayers
+    from ..layers import attn_out, moe_experts, qkv, rope_cos_sin, rope_inv_freq, route, rms_norm, swiglu
+
+    if pairs < 1 or tokens < 1:
+        raise DiskProbeError(f"pairs and tokens must be >= 1, found {pairs}, {tokens}")
+    dtype = dtype or torch.float32
+    source = Path(model_dir)
+    args, _ = check_checkpoint(source)
+    load0 = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    layers = list(range(args.n_layers))
+    disk = DiskLayers(source, args, layers)
+    try:
+        n = len(layers)
+        for j in layers:  # untimed: opens the files, first touch of the buffers and destinations
+            disk.ahead(j, n)
+            disk.take(j, dtype)
+        layer_bytes = max(disk.layer_bytes.values())
+        # the compute: layer 0's weights, converted once and kept (as a resident layer would be)
+        disk.ahead(0, n)
+        w = disk.take(0, dtype)
+        w = type(w)({k: t.clone() for k, t in w.attn.items()}, {k: t.clone() for k, t in w.ffn.items()},
+                    [{k: t.clone() for k, t in e.items()} for e in w.experts])
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(tokens, 1, args.dim, generator=gen, dtype=dtype)
+        cos_sin = rope_cos_sin(rope_inv_freq(args), torch.zeros(tokens, 1, dtype=torch.long), dtype)
+
+        def layer() -> None:
+            q, _, _ = qkv(args, w.attn, x, cos_sin)
+            h = x + attn_out(w.attn, q)
+            hn = rms_norm(h, w.ffn["norm"], args.norm_eps).reshape(tokens, args.dim)
+            if args.is_moe:
+                moe_experts(w.experts, hn, route(args, w.ffn, hn))
+            else:
+                swiglu(w.ffn, hn)
+
+        def timed(reps: int) -> float:
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                layer()
+            return time.perf_counter() - t0
+
+        timed(3)
+        one = statistics.median(timed(1) for _ in range(9))
+        read = []
+        for i in range(5):  # the read alone, as the prefetcher makes it
+            j = layers[i % n]
+            t0 = time.perf_counter()
+            disk.ahead(j, n)
+            disk.prefetcher.wait(j)
+            read.append(time.perf_counter() - t0)
+            disk.release(j)
+        reps = max(1, math.ceil(4 * statistics.median(read) / max(one, 1e-6)))
+        alone, beside, diffs, conv = [], [], [], []
+        for i in range(pairs):
+            j = layers[i % n]
+
+            def with_read() -> float:
+                disk.ahead(j, n)  # the read starts in the prefetcher's thread
+                dt = timed(reps)
+                disk.prefetcher.wait(j)
+                before = disk.convert_seconds  # then converted, as the engine does when it reaches the layer
+                lw = disk.take(j, dtype)
+                conv.append(disk.convert_seconds - before)
+                del lw
+                return dt
+
+            if i % 2:
+                b = with_read()
+                a = timed(reps)
+            else:
+                a = timed(reps)
+                b = with_read()
+            alone.append(a)
+            beside.append(b)
+            diffs.append(b - a)
+        slow = statistics.median(diffs)
+        conv_med = statistics.median(conv)
+        mode = disk.mode
+    finally:
+        disk.close()
+    per_byte = max(0.0, slow) / layer_bytes
+    load1 = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    what = (f"{source} ({n} layers of {layer_bytes / 2**20:.2f} MiB, read {mode}, engine reader and prefetcher)")
+    where = (f"; {torch.get_num_threads()} torch thread(s), load average (1 min) {load0:.2f} before, {load1:.2f} "
+             f"after, on {os.cpu_count()} CPUs")
+    prov = {
+        "disk_convert_bytes_per_s": (
+            f"measured: DiskLayers.take converting layers of {what} to {str(dtype).replace('torch.', '')} "
+            f"after the compute their read ran beside (below), as the engine does, median of {len(conv)}: "
+            f"{conv_med * 1e3:.3f} ms per layer (quartiles {_quantile(conv, 0.25) * 1e3:.3f}, "
+            f"{_quantile(conv, 0.75) * 1e3:.3f}){where}"),
+        "disk_read_compute_seconds_per_byte": (
+            f"measured: {reps} layer computes of {tokens} tokens (qkv, output projection, FFN / routed experts; "
+            f"attention left out) timed alone ({statistics.median(alone) * 1e3:.2f} ms median) and with one layer "
+            f"read of {what} started beside them ({statistics.median(beside) * 1e3:.2f} ms), {pairs} pairs "
+            f"in alternating order; median per-pair slowdown {slow * 1e3:.3f} ms (quartiles "
+            f"{_quantile(diffs, 0.25) * 1e3:.3f}, {_quantile(diffs, 0.75) * 1e3:.3f}) / {layer_bytes} bytes"
+            + ("; the median slowdown was negative (noise), charged as 0" if slow < 0 else "") + where),
+    }
+    return DiskCpuCosts(layer_bytes / conv_med if conv_med > 0 else 0.0, conv_med, per_byte,
+                        statistics.median(alone), slow, layer_bytes, pairs, mode, str(source), prov)
+
+
+def _quantile(xs: list[float], q: float) -> float:
+    s = sorted(xs)
+    return s[min(len(s) - 1, max(0, int(round(q * (len(s) - 1)))))]
