@@ -88,6 +88,14 @@ def _build(extra_flags: tuple[str, ...] = ()):
     if extra_flags:
         name += "_" + hashlib.sha1(" ".join(extra_flags).encode()).hexdigest()[:6]
     flags = ["-O3", "-march=native", "-fno-math-errno", *extra_flags]
+    # -fopenmp: torch's at::parallel_for is inline OpenMP in the headers; compiled without it, every
+    # parallel_for in the kernel runs its whole range on the calling thread (one thread, whatever
+    # torch.set_num_threads says). The extension then uses the libgomp torch has already loaded (same soname).
+    try:
+        return cpp_extension.load(name=name + "_omp", sources=[str(_SRC)], extra_cflags=[*flags, "-fopenmp"],
+                                  extra_ldflags=["-fopenmp"], verbose=False)
+    except Exception as e:  # a compiler without OpenMP: the kernel still builds, on one thread (backend_note says so)
+        _state["omp_why"] = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"[:200]
     return cpp_extension.load(name=name, sources=[str(_SRC)], extra_cflags=flags, verbose=False)
 
 
@@ -123,7 +131,8 @@ def backend_note(impl: str | None = None) -> str:
     b = backend(impl)
     if b == "kernel":
         mod = kernel_module()
-        return "kernel (C++, " + ("AVX-512" if mod.has_avx512() else "portable loops") + ", -march=native)"
+        threads = "OpenMP threads" if mod.has_openmp() else "one thread: built without OpenMP"
+        return "kernel (C++, " + ("AVX-512" if mod.has_avx512() else "portable loops") + f", -march=native, {threads})"
     why = _state.get("why") or f"forced by {ENV_IMPL}=torch" if b == "torch" else ""
     return f"torch grouped matmul ({why or 'requested'})"
 
