@@ -128,35 +128,128 @@ def measured_peaks() -> dict[str, float]:
     return {"fma": fma, "dpbf16": dp, "fp32": fma, "bf16": bf16}
 
 
-def thread_scaling(args) -> None:
-    """Q = 1, bf16, uniform rows at --focus-ctx / --focus-batch: the copy's and the host path's GB/s on one thread
-    and on all usable cores, interleaved over --rounds (medians), and each one's speed-up."""
+def default_scaling_threads(cores: int) -> list[int]:
+    """1, 2, 4, 8, ... below the usable cores, then all of them less one (the engine's default) and all."""
+    ts = {1, max(1, cores - 1), cores}
+    t = 2
+    while t < cores:
+        ts.add(t)
+        t *= 2
+    return sorted(ts)
+
+
+def _scaling_point(ctx: int, batch: int, ragged: bool, g: torch.Generator, base_bytes: int):
+    """One Q = 1 bf16 point of the thread-scaling table: callables for copy, read and host, the KV bytes the host
+    path reads per call and the bytes each baseline call moves. The cache is [layers, batch, Hkv, longest, Dh] as the
+    engine lays it out; only each row's own keys are ever written (torch.empty leaves the rest unmapped), so a
+    ragged batch costs memory for its actual keys only. Each call reads another layer while the pool of layers
+    allows (at least POOL_BYTES, beyond the CPU caches). The baselines stream min(the host path's bytes,
+    ``base_bytes``) per call from a pool of at least two such chunks (and POOL_BYTES)."""
+    lens = lengths_for(batch, ctx, ragged, g)
+    L = int(lens.max())
+    dtype = torch.bfloat16
+    need = float(lens.sum()) * HKV * DH * 2 * 2
+    n_layers = max(1, int(POOL_BYTES // need))
+    k = torch.empty((n_layers, batch, HKV, L, DH), dtype=dtype)
+    v = torch.empty((n_layers, batch, HKV, L, DH), dtype=dtype)
+    tile = torch.empty(HKV * min(L, 1024) * DH, dtype=dtype).normal_(generator=g).view(HKV, -1, DH)
+    for x in (k, v):
+        for layer in range(n_layers):
+            for b, n in enumerate(lens.tolist()):
+                for j in range(0, n, tile.shape[1]):
+                    w = min(tile.shape[1], n - j)
+                    x[layer, b, :, j:j + w].copy_(tile[:, :w])
+    q = torch.randn(batch, 1, H, DH, generator=g).to(dtype)
+    q_pos = (lens - 1)[:, None]
+    chunk = int(min(need, base_bytes)) // 2 // 64 * 64
+    n_src = max(2, -(-POOL_BYTES // (2 * chunk)))
+    src = torch.empty(chunk * n_src, dtype=dtype).normal_(generator=g)
+    dst = fresh_dst(src)
+    it, it_c, it_r = itertools.cycle(range(n_layers)), itertools.cycle(range(n_src)), itertools.cycle(range(n_src))
+    mod = kernel_module() if backend() == "kernel" else None
+
+    def copy():
+        i = next(it_c)
+        dst[i * chunk:(i + 1) * chunk].copy_(src[i * chunk:(i + 1) * chunk])
+
+    def read():
+        i = next(it_r)
+        x = src[i * chunk:(i + 1) * chunk]
+        if mod is not None:
+            mod.read_sum(x)
+        else:
+            x.sum(dtype=torch.float32)
+
+    def host():
+        i = next(it)
+        host_attention(q, k[i], v[i], q_pos, lens, out_dtype=dtype)
+
+    return {"copy": copy, "read": read, "host": host}, need, chunk * 2.0
+
+
+def scaling_table(threads: list[int], contexts: list[int], batches: list[int], rounds: int = 3, min_s: float = 0.05,
+                  raggedness: tuple[bool, ...] = (False, True), base_bytes: int = 256 * 2**20,
+                  max_bytes: float = 8 * 2**30, say=print) -> list[dict]:
+    """Thread scaling at Q = 1, bf16, Mixtral heads: for each (context, batch, uniform / ragged rows), the copy, the
+    read-only baseline and the host path, each thread count in turn, interleaved over ``rounds`` (medians). Prints
+    (through ``say``) one table per point and returns one dict per (point, threads) with the GB/s of each. A point
+    whose KV would exceed ``max_bytes`` is skipped (said so)."""
+    before = torch.get_num_threads()
     cores = usable_cores()
+    threads = [t for t in threads if 1 <= t <= cores] or [1]
+    read_note = "kernel read_sum (AVX-512 stream)" if backend() == "kernel" else "torch.sum (no kernel here)"
+    say(f"thread scaling: bf16 KV, Q=1, Mixtral heads {H}/{HKV} x {DH}; {backend_note()}; read baseline: {read_note}; "
+        f"{cores} usable CPU(s), threads {','.join(map(str, threads))}; load average {os.getloadavg()[0]:.1f}; "
+        f"medians of {rounds} interleaved rounds")
+    say("GB/s: copy and read of the bytes they move (up to "
+        f"{base_bytes / 2**20:.0f} MiB per call), host of the KV it needs; x = speed-up over {threads[0]} thread(s)")
+    out = []
     g = torch.Generator().manual_seed(1)
-    fns = make_fns(torch.bfloat16, 1, args.focus_ctx, args.focus_batch, False, g)
-    nbytes = fns.pop("_bytes")
-    fns.pop("_flops")
-    fns.pop("grouped")
-    counts = sorted({1, cores})
-    rate = {(n, t): [] for n in fns for t in counts}
-    for _ in range(args.rounds):
-        for t in counts:
-            torch.set_num_threads(t)
-            for n, f in fns.items():
-                rate[(n, t)].append(nbytes / timeit(f, args.min_s, 1) / 1e9)
-    torch.set_num_threads(1)
     med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
-    print(f"thread scaling, bf16, Q=1, uniform rows, GB/s of KV (medians of {args.rounds} interleaved rounds):")
-    print(f"{'threads':>7} | {'copy':>6} | {'host':>6} | {'host/copy':>9}")
-    for t in counts:
-        c, h = med(rate[("copy", t)]), med(rate[("host", t)])
-        print(f"{t:>7} | {c:6.1f} | {h:6.1f} | {h / c:9.2f}")
-    if len(counts) > 1:
-        c1, h1 = med(rate[("copy", 1)]), med(rate[("host", 1)])
-        cn, hn = med(rate[("copy", cores)]), med(rate[("host", cores)])
-        print(f"speed-up 1 -> {cores} threads: copy {cn / c1:.2f}x, host {hn / h1:.2f}x")
+    try:
+        for ctx in contexts:
+            for batch in batches:
+                for ragged in raggedness:
+                    rows = "ragged" if ragged else "uniform"
+                    est = batch * ctx * HKV * DH * 2 * 2  # bytes of K and V (ragged rows average ctx)
+                    if est > max_bytes:
+                        say(f"ctx {ctx} batch {batch} {rows}: skipped ({est / 2**30:.1f} GiB of KV > "
+                            f"{max_bytes / 2**30:.1f} GiB)")
+                        continue
+                    fns, need, moved = _scaling_point(ctx, batch, ragged, g, base_bytes)
+                    rate = {(n, t): [] for n in fns for t in threads}
+                    for _ in range(rounds):
+                        for t in threads:
+                            torch.set_num_threads(t)
+                            for n, f in fns.items():
+                                nbytes = need if n == "host" else moved
+                                rate[(n, t)].append(nbytes / timeit(f, min_s, 1) / 1e9)
+                    say(f"ctx {ctx}, batch {batch}, {rows} rows: {need / 2**20:.0f} MiB of KV per call "
+                        f"(load average {os.getloadavg()[0]:.1f})")
+                    say(f"{'threads':>7} | {'copy':>6} {'x':>5} | {'read':>6} {'x':>5} | {'host':>6} {'x':>5} | "
+                        f"{'host/copy':>9} | {'host/read':>9}")
+                    base = {n: med(rate[(n, threads[0])]) for n in fns}
+                    for t in threads:
+                        m = {n: med(rate[(n, t)]) for n in fns}
+                        say(f"{t:>7} | {m['copy']:6.1f} {m['copy'] / base['copy']:4.2f}x | {m['read']:6.1f} "
+                            f"{m['read'] / base['read']:4.2f}x | {m['host']:6.1f} {m['host'] / base['host']:4.2f}x | "
+                            f"{m['host'] / m['copy']:9.2f} | {m['host'] / m['read']:9.2f}")
+                        out.append({"ctx": ctx, "batch": batch, "rows": rows, "threads": t, **m})
+                    del fns
+    finally:
+        torch.set_num_threads(before)
+    return out
+
+
+def thread_scaling(args) -> None:
+    """--focus's (and --scaling's) thread-scaling tables: copy, read-only baseline and host path at Q = 1 (bf16)."""
+    ints = lambda text: [int(x) for x in text.split(",") if x]  # noqa: E731
+    threads = ints(args.scaling_threads) if args.scaling_threads else default_scaling_threads(usable_cores())
+    if args.focus and not args.scaling:
+        contexts, batches = [args.focus_ctx], [args.focus_batch]
     else:
-        print("(one usable core: no scaling to measure)")
+        contexts, batches = ints(args.scaling_contexts), ints(args.scaling_batches)
+    scaling_table(threads, contexts, batches, rounds=args.rounds, min_s=args.min_s)
 
 
 def focus(args) -> int:
@@ -245,7 +338,18 @@ def main(argv=None) -> int:
     ap.add_argument("--focus-ctx", type=int, default=512)
     ap.add_argument("--focus-batch", type=int, default=32)
     ap.add_argument("--no-scaling", action="store_true", help="--focus: skip the thread-scaling table")
+    ap.add_argument("--scaling", action="store_true",
+                    help="only the thread-scaling tables (copy, read-only baseline, host path; Q=1, bf16) over "
+                         "--scaling-contexts x --scaling-batches x uniform / ragged rows")
+    ap.add_argument("--scaling-threads", default=None,
+                    help="thread counts for the scaling tables (default: 1, 2, 4, ... below the usable cores, "
+                         "all less one, all)")
+    ap.add_argument("--scaling-contexts", default="512,4096")
+    ap.add_argument("--scaling-batches", default="32,256")
     args = ap.parse_args(argv)
+    if args.scaling:
+        thread_scaling(args)
+        return 0
     if args.focus:
         return focus(args)
     cores = usable_cores()
