@@ -4,8 +4,10 @@
     python tools/bench_cpu_attention.py --quick    # a few points (under a minute)
     python tools/bench_cpu_attention.py --focus    # host vs grouped vs copy, interleaved, ratios only,
                                                    # the host path against this core's measured peak,
-                                                   # and copy / host thread scaling at Q=1 (bf16)
+                                                   # and copy / read / host thread scaling at Q=1 (bf16)
     python tools/bench_cpu_attention.py --focus --min-s 0.05 --rounds 5 --queries 1,5,9   # the README table
+    python tools/bench_cpu_attention.py --scaling  # thread scaling only: copy, read, host at Q=1 (bf16),
+                                                   # contexts 512, 4096 x batches 32, 256 x uniform / ragged
 
 For each (KV dtype, Q new queries per row, context, batch, ragged or uniform lengths, threads) it times:
 
@@ -14,7 +16,12 @@ For each (KV dtype, Q new queries per row, context, batch, ragged or uniform len
 - grouped: ``layers.attention(impl="grouped")``, the grouped matmul, likewise padded,
 - host: ``host_attention`` (the engine's path now) over the whole cache, rows by index, each to its length,
 
-and prints GB/s of KV actually needed (the sum of each row's keys x Hkv x Dh x 2 (K and V) x element
+The thread-scaling tables (--scaling, and the end of --focus) add a read-only baseline: ``read_sum`` in the
+kernel module, an AVX-512 sum that reads each byte once as a stream (the rate at which that many threads can
+read memory: a ceiling for a path that reads the KV once, where the copy also writes), at threads 1, 2, 4, ...,
+all usable cores, and print the host path's GB/s as a fraction of both baselines and each one's speed-up.
+
+The grid prints GB/s of KV actually needed (the sum of each row's keys x Hkv x Dh x 2 (K and V) x element
 size; padded paths read more and are charged only this), the fraction of the copy's rate, and GFLOP/s
 at Q > 1 (4 * Q * keys * H * Dh per row). Shapes are Mixtral's attention (32 query / 8 kv heads,
 head dim 128). Each call reads a different layer's KV from a pool larger than the CPU caches, as in
@@ -138,18 +145,18 @@ def default_scaling_threads(cores: int) -> list[int]:
     return sorted(ts)
 
 
-def _scaling_point(ctx: int, batch: int, ragged: bool, g: torch.Generator, base_bytes: int):
+def _scaling_point(ctx: int, batch: int, ragged: bool, g: torch.Generator, base_bytes: int, pool_bytes: int):
     """One Q = 1 bf16 point of the thread-scaling table: callables for copy, read and host, the KV bytes the host
     path reads per call and the bytes each baseline call moves. The cache is [layers, batch, Hkv, longest, Dh] as the
     engine lays it out; only each row's own keys are ever written (torch.empty leaves the rest unmapped), so a
     ragged batch costs memory for its actual keys only. Each call reads another layer while the pool of layers
-    allows (at least POOL_BYTES, beyond the CPU caches). The baselines stream min(the host path's bytes,
-    ``base_bytes``) per call from a pool of at least two such chunks (and POOL_BYTES)."""
+    allows (at least ``pool_bytes``, beyond the CPU caches). The baselines stream min(the host path's bytes,
+    ``base_bytes``) per call from a pool of at least two such chunks (and ``pool_bytes``)."""
     lens = lengths_for(batch, ctx, ragged, g)
     L = int(lens.max())
     dtype = torch.bfloat16
     need = float(lens.sum()) * HKV * DH * 2 * 2
-    n_layers = max(1, int(POOL_BYTES // need))
+    n_layers = max(1, int(pool_bytes // need))
     k = torch.empty((n_layers, batch, HKV, L, DH), dtype=dtype)
     v = torch.empty((n_layers, batch, HKV, L, DH), dtype=dtype)
     tile = torch.empty(HKV * min(L, 1024) * DH, dtype=dtype).normal_(generator=g).view(HKV, -1, DH)
@@ -162,7 +169,7 @@ def _scaling_point(ctx: int, batch: int, ragged: bool, g: torch.Generator, base_
     q = torch.randn(batch, 1, H, DH, generator=g).to(dtype)
     q_pos = (lens - 1)[:, None]
     chunk = int(min(need, base_bytes)) // 2 // 64 * 64
-    n_src = max(2, -(-POOL_BYTES // (2 * chunk)))
+    n_src = max(2, -(-pool_bytes // (2 * chunk)))
     src = torch.empty(chunk * n_src, dtype=dtype).normal_(generator=g)
     dst = fresh_dst(src)
     it, it_c, it_r = itertools.cycle(range(n_layers)), itertools.cycle(range(n_src)), itertools.cycle(range(n_src))
@@ -189,34 +196,41 @@ def _scaling_point(ctx: int, batch: int, ragged: bool, g: torch.Generator, base_
 
 def scaling_table(threads: list[int], contexts: list[int], batches: list[int], rounds: int = 3, min_s: float = 0.05,
                   raggedness: tuple[bool, ...] = (False, True), base_bytes: int = 256 * 2**20,
-                  max_bytes: float = 8 * 2**30, say=print) -> list[dict]:
+                  max_bytes: float = 8 * 2**30, say=print, pool_bytes: int = POOL_BYTES,
+                  budget_s: float | None = None, stat: str = "median") -> list[dict]:
     """Thread scaling at Q = 1, bf16, Mixtral heads: for each (context, batch, uniform / ragged rows), the copy, the
     read-only baseline and the host path, each thread count in turn, interleaved over ``rounds`` (medians). Prints
     (through ``say``) one table per point and returns one dict per (point, threads) with the GB/s of each. A point
-    whose KV would exceed ``max_bytes`` is skipped (said so)."""
+    whose KV would exceed ``max_bytes``, or that would start after ``budget_s`` seconds, is skipped (said so).
+    ``stat`` "best" takes each rate's best round instead of the median (a machine shared with other work only
+    ever slows a round down)."""
+    t_start = time.perf_counter()
     before = torch.get_num_threads()
     cores = usable_cores()
     threads = [t for t in threads if 1 <= t <= cores] or [1]
     read_note = "kernel read_sum (AVX-512 stream)" if backend() == "kernel" else "torch.sum (no kernel here)"
     say(f"thread scaling: bf16 KV, Q=1, Mixtral heads {H}/{HKV} x {DH}; {backend_note()}; read baseline: {read_note}; "
         f"{cores} usable CPU(s), threads {','.join(map(str, threads))}; load average {os.getloadavg()[0]:.1f}; "
-        f"medians of {rounds} interleaved rounds")
+        f"{'medians' if stat == 'median' else 'best'} of {rounds} interleaved rounds")
     say("GB/s: copy and read of the bytes they move (up to "
         f"{base_bytes / 2**20:.0f} MiB per call), host of the KV it needs; x = speed-up over {threads[0]} thread(s)")
     out = []
     g = torch.Generator().manual_seed(1)
-    med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    med = (lambda xs: sorted(xs)[len(xs) // 2]) if stat == "median" else max
     try:
         for ctx in contexts:
             for batch in batches:
                 for ragged in raggedness:
                     rows = "ragged" if ragged else "uniform"
                     est = batch * ctx * HKV * DH * 2 * 2  # bytes of K and V (ragged rows average ctx)
+                    if budget_s is not None and time.perf_counter() - t_start > budget_s:
+                        say(f"ctx {ctx} batch {batch} {rows}: skipped (past the {budget_s:.0f} s budget)")
+                        continue
                     if est > max_bytes:
                         say(f"ctx {ctx} batch {batch} {rows}: skipped ({est / 2**30:.1f} GiB of KV > "
                             f"{max_bytes / 2**30:.1f} GiB)")
                         continue
-                    fns, need, moved = _scaling_point(ctx, batch, ragged, g, base_bytes)
+                    fns, need, moved = _scaling_point(ctx, batch, ragged, g, base_bytes, pool_bytes)
                     rate = {(n, t): [] for n in fns for t in threads}
                     for _ in range(rounds):
                         for t in threads:
@@ -249,7 +263,7 @@ def thread_scaling(args) -> None:
         contexts, batches = [args.focus_ctx], [args.focus_batch]
     else:
         contexts, batches = ints(args.scaling_contexts), ints(args.scaling_batches)
-    scaling_table(threads, contexts, batches, rounds=args.rounds, min_s=args.min_s)
+    scaling_table(threads, contexts, batches, rounds=args.rounds, min_s=args.min_s, stat=args.scaling_stat)
 
 
 def focus(args) -> int:
@@ -345,6 +359,8 @@ def main(argv=None) -> int:
                     help="thread counts for the scaling tables (default: 1, 2, 4, ... below the usable cores, "
                          "all less one, all)")
     ap.add_argument("--scaling-contexts", default="512,4096")
+    ap.add_argument("--scaling-stat", choices=("median", "best"), default="median",
+                    help="each rate's median over --rounds, or its best round (on a machine shared with other work)")
     ap.add_argument("--scaling-batches", default="32,256")
     args = ap.parse_args(argv)
     if args.scaling:
