@@ -255,6 +255,58 @@ def scaling_table(threads: list[int], contexts: list[int], batches: list[int], r
     return out
 
 
+def thread_stats(args) -> None:
+    """Where a host call's time goes per thread count: the kernel built with -DSPECOFFLOAD_THREAD_STATS, one
+    --scaling-contexts x --scaling-batches point per table (bf16, Q=1), medians over about a second of calls of
+    each worker's items and finish time, the serial parts (item list, merge of chunked rows, everything outside
+    the kernel's run: the Python wrapper, checks, allocation)."""
+    import statistics
+
+    from specoffload.runtime import host_attention as ha
+
+    ints = lambda text: [int(x) for x in text.split(",") if x]  # noqa: E731
+    if backend() != "kernel":
+        print("--thread-stats needs the C++ kernel: " + backend_note())
+        return
+    mod = ha._build(("-DSPECOFFLOAD_THREAD_STATS",))
+    threads = ints(args.scaling_threads) if args.scaling_threads else default_scaling_threads(usable_cores())
+    before, kept = torch.get_num_threads(), ha._state.get("mod")
+    ha._state["mod"] = mod
+    g = torch.Generator().manual_seed(1)
+    try:
+        for ctx in ints(args.scaling_contexts):
+            for batch in ints(args.scaling_batches):
+                for ragged in (False, True):
+                    fns, need, _ = _scaling_point(ctx, batch, ragged, g, 2**20, POOL_BYTES)
+                    host = fns["host"]
+                    print(f"ctx {ctx}, batch {batch}, {'ragged' if ragged else 'uniform'} rows (load average "
+                          f"{os.getloadavg()[0]:.1f}); medians, us:")
+                    for t in threads:
+                        torch.set_num_threads(t)
+                        host()
+                        rec, t0 = [], time.perf_counter()
+                        while time.perf_counter() - t0 < 1.0 or len(rec) < 3:
+                            t1 = time.perf_counter()
+                            host()
+                            rec.append((time.perf_counter() - t1, *mod.thread_stats()))
+                        med = statistics.median
+                        call = med(r[0] for r in rec)
+                        done = med(r[2] for r in rec)
+                        merged = med((r[3] or r[2]) for r in rec)
+                        items = [med(r[1][w][0] for r in rec) for w in range(len(rec[0][1]))]
+                        starts = [med(r[1][w][1] for r in rec) for w in range(len(rec[0][1]))]
+                        ends = [med(r[1][w][2] for r in rec) for w in range(len(rec[0][1]))]
+                        print(f"  {t:>3} threads: {need / call / 1e9:5.1f} GB/s, call {1e6 * call:7.0f}: item list "
+                              f"{1e6 * min(starts):5.0f}, workers {1e6 * (max(ends) - min(starts)):7.0f} (first done "
+                              f"{1e6 * (max(ends) - min(ends)):4.0f} before the last), merge {1e6 * (merged - done):5.0f}, "
+                              f"outside {1e6 * (call - merged):5.0f}; items per worker "
+                              f"{', '.join(f'{x:.0f}' for x in items)}")
+                    del fns
+    finally:
+        torch.set_num_threads(before)
+        ha._state["mod"] = kept
+
+
 def thread_scaling(args) -> None:
     """--focus's (and --scaling's) thread-scaling tables: copy, read-only baseline and host path at Q = 1 (bf16)."""
     ints = lambda text: [int(x) for x in text.split(",") if x]  # noqa: E731
@@ -362,7 +414,13 @@ def main(argv=None) -> int:
     ap.add_argument("--scaling-stat", choices=("median", "best"), default="median",
                     help="each rate's median over --rounds, or its best round (on a machine shared with other work)")
     ap.add_argument("--scaling-batches", default="32,256")
+    ap.add_argument("--thread-stats", action="store_true",
+                    help="per thread count, where a host call's time goes (a diagnostic build of the kernel): "
+                         "items per worker, the workers' spread, item list, merge, the Python wrapper")
     args = ap.parse_args(argv)
+    if args.thread_stats:
+        thread_stats(args)
+        return 0
     if args.scaling:
         thread_scaling(args)
         return 0

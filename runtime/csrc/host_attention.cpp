@@ -29,7 +29,8 @@
 //   - the next tile's K and V lines are prefetched a few at a time across the tile's work.
 // A row's sums never depend on the group it lands in. Rows with several chunks write one partial
 // (max, sum, accumulator) per chunk, merged in chunk order afterwards. Items are taken from a
-// shared counter, longest rows first, by as many threads as the torch intra-op pool has.
+// shared counter, longest rows first, by as many threads as the torch intra-op pool has (at::parallel_for is
+// inline OpenMP: the module must be built with -fopenmp, or it runs everything on the calling thread).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -654,8 +655,8 @@ void attend_range(const Shape& sh, const T* kp, const T* vp, Scratch& sc, int64_
 }
 
 #if defined(SPECOFFLOAD_THREAD_STATS)
-// A diagnostic build (tools/bench_cpu_attention.py --thread-stats): per worker of the last call, its items and
-// when it started and finished, seconds from the call's start.
+// A diagnostic build (-DSPECOFFLOAD_THREAD_STATS; tools/bench_cpu_attention.py --thread-stats): per worker of the
+// last call, its items and when it started and finished, seconds from the call's start.
 struct ThreadStat { int64_t items = 0; double start = 0.0, end = 0.0; };
 std::vector<ThreadStat> g_stats;
 double g_stats_wall = 0.0, g_stats_merge = 0.0;  // workers done, merge done (0: no merge)
