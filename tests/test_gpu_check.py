@@ -128,6 +128,14 @@ def test_the_attention_scaling_step_writes_its_tables(gc, tmp_path):
     assert text.startswith("thread scaling: bf16 KV, Q=1") and "read baseline:" in text
     assert "ctx 64, batch 3, uniform rows" in text and "ctx 64, batch 3, ragged rows" in text
     assert sum(1 for line in logged if "|" in line and line.split("|")[0].strip().isdigit()) == len(rows)
+    summary = gc.scaling_summary(rows)
+    assert len(summary) == 2 and summary[0].startswith("host attention scaling (CPU, bf16, Q=1) ctx 64 batch 3 uniform: ")
+    assert all(f"-> {threads[-1]} threads copy" in line and "of the read" in line for line in summary)
+    two = [dict(r, threads=t, copy=c, read=rd, host=h) for r, t, c, rd, h in
+           zip(rows[:1] * 2, (1, 4), (10.0, 20.0), (20.0, 50.0), (10.0, 30.0))]
+    assert gc.scaling_summary(two) == [
+        "host attention scaling (CPU, bf16, Q=1) ctx 64 batch 3 uniform: 1 -> 4 threads copy 2.00x, read 2.50x, "
+        "host 3.00x; at 4 host 30.0 GB/s = 1.50 of the copy, 0.60 of the read"]
     # A budget already spent skips every point and says so.
     logged.clear()
     assert gc.attention_scaling(tmp_path, logged.append, contexts=[64], batches=[3], threads=[1], budget_s=-1.0,
