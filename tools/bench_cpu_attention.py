@@ -207,7 +207,10 @@ def scaling_table(threads: list[int], contexts: list[int], batches: list[int], r
     t_start = time.perf_counter()
     before = torch.get_num_threads()
     cores = usable_cores()
+    dropped = [t for t in threads if not 1 <= t <= cores]
     threads = [t for t in threads if 1 <= t <= cores] or [1]
+    if dropped:
+        say(f"threads {','.join(map(str, dropped))} left out: this process may use {cores} CPU(s)")
     read_note = "kernel read_sum (AVX-512 stream)" if backend() == "kernel" else "torch.sum (no kernel here)"
     say(f"thread scaling: bf16 KV, Q=1, Mixtral heads {H}/{HKV} x {DH}; {backend_note()}; read baseline: {read_note}; "
         f"{cores} usable CPU(s), threads {','.join(map(str, threads))}; load average {os.getloadavg()[0]:.1f}; "
@@ -387,7 +390,8 @@ def make_fns(dtype, Q, ctx, batch, ragged, g):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                 epilog="example: python tools/bench_cpu_attention.py --focus --queries 1,5",
+                                 epilog="examples: python tools/bench_cpu_attention.py --focus --queries 1,5\n"
+                                        "          python tools/bench_cpu_attention.py --scaling --scaling-threads 1,2,4",
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="a few points only")
     ap.add_argument("--min-s", type=float, default=0.02, help="each sample averages calls over this long")
@@ -418,6 +422,10 @@ def main(argv=None) -> int:
                     help="per thread count, where a host call's time goes (a diagnostic build of the kernel): "
                          "items per worker, the workers' spread, item list, merge, the Python wrapper")
     args = ap.parse_args(argv)
+    for flag in ("scaling_threads", "scaling_contexts", "scaling_batches"):
+        text = getattr(args, flag)
+        if text is not None and not all(x.strip().isdigit() and int(x) > 0 for x in text.split(",")):
+            ap.error(f"--{flag.replace('_', '-')} {text!r}: expected positive integers separated by commas, e.g. 1,2,4")
     if args.thread_stats:
         thread_stats(args)
         return 0
