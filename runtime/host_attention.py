@@ -14,8 +14,10 @@ Two implementations, same contract:
   under the user's cache directory; never the source tree). Compiled for the CPU it runs on
   (``-march=native``; the build's name carries digests of the CPU's feature flags and of the source,
   so a shared cache directory never hands one CPU's or one source's build to another). AVX-512 when
-  the CPU has it, portable loops otherwise. Threads: torch's intra-op pool (``torch.set_num_threads``); work items are
-  (row, kv head, 512-key chunk), taken longest first, so long rows split across threads even when
+  the CPU has it, portable loops otherwise. Threads: torch's intra-op pool (``torch.set_num_threads``); the build
+  passes ``-fopenmp`` (torch's ``at::parallel_for`` is inline OpenMP: without it every item ran on the calling
+  thread whatever the thread count; ``parallel_threads`` in the module checks it, and a compiler without OpenMP
+  gets a one-thread build that :func:`backend_note` names). Work items are (row, kv head, 512-key chunk), taken longest first, so long rows split across threads even when
   there are fewer rows than threads. A query's result does not depend on the batch, on the number
   of new queries or on the thread count. Per tile of 32 keys (AVX-512): the tile's K is transposed
   once in L1 (keys into lanes), then the query rows of a kv head (G heads x the new queries) run in
@@ -33,7 +35,7 @@ Two implementations, same contract:
   about half a bf16 ulp of the largest value), the bound the tests hold it to. fp32 and fp16 caches (and a
   bf16 head dim that is not a multiple of 32) keep P.V in fp32, within 1e-5. ``peak_gflops`` in the same module measures
   the core's fp32 FMA and bf16 dot-product throughput (tools/bench_cpu_attention.py prints the path's
-  fraction of it).
+  fraction of it), and ``read_sum`` is the bench's read-only baseline (a streaming sum, each byte read once).
 - ``torch``: the grouped matmul (the G query heads folded into the query axis against one K/V),
   over rows grouped by length so no row is padded past the next multiple of 64 keys; fp32 math
   (bf16/fp16 K/V are upcast per group, a copy this path pays for exactness). Used where the kernel cannot be built (said once, with the reason), or when
@@ -88,6 +90,14 @@ def _build(extra_flags: tuple[str, ...] = ()):
     if extra_flags:
         name += "_" + hashlib.sha1(" ".join(extra_flags).encode()).hexdigest()[:6]
     flags = ["-O3", "-march=native", "-fno-math-errno", *extra_flags]
+    # -fopenmp: torch's at::parallel_for is inline OpenMP in the headers; compiled without it, every
+    # parallel_for in the kernel runs its whole range on the calling thread (one thread, whatever
+    # torch.set_num_threads says). The extension then uses the libgomp torch has already loaded (same soname).
+    try:
+        return cpp_extension.load(name=name + "_omp", sources=[str(_SRC)], extra_cflags=[*flags, "-fopenmp"],
+                                  extra_ldflags=["-fopenmp"], verbose=False)
+    except Exception as e:  # a compiler without OpenMP: the kernel still builds, on one thread (backend_note says so)
+        _state["omp_why"] = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"[:200]
     return cpp_extension.load(name=name, sources=[str(_SRC)], extra_cflags=flags, verbose=False)
 
 
@@ -123,7 +133,8 @@ def backend_note(impl: str | None = None) -> str:
     b = backend(impl)
     if b == "kernel":
         mod = kernel_module()
-        return "kernel (C++, " + ("AVX-512" if mod.has_avx512() else "portable loops") + ", -march=native)"
+        threads = "OpenMP threads" if mod.has_openmp() else "one thread: built without OpenMP"
+        return "kernel (C++, " + ("AVX-512" if mod.has_avx512() else "portable loops") + f", -march=native, {threads})"
     why = _state.get("why") or f"forced by {ENV_IMPL}=torch" if b == "torch" else ""
     return f"torch grouped matmul ({why or 'requested'})"
 

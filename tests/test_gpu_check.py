@@ -107,3 +107,37 @@ def test_the_eagle_row_plans_an_eagle_shaped_head_on_the_h200_24g_preset(gc, set
     assert sim.ok, sim.problems
     line = gc.result_line("eagle", plan, sim.report.throughput_tokens_per_s, 100.0, 8192, 81.92)
     assert line.startswith(f"eagle -> {plan.policy} b=")
+
+
+def test_the_attention_scaling_step_writes_its_tables(gc, tmp_path):
+    """The step that measures host attention thread scaling on the GPU machine's CPU: one table per point with a
+    line per thread count (copy, read-only baseline and host path, each GB/s positive), written to
+    attention_scaling.txt and passed to the run's log. A small point and pool here (the GPU run: contexts 512 and
+    4096 x batches 32 and 256, threads 1, 2, 4, 8 and all cores less one)."""
+    logged = []
+    rows = gc.attention_scaling(tmp_path, logged.append, tiny=True, contexts=[64], batches=[3], threads=[1, 2],
+                                pool_bytes=2**20)
+    from specoffload.runtime.host_attention import usable_cores
+
+    threads = [t for t in (1, 2) if t <= usable_cores()]
+    assert [(r["ctx"], r["batch"], r["rows"], r["threads"]) for r in rows] == \
+        [(64, 3, rows_, t) for rows_ in ("uniform", "ragged") for t in threads]
+    assert all(r[n] > 0 for r in rows for n in ("copy", "read", "host"))
+    text = (tmp_path / "attention_scaling.txt").read_text()
+    assert text.splitlines() == logged
+    assert text.startswith("thread scaling: bf16 KV, Q=1") and "read baseline:" in text
+    assert "ctx 64, batch 3, uniform rows" in text and "ctx 64, batch 3, ragged rows" in text
+    assert sum(1 for line in logged if "|" in line and line.split("|")[0].strip().isdigit()) == len(rows)
+    summary = gc.scaling_summary(rows)
+    assert len(summary) == 2 and summary[0].startswith("host attention scaling (CPU, bf16, Q=1) ctx 64 batch 3 uniform: ")
+    assert all(f"-> {threads[-1]} threads copy" in line and "of the read" in line for line in summary)
+    two = [dict(r, threads=t, copy=c, read=rd, host=h) for r, t, c, rd, h in
+           zip(rows[:1] * 2, (1, 4), (10.0, 20.0), (20.0, 50.0), (10.0, 30.0))]
+    assert gc.scaling_summary(two) == [
+        "host attention scaling (CPU, bf16, Q=1) ctx 64 batch 3 uniform: 1 -> 4 threads copy 2.00x, read 2.50x, "
+        "host 3.00x; at 4 host 30.0 GB/s = 1.50 of the copy, 0.60 of the read"]
+    # A budget already spent skips every point and says so.
+    logged.clear()
+    assert gc.attention_scaling(tmp_path, logged.append, contexts=[64], batches=[3], threads=[1], budget_s=-1.0,
+                                pool_bytes=2**20) == []
+    assert sum("skipped (past the" in line for line in logged) == 2

@@ -53,21 +53,70 @@ def test_tiles_and_row_groups_match_reference(dtype, T, G, Dh, window):
             assert torch.equal(alone[0, 0], got[b, t]), (b, t)
 
 
-def test_thread_count_does_not_change_results():
-    """Work items sit at fixed (row, kv head, chunk): one thread and two give the same bits (a long row is
-    split into chunks and merged in chunk order either way)."""
+@pytest.mark.parametrize("dtype,T", [(torch.bfloat16, 5), (torch.bfloat16, 1), (torch.float32, 1)])
+def test_thread_count_does_not_change_results(dtype, T):
+    """Work items sit at fixed (row, kv head, chunk): one thread, two and three give the same bits (a long row is
+    split into chunks and merged in chunk order either way), over a ragged batch with more items than threads."""
     _need_kernel()
-    q, k, v, q_pos, kv_len, rows = case(5, [1100, 70, 600], 5, 4, 2, 128, torch.bfloat16, 1100)
+    lengths = [1100, 70, 600, 0, 1, 513, 40, 300]
+    q, k, v, q_pos, kv_len, rows = case(5, lengths, T, 4, 2, 128, dtype, 1100)
+    before = torch.get_num_threads()
+    try:
+        got = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            got.append(ha.host_attention(q, k, v, q_pos, kv_len, rows=rows, impl="kernel"))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(got[0], got[1]) and torch.equal(got[0], got[2])
+    assert_matches(got[0], q, k, v, q_pos, kv_len, None, rows)
+
+
+def test_kernel_work_runs_on_torch_threads():
+    """The kernel's at::parallel_for spreads its work over torch's intra-op threads (built without OpenMP it ran
+    every item on the calling thread, whatever the thread count): n tasks that each wait for all n to start
+    complete on n distinct threads."""
+    _need_kernel()
+    mod = ha.kernel_module()
+    assert mod.has_openmp(), ha.backend_note()
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert mod.parallel_threads(2) == 2
+        assert mod.parallel_threads(1) == 1
+        torch.set_num_threads(1)
+        assert mod.parallel_threads(2) == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n", [0, 1, 63, 64 * 1024 + 37, 5 * 65536 + 129])
+def test_read_baseline_sums_what_torch_sums(dtype, n):
+    """read_sum (the bench's read-only baseline) reads every element once: its sum equals the float64 sum of the
+    same values within fp32 rounding (blocks of 2^16 elements summed in 8 fp32 chains, blocks added in double), and
+    the thread count does not change it."""
+    _need_kernel()
+    mod = ha.kernel_module()
+    g = torch.Generator().manual_seed(n)
+    x = (torch.rand(n, generator=g) * 2 + 0.5).to(dtype)  # positive values: no cancellation hides a missed block
+    ref = x.double().sum().item()
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = ha.host_attention(q, k, v, q_pos, kv_len, rows=rows, impl="kernel")
+        one = mod.read_sum(x)
         torch.set_num_threads(2)
-        two = ha.host_attention(q, k, v, q_pos, kv_len, rows=rows, impl="kernel")
+        two = mod.read_sum(x)
     finally:
         torch.set_num_threads(before)
-    assert torch.equal(one, two)
-    assert_matches(one, q, k, v, q_pos, kv_len, None, rows)
+    assert one == two
+    # each fp32 chain adds at most 2^16 / 128 values: relative error below 512 * 2^-24 of the absolute sum
+    assert abs(one - ref) <= 512 * 2.0 ** -24 * x.double().abs().sum().item() + 1e-6, (one, ref)
+    if n > 1:
+        assert abs(one - ref) < 1e-4 * ref
+        assert abs(mod.read_sum(x[:-1]) - (ref - x[-1].double().item())) <= 1e-4 * ref  # the tail is read too
+    with pytest.raises(RuntimeError, match="contiguous"):
+        mod.read_sum(torch.zeros(4, 4, dtype=dtype).t())
 
 
 def test_peak_probe_reports_a_positive_rate_and_rejects_unknown_kinds():

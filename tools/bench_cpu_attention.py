@@ -4,8 +4,10 @@
     python tools/bench_cpu_attention.py --quick    # a few points (under a minute)
     python tools/bench_cpu_attention.py --focus    # host vs grouped vs copy, interleaved, ratios only,
                                                    # the host path against this core's measured peak,
-                                                   # and copy / host thread scaling at Q=1 (bf16)
+                                                   # and copy / read / host thread scaling at Q=1 (bf16)
     python tools/bench_cpu_attention.py --focus --min-s 0.05 --rounds 5 --queries 1,5,9   # the README table
+    python tools/bench_cpu_attention.py --scaling  # thread scaling only: copy, read, host at Q=1 (bf16),
+                                                   # contexts 512, 4096 x batches 32, 256 x uniform / ragged
 
 For each (KV dtype, Q new queries per row, context, batch, ragged or uniform lengths, threads) it times:
 
@@ -14,7 +16,12 @@ For each (KV dtype, Q new queries per row, context, batch, ragged or uniform len
 - grouped: ``layers.attention(impl="grouped")``, the grouped matmul, likewise padded,
 - host: ``host_attention`` (the engine's path now) over the whole cache, rows by index, each to its length,
 
-and prints GB/s of KV actually needed (the sum of each row's keys x Hkv x Dh x 2 (K and V) x element
+The thread-scaling tables (--scaling, and the end of --focus) add a read-only baseline: ``read_sum`` in the
+kernel module, an AVX-512 sum that reads each byte once as a stream (the rate at which that many threads can
+read memory: a ceiling for a path that reads the KV once, where the copy also writes), at threads 1, 2, 4, ...,
+all usable cores, and print the host path's GB/s as a fraction of both baselines and each one's speed-up.
+
+The grid prints GB/s of KV actually needed (the sum of each row's keys x Hkv x Dh x 2 (K and V) x element
 size; padded paths read more and are charged only this), the fraction of the copy's rate, and GFLOP/s
 at Q > 1 (4 * Q * keys * H * Dh per row). Shapes are Mixtral's attention (32 query / 8 kv heads,
 head dim 128). Each call reads a different layer's KV from a pool larger than the CPU caches, as in
@@ -128,35 +135,190 @@ def measured_peaks() -> dict[str, float]:
     return {"fma": fma, "dpbf16": dp, "fp32": fma, "bf16": bf16}
 
 
-def thread_scaling(args) -> None:
-    """Q = 1, bf16, uniform rows at --focus-ctx / --focus-batch: the copy's and the host path's GB/s on one thread
-    and on all usable cores, interleaved over --rounds (medians), and each one's speed-up."""
+def default_scaling_threads(cores: int) -> list[int]:
+    """1, 2, 4, 8, ... below the usable cores, then all of them less one (the engine's default) and all."""
+    ts = {1, max(1, cores - 1), cores}
+    t = 2
+    while t < cores:
+        ts.add(t)
+        t *= 2
+    return sorted(ts)
+
+
+def _scaling_point(ctx: int, batch: int, ragged: bool, g: torch.Generator, base_bytes: int, pool_bytes: int):
+    """One Q = 1 bf16 point of the thread-scaling table: callables for copy, read and host, the KV bytes the host
+    path reads per call and the bytes each baseline call moves. The cache is [layers, batch, Hkv, longest, Dh] as the
+    engine lays it out; only each row's own keys are ever written (torch.empty leaves the rest unmapped), so a
+    ragged batch costs memory for its actual keys only. Each call reads another layer while the pool of layers
+    allows (at least ``pool_bytes``, beyond the CPU caches). The baselines stream min(the host path's bytes,
+    ``base_bytes``) per call from a pool of at least two such chunks (and ``pool_bytes``)."""
+    lens = lengths_for(batch, ctx, ragged, g)
+    L = int(lens.max())
+    dtype = torch.bfloat16
+    need = float(lens.sum()) * HKV * DH * 2 * 2
+    n_layers = max(1, int(pool_bytes // need))
+    k = torch.empty((n_layers, batch, HKV, L, DH), dtype=dtype)
+    v = torch.empty((n_layers, batch, HKV, L, DH), dtype=dtype)
+    tile = torch.empty(HKV * min(L, 1024) * DH, dtype=dtype).normal_(generator=g).view(HKV, -1, DH)
+    for x in (k, v):
+        for layer in range(n_layers):
+            for b, n in enumerate(lens.tolist()):
+                for j in range(0, n, tile.shape[1]):
+                    w = min(tile.shape[1], n - j)
+                    x[layer, b, :, j:j + w].copy_(tile[:, :w])
+    q = torch.randn(batch, 1, H, DH, generator=g).to(dtype)
+    q_pos = (lens - 1)[:, None]
+    chunk = int(min(need, base_bytes)) // 2 // 64 * 64
+    n_src = max(2, -(-pool_bytes // (2 * chunk)))
+    src = torch.empty(chunk * n_src, dtype=dtype).normal_(generator=g)
+    dst = fresh_dst(src)
+    it, it_c, it_r = itertools.cycle(range(n_layers)), itertools.cycle(range(n_src)), itertools.cycle(range(n_src))
+    mod = kernel_module() if backend() == "kernel" else None
+
+    def copy():
+        i = next(it_c)
+        dst[i * chunk:(i + 1) * chunk].copy_(src[i * chunk:(i + 1) * chunk])
+
+    def read():
+        i = next(it_r)
+        x = src[i * chunk:(i + 1) * chunk]
+        if mod is not None:
+            mod.read_sum(x)
+        else:
+            x.sum(dtype=torch.float32)
+
+    def host():
+        i = next(it)
+        host_attention(q, k[i], v[i], q_pos, lens, out_dtype=dtype)
+
+    return {"copy": copy, "read": read, "host": host}, need, chunk * 2.0
+
+
+def scaling_table(threads: list[int], contexts: list[int], batches: list[int], rounds: int = 3, min_s: float = 0.05,
+                  raggedness: tuple[bool, ...] = (False, True), base_bytes: int = 256 * 2**20,
+                  max_bytes: float = 8 * 2**30, say=print, pool_bytes: int = POOL_BYTES,
+                  budget_s: float | None = None, stat: str = "median") -> list[dict]:
+    """Thread scaling at Q = 1, bf16, Mixtral heads: for each (context, batch, uniform / ragged rows), the copy, the
+    read-only baseline and the host path, each thread count in turn, interleaved over ``rounds`` (medians). Prints
+    (through ``say``) one table per point and returns one dict per (point, threads) with the GB/s of each. A point
+    whose KV would exceed ``max_bytes``, or that would start after ``budget_s`` seconds, is skipped (said so).
+    ``stat`` "best" takes each rate's best round instead of the median (a machine shared with other work only
+    ever slows a round down)."""
+    t_start = time.perf_counter()
+    before = torch.get_num_threads()
     cores = usable_cores()
+    dropped = [t for t in threads if not 1 <= t <= cores]
+    threads = [t for t in threads if 1 <= t <= cores] or [1]
+    if dropped:
+        say(f"threads {','.join(map(str, dropped))} left out: this process may use {cores} CPU(s)")
+    read_note = "kernel read_sum (AVX-512 stream)" if backend() == "kernel" else "torch.sum (no kernel here)"
+    say(f"thread scaling: bf16 KV, Q=1, Mixtral heads {H}/{HKV} x {DH}; {backend_note()}; read baseline: {read_note}; "
+        f"{cores} usable CPU(s), threads {','.join(map(str, threads))}; load average {os.getloadavg()[0]:.1f}; "
+        f"{'medians' if stat == 'median' else 'best'} of {rounds} interleaved rounds")
+    say("GB/s: copy and read of the bytes they move (up to "
+        f"{base_bytes / 2**20:.0f} MiB per call), host of the KV it needs; x = speed-up over {threads[0]} thread(s)")
+    out = []
     g = torch.Generator().manual_seed(1)
-    fns = make_fns(torch.bfloat16, 1, args.focus_ctx, args.focus_batch, False, g)
-    nbytes = fns.pop("_bytes")
-    fns.pop("_flops")
-    fns.pop("grouped")
-    counts = sorted({1, cores})
-    rate = {(n, t): [] for n in fns for t in counts}
-    for _ in range(args.rounds):
-        for t in counts:
-            torch.set_num_threads(t)
-            for n, f in fns.items():
-                rate[(n, t)].append(nbytes / timeit(f, args.min_s, 1) / 1e9)
-    torch.set_num_threads(1)
-    med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
-    print(f"thread scaling, bf16, Q=1, uniform rows, GB/s of KV (medians of {args.rounds} interleaved rounds):")
-    print(f"{'threads':>7} | {'copy':>6} | {'host':>6} | {'host/copy':>9}")
-    for t in counts:
-        c, h = med(rate[("copy", t)]), med(rate[("host", t)])
-        print(f"{t:>7} | {c:6.1f} | {h:6.1f} | {h / c:9.2f}")
-    if len(counts) > 1:
-        c1, h1 = med(rate[("copy", 1)]), med(rate[("host", 1)])
-        cn, hn = med(rate[("copy", cores)]), med(rate[("host", cores)])
-        print(f"speed-up 1 -> {cores} threads: copy {cn / c1:.2f}x, host {hn / h1:.2f}x")
+    med = (lambda xs: sorted(xs)[len(xs) // 2]) if stat == "median" else max
+    try:
+        for ctx in contexts:
+            for batch in batches:
+                for ragged in raggedness:
+                    rows = "ragged" if ragged else "uniform"
+                    est = batch * ctx * HKV * DH * 2 * 2  # bytes of K and V (ragged rows average ctx)
+                    if budget_s is not None and time.perf_counter() - t_start > budget_s:
+                        say(f"ctx {ctx} batch {batch} {rows}: skipped (past the {budget_s:.0f} s budget)")
+                        continue
+                    if est > max_bytes:
+                        say(f"ctx {ctx} batch {batch} {rows}: skipped ({est / 2**30:.1f} GiB of KV > "
+                            f"{max_bytes / 2**30:.1f} GiB)")
+                        continue
+                    fns, need, moved = _scaling_point(ctx, batch, ragged, g, base_bytes, pool_bytes)
+                    rate = {(n, t): [] for n in fns for t in threads}
+                    for _ in range(rounds):
+                        for t in threads:
+                            torch.set_num_threads(t)
+                            for n, f in fns.items():
+                                nbytes = need if n == "host" else moved
+                                rate[(n, t)].append(nbytes / timeit(f, min_s, 1) / 1e9)
+                    say(f"ctx {ctx}, batch {batch}, {rows} rows: {need / 2**20:.0f} MiB of KV per call "
+                        f"(load average {os.getloadavg()[0]:.1f})")
+                    say(f"{'threads':>7} | {'copy':>6} {'x':>5} | {'read':>6} {'x':>5} | {'host':>6} {'x':>5} | "
+                        f"{'host/copy':>9} | {'host/read':>9}")
+                    base = {n: med(rate[(n, threads[0])]) for n in fns}
+                    for t in threads:
+                        m = {n: med(rate[(n, t)]) for n in fns}
+                        say(f"{t:>7} | {m['copy']:6.1f} {m['copy'] / base['copy']:4.2f}x | {m['read']:6.1f} "
+                            f"{m['read'] / base['read']:4.2f}x | {m['host']:6.1f} {m['host'] / base['host']:4.2f}x | "
+                            f"{m['host'] / m['copy']:9.2f} | {m['host'] / m['read']:9.2f}")
+                        out.append({"ctx": ctx, "batch": batch, "rows": rows, "threads": t, **m})
+                    del fns
+    finally:
+        torch.set_num_threads(before)
+    return out
+
+
+def thread_stats(args) -> None:
+    """Where a host call's time goes per thread count: the kernel built with -DSPECOFFLOAD_THREAD_STATS, one
+    --scaling-contexts x --scaling-batches point per table (bf16, Q=1), medians over about a second of calls of
+    each worker's items and finish time, the serial parts (item list, merge of chunked rows, everything outside
+    the kernel's run: the Python wrapper, checks, allocation)."""
+    import statistics
+
+    from specoffload.runtime import host_attention as ha
+
+    ints = lambda text: [int(x) for x in text.split(",") if x]  # noqa: E731
+    if backend() != "kernel":
+        print("--thread-stats needs the C++ kernel: " + backend_note())
+        return
+    mod = ha._build(("-DSPECOFFLOAD_THREAD_STATS",))
+    threads = ints(args.scaling_threads) if args.scaling_threads else default_scaling_threads(usable_cores())
+    before, kept = torch.get_num_threads(), ha._state.get("mod")
+    ha._state["mod"] = mod
+    g = torch.Generator().manual_seed(1)
+    try:
+        for ctx in ints(args.scaling_contexts):
+            for batch in ints(args.scaling_batches):
+                for ragged in (False, True):
+                    fns, need, _ = _scaling_point(ctx, batch, ragged, g, 2**20, POOL_BYTES)
+                    host = fns["host"]
+                    print(f"ctx {ctx}, batch {batch}, {'ragged' if ragged else 'uniform'} rows (load average "
+                          f"{os.getloadavg()[0]:.1f}); medians, us:")
+                    for t in threads:
+                        torch.set_num_threads(t)
+                        host()
+                        rec, t0 = [], time.perf_counter()
+                        while time.perf_counter() - t0 < 1.0 or len(rec) < 3:
+                            t1 = time.perf_counter()
+                            host()
+                            rec.append((time.perf_counter() - t1, *mod.thread_stats()))
+                        med = statistics.median
+                        call = med(r[0] for r in rec)
+                        done = med(r[2] for r in rec)
+                        merged = med((r[3] or r[2]) for r in rec)
+                        items = [med(r[1][w][0] for r in rec) for w in range(len(rec[0][1]))]
+                        starts = [med(r[1][w][1] for r in rec) for w in range(len(rec[0][1]))]
+                        ends = [med(r[1][w][2] for r in rec) for w in range(len(rec[0][1]))]
+                        print(f"  {t:>3} threads: {need / call / 1e9:5.1f} GB/s, call {1e6 * call:7.0f}: item list "
+                              f"{1e6 * min(starts):5.0f}, workers {1e6 * (max(ends) - min(starts)):7.0f} (first done "
+                              f"{1e6 * (max(ends) - min(ends)):4.0f} before the last), merge {1e6 * (merged - done):5.0f}, "
+                              f"outside {1e6 * (call - merged):5.0f}; items per worker "
+                              f"{', '.join(f'{x:.0f}' for x in items)}")
+                    del fns
+    finally:
+        torch.set_num_threads(before)
+        ha._state["mod"] = kept
+
+
+def thread_scaling(args) -> None:
+    """--focus's (and --scaling's) thread-scaling tables: copy, read-only baseline and host path at Q = 1 (bf16)."""
+    ints = lambda text: [int(x) for x in text.split(",") if x]  # noqa: E731
+    threads = ints(args.scaling_threads) if args.scaling_threads else default_scaling_threads(usable_cores())
+    if args.focus and not args.scaling:
+        contexts, batches = [args.focus_ctx], [args.focus_batch]
     else:
-        print("(one usable core: no scaling to measure)")
+        contexts, batches = ints(args.scaling_contexts), ints(args.scaling_batches)
+    scaling_table(threads, contexts, batches, rounds=args.rounds, min_s=args.min_s, stat=args.scaling_stat)
 
 
 def focus(args) -> int:
@@ -228,7 +390,8 @@ def make_fns(dtype, Q, ctx, batch, ragged, g):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                 epilog="example: python tools/bench_cpu_attention.py --focus --queries 1,5",
+                                 epilog="examples: python tools/bench_cpu_attention.py --focus --queries 1,5\n"
+                                        "          python tools/bench_cpu_attention.py --scaling --scaling-threads 1,2,4",
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="a few points only")
     ap.add_argument("--min-s", type=float, default=0.02, help="each sample averages calls over this long")
@@ -245,7 +408,30 @@ def main(argv=None) -> int:
     ap.add_argument("--focus-ctx", type=int, default=512)
     ap.add_argument("--focus-batch", type=int, default=32)
     ap.add_argument("--no-scaling", action="store_true", help="--focus: skip the thread-scaling table")
+    ap.add_argument("--scaling", action="store_true",
+                    help="only the thread-scaling tables (copy, read-only baseline, host path; Q=1, bf16) over "
+                         "--scaling-contexts x --scaling-batches x uniform / ragged rows")
+    ap.add_argument("--scaling-threads", default=None,
+                    help="thread counts for the scaling tables (default: 1, 2, 4, ... below the usable cores, "
+                         "all less one, all)")
+    ap.add_argument("--scaling-contexts", default="512,4096")
+    ap.add_argument("--scaling-stat", choices=("median", "best"), default="median",
+                    help="each rate's median over --rounds, or its best round (on a machine shared with other work)")
+    ap.add_argument("--scaling-batches", default="32,256")
+    ap.add_argument("--thread-stats", action="store_true",
+                    help="per thread count, where a host call's time goes (a diagnostic build of the kernel): "
+                         "items per worker, the workers' spread, item list, merge, the Python wrapper")
     args = ap.parse_args(argv)
+    for flag in ("scaling_threads", "scaling_contexts", "scaling_batches"):
+        text = getattr(args, flag)
+        if text is not None and not all(x.strip().isdigit() and int(x) > 0 for x in text.split(",")):
+            ap.error(f"--{flag.replace('_', '-')} {text!r}: expected positive integers separated by commas, e.g. 1,2,4")
+    if args.thread_stats:
+        thread_stats(args)
+        return 0
+    if args.scaling:
+        thread_scaling(args)
+        return 0
     if args.focus:
         return focus(args)
     cores = usable_cores()

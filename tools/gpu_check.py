@@ -10,7 +10,10 @@ serial-spec and interleaved for the job (each policy forced but specoffload; the
 keeps no layer resident, so every layer's weights stream from host memory each pass, the baseline
 this check exists to measure); simulate each plan; run each on our engine; run transformers with accelerate offload
 (device_map="auto", max_memory) on the same prompts; print throughputs, ratios, the simulator's
-prediction against the measurement, and the fraction of the physical bound.
+prediction against the measurement, and the fraction of the physical bound. Right after the profile, a short
+step (under a minute) measures the host attention's thread scaling on the machine's CPU cores against a copy and
+a read-only baseline (tools/bench_cpu_attention.py --scaling; out/attention_scaling.txt, one summary line per
+point in gpu_check.txt).
 
 The "eagle" row plans and runs the same target with an EAGLE-shaped feature draft (the published
 Mixtral-8x7B head's shapes: fc 2H -> H, one layer, 32 KV heads, FFN 14336) instead of the draft model,
@@ -66,6 +69,54 @@ def hf_accelerate(target: Path, prompts: list[list[int]], gen: int, cap_gib: flo
         torch.cuda.synchronize()
     wall = time.perf_counter() - t0
     return (out.shape[1] - width) * len(prompts) / wall
+
+
+def attention_scaling(out: Path, note, tiny: bool = False, contexts=None, batches=None, threads=None,
+                      rounds: int | None = None, budget_s: float = 45.0, pool_bytes: int | None = None) -> list[dict]:
+    """The host attention's thread scaling on this machine's CPU (tools/bench_cpu_attention.py's --scaling tables):
+    copy, the read-only baseline and the host path at Q=1 over a bf16 cache, Mixtral heads, threads 1, 2, 4, 8
+    and all usable cores less one (the engine's default), contexts 512 and 4096 x batches 32 and 256, uniform and
+    ragged rows (--tiny: context 512, batch 32, one round). Each line goes through ``note`` and into
+    out/attention_scaling.txt (the run's gpu_check.txt gets :func:`scaling_summary`'s lines); points that would
+    start past ``budget_s`` seconds are skipped (said so)."""
+    import importlib.util
+
+    from specoffload.runtime.host_attention import usable_cores
+
+    spec = importlib.util.spec_from_file_location("bench_cpu_attention", Path(__file__).with_name("bench_cpu_attention.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    cores = usable_cores()
+    threads = threads or sorted({t for t in (1, 2, 4, 8, cores - 1) if 1 <= t <= cores})
+    contexts = contexts or ([512] if tiny else [512, 4096])
+    batches = batches or ([32] if tiny else [32, 256])
+    lines: list[str] = []
+
+    def say(line: str) -> None:
+        lines.append(line)
+        note(line)
+
+    rows = bench.scaling_table(threads, contexts, batches, rounds=rounds or (1 if tiny else 3),
+                               min_s=0.01 if tiny else 0.03, say=say, budget_s=budget_s,
+                               pool_bytes=pool_bytes or bench.POOL_BYTES)
+    (out / "attention_scaling.txt").write_text("\n".join(lines) + "\n")
+    return rows
+
+
+def scaling_summary(rows: list[dict]) -> list[str]:
+    """One line per point of :func:`attention_scaling`'s tables: each rate's speed-up from the fewest threads to the
+    most, and the host path's GB/s at the most threads against the copy's and the read baseline's."""
+    points: dict[tuple, list[dict]] = {}
+    for r in rows:
+        points.setdefault((r["ctx"], r["batch"], r["rows"]), []).append(r)
+    lines = []
+    for (ctx, batch, kind), rs in points.items():
+        lo, hi = min(rs, key=lambda r: r["threads"]), max(rs, key=lambda r: r["threads"])
+        lines.append(f"host attention scaling (CPU, bf16, Q=1) ctx {ctx} batch {batch} {kind}: {lo['threads']} -> "
+                     f"{hi['threads']} threads copy {hi['copy'] / lo['copy']:.2f}x, read {hi['read'] / lo['read']:.2f}x, "
+                     f"host {hi['host'] / lo['host']:.2f}x; at {hi['threads']} host {hi['host']:.1f} GB/s = "
+                     f"{hi['host'] / hi['copy']:.2f} of the copy, {hi['host'] / hi['read']:.2f} of the read")
+    return lines
 
 
 POLICIES = ("specoffload", "offload-only", "serial-spec", "interleaved")
@@ -151,6 +202,7 @@ def main(argv=None) -> int:
         print(f"{mode} {line}", flush=True)
         log_lines.append(f"{mode} {line}")
 
+
     if device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap_gib * 2**30 / total), device)
@@ -179,6 +231,14 @@ def main(argv=None) -> int:
     profile.save(out / "profile.yaml")
     say(f"profiled in {time.perf_counter() - t0:.0f} s -> {out / 'profile.yaml'} "
         f"(gpu memory {profile.gpu_mem_bytes / 2**30:.1f} GiB usable)")
+    t0 = time.perf_counter()
+    try:  # the CPU side of the host: attention thread scaling (a short step; the engine runs below never need it)
+        rows = attention_scaling(out, lambda line: print(line, flush=True), tiny=args.tiny)
+        say(f"host attention thread scaling in {time.perf_counter() - t0:.0f} s -> {out / 'attention_scaling.txt'}")
+        for line in scaling_summary(rows):
+            say(line)
+    except Exception as exc:
+        say(f"host attention thread scaling skipped: {type(exc).__name__}: {exc}")
     work = Workload(prompt_len_tokens=args.prompt_len, gen_len_tokens=args.gen_len, num_prompts=args.prompts,
                     acceptance=args.acceptance, acceptance_source="synthetic (timing mode)")
     g = torch.Generator().manual_seed(0)

@@ -29,7 +29,8 @@
 //   - the next tile's K and V lines are prefetched a few at a time across the tile's work.
 // A row's sums never depend on the group it lands in. Rows with several chunks write one partial
 // (max, sum, accumulator) per chunk, merged in chunk order afterwards. Items are taken from a
-// shared counter, longest rows first, by as many threads as the torch intra-op pool has.
+// shared counter, longest rows first, by as many threads as the torch intra-op pool has (at::parallel_for is
+// inline OpenMP: the module must be built with -fopenmp, or it runs everything on the calling thread).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -40,7 +41,9 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <numeric>
+#include <thread>
 #include <type_traits>
 #include <vector>
 
@@ -651,6 +654,14 @@ void attend_range(const Shape& sh, const T* kp, const T* vp, Scratch& sc, int64_
   }
 }
 
+#if defined(SPECOFFLOAD_THREAD_STATS)
+// A diagnostic build (-DSPECOFFLOAD_THREAD_STATS; tools/bench_cpu_attention.py --thread-stats): per worker of the
+// last call, its items and when it started and finished, seconds from the call's start.
+struct ThreadStat { int64_t items = 0; double start = 0.0, end = 0.0; };
+std::vector<ThreadStat> g_stats;
+double g_stats_wall = 0.0, g_stats_merge = 0.0;  // workers done, merge done (0: no merge)
+#endif
+
 struct Item {
   int64_t b, h, chunk, part;  // part: index of this item's partial block, -1 when written directly
 };
@@ -659,6 +670,11 @@ template <typename T>
 void run(const Shape& sh, const float* q, const T* k, const T* v, const int64_t* rows, const int64_t* q_pos,
          const int64_t* kv_len, float* out) {
   const int64_t B = sh.B, T_ = sh.T, G = sh.G, Dh = sh.Dh, Hkv = sh.Hkv, R = sh.T * sh.G;
+#if defined(SPECOFFLOAD_THREAD_STATS)
+  const auto t_call = std::chrono::steady_clock::now();
+  auto since = [&]() { return std::chrono::duration<double>(std::chrono::steady_clock::now() - t_call).count(); };
+  g_stats_merge = 0.0;
+#endif
   // Visible key range per (row, query): [lo, hi).
   std::vector<int64_t> lo(B * T_), hi(B * T_), klo(B), khi(B);
   for (int64_t b = 0; b < B; ++b) {
@@ -693,16 +709,30 @@ void run(const Shape& sh, const float* q, const T* k, const T* v, const int64_t*
   }
   // Partials: per part, R rows of (m, l, acc[Dh]).
   const int64_t part_stride = R * (Dh + 2);
-  std::vector<float> parts(static_cast<size_t>(n_parts * part_stride));
+  // Not value-initialised: every slot is written by its item before the merge reads it (a zeroing pass here was
+  // a serial memset of the whole buffer on the calling thread, 34 MiB per call at batch 256 x 4096 keys).
+  std::unique_ptr<float[]> parts(new float[static_cast<size_t>(std::max<int64_t>(1, n_parts * part_stride))]);
   std::atomic<int64_t> next{0};
   const int64_t n_items = static_cast<int64_t>(items.size());
   const int64_t n_threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n_items));
 
-  auto worker = [&](int64_t, int64_t) {
+#if defined(SPECOFFLOAD_THREAD_STATS)
+  g_stats.assign(static_cast<size_t>(n_threads), ThreadStat{});
+#endif
+  auto worker = [&](int64_t tid, int64_t) {
+#if defined(SPECOFFLOAD_THREAD_STATS)
+    ThreadStat& st = g_stats[tid];
+    st.start = since();
+#else
+    (void)tid;
+#endif
     Scratch sc;
     sc.resize(R, Dh);
     for (int64_t i; (i = next.fetch_add(1)) < n_items;) {
       const Item it = items[i];
+#if defined(SPECOFFLOAD_THREAD_STATS)
+      ++st.items;
+#endif
       const int64_t b = it.b, h = it.h;
       for (int64_t t = 0; t < T_; ++t)
         for (int64_t g = 0; g < G; ++g) {
@@ -761,7 +791,7 @@ void run(const Shape& sh, const float* q, const T* k, const T* v, const int64_t*
             for (int64_t c = 0; c < Dh; ++c) o[c] = sc.acc[r * Dh + c] * inv;
           }
       } else {
-        float* p = parts.data() + it.part * part_stride;
+        float* p = parts.get() + it.part * part_stride;
         for (int64_t r = 0; r < R; ++r) {
           p[r * (Dh + 2)] = sc.m[r];
           p[r * (Dh + 2) + 1] = sc.l[r];
@@ -770,14 +800,21 @@ void run(const Shape& sh, const float* q, const T* k, const T* v, const int64_t*
       }
     }
   };
+#if defined(SPECOFFLOAD_THREAD_STATS)
+  at::parallel_for(0, n_threads, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t t = b0; t < b1; ++t) { worker(t, t + 1); g_stats[t].end = since(); }
+  });
+  g_stats_wall = since();
+#else
   at::parallel_for(0, n_threads, 1, worker);
+#endif
   if (n_parts == 0) return;
   // Merge the chunks of long rows, in chunk order.
   at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / Hkv, h = bh % Hkv;
       if (first_part[b] < 0) continue;
-      const float* p0 = parts.data() + (first_part[b] + h * n_chunks[b]) * part_stride;
+      const float* p0 = parts.get() + (first_part[b] + h * n_chunks[b]) * part_stride;
       for (int64_t t = 0; t < T_; ++t)
         for (int64_t g = 0; g < G; ++g) {
           const int64_t r = t * G + g;
@@ -799,6 +836,9 @@ void run(const Shape& sh, const float* q, const T* k, const T* v, const int64_t*
         }
     }
   });
+#if defined(SPECOFFLOAD_THREAD_STATS)
+  g_stats_merge = since();
+#endif
 }
 
 torch::Tensor host_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor rows,
@@ -844,6 +884,33 @@ torch::Tensor host_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, 
       TORCH_CHECK(false, "host attention supports fp32, bf16 and fp16 caches, not ", k.scalar_type());
   }
   return out;
+}
+
+bool has_openmp() {
+#if defined(_OPENMP)
+  return true;
+#else
+  return false;
+#endif
+}
+
+// How many distinct threads run the n tasks of one at::parallel_for in this module (each task waits, up to a
+// second, for all n to have started, so that one thread cannot run them all back to back): torch's intra-op
+// thread count when the module is built with OpenMP, 1 when its parallel_for runs serially.
+int64_t parallel_threads(int64_t n) {
+  TORCH_CHECK(n >= 1, "parallel_threads: n >= 1");
+  std::atomic<int64_t> arrived{0};
+  std::vector<std::thread::id> ids(static_cast<size_t>(n));
+  at::parallel_for(0, n, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t i = b0; i < b1; ++i) {
+      ids[i] = std::this_thread::get_id();
+      arrived.fetch_add(1);
+    }
+    const auto t0 = std::chrono::steady_clock::now();
+    while (arrived.load() < n && std::chrono::steady_clock::now() - t0 < std::chrono::seconds(1)) std::this_thread::yield();
+  });
+  std::sort(ids.begin(), ids.end());
+  return std::unique(ids.begin(), ids.end()) - ids.begin();
 }
 
 bool has_avx512() {
@@ -907,11 +974,99 @@ double peak_gflops(const std::string& kind, double seconds) {
 #endif
 }
 
+// The read-only baseline of tools/bench_cpu_attention.py: the sum of a contiguous fp32 or bf16 tensor, each
+// byte read once, as a stream, with almost no work per byte (bf16: one shift or mask and one add per 16
+// elements; eight independent accumulator chains per thread), so its GB/s is the rate at which this many
+// threads can read memory, the ceiling for anything that reads the KV cache once. Blocks of READ_BLOCK
+// elements are split over torch's intra-op threads in contiguous ranges (each thread one stream); each
+// block's fp32 partial is added in block order in double, so the result does not depend on the thread count.
+constexpr int64_t READ_BLOCK = 1 << 16;
+
+template <typename T>
+float sum_block(const T* x, int64_t n) {
+  float s = 0.f;
+#if defined(__AVX512F__)
+  constexpr int64_t STEP = std::is_same<T, float>::value ? 16 : 32;  // elements per 64-byte line
+  __m512 a[8];
+  for (int i = 0; i < 8; ++i) a[i] = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 4 * STEP <= n; i += 4 * STEP) {
+    UNROLL
+    for (int u = 0; u < 4; ++u) {
+      if constexpr (std::is_same<T, float>::value) {
+        a[2 * u] = _mm512_add_ps(a[2 * u], _mm512_loadu_ps(reinterpret_cast<const float*>(x) + i + 16 * u));
+      } else {
+        const __m512i w = _mm512_loadu_si512(reinterpret_cast<const uint16_t*>(x) + i + 32 * u);
+        if constexpr (std::is_same<T, at::BFloat16>::value) {
+          a[2 * u] = _mm512_add_ps(a[2 * u], _mm512_castsi512_ps(_mm512_slli_epi32(w, 16)));
+          a[2 * u + 1] = _mm512_add_ps(
+              a[2 * u + 1], _mm512_castsi512_ps(_mm512_and_si512(w, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u)))));
+        } else {
+          a[2 * u] = _mm512_add_ps(a[2 * u], _mm512_cvtph_ps(_mm512_castsi512_si256(w)));
+          a[2 * u + 1] = _mm512_add_ps(a[2 * u + 1], _mm512_cvtph_ps(_mm512_extracti64x4_epi64(w, 1)));
+        }
+      }
+    }
+  }
+  __m512 t = a[0];
+  for (int k = 1; k < 8; ++k) t = _mm512_add_ps(t, a[k]);
+  s = _mm512_reduce_add_ps(t);
+  for (; i < n; ++i) s += to_f32(x[i]);
+#else
+  float lanes[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int u = 0; u < 8; ++u) lanes[u] += to_f32(x[i + u]);
+  for (int u = 0; u < 8; ++u) s += lanes[u];
+  for (; i < n; ++i) s += to_f32(x[i]);
+#endif
+  return s;
+}
+
+double read_sum(torch::Tensor x) {
+  TORCH_CHECK(x.device().is_cpu() && x.is_contiguous(), "read_sum: a contiguous CPU tensor");
+  const int64_t n = x.numel();
+  if (n == 0) return 0.0;
+  const int64_t nblk = (n + READ_BLOCK - 1) / READ_BLOCK;
+  std::vector<float> part(static_cast<size_t>(nblk));
+  auto blocks = [&](auto* p) {
+    at::parallel_for(0, nblk, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b)
+        part[b] = sum_block(p + b * READ_BLOCK, std::min<int64_t>(READ_BLOCK, n - b * READ_BLOCK));
+    });
+  };
+  switch (x.scalar_type()) {
+    case at::kFloat: blocks(x.data_ptr<float>()); break;
+    case at::kBFloat16: blocks(x.data_ptr<at::BFloat16>()); break;
+    case at::kHalf: blocks(x.data_ptr<at::Half>()); break;
+    default: TORCH_CHECK(false, "read_sum: fp32, bf16 or fp16, not ", x.scalar_type());
+  }
+  double s = 0.0;
+  for (float p : part) s += p;
+  return s;
+}
+
+#if defined(SPECOFFLOAD_THREAD_STATS)
+py::tuple thread_stats() {
+  py::list l;
+  for (const auto& t : g_stats) l.append(py::make_tuple(t.items, t.start, t.end));
+  return py::make_tuple(l, g_stats_wall, g_stats_merge);
+}
+#endif
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("host_attention", &host_attention, "ragged GQA attention over a head-major host KV cache");
   m.def("peak_gflops", &peak_gflops, "measured GFLOP/s of one core: kind 'fma' (fp32) or 'dpbf16'",
         py::arg("kind"), py::arg("seconds") = 0.5);
+  m.def("read_sum", &read_sum, "sum of a contiguous fp32 / bf16 / fp16 CPU tensor, read once as a stream "
+        "(the bench's read-only baseline; torch's intra-op threads)", py::arg("x"));
+#if defined(SPECOFFLOAD_THREAD_STATS)
+  m.def("thread_stats", &thread_stats, "([(items, start_s, end_s) per worker], workers_done_s, merge_done_s or 0) of the last call, seconds from its start");
+#endif
+  m.def("has_openmp", &has_openmp, "whether the module was built with OpenMP (its parallel_for uses torch's threads)");
+  m.def("parallel_threads", &parallel_threads, "distinct threads that ran the n tasks of one parallel_for",
+        py::arg("n"));
   m.def("has_avx512", &has_avx512, "whether the kernel was compiled with the AVX-512 path");
 }
