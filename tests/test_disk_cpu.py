@@ -295,3 +295,25 @@ def test_cpu_cost_probe_on_the_tiny_target_has_the_right_shape():
     assert "load average" in r.provenance[NEW[1]]
     with pytest.raises(DiskProbeError, match="pairs"):
         measure_disk_cpu_costs(tiny_pair_paths()[0], pairs=0)
+
+
+def test_a_storage_count_that_does_not_count_views_disables_reuse(monkeypatch):
+    """Where torch's private storage use count does not rise with a live view (another torch, another meaning),
+    the pool never reuses a destination: a held layer's weights are not overwritten by the next conversion."""
+    monkeypatch.setattr(torch._C, "_storage_Use_Count", lambda cdata: 1, raising=False)
+    pool = DestPool()
+    a = pool.get(8, torch.float32)
+    view = a[:4]
+    view.fill_(1.0)
+    b = pool.get(8, torch.float32)
+    assert b.data_ptr() != a.data_ptr() and pool.allocated == 2
+    assert torch.equal(view, torch.ones(4))
+
+
+def test_the_storage_count_reuses_a_destination_once_its_views_die():
+    pool = DestPool()
+    a = pool.get(8, torch.float32)
+    view = a[2:6]
+    assert pool.get(8, torch.float32).data_ptr() != a.data_ptr()  # a view of `a` is alive
+    del view
+    assert pool.get(8, torch.float32).data_ptr() == a.data_ptr() and pool.allocated == 2

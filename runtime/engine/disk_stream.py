@@ -242,10 +242,33 @@ _ITEM = {dt: torch.empty(0, dtype=dt).element_size() for dt in
           torch.int8, torch.uint8, torch.bool)}
 
 
+_COUNT_OK: dict[object, bool] = {}  # per counting function: whether it behaves as _storage_refs needs
+
+
+def _counts_views(count) -> bool:
+    """Whether ``count`` (torch's private storage use count) rises by one per live view and falls back when the
+    view dies, checked once on a scratch tensor: a torch whose count means something else (or fails) gets
+    fresh destinations every time rather than a reused one a live layer still reads."""
+    ok = _COUNT_OK.get(count)
+    if ok is None:
+        try:
+            t = torch.empty(4)
+            c0 = int(count(t.untyped_storage()._cdata))
+            v = t[1:3]
+            c1 = int(count(t.untyped_storage()._cdata))
+            del v
+            c2 = int(count(t.untyped_storage()._cdata))
+            ok = c1 == c0 + 1 and c2 == c0
+        except Exception:  # noqa: BLE001 - any failure: do not rely on it
+            ok = False
+        _COUNT_OK[count] = ok
+    return ok
+
+
 def _storage_refs(t: torch.Tensor) -> int | None:
-    """How many tensors share ``t``'s storage (None where torch does not say)."""
+    """How many tensors share ``t``'s storage (None where torch does not say, or its count fails the check)."""
     count = getattr(torch._C, "_storage_Use_Count", None)
-    if count is None:
+    if count is None or not _counts_views(count):
         return None
     return int(count(t.untyped_storage()._cdata))
 
@@ -256,7 +279,11 @@ class DestPool:
     The engine drops a layer's weights when it releases the layer, before it asks for the next one, so one
     destination serves every conversion (the cost model's one converted layer); where a layer is still held
     (or torch cannot say) a fresh tensor is allocated instead, so a live layer is never overwritten. Reuse
-    spares the allocator's fresh pages (a page fault and a zeroed page each) on every conversion."""
+    spares the allocator's fresh pages (a page fault and a zeroed page each) on every conversion.
+
+    Liveness is torch's storage use count (private; every view, derived ones included, holds the storage),
+    checked once to behave so (`_counts_views`); tracking only the views handed out (weakrefs) would miss a
+    view of a view, and an explicit release would trust the caller."""
 
     def __init__(self, size: int = 1):
         self.size = size
