@@ -263,21 +263,32 @@ def measure_here(args, name: str, progress: bool = True, warn=None, quiet_disk: 
     if args.disk is not None:
         import dataclasses
 
+        from specoffload.runtime.loader import CheckpointError
         from specoffload.runtime.profiler.disk import DiskProbeError
 
-        try:
-            rate, prov = measure_disk_figure(args, quiet=quiet_disk)
-            cpu, cpu_prov = measure_disk_cpu_figures(args, quiet=quiet_disk)
-            prov = {**prov, **cpu_prov}
-        except (DiskProbeError, OSError) as exc:  # keep the other probes' minutes of work
-            msg = (f"the disk probe failed ({exc}); disk_read_bytes_per_s stays 0 (not measured); retry with --disk "
-                   "DIR --disk-only -o FILE")
+        def warned(msg: str) -> None:
             if warn is not None:
                 warn(msg)
             else:
                 print(f"specoffload-profile: warning: {msg}", file=sys.stderr)
+
+        cpu: dict[str, float] = {}
+        try:
+            rate, prov = measure_disk_figure(args, quiet=quiet_disk)
+        except (DiskProbeError, OSError) as exc:  # keep the other probes' minutes of work
+            warned(f"the disk probe failed ({exc}); disk_read_bytes_per_s stays 0 (not measured); retry with --disk "
+                   "DIR --disk-only -o FILE")
             rate, prov = 0.0, {"disk_read_bytes_per_s": f"not measured: the disk probe failed ({exc})"}
-            cpu = {}
+        else:  # the CPU costs apart: their failure keeps the read rate just measured
+            try:
+                cpu, cpu_prov = measure_disk_cpu_figures(args, quiet=quiet_disk)
+                prov = {**prov, **cpu_prov}
+            except (DiskProbeError, CheckpointError, OSError) as exc:
+                warned(f"the disk tier's CPU-cost probe failed ({exc}); disk_convert_bytes_per_s and "
+                       "disk_read_compute_seconds_per_byte stay 0 (not measured); retry with --disk DIR --disk-only "
+                       "-o FILE")
+                cpu = {"disk_convert_bytes_per_s": 0.0, "disk_read_compute_seconds_per_byte": 0.0}
+                prov = {**prov, **{k: f"not measured: the CPU-cost probe failed ({exc})" for k in cpu}}
         result.profile = dataclasses.replace(result.profile, disk_read_bytes_per_s=rate, **cpu,
                                              provenance={**result.profile.provenance, **prov})
     return result

@@ -317,3 +317,29 @@ def test_the_storage_count_reuses_a_destination_once_its_views_die():
     assert pool.get(8, torch.float32).data_ptr() != a.data_ptr()  # a view of `a` is alive
     del view
     assert pool.get(8, torch.float32).data_ptr() == a.data_ptr() and pool.allocated == 2
+
+
+def test_a_failing_cpu_cost_probe_keeps_the_measured_read_rate(tmp_path, capsys, monkeypatch):
+    """specoffload-profile --disk: the CPU-cost probe failing (a checkpoint changed under it) after the read rate
+    was measured keeps that rate and the other probes' work, with a warning, instead of ending the run."""
+    from specoffload.runtime.disk import CheckpointChanged
+    from specoffload.runtime.profile_cli import main as profile_main
+    from specoffload.runtime.profiler import disk as disk_probe
+    from specoffload.runtime.profiler import probes
+
+    base = load_profile("cpu-2core")
+    monkeypatch.setattr(probes, "run_profile",
+                        lambda cfg, device, name, progress, threads: probes.ProfileResult(profile=base))
+
+    def changed(*a, **k):
+        raise CheckpointChanged("checkpoint file x.safetensors changed during the run; restore it and resume")
+
+    monkeypatch.setattr(disk_probe, "measure_disk_cpu_costs", changed)
+    out = tmp_path / "m.yaml"
+    args = ["--quick", "--device", "cpu", "--no-progress", "-o", str(out), "--disk", str(tmp_path),
+            "--disk-size-mib", "1"]
+    assert profile_main(args) == 0
+    assert "CPU-cost probe failed" in capsys.readouterr().err
+    p = HardwareProfile.load(out)
+    assert p.disk_read_bytes_per_s > 0 and p.disk_convert_bytes_per_s == 0.0
+    assert p.disk_read_compute_seconds_per_byte == 0.0
