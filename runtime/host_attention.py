@@ -133,7 +133,8 @@ def backend_note(impl: str | None = None) -> str:
     b = backend(impl)
     if b == "kernel":
         mod = kernel_module()
-        threads = "OpenMP threads" if mod.has_openmp() else "one thread: built without OpenMP"
+        why = _state.get("omp_why")
+        threads = "OpenMP threads" if mod.has_openmp() else "one thread: built without OpenMP" + (f" ({why})" if why else "")
         return "kernel (C++, " + ("AVX-512" if mod.has_avx512() else "portable loops") + f", -march=native, {threads})"
     why = _state.get("why") or f"forced by {ENV_IMPL}=torch" if b == "torch" else ""
     return f"torch grouped matmul ({why or 'requested'})"

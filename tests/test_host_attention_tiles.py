@@ -150,3 +150,19 @@ def test_bf16_pairs_never_read_past_a_row(Dh, T, G):
         got = ha.host_attention(q, k, v, q_pos, kv_len, window, rows=rows, impl="kernel")
         assert torch.isfinite(got).all()
         assert_matches(got, q, k, v, q_pos, kv_len, window, rows)
+
+
+def test_a_build_without_openmp_says_why_in_the_backend_note(monkeypatch):
+    """Where the -fopenmp build failed and the one-thread build runs, backend_note names it and the reason."""
+    class OneThread:
+        def has_openmp(self):
+            return False
+
+        def has_avx512(self):
+            return False
+
+    monkeypatch.setattr(ha, "backend", lambda impl=None: "kernel")
+    monkeypatch.setattr(ha, "kernel_module", lambda: OneThread())
+    monkeypatch.setitem(ha._state, "omp_why", "CompileError: cc1plus: error: unrecognized option '-fopenmp'")
+    note = ha.backend_note()
+    assert "one thread: built without OpenMP" in note and "unrecognized option '-fopenmp'" in note
