@@ -7,7 +7,8 @@ relative to the end of the header), and a layer's bytes are read from their plac
 a caller-provided staging buffer (a pinned uint8 tensor beside a GPU, a plain one on the CPU). The
 tensors handed back are views into that buffer, in their on-disk dtype.
 
-Reads go through a pool of reader threads in blocks. Where the file system allows it, files are
+Reads go through a pool of reader threads in blocks (a read of a single block is made in the calling
+thread: no pool hop). Where the file system allows it, files are
 opened with ``O_DIRECT`` (page cache bypassed; offsets, lengths and buffer addresses aligned to
 :data:`ALIGN`), otherwise buffered reads followed by ``posix_fadvise(DONTNEED)`` on what was read,
 so the page cache does not grow the process's footprint. :attr:`DiskReader.modes` says which mode
@@ -23,7 +24,9 @@ API (what the engine and the planner's disk tier plug into):
   :meth:`CheckpointIndex.layer_names` / :meth:`CheckpointIndex.layer_bytes` per decoder layer.
 * :class:`DiskReader` (index, threads, direct) with :meth:`DiskReader.staging_bytes` (buffer size a
   set of tensors needs), :func:`alloc_staging` (pinned where CUDA exists) and
-  :meth:`DiskReader.read_layer` / :meth:`DiskReader.read_tensors` -> {HF name: tensor view}.
+  :meth:`DiskReader.read_layer` / :meth:`DiskReader.read_tensors` -> {HF name: tensor view}; the same in
+  two halves: :meth:`DiskReader.fill_layer` (bytes only, for a background thread) and
+  :meth:`DiskReader.layer_views` (the views, in the thread that uses them).
   Counters: :attr:`DiskReader.layer_payload_bytes` (tensor bytes per layer, as the headers say),
   :attr:`DiskReader.layer_disk_bytes` (bytes really read, alignment included).
 * :class:`Prefetcher`: ``start(layer)`` / ``wait(layer)`` / ``release(layer)`` over a small ring
@@ -437,15 +440,7 @@ class DiskReader:
             os.posix_fadvise(fd, file_off, done, os.POSIX_FADV_DONTNEED)
         return done
 
-    def read_tensors(self, names: Iterable[str], staging: torch.Tensor, layer: int | None = None
-                     ) -> dict[str, torch.Tensor]:
-        """Read the named tensors into ``staging``; {name: view into staging, on-disk dtype and shape}.
-
-        The views alias the buffer: they are valid until the buffer is reused. Files are checked
-        against their stamps before and after the read.
-        """
-        names = list(names)
-        extents, need = self._plan(names)
+    def _check_staging(self, need: int, staging: torch.Tensor) -> memoryview:
         if staging.numel() < need:
             raise ValueError(f"staging buffer holds {staging.numel()} bytes; these tensors need {need} "
                              "(DiskReader.staging_bytes)")
@@ -453,29 +448,58 @@ class DiskReader:
         if staging.data_ptr() % ALIGN:
             raise ValueError(f"staging buffer address must be {ALIGN}-aligned for O_DIRECT; allocate it with "
                              "alloc_staging")
+        return mem
+
+    def inline(self, names: Iterable[str]) -> bool:
+        """Whether :meth:`fill_tensors` reads these tensors in the calling thread (one block in all, or one
+        reader thread) rather than through the reader pool.
+
+        A background read costs the compute beside it each time its thread takes the GIL (on a busy core,
+        a wait of tens of microseconds per hand-off); a hop to the pool and back adds hand-offs and buys
+        no parallelism when there is a single block to read."""
+        extents, _ = self._plan(names)
+        blocks = sum(-(-(e.end - e.start) // self.block_bytes) for e in extents)
+        return blocks <= 1 or self.threads == 1
+
+    def fill_tensors(self, names: Iterable[str], staging: torch.Tensor, layer: int | None = None) -> None:
+        """Read the named tensors' bytes into ``staging`` (no tensors made: :meth:`views` makes them).
+
+        The I/O half of :meth:`read_tensors`, for a background thread: it takes the GIL as few times as
+        it can (file checks, one ``preadv`` per block, counters). Files are checked against their stamps
+        before and after the read; a short read (truncated file) raises :class:`CheckpointChanged`."""
+        names = list(names)
+        extents, need = self._plan(names)
+        mem = self._check_staging(need, staging)
         files = sorted({e.file for e in extents})
         self.index.check_files(files)
-        jobs: list[tuple[int, Future]] = []
-        for i, ext in enumerate(extents):
-            for off in range(ext.start, ext.end, self.block_bytes):
-                length = min(self.block_bytes, ext.end - off)
-                lo = ext.slot + off - ext.start
-                jobs.append((i, self._pool.submit(self._read_block, ext.file, mem[lo:lo + length], off,
-                                                         length)))
         got = [0] * len(extents)  # bytes read per extent
         first_error = None
-        for i, fut in jobs:
-            try:
-                got[i] += fut.result()
-            except Exception as exc:  # noqa: BLE001 - re-raised after every block finished
-                first_error = first_error or exc
+        blocks = [(i, ext, off, min(self.block_bytes, ext.end - off)) for i, ext in enumerate(extents)
+                  for off in range(ext.start, ext.end, self.block_bytes)]
+        if len(blocks) <= 1 or self.threads == 1:  # in this thread: no pool hop, no per-block futures
+            for i, ext, off, length in blocks:
+                lo = ext.slot + off - ext.start
+                try:
+                    got[i] += self._read_block(ext.file, mem[lo:lo + length], off, length)
+                except Exception as exc:  # noqa: BLE001 - re-raised after the file checks below
+                    first_error = exc
+                    break
+        else:
+            jobs: list[tuple[int, Future]] = []
+            for i, ext, off, length in blocks:
+                lo = ext.slot + off - ext.start
+                jobs.append((i, self._pool.submit(self._read_block, ext.file, mem[lo:lo + length], off, length)))
+            for i, fut in jobs:
+                try:
+                    got[i] += fut.result()
+                except Exception as exc:  # noqa: BLE001 - re-raised after every block finished
+                    first_error = first_error or exc
         self.index.check_files(files)
         for f in files:  # readahead may have cached pages past the ranges dropped per block
             if self.modes.get(f) == "buffered" and hasattr(os, "posix_fadvise") and f in self._fds:
                 os.posix_fadvise(self._fds[f], 0, 0, os.POSIX_FADV_DONTNEED)
         if first_error is not None:
             raise first_error
-        out: dict[str, torch.Tensor] = {}
         payload = disk = 0
         for ext, n_read in zip(extents, got):
             last = ext.members[-1]
@@ -483,25 +507,60 @@ class DiskReader:
                 raise CheckpointChanged(f"checkpoint file {ext.file} ended before tensor {last.name!r}: the file "
                                         "was truncated during the run; restore it and resume the run")
             disk += n_read
-            for e in ext.members:
-                lo = ext.slot + e.offset - ext.start
-                raw = staging[lo:lo + e.nbytes]
-                item = ITEMSIZE[e.dtype]
-                if lo % item:  # an odd offset inside the file: copy out rather than alias
-                    raw = raw.clone()
-                out[e.name] = raw.view(DTYPES[e.dtype]).view(e.shape)
-                payload += e.nbytes
+            payload += sum(e.nbytes for e in ext.members)
         with self._lock:
             self.payload_bytes += payload
             self.disk_bytes += disk
             if layer is not None:
                 self.layer_payload_bytes[layer] += payload
                 self.layer_disk_bytes[layer] += disk
+
+    def aliases(self, names: Iterable[str]) -> bool:
+        """Whether every tensor's :meth:`views` view aliases the staging buffer (none copied out for an odd
+        offset), so views made once for a buffer stay valid for every later read of the same tensors into it."""
+        extents, _ = self._plan(names)
+        return all((ext.slot + e.offset - ext.start) % ITEMSIZE[e.dtype] == 0 for ext in extents
+                   for e in ext.members)
+
+    def views(self, names: Iterable[str], staging: torch.Tensor) -> dict[str, torch.Tensor]:
+        """{name: view into ``staging``, on-disk dtype and shape} of tensors :meth:`fill_tensors` read there
+        (a tensor at an odd offset in its file is copied out rather than aliased)."""
+        extents, need = self._plan(list(names))
+        self._check_staging(need, staging)
+        out: dict[str, torch.Tensor] = {}
+        for ext in extents:
+            for e in ext.members:
+                lo = ext.slot + e.offset - ext.start
+                raw = staging[lo:lo + e.nbytes]
+                if lo % ITEMSIZE[e.dtype]:  # an odd offset inside the file: copy out rather than alias
+                    raw = raw.clone()
+                out[e.name] = raw.view(DTYPES[e.dtype]).view(e.shape)
         return out
+
+    def read_tensors(self, names: Iterable[str], staging: torch.Tensor, layer: int | None = None
+                     ) -> dict[str, torch.Tensor]:
+        """Read the named tensors into ``staging``; {name: view into staging, on-disk dtype and shape}.
+
+        The views alias the buffer: they are valid until the buffer is reused. Files are checked
+        against their stamps before and after the read. (:meth:`fill_tensors` then :meth:`views`.)
+        """
+        names = list(names)
+        self.fill_tensors(names, staging, layer=layer)
+        return self.views(names, staging)
 
     def read_layer(self, layer: int, staging: torch.Tensor) -> dict[str, torch.Tensor]:
         """Every tensor of decoder layer ``layer`` (HF names) as views into ``staging``."""
         return self.read_tensors(self.index.layer_names(layer), staging, layer=layer)
+
+    def fill_layer(self, layer: int, staging: torch.Tensor) -> None:
+        """:meth:`fill_tensors` for every tensor of decoder layer ``layer`` (what the prefetcher's thread runs)."""
+        self.fill_tensors(self.index.layer_names(layer), staging, layer=layer)
+
+    def layer_views(self, layer: int, staging: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.views(self.index.layer_names(layer), staging)
+
+    def layer_aliases(self, layer: int) -> bool:
+        return self.aliases(self.index.layer_names(layer))
 
     def reset_counters(self) -> None:
         with self._lock:
@@ -530,6 +589,11 @@ class Prefetcher:
     ``wait(layer)`` blocks until it is read and returns {name: tensor view}; ``release(layer)``
     hands its buffer back once the caller is done with the views (e.g. its GPU copy completed).
     ``depth`` 2 reads one layer ahead while one is used; 3 reads two ahead.
+
+    The background thread only moves bytes (:meth:`DiskReader.fill_layer`: a layer of one block is
+    read in that thread itself, with no hop to the reader pool); the tensor views are made in the
+    thread that calls ``wait``, once per (layer, buffer) and reused after, since each small torch
+    call in a background thread is a GIL hand-off that stalls the compute beside it.
     """
 
     def __init__(self, reader: DiskReader, layers: Iterable[int], depth: int = 2, pin: bool | None = None):
@@ -537,10 +601,12 @@ class Prefetcher:
             raise ValueError(f"depth must be >= 1, found {depth}")
         self.reader = reader
         size = max(reader.layer_staging_bytes(l) for l in layers)
-        self._free = [alloc_staging(size, pin) for _ in range(depth)]
-        self._busy: dict[int, tuple[torch.Tensor, Future]] = {}
+        self._free = [(slot, alloc_staging(size, pin)) for slot in range(depth)]
+        self._busy: dict[int, tuple[int, torch.Tensor, Future]] = {}  # layer -> (slot, buffer, read)
+        self._views: dict[tuple[int, int], dict[str, torch.Tensor]] = {}  # (layer, slot) -> views, reused
         self._exec = ThreadPoolExecutor(max_workers=1, thread_name_prefix="disk-prefetch")
         self.depth = depth
+        self.views_made = 0  # view sets made (at most layers x depth where every tensor aliases its buffer)
 
     @property
     def free_buffers(self) -> int:
@@ -549,14 +615,14 @@ class Prefetcher:
     @property
     def staging_bytes(self) -> int:
         """Bytes of all the ring's staging buffers."""
-        return sum(b.numel() for b in self._free) + sum(b.numel() for b, _ in self._busy.values())
+        return sum(b.numel() for _, b in self._free) + sum(b.numel() for _, b, _ in self._busy.values())
 
     def started(self, layer: int) -> bool:
         return layer in self._busy
 
     def done(self, layer: int) -> bool:
         """Whether the read of a started layer has finished (successfully or not)."""
-        return layer in self._busy and self._busy[layer][1].done()
+        return layer in self._busy and self._busy[layer][2].done()
 
     def start(self, layer: int) -> None:
         if layer in self._busy:
@@ -564,24 +630,33 @@ class Prefetcher:
         if not self._free:
             raise RuntimeError(f"no free staging buffer for layer {layer}: all {self.depth} hold layers "
                                f"{sorted(self._busy)}; release one first")
-        buf = self._free.pop()
-        self._busy[layer] = (buf, self._exec.submit(self.reader.read_layer, layer, buf))
+        slot, buf = self._free.pop()
+        self._busy[layer] = (slot, buf, self._exec.submit(self.reader.fill_layer, layer, buf))
 
     def buffer(self, layer: int) -> torch.Tensor:
         """The staging buffer a started layer is read into (its tensors are views into it)."""
-        return self._busy[layer][0]
+        return self._busy[layer][1]
 
     def wait(self, layer: int) -> dict[str, torch.Tensor]:
         if layer not in self._busy:
             self.start(layer)
-        return self._busy[layer][1].result()
+        slot, buf, fut = self._busy[layer]
+        fut.result()
+        views = self._views.get((layer, slot))
+        if views is None:
+            views = self.reader.layer_views(layer, buf)
+            self.views_made += 1
+            if self.reader.layer_aliases(layer):
+                self._views[(layer, slot)] = views
+        return dict(views)
 
     def release(self, layer: int) -> None:
-        buf, fut = self._busy.pop(layer)
+        slot, buf, fut = self._busy.pop(layer)
         fut.exception()  # let the read finish before the buffer is reused
-        self._free.append(buf)
+        self._free.append((slot, buf))
 
     def close(self) -> None:
         for layer in list(self._busy):
             self.release(layer)
+        self._views.clear()
         self._exec.shutdown(wait=True)

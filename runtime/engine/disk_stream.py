@@ -53,12 +53,17 @@ class _TimedReader:
     def layer_staging_bytes(self, layer: int) -> int:
         return self.reader.layer_staging_bytes(layer)
 
-    def read_layer(self, layer: int, staging: torch.Tensor) -> dict:
+    def fill_layer(self, layer: int, staging: torch.Tensor) -> None:
         start = time.perf_counter()
-        out = self.reader.read_layer(layer, staging)
+        self.reader.fill_layer(layer, staging)
         if self.timeline is not None:
             self.timeline.add(TRACK_DISK, f"{SPAN_DISK_READ} L{layer}", start, time.perf_counter())
-        return out
+
+    def layer_views(self, layer: int, staging: torch.Tensor) -> dict:
+        return self.reader.layer_views(layer, staging)
+
+    def layer_aliases(self, layer: int) -> bool:
+        return self.reader.layer_aliases(layer)
 
 
 class DiskLayers:
