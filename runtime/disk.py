@@ -14,8 +14,8 @@ opened with ``O_DIRECT`` (page cache bypassed; offsets, lengths and buffer addre
 so the page cache does not grow the process's footprint. :attr:`DiskReader.modes` says which mode
 each file got.
 
-Every file is stamped (size, mtime, inode) when the checkpoint is opened and checked before and
-after each read: a file that changes, is truncated or disappears mid-run raises
+Every file is stamped (size, mtime, inode) when the checkpoint is opened and checked when it is first
+opened for reading and after each read: a file that changes, is truncated or disappears mid-run raises
 :class:`CheckpointChanged` naming it.
 
 API (what the engine and the planner's disk tier plug into):
@@ -465,13 +465,15 @@ class DiskReader:
         """Read the named tensors' bytes into ``staging`` (no tensors made: :meth:`views` makes them).
 
         The I/O half of :meth:`read_tensors`, for a background thread: it takes the GIL as few times as
-        it can (file checks, one ``preadv`` per block, counters). Files are checked against their stamps
-        before and after the read; a short read (truncated file) raises :class:`CheckpointChanged`."""
+        it can (one ``preadv`` per block, one file check, counters). Files are checked against their stamps
+        after the read; a short read (truncated file) raises :class:`CheckpointChanged`."""
         names = list(names)
         extents, need = self._plan(names)
         mem = self._check_staging(need, staging)
         files = sorted({e.file for e in extents})
-        self.index.check_files(files)
+        # The files are checked once, after the read (whatever it raised): a file replaced, rewritten,
+        # truncated or deleted before or during the read fails that check, and a file opened here for the
+        # first time is checked at open (_fd). A check before the read too would cost one more GIL hand-off.
         got = [0] * len(extents)  # bytes read per extent
         first_error = None
         blocks = [(i, ext, off, min(self.block_bytes, ext.end - off)) for i, ext in enumerate(extents)
@@ -542,7 +544,7 @@ class DiskReader:
         """Read the named tensors into ``staging``; {name: view into staging, on-disk dtype and shape}.
 
         The views alias the buffer: they are valid until the buffer is reused. Files are checked
-        against their stamps before and after the read. (:meth:`fill_tensors` then :meth:`views`.)
+        against their stamps after the read. (:meth:`fill_tensors` then :meth:`views`.)
         """
         names = list(names)
         self.fill_tensors(names, staging, layer=layer)

@@ -138,12 +138,14 @@ def test_truncated_file_is_a_clear_error(tmp_path):
         CheckpointIndex.open(d)
 
 
+@pytest.mark.parametrize("block", [4 << 20, ALIGN], ids=["one-block-inline", "blocks-in-the-pool"])
 @pytest.mark.parametrize("how", ["mtime", "rewritten", "truncated", "deleted", "replaced"])
-def test_changed_or_deleted_file_mid_run(tmp_path, how):
+def test_changed_or_deleted_file_mid_run(tmp_path, how, block):
     d = _copy(tmp_path)
     f = d / "model.safetensors"
     idx = CheckpointIndex.open(d)
-    with DiskReader(idx, threads=2) as reader:
+    with DiskReader(idx, threads=2, block_bytes=block) as reader:
+        assert reader.inline(idx.layer_names(1)) == (block == 4 << 20)
         reader.read_layer(0, alloc_staging(reader.layer_staging_bytes(0)))
         st = f.stat()
         if how == "mtime":
