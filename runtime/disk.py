@@ -461,12 +461,15 @@ class DiskReader:
         blocks = sum(-(-(e.end - e.start) // self.block_bytes) for e in extents)
         return blocks <= 1 or self.threads == 1
 
-    def fill_tensors(self, names: Iterable[str], staging: torch.Tensor, layer: int | None = None) -> None:
+    def fill_tensors(self, names: Iterable[str], staging: torch.Tensor, layer: int | None = None,
+                     check: bool = True) -> None:
         """Read the named tensors' bytes into ``staging`` (no tensors made: :meth:`views` makes them).
 
         The I/O half of :meth:`read_tensors`, for a background thread: it takes the GIL as few times as
         it can (one ``preadv`` per block, one file check, counters). Files are checked against their stamps
-        after the read; a short read (truncated file) raises :class:`CheckpointChanged`."""
+        after the read; a short read (truncated file) raises :class:`CheckpointChanged`. ``check=False``
+        leaves the file check to the caller (:meth:`check_tensors`, in the thread that uses the bytes,
+        before it looks at this read's error: the :class:`Prefetcher` does so)."""
         names = list(names)
         extents, need = self._plan(names)
         mem = self._check_staging(need, staging)
@@ -496,7 +499,8 @@ class DiskReader:
                     got[i] += fut.result()
                 except Exception as exc:  # noqa: BLE001 - re-raised after every block finished
                     first_error = first_error or exc
-        self.index.check_files(files)
+        if check:
+            self.index.check_files(files)
         for f in files:  # readahead may have cached pages past the ranges dropped per block
             if self.modes.get(f) == "buffered" and hasattr(os, "posix_fadvise") and f in self._fds:
                 os.posix_fadvise(self._fds[f], 0, 0, os.POSIX_FADV_DONTNEED)
@@ -554,9 +558,16 @@ class DiskReader:
         """Every tensor of decoder layer ``layer`` (HF names) as views into ``staging``."""
         return self.read_tensors(self.index.layer_names(layer), staging, layer=layer)
 
-    def fill_layer(self, layer: int, staging: torch.Tensor) -> None:
+    def fill_layer(self, layer: int, staging: torch.Tensor, check: bool = True) -> None:
         """:meth:`fill_tensors` for every tensor of decoder layer ``layer`` (what the prefetcher's thread runs)."""
-        self.fill_tensors(self.index.layer_names(layer), staging, layer=layer)
+        self.fill_tensors(self.index.layer_names(layer), staging, layer=layer, check=check)
+
+    def check_tensors(self, names: Iterable[str]) -> None:
+        """Raise :class:`CheckpointChanged` if a file holding these tensors changed since it was stamped."""
+        self.index.check_files(sorted({e.file for e in self._plan(list(names))[0]}))
+
+    def check_layer(self, layer: int) -> None:
+        self.check_tensors(self.index.layer_names(layer))
 
     def layer_views(self, layer: int, staging: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.views(self.index.layer_names(layer), staging)
@@ -593,9 +604,10 @@ class Prefetcher:
     ``depth`` 2 reads one layer ahead while one is used; 3 reads two ahead.
 
     The background thread only moves bytes (:meth:`DiskReader.fill_layer`: a layer of one block is
-    read in that thread itself, with no hop to the reader pool); the tensor views are made in the
-    thread that calls ``wait``, once per (layer, buffer) and reused after, since each small torch
-    call in a background thread is a GIL hand-off that stalls the compute beside it.
+    read in that thread itself, with no hop to the reader pool); the files are checked against their
+    stamps and the tensor views made in the thread that calls ``wait`` (views once per (layer, buffer),
+    reused after), since each system or small torch call in a background thread is a GIL hand-off
+    that stalls the compute beside it.
     """
 
     def __init__(self, reader: DiskReader, layers: Iterable[int], depth: int = 2, pin: bool | None = None):
@@ -633,7 +645,7 @@ class Prefetcher:
             raise RuntimeError(f"no free staging buffer for layer {layer}: all {self.depth} hold layers "
                                f"{sorted(self._busy)}; release one first")
         slot, buf = self._free.pop()
-        self._busy[layer] = (slot, buf, self._exec.submit(self.reader.fill_layer, layer, buf))
+        self._busy[layer] = (slot, buf, self._exec.submit(self.reader.fill_layer, layer, buf, False))
 
     def buffer(self, layer: int) -> torch.Tensor:
         """The staging buffer a started layer is read into (its tensors are views into it)."""
@@ -643,6 +655,8 @@ class Prefetcher:
         if layer not in self._busy:
             self.start(layer)
         slot, buf, fut = self._busy[layer]
+        fut.exception()  # the read finished (an error it raised comes after the file check)
+        self.reader.check_layer(layer)
         fut.result()
         views = self._views.get((layer, slot))
         if views is None:

@@ -78,10 +78,11 @@ def test_prefetcher_reads_in_its_thread_and_makes_views_in_the_waiters_once():
     idx = CheckpointIndex.open(TARGET)
     n = idx.n_layers
     with DiskReader(idx, threads=2) as reader:
-        fill_threads, view_threads = set(), set()
-        fill, views = reader.fill_layer, reader.layer_views
-        reader.fill_layer = lambda j, b: fill_threads.add(threading.get_ident()) or fill(j, b)
+        fill_threads, view_threads, check_threads = set(), set(), set()
+        fill, views, check = reader.fill_layer, reader.layer_views, idx.check_files
+        reader.fill_layer = lambda j, b, c=True: fill_threads.add(threading.get_ident()) or fill(j, b, c)
         reader.layer_views = lambda j, b: view_threads.add(threading.get_ident()) or views(j, b)
+        idx.check_files = lambda files=None: check_threads.add(threading.get_ident()) or check(files)
         pf = Prefetcher(reader, range(n), depth=2, pin=False)
         sweeps = 3
         for _ in range(sweeps):
@@ -91,7 +92,8 @@ def test_prefetcher_reads_in_its_thread_and_makes_views_in_the_waiters_once():
                 _equal(got, idx.layer_names(j))
                 got.clear()  # the caller's dict is its own: the cached views survive
                 pf.release(j)
-        assert view_threads == {threading.get_ident()}
+        # the prefetcher's thread only reads: views and file checks happen in the waiting thread
+        assert view_threads == check_threads == {threading.get_ident()}
         assert fill_threads and threading.get_ident() not in fill_threads
         # views made at most once per (layer, buffer), not once per read
         assert pf.views_made <= n * pf.depth < sweeps * n
@@ -99,7 +101,8 @@ def test_prefetcher_reads_in_its_thread_and_makes_views_in_the_waiters_once():
         pf.close()
 
 
-def test_prefetcher_reports_a_changed_file_from_wait(tmp_path):
+@pytest.mark.parametrize("how", ["mtime", "truncated", "deleted"])
+def test_prefetcher_reports_a_changed_file_from_wait(tmp_path, how):
     import os
     import shutil
 
@@ -114,8 +117,13 @@ def test_prefetcher_reports_a_changed_file_from_wait(tmp_path):
         pf.release(0)
         f = d / "model.safetensors"
         st = f.stat()
-        os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
-        pf.start(1)
-        with pytest.raises(CheckpointChanged, match="changed during the run"):
-            pf.wait(1)
+        if how == "mtime":
+            os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+        elif how == "truncated":
+            os.truncate(f, st.st_size // 2)
+        else:
+            f.unlink()
+        pf.start(idx.n_layers - 1)
+        with pytest.raises(CheckpointChanged, match="disappeared" if how == "deleted" else "changed during the run"):
+            pf.wait(idx.n_layers - 1)
         pf.close()

@@ -53,9 +53,9 @@ class _TimedReader:
     def layer_staging_bytes(self, layer: int) -> int:
         return self.reader.layer_staging_bytes(layer)
 
-    def fill_layer(self, layer: int, staging: torch.Tensor) -> None:
+    def fill_layer(self, layer: int, staging: torch.Tensor, check: bool = True) -> None:
         start = time.perf_counter()
-        self.reader.fill_layer(layer, staging)
+        self.reader.fill_layer(layer, staging, check)
         if self.timeline is not None:
             self.timeline.add(TRACK_DISK, f"{SPAN_DISK_READ} L{layer}", start, time.perf_counter())
 
@@ -64,6 +64,9 @@ class _TimedReader:
 
     def layer_aliases(self, layer: int) -> bool:
         return self.reader.layer_aliases(layer)
+
+    def check_layer(self, layer: int) -> None:
+        self.reader.check_layer(layer)
 
 
 class DiskLayers:
