@@ -295,7 +295,8 @@ def measure_layer_reads(source: str | os.PathLike, layer_bytes: int | None = Non
     sweep order, round robin. ``source``: a checkpoint folder (its own layers, nothing written) or a
     large file (extents of ``layer_bytes``). Unlike :func:`measure_disk`'s long sequential stream,
     each read pays the per-request cost once and runs at the queue depth one layer gives
-    (ceil(layer / block) blocks over the reader threads). The first read of each layer is untimed.
+    (ceil(layer / block) blocks over the reader threads; one block is read in the calling thread). The first
+    read of each layer is untimed.
     """
     from ..disk import DEFAULT_BLOCK, READ_THREADS, DiskReader, alloc_staging
 
