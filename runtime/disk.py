@@ -457,9 +457,15 @@ class DiskReader:
         A background read costs the compute beside it each time its thread takes the GIL (on a busy core,
         a wait of tens of microseconds per hand-off); a hop to the pool and back adds hand-offs and buys
         no parallelism when there is a single block to read."""
-        extents, _ = self._plan(names)
-        blocks = sum(-(-(e.end - e.start) // self.block_bytes) for e in extents)
-        return blocks <= 1 or self.threads == 1
+        return self._inline(self._blocks(self._plan(names)[0]))
+
+    def _blocks(self, extents) -> list:
+        """(extent index, extent, file offset, length) of each read call :meth:`fill_tensors` makes."""
+        return [(i, ext, off, min(self.block_bytes, ext.end - off)) for i, ext in enumerate(extents)
+                for off in range(ext.start, ext.end, self.block_bytes)]
+
+    def _inline(self, blocks: list) -> bool:
+        return len(blocks) <= 1 or self.threads == 1
 
     def fill_tensors(self, names: Iterable[str], staging: torch.Tensor, layer: int | None = None,
                      check: bool = True) -> None:
@@ -479,9 +485,8 @@ class DiskReader:
         # first time is checked at open (_fd). A check before the read too would cost one more GIL hand-off.
         got = [0] * len(extents)  # bytes read per extent
         first_error = None
-        blocks = [(i, ext, off, min(self.block_bytes, ext.end - off)) for i, ext in enumerate(extents)
-                  for off in range(ext.start, ext.end, self.block_bytes)]
-        if len(blocks) <= 1 or self.threads == 1:  # in this thread: no pool hop, no per-block futures
+        blocks = self._blocks(extents)
+        if self._inline(blocks):  # in this thread: no pool hop, no per-block futures
             for i, ext, off, length in blocks:
                 lo = ext.slot + off - ext.start
                 try:
