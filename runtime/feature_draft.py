@@ -354,63 +354,45 @@ class FeatureHead:
         [B, T, ...] layout for the cache's attention, whose output is gathered back. The index tensors are
         built once per call on the host from n_new, with no per-row Python work.
         """
+        a, w, dev = self.args, self.w, self.device
         B, T = tokens.shape
         if pack is None:
             pack = self.packs(n_new, T)
-        if not pack:
-            return self._forward_padded(cache, rows, tokens, feats, n_new)
-        a, w, dev = self.args, self.w, self.device
         n_new = n_new.to(torch.long)
-        valid = (torch.arange(T)[None, :] < n_new[:, None]).flatten()  # [B*T] on the host
-        sel = valid.nonzero().squeeze(1).to(dev)  # [N]: flat (row, column) of each valid pair
-        N = sel.numel()
-        positions = cache.positions(rows, T).flatten().to(dev).index_select(0, sel)  # [N]
-        cos, sin = rope_cos_sin(self.inv_freq, positions[None], self.dtype)  # [1, N, Dh]
-        e = F.embedding(tokens.to(dev).flatten().index_select(0, sel), self.embed)  # [N, D]
-        if "embed_norm" in w:
-            e = rms_norm(e, w["embed_norm"], a.norm_eps)
-        f = feats.to(dev, self.dtype).reshape(B * T, -1).index_select(0, sel)
-        x = F.linear(torch.cat((e, f), dim=-1), w["fc.w"], w.get("fc.b"))  # [N, D]
-        h = rms_norm(x, w["attn.norm"], a.norm_eps) if "attn.norm" in w else x
+        if pack:
+            valid = (torch.arange(T)[None, :] < n_new[:, None]).flatten()  # [B*T] on the host
+            sel = valid.nonzero().squeeze(1).to(dev)  # flat (row, column) of each valid pair
+            last_of = n_new.cumsum(0) - 1  # each row's last pair among the packed ones
+        else:
+            sel = None
+            last_of = torch.arange(B) * T + (n_new - 1).clamp(min=0)
+        M = B * T if sel is None else sel.numel()  # pairs the linear parts compute
 
-        def padded(t: Tensor) -> Tensor:  # [1, N, heads, Dh] -> [B, T, heads, Dh], zeros at the padding
+        def pairs(t: Tensor) -> Tensor:  # [B, T, ...] -> [1, M, ...]
+            t = t.reshape(1, B * T, *t.shape[2:])
+            return t if sel is None else t.index_select(1, sel)
+
+        def grid(t: Tensor) -> Tensor:  # [1, M, heads, Dh] -> [B, T, heads, Dh], zeros at the padding when packed
+            if sel is None:
+                return t.view(B, T, *t.shape[2:])
             out = t.new_zeros(B * T, *t.shape[2:])
             return out.index_copy_(0, sel, t[0]).view(B, T, *t.shape[2:])
 
-        q = apply_rope(F.linear(h, w["attn.wq"]).view(1, N, a.n_heads, a.head_dim), cos, sin)
-        k = apply_rope(F.linear(h, w["attn.wk"]).view(1, N, a.n_kv_heads, a.head_dim), cos, sin)
-        v = F.linear(h, w["attn.wv"]).view(1, N, a.n_kv_heads, a.head_dim)
-        o = cache.attend(0, rows, padded(q), padded(k), padded(v), n_new).to(dev, self.dtype)  # [B, T, H, Dh]
-        o = o.reshape(B * T, -1).index_select(0, sel)  # [N, H*Dh]
-        x = x + F.linear(o, w["attn.wo"])
-        x = x + swiglu({"w_gate": w["ffn.w_gate"], "w_up": w["ffn.w_up"], "w_down": w["ffn.w_down"]},
-                       rms_norm(x, w["ffn.norm"], a.norm_eps))
-        cache.advance(rows, n_new)
-        last = x.index_select(0, (n_new.cumsum(0) - 1).to(dev))  # [B, D]: each row's last pair
-        y = rms_norm(last, w["out_norm"], a.norm_eps) if "out_norm" in w else last
-        return last, F.linear(y, self.lm_head).float()
-
-    def _forward_padded(self, cache: KVCache, rows, tokens: Tensor, feats: Tensor, n_new: Tensor
-                        ) -> tuple[Tensor, Tensor]:
-        """`forward` over the padded [B, T] layout (every row T pairs; past n_new ignored)."""
-        a, w, dev = self.args, self.w, self.device
-        B, T = tokens.shape
-        positions = cache.positions(rows, T)
-        cos, sin = rope_cos_sin(self.inv_freq, positions.to(dev), self.dtype)
-        e = F.embedding(tokens.to(dev), self.embed)
+        cos, sin = rope_cos_sin(self.inv_freq, pairs(cache.positions(rows, T).to(dev)), self.dtype)  # [1, M, Dh]
+        e = F.embedding(pairs(tokens.to(dev)), self.embed)  # [1, M, D]
         if "embed_norm" in w:
             e = rms_norm(e, w["embed_norm"], a.norm_eps)
-        x = F.linear(torch.cat((e, feats.to(dev, self.dtype)), dim=-1), w["fc.w"], w.get("fc.b"))
+        x = F.linear(torch.cat((e, pairs(feats.to(dev, self.dtype))), dim=-1), w["fc.w"], w.get("fc.b"))
         h = rms_norm(x, w["attn.norm"], a.norm_eps) if "attn.norm" in w else x
-        q = apply_rope(F.linear(h, w["attn.wq"]).view(B, T, a.n_heads, a.head_dim), cos, sin)
-        k = apply_rope(F.linear(h, w["attn.wk"]).view(B, T, a.n_kv_heads, a.head_dim), cos, sin)
-        v = F.linear(h, w["attn.wv"]).view(B, T, a.n_kv_heads, a.head_dim)
-        o = cache.attend(0, rows, q, k, v, n_new).to(dev, self.dtype)
-        x = x + attn_out({"wo": w["attn.wo"]}, o)
+        q = apply_rope(F.linear(h, w["attn.wq"]).view(1, M, a.n_heads, a.head_dim), cos, sin)
+        k = apply_rope(F.linear(h, w["attn.wk"]).view(1, M, a.n_kv_heads, a.head_dim), cos, sin)
+        v = F.linear(h, w["attn.wv"]).view(1, M, a.n_kv_heads, a.head_dim)
+        o = cache.attend(0, rows, grid(q), grid(k), grid(v), n_new).to(dev, self.dtype)  # [B, T, H, Dh]
+        x = x + attn_out({"wo": w["attn.wo"]}, pairs(o))
         x = x + swiglu({"w_gate": w["ffn.w_gate"], "w_up": w["ffn.w_up"], "w_down": w["ffn.w_down"]},
                        rms_norm(x, w["ffn.norm"], a.norm_eps))
         cache.advance(rows, n_new)
-        last = x[torch.arange(B, device=dev), (n_new - 1).clamp(min=0).to(dev)]  # [B, D]
+        last = x[0].index_select(0, last_of.to(dev))  # [B, D]
         y = rms_norm(last, w["out_norm"], a.norm_eps) if "out_norm" in w else last
         return last, F.linear(y, self.lm_head).float()
 
