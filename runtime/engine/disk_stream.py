@@ -237,17 +237,12 @@ class FlatLayout:
         """Copy (converting the dtype) the staged tensors into ``dest`` (>= numel elements, the compute dtype):
         one copy per run; {HF name: view into dest}."""
         for off, n, dtype, at in self.runs:
-            dest[at:at + n].copy_(staging[off:off + n * _ITEM[dtype]].view(dtype))
+            dest[at:at + n].copy_(staging[off:off + n * dtype.itemsize].view(dtype))
         for name, at in self.loose:
             t = tensors[name]
             dest[at:at + t.numel()].copy_(t.reshape(-1))
         return {name: dest.as_strided(shape, stride, dest.storage_offset() + at)
                 for name, at, shape, stride in self.views}
-
-
-_ITEM = {dt: torch.empty(0, dtype=dt).element_size() for dt in
-         (torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16,
-          torch.int8, torch.uint8, torch.bool)}
 
 
 _COUNT_OK: dict[object, bool] = {}  # per counting function: whether it behaves as _storage_refs needs
