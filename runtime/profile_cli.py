@@ -195,19 +195,23 @@ def measure_disk_cpu_figures(args, quiet: bool = False) -> tuple[dict[str, float
              "disk_read_compute_seconds_per_byte": c.read_compute_seconds_per_byte}, c.provenance)
 
 
-def run_disk_only(args) -> int:
-    import dataclasses
-
-    from specoffload.planner.schema import HardwareProfile
-    from specoffload.planner.strict import SchemaError, dump_yaml
-    from specoffload.runtime.profiler.disk import check_folder
-
-    from specoffload.runtime.profiler.disk import check_checkpoint
+def check_disk_args(args) -> None:
+    """Refuse an unusable --disk folder and --disk-checkpoint before any probe runs (a clear one-line error)."""
+    from specoffload.runtime.profiler.disk import check_checkpoint, check_folder
 
     if not args.disk_file:
         check_folder(args.disk)
     if args.disk_checkpoint:
         check_checkpoint(args.disk_checkpoint)
+
+
+def run_disk_only(args) -> int:
+    import dataclasses
+
+    from specoffload.planner.schema import HardwareProfile
+    from specoffload.planner.strict import SchemaError, dump_yaml
+
+    check_disk_args(args)
     out = Path(args.output) if args.output else None
     if out is not None and not out.is_file():
         raise SchemaError(f"--disk-only -o {out}: no such profile; --disk-only adds the disk figure to an existing "
@@ -250,14 +254,7 @@ def measure_here(args, name: str, progress: bool = True, warn=None, quiet_disk: 
         raise SchemaError(str(exc)) from None
     device = resolve_device(args.device)
     if args.disk is not None:
-        from specoffload.runtime.profiler.disk import check_folder
-
-        if not args.disk_file:
-            check_folder(args.disk)  # before minutes of other probes
-        if args.disk_checkpoint:
-            from specoffload.runtime.profiler.disk import check_checkpoint
-
-            check_checkpoint(args.disk_checkpoint)
+        check_disk_args(args)  # before minutes of other probes
     result = run_profile(cfg, device, name=name, progress=progress, threads=threads,
                          **({"warn": warn} if warn is not None else {}))
     if args.disk is not None:
