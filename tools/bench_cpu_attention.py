@@ -76,6 +76,20 @@ def fresh_dst(src: torch.Tensor) -> torch.Tensor:
     return dst
 
 
+def copy_pool(chunk: int, n: int, dtype, g: torch.Generator):
+    """(src, copy): a source of ``n`` slices of ``chunk`` elements and the plain-copy baseline, which copies the
+    next slice per call (cycling, so each call moves bytes not in cache) into a fresh_dst destination."""
+    src = torch.empty(chunk * n, dtype=dtype).normal_(generator=g)
+    dst = fresh_dst(src)
+    it = itertools.cycle(range(n))
+
+    def copy():
+        i = next(it)
+        dst[i * chunk:(i + 1) * chunk].copy_(src[i * chunk:(i + 1) * chunk])
+
+    return src, copy
+
+
 def lengths_for(batch: int, ctx: int, ragged: bool, g: torch.Generator) -> torch.Tensor:
     if not ragged or batch == 1:
         return torch.full((batch,), ctx, dtype=torch.long)
@@ -98,18 +112,9 @@ def run_point(dtype, Q, ctx, batch, ragged, threads, impls, args, g):
     q_pos = (lens - Q).clamp(min=0)[:, None] + torch.arange(Q)[None, :]
     need_bytes = float(lens.sum()) * HKV * DH * 2 * esize
     flops = 4.0 * Q * float(lens.sum()) * H * DH
-    src = torch.empty(int(need_bytes) // esize * max(1, min(n_layers, 4)), dtype=dtype).normal_(generator=g)
-    dst = fresh_dst(src)
-    chunk = int(need_bytes) // esize
+    _, copy = copy_pool(int(need_bytes) // esize, max(1, min(n_layers, 4)), dtype, g)
     it = itertools.cycle(range(n_layers))
-    it_c = itertools.cycle(range(max(1, min(n_layers, 4))))
-    out = {}
-
-    def copy():
-        i = next(it_c)
-        dst[i * chunk:(i + 1) * chunk].copy_(src[i * chunk:(i + 1) * chunk])
-
-    out["copy"] = timeit(copy, args.min_s, args.reps)
+    out = {"copy": timeit(copy, args.min_s, args.reps)}
     qd = q.to(dtype)
     for name in impls:
         if name == "host":
@@ -170,14 +175,9 @@ def _scaling_point(ctx: int, batch: int, ragged: bool, g: torch.Generator, base_
     q_pos = (lens - 1)[:, None]
     chunk = int(min(need, base_bytes)) // 2 // 64 * 64
     n_src = max(2, -(-pool_bytes // (2 * chunk)))
-    src = torch.empty(chunk * n_src, dtype=dtype).normal_(generator=g)
-    dst = fresh_dst(src)
-    it, it_c, it_r = itertools.cycle(range(n_layers)), itertools.cycle(range(n_src)), itertools.cycle(range(n_src))
+    src, copy = copy_pool(chunk, n_src, dtype, g)
+    it, it_r = itertools.cycle(range(n_layers)), itertools.cycle(range(n_src))
     mod = kernel_module() if backend() == "kernel" else None
-
-    def copy():
-        i = next(it_c)
-        dst[i * chunk:(i + 1) * chunk].copy_(src[i * chunk:(i + 1) * chunk])
 
     def read():
         i = next(it_r)
@@ -371,17 +371,9 @@ def make_fns(dtype, Q, ctx, batch, ragged, g):
     q = torch.randn(batch, Q, H, DH, generator=g)
     q_pos = (lens - Q).clamp(min=0)[:, None] + torch.arange(Q)[None, :]
     need_bytes = float(lens.sum()) * HKV * DH * 2 * esize
-    n_src = max(1, min(n_layers, 4))
-    chunk = int(need_bytes) // esize
-    src = torch.empty(chunk * n_src, dtype=dtype).normal_(generator=g)
-    dst = fresh_dst(src)
-    it, it_c = itertools.cycle(range(n_layers)), itertools.cycle(range(n_src))
+    _, copy = copy_pool(int(need_bytes) // esize, max(1, min(n_layers, 4)), dtype, g)
+    it = itertools.cycle(range(n_layers))
     qd = q.to(dtype)
-
-    def copy():
-        i = next(it_c)
-        dst[i * chunk:(i + 1) * chunk].copy_(src[i * chunk:(i + 1) * chunk])
-
     return {"copy": copy,
             "grouped": lambda: attention(qd, k[next(it)], v[next(it)], q_pos, lens, impl="grouped"),
             "host": lambda: host_attention(qd, k[next(it)], v[next(it)], q_pos, lens, out_dtype=dtype),
