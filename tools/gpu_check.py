@@ -202,7 +202,6 @@ def main(argv=None) -> int:
         print(f"{mode} {line}", flush=True)
         log_lines.append(f"{mode} {line}")
 
-
     if device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap_gib * 2**30 / total), device)
