@@ -16,6 +16,7 @@ class Knobs:
     draft_kv: str = "gpu"  # gpu | host | recompute
     draft_sub_batch: int = 1  # sequences per draft forward when recomputing the context
     weight_buffers: int = 2  # 0: everything resident, nothing streamed
+    fuse_prefill: bool = False  # refill chunks ride in the next verification's sweep (one batch only)
 
     @property
     def num_batches(self) -> int:

@@ -8,7 +8,13 @@ decision sees the outcome of the verification before it (which sequences finishe
 
 - `refill g`: admit waiting prompts into batch g's free rows (`admit_count`: whole chunks while the
   batch has work), prefilled in chunks of the plan's prefill batch (`prefill_chunks`); each chunk is
-  one weight sweep.
+  one weight sweep. With a fused plan (`Plan.fuse_prefill`, one batch only) a refill admits at most
+  one chunk, and its prefill does not get a sweep of its own while the batch has live sequences
+  (`defer_prefill`): the chunk rides in the next verification's weight sweep (the fused pass: each
+  streamed layer, once copied, runs the verification's rows and then the chunk's prompts), and its
+  sequences join the batch when that pass ends, before the draft round that follows it. With nothing
+  live the one chunk is prefilled at once, on its own sweep (the start, or a batch that drained):
+  so a fused batch ramps up a chunk per sweep and its sequences finish, and free rows, staggered.
 - `draft g`: the draft round for batch g's live sequences (survivors and newcomers). It must finish
   before g's next verification. If another batch is verified first, the round runs alongside that
   verification: the engine launches its steps between the target's layers (`draft_step_layers`), the
@@ -55,7 +61,8 @@ def log_step(log: list, op: str, batch: int, sequences: int) -> None:
         log.append((op, batch, sequences))
 
 
-def admit_count(free: int, waiting: int, prefill_batch: int, live: bool, capacity: int = 0) -> int:
+def admit_count(free: int, waiting: int, prefill_batch: int, live: bool, capacity: int = 0,
+                fused: bool = False) -> int:
     """How many waiting prompts a batch of `capacity` rows with `free` of them free admits now.
 
     An idle batch takes all it can, and so does a batch whose free rows take all the prompts left.
@@ -68,15 +75,25 @@ def admit_count(free: int, waiting: int, prefill_batch: int, live: bool, capacit
     quarter of the batch's rows is enough for one chunk. A quarter: refilling at T free rows trades one
     sweep per refill against T/2 empty rows while they gather; with a sweep about a decode step,
     E tokens kept per verification and G generated per sequence, the best T is about
-    b * sqrt(2E/G), 0.12-0.25 of the batch for E in 1..4 and G = 128. `capacity` 0: no such cap."""
+    b * sqrt(2E/G), 0.12-0.25 of the batch for E in 1..4 and G = 128. `capacity` 0: no such cap.
+    `fused` (a fused plan): the same rule, capped at one chunk (prefill_batch) per refill, idle or not."""
+    bp = max(1, prefill_batch)
     want = min(free, waiting)
+    if fused:
+        want = min(want, bp)
     if want == 0 or not live or want == waiting:
         return want
-    bp = max(1, prefill_batch)
     if want >= bp:
         return (want // bp) * bp
     enough = refill_rows(capacity) if capacity > 0 else bp
     return want if want >= enough else 0
+
+
+def defer_prefill(fused: bool, live: bool) -> bool:
+    """Whether a refill's admitted chunk waits for the next verification's sweep (the fused pass) instead
+    of being prefilled now on a sweep of its own: in a fused plan, while the batch has live sequences
+    (so a verification of it comes next). The chunk's sequences join the batch when that pass ends."""
+    return fused and live
 
 
 def refill_rows(capacity: int) -> int:

@@ -359,6 +359,9 @@ class Plan(YamlContract):
     # host memory but read from the checkpoint on disk every sweep. 0: none (plans before the tier).
     disk_layers: int = 0
     host_mem_limit_bytes: float = 0.0  # the cap on host memory the plan was made under (0: the profile's)
+    # The fused prefill (planner/schedule.py `defer_prefill`): a refill's chunk of prompts rides in the next
+    # verification's weight sweep instead of a sweep of its own. One batch only. False: plans before it.
+    fuse_prefill: bool = False
     schema_version: int = PLAN_SCHEMA
     SCHEMA = PLAN_SCHEMA  # what this code reads (a class constant, not a field)
 
@@ -383,6 +386,9 @@ class Plan(YamlContract):
             raise ValueError("a speculative policy needs a draft model")
         if self.micro_batches > self.decode_batch:
             raise ValueError("micro_batches cannot exceed decode_batch")
+        if self.fuse_prefill and self.num_batches != 1:
+            raise ValueError("fuse_prefill needs one batch (policy offload-only or serial-spec); the interleaved "
+                             "policy prefills on sweeps of its own")
         if min(self.gpu_attn_layers, self.gpu_ffn_layers, self.gpu_kv_sequences) < 0:
             raise ValueError("resident layer and GPU-KV counts must be >= 0")
         if self.gpu_kv_sequences > self.decode_batch:
