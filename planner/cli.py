@@ -52,6 +52,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--batch", type=int, default=None, help="pin the decode batch (sequences per batch)")
     ap.add_argument("--draft-len", type=int, default=None, help="pin the draft length k")
     ap.add_argument("--micro-batches", type=int, default=None, help="pin the micro-batch count")
+    ap.add_argument("--fuse-prefill", default="auto", choices=("auto", "on", "off"),
+                    help="prefill chunks of refills inside the next verification's weight sweep (on), on sweeps of "
+                         "their own (off), or whichever the planner predicts faster (auto, the default); one-batch "
+                         "policies only (the interleaved policy never fuses)")
     ap.add_argument("--dtype", default=None, choices=tuple(DTYPE_BYTES),
                     help="compute dtype of the run (weights and KV are sized in it; default: the checkpoint's 2 bytes "
                          "per element, as bf16 on a GPU)")
@@ -103,7 +107,7 @@ def describe_candidate(c: Candidate) -> str:
     kv = f", draft KV {k.draft_kv}" + (f" (sub-batch {k.draft_sub_batch})" if k.draft_kv == "recompute" else "") \
         if k.speculative else ""
     return (f"{k.policy:<12} batch {k.decode_batch}x{k.num_batches}, k={k.draft_len}, micro-batches "
-            f"{k.micro_batches}, prefill {k.prefill_batch}{kv}")
+            f"{k.micro_batches}, prefill {k.prefill_batch}{' fused' if k.fuse_prefill else ''}{kv}")
 
 
 def summary(result: PlanResult, requested: str, explain: bool) -> str:
@@ -127,6 +131,10 @@ def summary(result: PlanResult, requested: str, explain: bool) -> str:
         f"decode only (prefill {pr.prefill_seconds:.1f} s + decode {pr.decode_seconds:.1f} s = {pr.total_seconds:.1f} s)",
         f"decode slot: {pr.slot_seconds:.4g} s for {pr.expected_tokens_per_round:.2f} tokens per sequence per "
         f"verification; {pr.slots:.0f} slots ({pr.tail_slots:.1f} of them tail); binding: {pr.binding}",
+        *([f"fused prefill: {pr.fused_passes:.0f} of the {pr.slots:.0f} verifications also prefill a chunk of "
+           f"{plan.prefill_batch} prompts in their weight sweep ({pr.fused_seconds:.4g} s each, against "
+           f"{pr.slot_seconds:.4g} s without); one chunk on a sweep of its own ({pr.prefill_seconds:.1f} s)"]
+          if plan.fuse_prefill else []),
         "busy per slot: " + ", ".join(f"{r} {s:.4g} s ({100 * s / pr.slot_seconds:.0f}%)"
                                       for r, s in pr.busy_seconds_per_slot.items()),
         "memory peak / capacity: " + ", ".join(
@@ -172,6 +180,9 @@ def check_args(args: argparse.Namespace) -> None:
         raise SchemaError(f"--host-mem-limit must be a positive number of GiB, got {args.host_mem_limit:g}")
     if args.acceptance is not None and not 0.0 <= args.acceptance <= 1.0:
         raise SchemaError(f"--acceptance must be in [0, 1], got {args.acceptance}")
+    if getattr(args, "fuse_prefill", "auto") == "on" and args.policy == "interleaved":
+        raise SchemaError("--fuse-prefill on needs one batch; the interleaved policy prefills on sweeps of its own "
+                          "(use --policy serial-spec or offload-only, or --fuse-prefill auto)")
     speculative = args.policy in ("serial-spec", "interleaved")
     if args.draft_len is not None:
         if args.draft_len == 0 and speculative:
@@ -201,6 +212,16 @@ def context_limit(target, draft, workload: Workload, args: argparse.Namespace) -
     return room
 
 
+def pinned_knobs(args: argparse.Namespace) -> dict[str, int | bool]:
+    """The knobs the flags pin (Planner's `fixed`): --batch, --draft-len, --micro-batches, --fuse-prefill on/off."""
+    fixed = {k: v for k, v in (("decode_batch", args.batch), ("draft_len", args.draft_len),
+                               ("micro_batches", args.micro_batches)) if v is not None}
+    fuse = getattr(args, "fuse_prefill", None) or "auto"
+    if fuse != "auto":
+        fixed["fuse_prefill"] = fuse == "on"
+    return fixed
+
+
 def plan_job(args: argparse.Namespace, profile, workload: Workload) -> PlanResult:
     """Plan one machine's job: args.model / args.draft (preset, folder or config), args.policy, the pinned knobs
     (args.batch, args.draft_len, args.micro_batches), args.max_draft_len, args.dtype and args.host_mem_limit (GiB). Shared by this command and
@@ -208,8 +229,7 @@ def plan_job(args: argparse.Namespace, profile, workload: Workload) -> PlanResul
     dtype = getattr(args, "dtype", None) or ""
     target = with_dtype(load_model_spec(args.model), dtype)
     draft = with_dtype(load_model_spec(args.draft), dtype) if args.draft else None
-    fixed = {k: v for k, v in (("decode_batch", args.batch), ("draft_len", args.draft_len),
-                               ("micro_batches", args.micro_batches)) if v is not None}
+    fixed = pinned_knobs(args)
     room = context_limit(target, draft, workload, args)
     max_draft_len = min(args.max_draft_len, room)
     if draft is not None and max_draft_len < 1 and args.policy != "offload-only":
@@ -262,8 +282,7 @@ def cluster_main(args: argparse.Namespace) -> int:
         target = load_model_spec(args.model)
         draft = load_model_spec(args.draft) if args.draft else None
         workload = build_workload(args)
-        fixed = {k: v for k, v in (("decode_batch", args.batch), ("draft_len", args.draft_len),
-                                   ("micro_batches", args.micro_batches)) if v is not None}
+        fixed = pinned_knobs(args)
         plan_cluster(kinds, target, draft, workload, policy=args.policy, max_draft_len=args.max_draft_len, fixed=fixed)
         paths = plan_paths(kinds, args.output) if args.output else []
     except SchemaError as exc:

@@ -311,7 +311,18 @@ class CostModel(Durations):
         return n, math.ceil(tok / n)
 
     def prefill_terms(self, knobs: Knobs) -> dict[str, Linear]:
-        """Busy seconds per resource for one prefill chunk (prefill_batch prompts).
+        """Busy seconds per resource for one prefill chunk (prefill_batch prompts) on a sweep of its own:
+        the chunk's own work (`chunk_work`), the draft's prefill of it (`draft_prefill_work`) and the sweep
+        (`sweep_terms`: the weight copies, the disk tier's reads and their CPU work)."""
+        out = self.chunk_work(knobs)
+        for part in (self.draft_prefill_work(knobs), self.sweep_terms(knobs.prefill_batch * self.w.prompt_len_tokens)):
+            for r, f in part.items():
+                out[r] = out[r] + f if r in out else f
+        return out
+
+    def chunk_work(self, knobs: Knobs) -> dict[str, Linear]:
+        """The target's work on one prefill chunk, without the weight sweep: GPU compute, the KV written to
+        the host, hidden states staged through host memory when the chunk is split in micro-chunks.
 
         The runtime pads a chunk's prompts to the longest: compute counts prefill_batch x the longest
         prompt (the workload's max_prompt_len_tokens), KV the real tokens."""
@@ -329,24 +340,58 @@ class CostModel(Durations):
             hidden = micro * t.hidden_size * self.act_bytes
             d2h += L * n * self.d2h_seconds(hidden)
             h2d += L * n * self.h2d_seconds(hidden)
-        if knobs.speculative and knobs.draft_kv != "recompute" and self.d is not None:
-            d, padded = self.d, bp * width  # the draft reads the same padded chunk, in one forward
-            gpu += d.num_layers * (self.qkv_seconds(d, padded) + self.ffn_seconds(d, padded)
-                                   + self.prefill_attention_seconds(d, bp, width))
-            gpu += self.lm_head_seconds(d, bp)
-            if d.feature_draft:  # its fc over [embedding; feature] of every prompt position
-                gpu += self.matmul_seconds(2.0 * padded * d.fc_params, padded, d.b(d.fc_params))
-            if knobs.draft_kv == "host":
-                d2h += self.d2h_seconds(tok * d.kv_bytes_per_token)
-        out = {"gpu": Linear.of(gpu), "cpu": Linear.of(0.0), "d2h": Linear.of(d2h), "h2d": Linear.of(h2d)}
+        return {"gpu": Linear.of(gpu), "cpu": Linear.of(0.0), "d2h": Linear.of(d2h), "h2d": Linear.of(h2d)}
+
+    def draft_prefill_work(self, knobs: Knobs) -> dict[str, float]:
+        """The draft's prefill of one chunk (speculative plans that keep a draft KV): GPU seconds for its
+        forward over the padded chunk (a feature head: its fc over [embedding; feature] of every position,
+        its one layer), and the draft KV written to the host in host mode."""
+        out = {"gpu": 0.0, "d2h": 0.0}
+        if not (knobs.speculative and knobs.draft_kv != "recompute" and self.d is not None):
+            return out
+        bp, width = knobs.prefill_batch, self.w.max_prompt_len
+        d, padded = self.d, bp * width  # the draft reads the same padded chunk, in one forward
+        gpu = d.num_layers * (self.qkv_seconds(d, padded) + self.ffn_seconds(d, padded)
+                              + self.prefill_attention_seconds(d, bp, width))
+        gpu += self.lm_head_seconds(d, bp)
+        if d.feature_draft:  # its fc over [embedding; feature] of every prompt position
+            gpu += self.matmul_seconds(2.0 * padded * d.fc_params, padded, d.b(d.fc_params))
+        out["gpu"] = gpu
+        if knobs.draft_kv == "host":
+            out["d2h"] = self.d2h_seconds(bp * self.w.prompt_len_tokens * d.kv_bytes_per_token)
+        return out
+
+    def sweep_terms(self, tokens: float) -> dict[str, Linear]:
+        """What one weight sweep costs whatever it computes: the streamed layers' copies (routed experts as
+        `tokens` tokens touch them) and the disk tier's reads and CPU work."""
+        t, L = self.t, self.t.num_layers
+        out: dict[str, Linear] = {}
         if not self.cpu_only:
-            out["h2d"] = out["h2d"] + L * (streamed(self.h2d_seconds(t.attn_bytes_per_layer), "attn_gpu")
-                                           + streamed(self.h2d_seconds(self.ffn_streamed_bytes(tok)), "ffn_gpu"))
+            out["h2d"] = L * (streamed(self.h2d_seconds(t.attn_bytes_per_layer), "attn_gpu")
+                              + streamed(self.h2d_seconds(self.ffn_streamed_bytes(tokens)), "ffn_gpu"))
         if self.disk_tier:
             out["disk"] = self.disk_sweep_terms()
             for r, f in self.disk_cpu_terms().items():  # its CPU work: conversion, reads in flight
-                out[r] = out[r] + f
+                out[r] = out[r] + f if r in out else f
         return out
+
+    def fused_terms(self, knobs: Knobs) -> StepTerms:
+        """A fused pass (Plan.fuse_prefill, planner/schedule.py `defer_prefill`): one verification whose weight
+        sweep also runs a prefill chunk. The runtime splits the chunk's prompts into one piece per micro-batch
+        and runs piece i on the device while micro-batch i attends on the CPU, so the chunk adds its work to
+        each resource (not the sweep: the weights and disk layers are read once) and 1/m of its device time
+        per layer to each dependency chain; the draft's prefill of the chunk runs after the pass, before the
+        draft round (serial)."""
+        v = self.step_terms(knobs)
+        work = self.chunk_work(knobs)
+        dp = self.draft_prefill_work(knobs)
+        busy = {r: f + work[r] if r in work else f for r, f in v.busy.items()}
+        busy["d2h"] = busy["d2h"] + dp["d2h"]
+        m, L = max(1, min(knobs.micro_batches, knobs.decode_batch)), self.t.num_layers
+        piece = work["gpu"].const / max(1, min(m, knobs.prefill_batch))  # one piece, all layers
+        chain = tuple(c + piece for c in v.chain)
+        return StepTerms(busy, chain, v.serial_seconds + dp["gpu"], v.tokens_per_step, v.shared_device,
+                         v.host_seconds, v.serial_overlap)
 
     def prefill_chunks(self, knobs: Knobs) -> int:
         return math.ceil(self.w.num_prompts / knobs.prefill_batch)
@@ -369,7 +414,15 @@ class CostModel(Durations):
         prefill_host = 2 * n_micro * micro * t.hidden_size * act if n_micro > 1 else 0.0
         kv_seq = self.ctx_max * t.kv_bytes_per_token  # one sequence at full length, all layers
         attn_all, ffn_all = L * t.attn_bytes_per_layer, L * t.ffn_bytes_per_layer
-        gpu = Linear.of(t.outer_bytes + max(decode_ws, prefill_ws),
+        if knobs.fuse_prefill:
+            # A fused pass holds both working sets, and the chunk's hidden states through the pass (a feature
+            # draft's prefill reads them after it: held twice, the hand-off).
+            chunk_hidden = knobs.prefill_batch * self.w.max_prompt_len * t.hidden_size * act
+            held = 2 if (knobs.speculative and d is not None and d.feature_draft) else 1
+            work = decode_ws + prefill_ws + held * chunk_hidden
+        else:
+            work = max(decode_ws, prefill_ws)
+        gpu = Linear.of(t.outer_bytes + work,
                         attn_gpu=attn_all, ffn_gpu=ffn_all, kv_gpu=nb * b * kv_seq)
         gpu += knobs.weight_buffers * (t.attn_bytes_per_layer + t.ffn_bytes_per_layer)
         host = streamed(attn_all, "attn_gpu") + streamed(ffn_all, "ffn_gpu") + streamed(nb * b * kv_seq, "kv_gpu")
@@ -419,8 +472,42 @@ class CostModel(Durations):
         Each batch serves its share of the prompts with refill; the tail is what the slowest
         sequences and the last, partly empty wave add over a perfectly packed (fluid) schedule.
         """
+        if knobs.fuse_prefill:
+            return self._fused_steps(knobs.decode_batch, knobs.draft_len, knobs.prefill_batch)
         return self._decode_steps(knobs.decode_batch, knobs.draft_len, knobs.num_batches,
                                   knobs.prefill_batch if knobs.draft_len else 1)
+
+    @memo_method
+    def _fused_steps(self, b: int, k: int, bp: int) -> tuple[float, float]:
+        """Verifications of a fused plan (one batch; planner/schedule.py `defer_prefill`), and of them tail.
+
+        - Each sequence holds its row one verification more than its rounds: the pass that prefills it.
+        - A refill takes one chunk: rows wait for a whole chunk as in `_decode_steps` (speculation; offload-only
+          rows free a chunk at a time), and the batch runs on at most the rows one chunk per verification
+          keeps busy (bp x the rows' verifications per sequence).
+        - The batch ramps up a chunk per verification from one chunk prefilled on its own, so the first
+          wave's rows start (chunks - 1) / 2 verifications late on average."""
+        n = self.w.num_prompts
+        stats = self.rounds(k).shifted(1)
+        chunk = min(bp, refill_rows(b)) if k else 1
+        waiting = (chunk - 1) / 2 if n > b else 0.0
+        rows = max(1, round(min(b - waiting, bp * stats.mean_rounds)))
+        first = math.ceil(min(b, n) / max(1, bp))
+        span = stats.makespan(n, rows) + (first - 1) / 2
+        fluid = n * stats.mean_rounds / b
+        return span, max(0.0, span - fluid)
+
+    def fused_passes(self, knobs: Knobs) -> float:
+        """Prefill chunks that ride in a verification (fused plans): all but the first, at most one per
+        verification."""
+        if not knobs.fuse_prefill:
+            return 0.0
+        slots, _ = self.decode_steps(knobs)
+        return min(self.prefill_chunks(knobs) - 1.0, slots)
+
+    def standalone_chunks(self, knobs: Knobs) -> float:
+        """Prefill chunks on a weight sweep of their own: all (unfused), or what no verification carries."""
+        return self.prefill_chunks(knobs) - self.fused_passes(knobs)
 
     @memo_method
     def _decode_steps(self, b: int, k: int, nb: int, bp: int = 1) -> tuple[float, float]:
@@ -474,9 +561,11 @@ class CostModel(Durations):
         pre_vals = {r: f.at(placement) for r, f in pre.items()}
         chunk = (pre_vals["gpu"] + pre_vals["cpu"]) if self.cpu_only else max(pre_vals.values())
         chunk = max(chunk, pre_vals["h2d"], pre_vals["d2h"], pre_vals.get("disk", 0.0))
-        prefill = self.prefill_chunks(knobs) * chunk
+        prefill = self.standalone_chunks(knobs) * chunk
         slots, tail = self.decode_steps(knobs)
-        decode = slots * slot
+        fused_n = self.fused_passes(knobs)
+        fused_slot = self.step_seconds(self.fused_terms(knobs), placement)[0] if fused_n else 0.0
+        decode = (slots - fused_n) * slot + fused_n * fused_slot
         tokens = self.w.num_prompts * self.w.gen_len_tokens
         total = prefill + decode
         mem = self.memory_at(knobs, placement)
@@ -507,6 +596,8 @@ class CostModel(Durations):
             physical_bound_tokens_per_s=bound if math.isfinite(bound) else 0.0,
             bound_fraction=tput / bound if math.isfinite(bound) and bound > 0 else 0.0,
             disk_bytes_per_sweep=self.disk_bytes_per_sweep(placement),
+            fused_passes=fused_n,
+            fused_seconds=fused_slot,
         )
 
     # The names these had before; reports and plans still say "slot" for a decode step (schema keys).

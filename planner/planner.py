@@ -140,7 +140,8 @@ class Planner:
         memory (pinned included) a plan may use; where the weights do not fit, the disk tier reads some
         layers from the checkpoint every sweep (when the profile states disk_read_bytes_per_s)."""
         self.fixed = dict(fixed or {})
-        fixable = ("decode_batch", "draft_len", "micro_batches", "prefill_batch", "draft_kv", "draft_sub_batch")
+        fixable = ("decode_batch", "draft_len", "micro_batches", "prefill_batch", "draft_kv", "draft_sub_batch",
+                   "fuse_prefill")
         unknown = set(self.fixed) - set(fixable)
         if unknown:
             raise SchemaError(f"cannot fix {sorted(unknown)}; fixable: {', '.join(fixable)}")
@@ -180,6 +181,7 @@ class Planner:
             subs = [self.fixed.get("draft_sub_batch", 1)] if mode == "recompute" else [1]
             modes = [(mode, s) for s in subs]
         buffers = 0 if self.cm.cpu_only else 2
+        fuse = self.fuse_choices(nb)
         for b in batches:
             for k in ks:
                 for m in micro:
@@ -188,7 +190,17 @@ class Planner:
                     for mode, s in modes:
                         if mode == "recompute" and s > b:
                             continue
-                        yield Knobs(policy, b, 1, k, m, mode, s, buffers)
+                        for f in fuse:
+                            yield Knobs(policy, b, 1, k, m, mode, s, buffers, f)
+
+    def fuse_choices(self, num_batches: int) -> tuple[bool, ...]:
+        """Whether plans prefill on sweeps of their own (False) or fused into verifications (True): both
+        for one batch unless fixed; the interleaved policy (two batches) never fuses."""
+        if num_batches != 1:
+            return (False,)
+        if "fuse_prefill" in self.fixed:
+            return (bool(self.fixed["fuse_prefill"]),)
+        return (False, True)
 
     def _placement_box(self, knobs: Knobs) -> dict[str, tuple[float, float]]:
         disk = (0.0, 1.0) if self.cm.disk_tier else (0.0, 0.0)
@@ -276,12 +288,18 @@ class Planner:
         slot = max([self._resource_lb(resources, False, gpu_mem, box, floor)]
                    + [self._fixed(f, box).minimum() for r, f in bounds.items() if r.startswith("chain")]
                    ) + terms.serial_total
-        slots, _ = self.cm.decode_steps(knobs)
-        return slots * slot + self.prefill_lb(knobs)
+        return self.steps_lb(knobs) * slot + self.prefill_lb(knobs)
+
+    def steps_lb(self, knobs: Knobs) -> float:
+        """Verifications of these decode knobs at least, whatever the prefill batch (fused plans: each
+        sequence's extra step, on the whole batch, without the ramp and the wait for whole chunks)."""
+        if knobs.fuse_prefill:
+            return self.cm.rounds(knobs.draft_len).shifted(1).makespan(self.workload.num_prompts, knobs.decode_batch)
+        return self.cm.decode_steps(knobs)[0]
 
     def prefill_seconds_lb(self, knobs: Knobs) -> float:
         key = (knobs.policy, knobs.draft_len > 0, knobs.draft_kv, knobs.weight_buffers, knobs.decode_batch,
-               knobs.micro_batches, knobs.draft_sub_batch, knobs.prefill_batch, knobs.draft_len)
+               knobs.micro_batches, knobs.draft_sub_batch, knobs.prefill_batch, knobs.draft_len, knobs.fuse_prefill)
         if key in self._prefill_cache:
             return self._prefill_cache[key]
         box = self._placement_box(knobs)
@@ -292,7 +310,10 @@ class Planner:
         terms = self.cm.prefill_terms(knobs)
         gpu_mem = mem["gpu"]
         floor = self._disk_floor(mem, box)
-        value = (self.cm.prefill_chunks(knobs) * self._resource_lb(terms, self.cm.cpu_only, gpu_mem, box, floor)
+        # A fused plan prefills one chunk on a sweep of its own at least; the others ride in verifications,
+        # which take at least a plain verification's time (steps_lb counts those).
+        chunks = 1 if knobs.fuse_prefill else self.cm.prefill_chunks(knobs)
+        value = (chunks * self._resource_lb(terms, self.cm.cpu_only, gpu_mem, box, floor)
                  if math.isfinite(floor) else math.inf)
         self._prefill_cache[key] = value
         return value
@@ -303,7 +324,7 @@ class Planner:
         Prefill work does not depend on the decode knobs; only memory does, and the smallest
         decode footprint (batch 1, one micro-batch, sub-batch 1) relaxes it.
         """
-        key = (knobs.policy, knobs.draft_len > 0, knobs.draft_kv, knobs.weight_buffers)
+        key = (knobs.policy, knobs.draft_len > 0, knobs.draft_kv, knobs.weight_buffers, knobs.fuse_prefill)
         if key not in self._prefill_lb:
             smallest = replace(knobs, decode_batch=1, micro_batches=1, draft_sub_batch=1)
             self._prefill_lb[key] = min(self.prefill_seconds_lb(replace(smallest, prefill_batch=bp))
@@ -357,6 +378,12 @@ class Planner:
             at_most(f"slot_{'layer_' if r.startswith('chain') else ''}{r.replace(':', '_')}", f, "slot_seconds")
         for r, f in pre.items():
             at_most(f"prefill_{r}", f, "chunk_seconds")
+        fused_n = cm.fused_passes(knobs)
+        fused = cm.fused_terms(knobs) if fused_n else None
+        if fused is not None:  # a verification that also prefills a chunk: max(its bounds) + its serial part
+            variables.append(Variable("fused_seconds"))
+            for r, f in fused.bounds().items():
+                at_most(f"fused_{'layer_' if r.startswith('chain') else ''}{r.replace(':', '_')}", f, "fused_seconds")
         staging = cm.disk_staging_bytes() if disk_free else 0.0
         for tier, f in cm.memory_terms(knobs).items():
             if math.isfinite(self.caps[tier]):
@@ -371,11 +398,16 @@ class Planner:
                 for v in ("n_attn_layers", "n_ffn_layers"):
                     cons.append(Constraint(f"disk_streamed_{v}", {"n_disk_layers": 1.0, v: 1.0}, "<=", float(L)))
         slots, _ = cm.decode_steps(knobs)
-        chunks = cm.prefill_chunks(knobs)
+        chunks = cm.standalone_chunks(knobs)
+        objective = {"slot_seconds": slots - fused_n, "chunk_seconds": chunks}
+        const = (slots - fused_n) * terms.serial_total
+        if fused is not None:
+            objective["fused_seconds"] = fused_n
+            const += fused_n * fused.serial_total
+
         def solve() -> tuple[dict[str, float], object]:
             self.lp_solves += 1
-            sol = minimize("placement", variables, {"slot_seconds": slots, "chunk_seconds": chunks}, cons,
-                           objective_const=slots * terms.serial_total)
+            sol = minimize("placement", variables, objective, cons, objective_const=const)
             placement = {v: sol.values[names[v]] / size[v] for v in box}
             return {v: min(max(round(x * size[v]) / size[v], box[v][0]), box[v][1]) for v, x in placement.items()}, sol
 
@@ -402,7 +434,6 @@ class Planner:
         cm, t = self.cm, self.target
         buffers = 0 if cm.cpu_only else 2
         base = Knobs(policy, b, 1, k, 1, "gpu", 1, buffers)
-        slots, _ = cm.decode_steps(base)
         L, tokens = t.num_layers, b * (k + 1)
         rate, bw = cm._rate.peak, cm._gpu_bw
         gpu = L * (tokens * t.linear_flops_per_token_per_layer / rate + cm.layer_fixed_seconds(tokens))
@@ -442,11 +473,14 @@ class Planner:
         # The weight stream and the disk stage run on through a serial draft round (StepTerms.bounds): at
         # least their busy time, not busy + serial.
         slot = (max(gpu + cpu, h2d) + serial) if cm.cpu_only else max(max(gpu, cpu) + serial, h2d, disk)
-        key = (policy, k > 0)
-        if key not in self._prefill_min:
-            self._prefill_min[key] = min(self.prefill_lb(replace(base, draft_kv=mode, draft_sub_batch=s))
-                                         for mode, s in modes)
-        return slots * slot + self._prefill_min[key]
+        best = math.inf
+        for fuse in self.fuse_choices(base.num_batches):  # a group holds both; the bound is the lower
+            key = (policy, k > 0, fuse)
+            if key not in self._prefill_min:
+                self._prefill_min[key] = min(self.prefill_lb(replace(base, draft_kv=mode, draft_sub_batch=s,
+                                                                     fuse_prefill=fuse)) for mode, s in modes)
+            best = min(best, self.steps_lb(replace(base, fuse_prefill=fuse)) * slot + self._prefill_min[key])
+        return best
 
     def best_for_policy(self, policy: str, keep: int = 5) -> tuple[Candidate | None, list[Candidate], int]:
         """Branch and bound over the knob grid; returns the best, the runners-up, and candidates seen.
@@ -622,7 +656,7 @@ class Planner:
             draft_kv=k.draft_kv, weight_buffers=k.weight_buffers,
             prediction=cand.prediction, notes=tuple(notes),
             disk_layers=round(cand.placement.get("disk", 0.0) * t.num_layers),
-            host_mem_limit_bytes=self.cm.host_mem_limit_bytes)
+            host_mem_limit_bytes=self.cm.host_mem_limit_bytes, fuse_prefill=k.fuse_prefill)
 
     def explain_infeasible(self, policies: tuple[str, ...] = ("offload-only",)) -> str:
         """Which tier cannot hold even the smallest plan of each policy tried, by how much, and what to change."""
@@ -678,7 +712,7 @@ class Planner:
 def knobs_from_plan(plan: Plan) -> Knobs:
     """The cost model's view of a plan's integer choices."""
     return Knobs(plan.policy, plan.decode_batch, plan.prefill_batch, plan.draft_len, plan.micro_batches,
-                 plan.draft_kv, plan.draft_sub_batch, plan.weight_buffers)
+                 plan.draft_kv, plan.draft_sub_batch, plan.weight_buffers, plan.fuse_prefill)
 
 
 def placement_from_plan(plan: Plan, target: ModelSpec) -> dict[str, float]:

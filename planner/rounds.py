@@ -31,6 +31,11 @@ class RoundStats:
             return self.mean_rounds
         return float(np.sum(1.0 - self._cdf ** n))
 
+    def shifted(self, extra: int = 1) -> "RoundStats":
+        """The same sequences holding their row `extra` more steps each (a fused plan: the pass that
+        prefills a sequence is a step of its batch that yields it nothing)."""
+        return RoundStats(self.expected_tokens, self.mean_rounds + extra, (0.0,) * extra + tuple(self.cdf))
+
     @functools.cached_property
     def _cdf(self) -> np.ndarray:
         return np.asarray(self.cdf)

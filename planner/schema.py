@@ -324,6 +324,9 @@ class Prediction:
     physical_bound_tokens_per_s: float
     bound_fraction: float
     disk_bytes_per_sweep: float = 0.0  # bytes the disk tier reads from the checkpoint per weight sweep
+    # Fused plans (Plan.fuse_prefill): verifications that also prefill a chunk (of `slots`), and the time of one
+    fused_passes: float = 0.0
+    fused_seconds: float = 0.0
 
 
 @dataclass(frozen=True)
