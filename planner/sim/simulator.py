@@ -71,11 +71,12 @@ from ..strict import SchemaError
 from .accounting import MemoryAccounting
 from .draft_round import DraftRounds
 from .engine import EventLoop, MemoryPool, Overflow, Task
+from .fused_pass import FusedPasses
 from .memory import POOLS, finite_capacity, memory_layout
 from .predict import plan_cost_model, predicted_figures
 from .prefill_pass import PrefillPasses
 from .report import AcceptanceStats, Report, binned_peaks
-from .state import BULK, DRAFT, TARGET, Problem, _Batch, _Pass, _prio
+from .state import BULK, DRAFT, TARGET, Problem, _Batch, _Chunk, _Pass, _prio
 from .trace import ChromeTrace, slice_name
 from .verify_pass import VerifyPasses
 from .weight_stream import WeightStream
@@ -127,6 +128,7 @@ class SimResult:
     wall_seconds: float
     overflow: Overflow | None = None
     schedule_log: tuple[tuple[str, int, int], ...] = ()  # the schedule's steps taken: (op, batch, sequences)
+    fused_log: tuple[tuple[int, int], ...] = ()  # fused passes: (pass, prompts of the chunk it prefilled)
 
     @property
     def ok(self) -> bool:
@@ -157,7 +159,7 @@ class SimResult:
     steady_slot_seconds = steady_step_seconds  # the report's word for a decode step is "slot"
 
 
-class Simulation(VerifyPasses, PrefillPasses, DraftRounds, WeightStream, MemoryAccounting):
+class Simulation(VerifyPasses, PrefillPasses, FusedPasses, DraftRounds, WeightStream, MemoryAccounting):
     """One job's simulation. The task-graph builders live by pass kind (verify_pass.py, prefill_pass.py,
     draft_round.py), the weight stream in weight_stream.py, memory accounting in accounting.py; this
     class holds the state they share, the run and the report."""
@@ -205,6 +207,13 @@ class Simulation(VerifyPasses, PrefillPasses, DraftRounds, WeightStream, MemoryA
                         if a.kind == "staging"]
         self.buffer_bytes = {a.pool: a.nbytes for a in self.layout.static if a.kind == "buffers"}
         self.prefill_queue: list[_Pass] = []  # admitted chunks; the first holds the staging
+        # The fused prefill (fused_pass.py): a chunk admitted while the batch is live waits here for the
+        # next verification's sweep; fused passes counts the verifications that carried one.
+        self.fused = bool(plan.fuse_prefill)
+        self.deferred: _Chunk | None = None
+        self.fused_passes = 0
+        self.fused_log: list[tuple[int, int]] = []
+        self._fused_cache: dict = {}
         self.buffer_taken: dict[tuple[int, int], float] = {}
 
         # Weight stream state.
@@ -381,7 +390,7 @@ class Simulation(VerifyPasses, PrefillPasses, DraftRounds, WeightStream, MemoryA
             decode_tokens_per_s=self.generated / decode if decode > 0 else 0.0,
             slots=slots, slot_seconds=decode / slots if slots else 0.0,
             slot_seconds_median=spans[len(spans) // 2] if spans else 0.0,
-            prefill_passes=len(self.prefill_log),
+            prefill_passes=len(self.prefill_log), fused_passes=self.fused_passes,
             busy_fraction={r: (v / T if T > 0 else 0.0) for r, v in busy.items()},
             peak_mem_bytes={p: self.pools[p].peak for p in POOLS},
             peak_mem_seconds={p: self.pools[p].peak_time for p in POOLS},
@@ -396,7 +405,7 @@ class Simulation(VerifyPasses, PrefillPasses, DraftRounds, WeightStream, MemoryA
             predicted=predicted_figures(cm, self.knobs, self.placement),
             notes=tuple(notes))
         return SimResult(report, tuple(self.problems), self.step_log, self.prefill_log, self.trace,
-                         self.eng.events, wall, self.overflow, tuple(self.schedule_log))
+                         self.eng.events, wall, self.overflow, tuple(self.schedule_log), tuple(self.fused_log))
 
 
 def _fingerprint(obj) -> str:
