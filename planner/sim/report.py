@@ -215,6 +215,9 @@ def format_report(report: Report) -> str:
         pos = ", ".join(f"{a:.3f}" for a in acc.per_position)
         lines.append(f"  acceptance: {acc.rounds} rounds, {acc.tokens_per_round:.3f} tokens/round "
                      f"({acc.useful_tokens_per_round:.3f} kept), per position [{pos}]")
+    if report.fused_passes:
+        lines.append(f"  fused prefill: {report.fused_passes} verifications also prefilled a chunk in their sweep "
+                     f"({report.prefill_passes} chunks on sweeps of their own)")
     lines.append(f"  {report.sequences} sequences, {report.generated_tokens} tokens; physical bound "
                  f"{report.physical_bound_tokens_per_s:.1f} tok/s")
     for note in report.notes:
