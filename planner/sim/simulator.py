@@ -48,6 +48,19 @@ Model (what the runtime is expected to do; durations all come from the CostModel
   waiting prompts (`schedule.admit_count`). Then X's draft round (its
   survivors and newcomers, after their prefill) is issued; interleaved: it runs while the other batch
   verifies; serial-spec: right before X's next verification.
+- The fused prefill (`Plan.fuse_prefill`, one batch; fused_pass.py): a refill admits at most one chunk,
+  and while the batch has live sequences the chunk gets no sweep of its own (`schedule.defer_prefill`):
+  its rows hold their prompts' KV from admission, and it rides in the next verification's sweep, the
+  "fused pass". Per streamed layer, once copied: the first micro-batch's qkv, then the chunk's layer
+  (gpu; its KV down on d2h; hidden states through host memory as a stand-alone chunk's), then that
+  micro-batch's FFN (stream order), the buffer freed after both; on a CPU-only profile the chunk's
+  layer after the verification's. No weight copy or disk read of its own (the routed experts copied
+  count its tokens). After the verification's LM head: the chunk's LM head, the draft's prefill of it;
+  then the pass ends and the chunk's sequences join with their first token, drafted in the next round.
+  With nothing live the one chunk is prefilled at once on its own sweep, so a fused batch ramps up a
+  chunk per sweep. A fused pass is a verification in the report (decode time, a slot); `prefill_passes`
+  counts stand-alone sweeps, `fused_passes` the verifications that carried a chunk. Both working sets
+  on the device at once: what the plan does not count is taken for the pass (an overflow names it).
 - Memory (see memory.py): weights and working sets at setup; weight buffers taken by each streamed
   copy and released after the layer's last compute; a prefill chunk's staging while it runs; KV taken
   per token as sequences are admitted and generate, freed when they finish. An overflow stops the run
