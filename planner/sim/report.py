@@ -217,7 +217,8 @@ def format_report(report: Report) -> str:
                      f"({acc.useful_tokens_per_round:.3f} kept), per position [{pos}]")
     if report.fused_passes:
         lines.append(f"  fused prefill: {report.fused_passes} verifications also prefilled a chunk in their sweep "
-                     f"({report.prefill_passes} chunks on sweeps of their own)")
+                     f"({report.prefill_passes} chunk{'s' if report.prefill_passes != 1 else ''} on a sweep of "
+                     f"{'their' if report.prefill_passes != 1 else 'its'} own)")
     lines.append(f"  {report.sequences} sequences, {report.generated_tokens} tokens; physical bound "
                  f"{report.physical_bound_tokens_per_s:.1f} tok/s")
     for note in report.notes:
