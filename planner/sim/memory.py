@@ -25,9 +25,9 @@ allocated in both `pinned` and `host`. On a CPU-only profile everything lives in
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from ..costmodel import CPU_ONLY_PLACEMENT, CostModel, Knobs
+from ..costmodel import CPU_ONLY_PLACEMENT, LOGIT_BYTES, CostModel, Knobs
 from ..schema import Plan
 
 POOLS = ("gpu", "pinned", "host")
@@ -135,3 +135,36 @@ def memory_layout(cm: CostModel, knobs: Knobs, placement: dict[str, float], plan
 def finite_capacity(capacity: float) -> float:
     """Capacity as reports write it: 0 for an unlimited pool (as Prediction.capacity_bytes does)."""
     return capacity if math.isfinite(capacity) else 0.0
+
+
+def working_sets(cm: CostModel, knobs: Knobs, chunk: int | None = None) -> tuple[float, float]:
+    """(decode, prefill) device working sets in bytes, as `CostModel.memory_terms` sizes them: a
+    verification's activations and logits per micro-batch, and a prefill chunk's (of `chunk` prompts,
+    default the plan's prefill batch) activations, per-layer KV and last-position logits. The cost model
+    holds the larger of the two (one pass at a time); a fused pass holds both."""
+    t = cm.t
+    act = cm.act_bytes
+    ffn_width = (t.experts_per_token / t.num_experts if t.num_experts else 1) * t.intermediate_size
+    per_token = act * (4 * t.hidden_size + t.q_dim + 2 * t.kv_dim + 2 * ffn_width)
+    tokens = knobs.decode_batch * (knobs.draft_len + 1)
+    decode = tokens / knobs.micro_batches * per_token + tokens * t.vocab_size * LOGIT_BYTES
+    bp = knobs.prefill_batch if chunk is None else max(1, chunk)
+    _, micro = cm.prefill_split(replace(knobs, prefill_batch=bp))
+    prefill = micro * per_token + micro * t.kv_bytes_per_token_per_layer + bp * t.vocab_size * LOGIT_BYTES
+    return decode, prefill
+
+
+def fused_extra_bytes(cm: CostModel, knobs: Knobs, placement: dict[str, float], chunk: int) -> float:
+    """Device bytes a fused pass (a verification with a prefill chunk of `chunk` prompts riding in its
+    sweep) needs beyond what the plan's memory holds: both working sets at once, less the larger one the
+    cost model always counts and whatever it adds for a fused plan (its peak with `fuse_prefill` over the
+    same plan without). 0 where the plan counted the chunk beside the verification."""
+    decode, prefill = working_sets(cm, knobs, chunk)
+    _, prefill_full = working_sets(cm, knobs)
+    pool = "host" if cm.cpu_only else "gpu"
+    counted = 0.0
+    if knobs.fuse_prefill:
+        with_fused = cm.memory_terms(knobs)[pool].at(placement)
+        without = cm.memory_terms(replace(knobs, fuse_prefill=False))[pool].at(placement)
+        counted = max(0.0, with_fused - without)
+    return max(0.0, decode + prefill - max(decode, prefill_full) - counted)

@@ -7,6 +7,7 @@ knobs and placement on the given profile; nothing is recomputed here.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 from ..costmodel import CostModel, Knobs
 from ..models import load_plan_models
@@ -18,7 +19,10 @@ def plan_cost_model(plan: Plan, profile: HardwareProfile) -> tuple[CostModel, Kn
     """The cost model's view of a plan on a profile: (cost model, knobs, placement)."""
     target, draft = load_plan_models(plan)
     cm = CostModel(profile, target, draft, plan.workload, plan.host_mem_limit_bytes)
-    return cm, knobs_from_plan(plan), placement_from_plan(plan, target)
+    knobs = knobs_from_plan(plan)
+    if plan.fuse_prefill and not knobs.fuse_prefill:
+        knobs = replace(knobs, fuse_prefill=True)
+    return cm, knobs, placement_from_plan(plan, target)
 
 
 def predicted_figures(cm: CostModel, knobs: Knobs, placement: dict[str, float],

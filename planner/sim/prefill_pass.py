@@ -1,5 +1,6 @@
 """The prefill pass as tasks, and admission (refill): prompts enter a batch's free rows in chunks of
-prefill_batch, each chunk its own weight sweep. Methods of `Simulation`.
+prefill_batch, each chunk its own weight sweep (a fused plan's chunk admitted while the batch is live
+waits for the next verification's sweep instead: fused_pass.py). Methods of `Simulation`.
 """
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from ..schedule import admit_count, prefill_chunks
+from ..schedule import admit_count, defer_prefill, prefill_chunks
 from ..trace_names import SPAN_HIDDEN, SPAN_KV, SPAN_PREFILL
 from .engine import Task
 from .state import BULK, TARGET, _Batch, _Pass, _prio
@@ -115,7 +116,13 @@ class PrefillPasses:
         """Admit waiting prompts into the batch's free slots, in prefill chunks (the schedule's rule,
         planner/schedule.py: only when a whole chunk's worth can go in, or the batch is idle)."""
         free = batch.free_slots()
-        want = admit_count(len(free), self.N - self.queue_next, self.plan.prefill_batch, bool(batch.active.any()),
-                           self.plan.decode_batch)
+        if self.deferred is not None and self.deferred.batch == batch.index:  # rows already taken, not yet live
+            free = np.setdiff1d(free, self.deferred.slots)
+        live = bool(batch.active.any())
+        want = admit_count(len(free), self.N - self.queue_next, self.plan.prefill_batch, live,
+                           self.plan.decode_batch, fused=self.fused)
+        if want and defer_prefill(self.fused, live):  # a fused plan: the chunk rides in the next verification
+            self._defer_chunk(batch, free[:want])
+            return
         for start, end in prefill_chunks(want, self.plan.prefill_batch):
             self._prefill_pass(batch, free[start:end])

@@ -12,6 +12,8 @@ Definitions (the runtime must measure the same things):
   chunk or a verification of one batch) owns the time from the end of the previous pass to its own
   end; prefill passes sum to prefill_seconds, verifications (with the drafting between them) to
   decode_seconds. They add up to total_seconds.
+- prefill_passes: prefill chunks on weight sweeps of their own; fused_passes: verifications that also
+  prefilled a chunk in their sweep (a plan with fuse_prefill), whose time is the verification's (decode).
 - slots: verifications of one batch; slot_seconds = decode_seconds / slots (tail slots included),
   slot_seconds_median the median verification.
 - busy_fraction: busy seconds of each resource (gpu, cpu = CPU attention, h2d, d2h; disk where a plan reads
@@ -78,6 +80,7 @@ class Report(YamlContract):
     notes: tuple[str, ...] = ()
     peak_mem_seconds: dict[str, float] = field(default_factory=dict)
     mem_over_time: dict[str, tuple[float, ...]] = field(default_factory=dict)
+    fused_passes: int = 0  # verifications whose sweep also prefilled a chunk (a fused plan); 0: none
     schema_version: int = REPORT_SCHEMA
     SCHEMA = REPORT_SCHEMA  # what this code reads (a class constant, not a field)
 
@@ -212,6 +215,10 @@ def format_report(report: Report) -> str:
         pos = ", ".join(f"{a:.3f}" for a in acc.per_position)
         lines.append(f"  acceptance: {acc.rounds} rounds, {acc.tokens_per_round:.3f} tokens/round "
                      f"({acc.useful_tokens_per_round:.3f} kept), per position [{pos}]")
+    if report.fused_passes:
+        lines.append(f"  fused prefill: {report.fused_passes} verifications also prefilled a chunk in their sweep "
+                     f"({report.prefill_passes} chunk{'s' if report.prefill_passes != 1 else ''} on a sweep of "
+                     f"{'their' if report.prefill_passes != 1 else 'its'} own)")
     lines.append(f"  {report.sequences} sequences, {report.generated_tokens} tokens; physical bound "
                  f"{report.physical_bound_tokens_per_s:.1f} tok/s")
     for note in report.notes:

@@ -48,6 +48,19 @@ Model (what the runtime is expected to do; durations all come from the CostModel
   waiting prompts (`schedule.admit_count`). Then X's draft round (its
   survivors and newcomers, after their prefill) is issued; interleaved: it runs while the other batch
   verifies; serial-spec: right before X's next verification.
+- The fused prefill (`Plan.fuse_prefill`, one batch; fused_pass.py): a refill admits at most one chunk,
+  and while the batch has live sequences the chunk gets no sweep of its own (`schedule.defer_prefill`):
+  its rows hold their prompts' KV from admission, and it rides in the next verification's sweep, the
+  "fused pass". Per streamed layer, once copied: the first micro-batch's qkv, then the chunk's layer
+  (gpu; its KV down on d2h; hidden states through host memory as a stand-alone chunk's), then that
+  micro-batch's FFN (stream order), the buffer freed after both; on a CPU-only profile the chunk's
+  layer after the verification's. No weight copy or disk read of its own (the routed experts copied
+  count its tokens). After the verification's LM head: the chunk's LM head, the draft's prefill of it;
+  then the pass ends and the chunk's sequences join with their first token, drafted in the next round.
+  With nothing live the one chunk is prefilled at once on its own sweep, so a fused batch ramps up a
+  chunk per sweep. A fused pass is a verification in the report (decode time, a slot); `prefill_passes`
+  counts stand-alone sweeps, `fused_passes` the verifications that carried a chunk. Both working sets
+  on the device at once: what the plan does not count is taken for the pass (an overflow names it).
 - Memory (see memory.py): weights and working sets at setup; weight buffers taken by each streamed
   copy and released after the layer's last compute; a prefill chunk's staging while it runs; KV taken
   per token as sequences are admitted and generate, freed when they finish. An overflow stops the run
@@ -71,11 +84,12 @@ from ..strict import SchemaError
 from .accounting import MemoryAccounting
 from .draft_round import DraftRounds
 from .engine import EventLoop, MemoryPool, Overflow, Task
+from .fused_pass import FusedPasses
 from .memory import POOLS, finite_capacity, memory_layout
 from .predict import plan_cost_model, predicted_figures
 from .prefill_pass import PrefillPasses
 from .report import AcceptanceStats, Report, binned_peaks
-from .state import BULK, DRAFT, TARGET, Problem, _Batch, _Pass, _prio
+from .state import BULK, DRAFT, TARGET, Problem, _Batch, _Chunk, _Pass, _prio
 from .trace import ChromeTrace, slice_name
 from .verify_pass import VerifyPasses
 from .weight_stream import WeightStream
@@ -127,6 +141,7 @@ class SimResult:
     wall_seconds: float
     overflow: Overflow | None = None
     schedule_log: tuple[tuple[str, int, int], ...] = ()  # the schedule's steps taken: (op, batch, sequences)
+    fused_log: tuple[tuple[int, int], ...] = ()  # fused passes: (pass, prompts of the chunk it prefilled)
 
     @property
     def ok(self) -> bool:
@@ -157,7 +172,7 @@ class SimResult:
     steady_slot_seconds = steady_step_seconds  # the report's word for a decode step is "slot"
 
 
-class Simulation(VerifyPasses, PrefillPasses, DraftRounds, WeightStream, MemoryAccounting):
+class Simulation(VerifyPasses, PrefillPasses, FusedPasses, DraftRounds, WeightStream, MemoryAccounting):
     """One job's simulation. The task-graph builders live by pass kind (verify_pass.py, prefill_pass.py,
     draft_round.py), the weight stream in weight_stream.py, memory accounting in accounting.py; this
     class holds the state they share, the run and the report."""
@@ -205,6 +220,13 @@ class Simulation(VerifyPasses, PrefillPasses, DraftRounds, WeightStream, MemoryA
                         if a.kind == "staging"]
         self.buffer_bytes = {a.pool: a.nbytes for a in self.layout.static if a.kind == "buffers"}
         self.prefill_queue: list[_Pass] = []  # admitted chunks; the first holds the staging
+        # The fused prefill (fused_pass.py): a chunk admitted while the batch is live waits here for the
+        # next verification's sweep; fused passes counts the verifications that carried one.
+        self.fused = bool(plan.fuse_prefill)
+        self.deferred: _Chunk | None = None
+        self.fused_passes = 0
+        self.fused_log: list[tuple[int, int]] = []
+        self._fused_cache: dict = {}
         self.buffer_taken: dict[tuple[int, int], float] = {}
 
         # Weight stream state.
@@ -381,7 +403,7 @@ class Simulation(VerifyPasses, PrefillPasses, DraftRounds, WeightStream, MemoryA
             decode_tokens_per_s=self.generated / decode if decode > 0 else 0.0,
             slots=slots, slot_seconds=decode / slots if slots else 0.0,
             slot_seconds_median=spans[len(spans) // 2] if spans else 0.0,
-            prefill_passes=len(self.prefill_log),
+            prefill_passes=len(self.prefill_log), fused_passes=self.fused_passes,
             busy_fraction={r: (v / T if T > 0 else 0.0) for r, v in busy.items()},
             peak_mem_bytes={p: self.pools[p].peak for p in POOLS},
             peak_mem_seconds={p: self.pools[p].peak_time for p in POOLS},
@@ -396,7 +418,7 @@ class Simulation(VerifyPasses, PrefillPasses, DraftRounds, WeightStream, MemoryA
             predicted=predicted_figures(cm, self.knobs, self.placement),
             notes=tuple(notes))
         return SimResult(report, tuple(self.problems), self.step_log, self.prefill_log, self.trace,
-                         self.eng.events, wall, self.overflow, tuple(self.schedule_log))
+                         self.eng.events, wall, self.overflow, tuple(self.schedule_log), tuple(self.fused_log))
 
 
 def _fingerprint(obj) -> str:

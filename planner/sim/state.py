@@ -41,7 +41,7 @@ class _Batch:
 
 class _Pass:
     __slots__ = ("index", "kind", "batch", "slots", "tokens", "waiting_weights", "layers_done", "gate",
-                 "n_prompts", "done")
+                 "n_prompts", "done", "chunk")
 
     def __init__(self, index: int, kind: str):
         self.index, self.kind = index, kind
@@ -53,3 +53,14 @@ class _Pass:
         self.gate: Task | None = None
         self.n_prompts = 0
         self.done = False
+        self.chunk: _Chunk | None = None  # a verification's fused prefill chunk (planner/sim/fused_pass.py)
+
+
+class _Chunk:
+    """A refill's chunk of prompts whose prefill waits for the next verification's sweep (a fused plan)."""
+
+    __slots__ = ("batch", "slots", "n_prompts", "extra_bytes")
+
+    def __init__(self, batch: int, slots: np.ndarray):
+        self.batch, self.slots, self.n_prompts = batch, slots, len(slots)
+        self.extra_bytes = 0.0  # device working set taken beyond the plan's while the fused pass runs

@@ -53,6 +53,12 @@ class VerifyPasses:
         p.batch, p.slots = batch.index, live
         k1 = self.k + 1
         p.tokens = float(len(live) * k1)
+        verify_tokens = p.tokens
+        fz = fstate = None
+        chunk = self.deferred
+        if chunk is not None and chunk.batch == batch.index:  # the fused pass (fused_pass.py)
+            self.deferred = None
+            fz, fstate = self._fused_start(p, chunk)
         n, traced, X = p.index, self._traced(p.index), batch.index
         gate = Task("gate", None, None, 0.0, batch=X, pass_index=n)
         for dep in batch.pending:
@@ -84,15 +90,19 @@ class VerifyPasses:
         depend = eng.depend
         prev = {i: gate for i, *_ in mbs}
         base_n = _prio(TARGET, n)
+        chunk_before: list[Task] = []  # CPU-only fused pass: the chunk's previous layer, before this one
         for j in range(self.L):
             release = self._layer_release(p, j)
             attn_users, ffn_users, layer_tasks = [], [], []
+            comps: list[Task] = []
             base = base_n | (min(j, 255) << 8)
             for i, q, io, f in mbs:
                 prio = base | i
                 where = dict(priority=prio, layer=j, micro_batch=i, batch=X, pass_index=n, traced=traced)
                 Q = Task(SPAN_QKV, "gpu", gpu, q, **where)
                 depend(prev[i], Q)
+                for c in chunk_before:
+                    depend(c, Q)
                 layer_tasks.append(Q)
                 last = Q
                 if io is not None:  # host attention: q/k/v down, attention on the CPU pool, output up
@@ -106,23 +116,40 @@ class VerifyPasses:
                     last = U
                 F = Task(SPAN_FFN, "gpu", gpu, f, **where)
                 depend(last, F)
+                if fz is not None and not self.cpu_only and not comps:
+                    # The chunk's layer, issued after the first micro-batch's qkv, before its FFN.
+                    comps = self._fused_layer(fz, p, j, [Q], fstate)
+                    for c in comps:
+                        depend(c, F)
+                    layer_tasks += fstate["tasks"]
                 depend(F, release)
                 layer_tasks.append(F)
                 attn_users.append(Q)
                 ffn_users.append(F)
                 prev[i] = F
+            if fz is not None and self.cpu_only:  # one device: the chunk's layer after the verification's
+                comps = chunk_before = self._fused_layer(fz, p, j, ffn_users, fstate)
+                layer_tasks += fstate["tasks"]
+            for c in comps:
+                depend(c, release)
+            attn_users += comps
+            ffn_users += comps
             self._wire_weights(p, j, attn_users, ffn_users)
             for task in layer_tasks:
                 eng.arm(task)
             eng.arm(release)
         # The LM head, then the runtime's bookkeeping for the pass (verify, roll back, commit: host time).
-        lm = Task(SPAN_LM_HEAD, "gpu", gpu, cm.lm_head_seconds(t, p.tokens) + cm.host_pass_seconds(len(p.slots)),
+        lm = Task(SPAN_LM_HEAD, "gpu", gpu, cm.lm_head_seconds(t, verify_tokens) + cm.host_pass_seconds(len(p.slots)),
                   priority=_prio(TARGET, n, self.L, 0), batch=X, pass_index=n, traced=traced)
         for task in prev.values():
+            eng.depend(task, lm)
+        for task in chunk_before:
             eng.depend(task, lm)
         end = Task("verified", None, None, 0.0, batch=X, pass_index=n,
                    on_done=lambda now, p=p: self._verify_done(p, now))
         eng.depend(lm, end)
+        if fz is not None:  # the chunk's LM head and the draft's prefill of it, then the pass ends
+            self._fused_tail(fz, p, lm, fstate, end)
         eng.arm(lm)
         eng.arm(end)
         eng.arm(gate)
@@ -151,6 +178,8 @@ class VerifyPasses:
             batch.seq[done] = -1
             self.finished += len(done)
             self._kv_free(batch, done)  # the slot's KV is freed at finish, ready for a refill
+        if p.chunk is not None:  # a fused pass: the chunk's sequences join now, to be drafted next round
+            self._fused_join(p, p.chunk)
         start = self.last_end
         self._segment("decode", now)
         self.step_log.append((p.index, p.batch, start, now, n))
