@@ -67,15 +67,18 @@ def cut(ref: list[int], n: int, eos: set[int]) -> list[int]:
     return out
 
 
-@pytest.mark.parametrize("kind", list(DRAFTS))
-def test_fused_outputs_equal_unfused_and_the_targets_greedy(tiny, reference, kind):
-    """Refills happen (10 requests, a batch of 4, chunks of 2, mixed lengths), fused and not."""
+@pytest.mark.parametrize("kind,micro", [("offload-only", 1), ("draft", 1), ("draft", 2), ("eagle", 2)])
+def test_fused_outputs_equal_unfused_and_the_targets_greedy(tiny, reference, kind, micro):
+    """Refills happen (10 requests, a batch of 4, chunks of 2, mixed lengths), fused and not; with two
+    micro-batches the chunk is split as its prefill alone would be."""
     results = {}
     for fuse in (False, True):
-        eng, outs, stats = run(kind, fuse, tiny)
+        eng, outs, stats = run(kind, fuse, tiny, micro=micro)
         for i, n in enumerate(MAX_TOKENS):
             assert outs[str(i)][0] == cut(reference[i], n, eng.eos), (kind, fuse, i)
-        results[fuse] = outs
+        # Drafts depend only on each sequence's context (a feature draft: on the target's states of it, the
+        # chunk's read from the fused pass), so every round accepts as many fused or not.
+        results[fuse] = outs, (stats.acceptance.tried, stats.acceptance.accepted)
         assert stats.fused_passes > 0 if fuse else stats.fused_passes == 0
     assert results[True] == results[False]
 
@@ -117,6 +120,28 @@ def test_fused_steps_defer_refills_into_the_next_verification(tiny):
         toks, reason = outs[str(i)]
         assert len(toks) == n or (reason == "stop" and toks[-1] in eng.eos)
     assert stats.generated_tokens == sum(len(t) for t, _ in outs.values())
+
+
+@pytest.mark.parametrize("kind", ["offload-only", "eagle"])
+def test_a_newcomer_that_ends_at_its_first_token_finishes_after_the_fused_pass(tiny, reference, kind):
+    """Requests of one token in deferred chunks: done at their first token (the chunk's logits), never
+    verified or drafted, their rows free for the next chunk; the rest as unfused."""
+    t_dir, drafts, prompts = tiny
+    lengths = [12, 1, 1, 7, 1, 1, 5, 1, 9, 1]
+    reqs = [Request(str(i), p, n) for i, (p, n) in enumerate(zip(prompts, lengths))]
+    results = {}
+    for fuse in (False, True):
+        eng = Engine(plan_for(kind, fuse), t_dir, drafts.get(kind) if DRAFTS[kind] else None)
+        outs = {}
+        stats = eng.run(reqs, lambda f: outs.__setitem__(f.request.id, f.tokens))
+        for i, n in enumerate(lengths):
+            assert outs[str(i)] == cut(reference[i], n, eng.eos), (fuse, i)
+        assert stats.sequences == len(reqs) and stats.generated_tokens == sum(len(t) for t in outs.values())
+        results[fuse] = (outs, stats)
+    stats = results[True][1]
+    assert stats.fused_passes > 0 and stats.prefill_passes == 1
+    assert stats.acceptance.rounds == results[False][1].acceptance.rounds  # only the long ones are verified
+    assert results[True][0] == results[False][0]
 
 
 def test_a_chunk_admitted_to_a_drained_batch_is_prefilled_at_once(tiny):
