@@ -243,3 +243,59 @@ def test_cuda_fused_outputs_equal_unfused_and_the_targets_greedy(tiny, reference
         assert (stats.fused_passes > 0) == fuse
         results[fuse] = outs
     assert results[True] == results[False]
+
+
+@pytest.mark.parametrize("device_rows", [False, True])
+def test_the_cuda_code_path_on_the_cpu_with_events_faked(tiny, monkeypatch, device_rows):
+    """No GPU here: the CUDA branch of the layer loop (`_attend_cuda`, the chunk launched between the q/k/v
+    copies of the first micro-batch with host rows and the host's wait, prompt keys/values written at the layer's end), run on
+    the CPU with CUDA events, streams and pinning faked, must give the unfused outputs; with device_rows a
+    slot's KV stands in a second ("device") cache, so rows are split between partitions. Every event
+    recorded is waited for."""
+    from specoffload.runtime.engine import target as target_mod
+    from specoffload.runtime.kv_cache import KVCache
+
+    waits = []
+
+    class Event:
+        def record(self, stream=None):
+            waits.append(1)
+
+        def synchronize(self):
+            waits.append(-1)
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: None)
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: self)
+    monkeypatch.setattr(target_mod.Target, "_attend", lambda self, j, slots, q, k, v, n_new, prefill, writes,
+                        spans=True, after_issue=None: self._attend_cuda(j, slots, q, k, v, n_new, prefill, writes,
+                                                                         spans, after_issue))
+    t_dir, drafts, prompts = tiny
+    reqs = [Request(str(i), p, n) for i, (p, n) in enumerate(zip(prompts, MAX_TOKENS))]
+    results, launched = {}, []
+    for fuse in (False, True):
+        eng = Engine(plan_for("draft", fuse, micro=2), t_dir, drafts["draft"])
+        eng.target.streams.cuda = True  # the layer loop's CUDA branch; the streamer keeps its CPU bookkeeping
+        kv = eng.target.kv
+        if device_rows:  # slot 0 "on the device": its own cache, as TargetKV builds one on CUDA
+            args = eng.target.args
+            kv.gpu_slots, kv.host_slots = [0], list(range(1, 4))
+            kv.where = {0: ("dev", 0), **{s: ("host", s - 1) for s in range(1, 4)}}
+            kv.dev = KVCache.for_model(args, 1, eng.max_len)
+            kv.host = KVCache.for_model(args, 3, eng.max_len)
+        attention = eng.target._chunk_attention
+
+        def chunk_attention(*a, _orig=attention):
+            import traceback
+            launched.append(any(f.name == "_attend_cuda" for f in traceback.extract_stack()))
+            return _orig(*a)
+
+        eng.target._chunk_attention = chunk_attention
+        outs = {}
+        stats = eng.run(reqs, lambda f: outs.__setitem__(f.request.id, f.tokens))
+        results[fuse] = outs
+        assert (stats.fused_passes > 0) == fuse
+    assert results[True] == results[False]
+    n_layers = eng.target.args.n_layers
+    assert len(launched) == n_layers * stats.fused_passes and all(launched)  # inside a host attention
+    assert waits.count(1) == waits.count(-1) > 0

@@ -246,8 +246,8 @@ class Target:
 
         `chunk` (the fused pass): (slots, prompts [Bp, Tp] right-padded, n_new) of empty slots, prefilled in
         the same sweep: each layer, once its weights are on the device, runs the rows above and then the
-        chunk's (on CUDA the chunk's device work is launched while the first micro-batch's attention runs on
-        the CPU; a MoE layer's FFN, whose dispatch waits on the device, after the micro-batches). Its
+        chunk's (on CUDA the chunk's device work is launched while the first micro-batch with host rows
+        attends on the CPU; a MoE layer's FFN, whose dispatch waits on the device, after the micro-batches). Its
         keys/values go into its slots as a prefill's, in the micro-batches a prefill of it alone would use.
         Returns (the logits above, the chunk's logits at each prompt's last token [Bp, V]); with keep_hidden,
         `chunk_hidden` holds the chunk's final-norm hidden states as `last_hidden` holds the rows'.
@@ -259,7 +259,7 @@ class Target:
         part = _Part(self, *chunk, prefill=True) if chunk is not None else None
         if part is not None and set(part.slots) & set(slots):
             raise AssertionError("a fused pass's chunk shares slots with the rows it rides with")
-        cuda = dev.type == "cuda"
+        cuda = self.streams.cuda
         tokens_in = main.B * main.T + (part.B * part.T if part is not None else 0)
         few_tokens = tokens_in * a.top_k < a.n_experts if a.is_moe else False
         ahead = [] if few_tokens else None  # experts the copies issued ahead take (none: routed ones on use)
@@ -274,7 +274,10 @@ class Target:
                 todo = [lambda: self._chunk_attention(j, lw, part, o_chunk, writes),
                         lambda: self._chunk_ffn(j, lw, part, o_chunk)]
 
-            def launch_chunk() -> None:  # CUDA: while the first micro-batch attends on the CPU
+            early = [cuda and bool(todo)]  # the chunk is still to be launched inside a host attention
+
+            def launch_chunk() -> None:  # CUDA: while the first micro-batch with host rows attends on the CPU
+                early[0] = False
                 for _ in range(1 if a.is_moe else 2):
                     if todo:
                         todo.pop(0)()
@@ -287,7 +290,7 @@ class Target:
                 if between is not None and i == 0:
                     between(j)
                 o = self._attend(j, main.slots_of(lo, hi), q, k, v, n_new[lo:hi], prefill, writes,
-                                 after_issue=launch_chunk if cuda and todo and i == 0 else None)
+                                 after_issue=launch_chunk if early[0] else None)
                 t0 = time.perf_counter()
                 xs = xs + attn_out(lw.attn, o.to(self.dtype))
                 xs = xs + self._ffn(j, lw, xs)
