@@ -247,11 +247,11 @@ def test_cuda_fused_outputs_equal_unfused_and_the_targets_greedy(tiny, reference
 
 @pytest.mark.parametrize("device_rows", [False, True])
 def test_the_cuda_code_path_on_the_cpu_with_events_faked(tiny, monkeypatch, device_rows):
-    """No GPU here: the CUDA branch of the layer loop (`_attend_cuda`, the chunk launched between the q/k/v
-    copies of the first micro-batch with host rows and the host's wait, prompt keys/values written at the layer's end), run on
-    the CPU with CUDA events, streams and pinning faked, must give the unfused outputs; with device_rows a
-    slot's KV stands in a second ("device") cache, so rows are split between partitions. Every event
-    recorded is waited for."""
+    """No GPU here: the CUDA branch of the layer loop (`_attend_cuda`; the chunk launched between the q/k/v
+    copies of the first micro-batch with host rows and the host's wait; prompt keys/values written at the
+    layer's end), run on the CPU with CUDA events, streams and pinning faked, must give the unfused
+    outputs; with device_rows a slot's KV stands in a second ("device") cache, so rows are split between
+    partitions. Every event recorded is waited for."""
     from specoffload.runtime.engine import target as target_mod
     from specoffload.runtime.kv_cache import KVCache
 
