@@ -52,6 +52,9 @@ SPAN_DRAFT_ATTN_OUT = "draft attn-out"  # h2d: ... and its attention output back
 
 SIM_SPANS = (SPAN_QKV, SPAN_ATTN, SPAN_ATTN_OUT, SPAN_FFN, SPAN_KV, SPAN_WEIGHTS, SPAN_LM_HEAD, SPAN_DRAFT_ATTN,
              SPAN_DRAFT_STEP, SPAN_PREFILL, SPAN_HIDDEN, SPAN_DRAFT_QKV, SPAN_DRAFT_ATTN_OUT)
+# The engine writes "prefill" too, for a fused pass's prompt chunk: its half of each layer per micro-batch
+# ("prefill L3 mb0"; the verification's spans stay qkv/attn/ffn) and its LM head ("prefill").
+ENGINE_SPANS += (SPAN_PREFILL,)
 # What the engine writes for the work one simulator kind stands for (kinds the simulator does not name itself).
 SIM_COVERS = {
     SPAN_PREFILL: (SPAN_QKV, SPAN_ATTN, SPAN_FFN, SPAN_DRAFT_PREFILL),  # a prefill pass: the same layer spans

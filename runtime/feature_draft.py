@@ -525,11 +525,14 @@ class FeatureDraft:
         """The head's own tensors, with the `flat()` of a model's weights (the engine's host-memory count)."""
         return SimpleNamespace(flat=lambda: dict(self.head.w))
 
-    def prefill(self, seqs, prompts: list[list[int]]) -> None:
-        """Feed the prompt's pairs whose next token is known (positions 0..n-2); keep f_{n-1} pending."""
+    def prefill(self, seqs, prompts: list[list[int]], hidden: Tensor | None = None) -> None:
+        """Feed the prompt's pairs whose next token is known (positions 0..n-2); keep f_{n-1} pending.
+        `hidden`: the target's final-norm states of the prompts [B, T, D]; None: the target's last pass's
+        (a fused pass passes its chunk's, `target.chunk_hidden`)."""
         from .engine import padded
 
-        hidden = self.target.last_hidden  # [B, T, D]: the prefill's features
+        if hidden is None:
+            hidden = self.target.last_hidden  # [B, T, D]: the prefill's features
         rows = [s.slot for s in seqs]
         idx = torch.tensor(rows, dtype=torch.long)
         self.kv.reset(rows)

@@ -62,7 +62,9 @@ class Draft:
                              time.perf_counter(), record == "prefill")
         return out
 
-    def prefill(self, seqs: list[Seq], prompts: list[list[int]]) -> None:
+    def prefill(self, seqs: list[Seq], prompts: list[list[int]], hidden: Tensor | None = None) -> None:
+        """The prompts into the draft's KV cache (a pass of its own). `hidden` (the target's states of the
+        prompts, which a feature draft reads) is not used: this draft reads only the tokens."""
         if self.kv is None:
             return
         rows = [s.slot for s in seqs]

@@ -12,7 +12,8 @@ import torch
 from torch import Tensor
 
 from specoffload.planner.acceptance import AcceptanceCounts
-from specoffload.planner.schedule import DRAFT, REFILL, admit_count, draft_step_layers, log_step, schedule_for
+from specoffload.planner.schedule import (DRAFT, REFILL, admit_count, defer_prefill, draft_step_layers, log_step,
+                                          schedule_for)
 from specoffload.planner.schema import Plan
 
 from ..config import load_args
@@ -31,10 +32,11 @@ class EngineStats:
     prefill_tokens: int = 0
     sequences: int = 0  # finished sequences
     slots: int = 0  # verifications of one batch
-    prefill_passes: int = 0  # prefill chunks (weight sweeps for prompts)
+    prefill_passes: int = 0  # prefill chunks on sweeps of their own (weight sweeps for prompts)
+    fused_passes: int = 0  # prefill chunks that rode in a verification's sweep (plan.fuse_prefill)
     slot_times: list[float] = field(default_factory=list)
     slot_windows: list[tuple[float, float]] = field(default_factory=list)  # (start, end), perf_counter clock
-    prefill_seconds: float = 0.0
+    prefill_seconds: float = 0.0  # the prefill sweeps of their own (a fused chunk's time is its verification's)
     decode_seconds: float = 0.0
     acceptance: AcceptanceCounts = field(default_factory=AcceptanceCounts)
     # The disk tier (plan.disk_layers > 0): tensor bytes of disk layers the passes used, and bytes read
@@ -44,7 +46,8 @@ class EngineStats:
 
     @property
     def sweeps(self) -> int:
-        """Weight sweeps: each verification and each prefill chunk runs every layer once."""
+        """Weight sweeps: each verification and each prefill chunk on its own runs every layer once (a fused
+        chunk adds none)."""
         return self.slots + self.prefill_passes
 
     @property
@@ -63,7 +66,8 @@ class Engine:
         num_batches, decode_batch, prefill_batch, policy and workload (max_context_tokens sizes the KV
         cache; max_prompt_len and gen_len_tokens name it in errors); the target reads the placement
         (gpu_attn_layers, gpu_ffn_layers, gpu_kv_sequences, weight_buffers) and micro_batches; the draft
-        reads draft_kv and draft_sub_batch. Nothing else of the plan (its prediction, fingerprints) is used.
+        reads draft_kv and draft_sub_batch. fuse_prefill: refills of a live batch prefill their chunk in the next
+        verification's sweep (`run`). Nothing else of the plan (its prediction, fingerprints) is used.
         synthetic_acceptance: TIMING MODE ONLY. Keep each draft token with this probability whatever
         it is (for random-weight models, which accept nothing); outputs are then not the target's.
         threads: CPU threads for host attention (torch's intra-op pool); None keeps the process's setting
@@ -189,16 +193,23 @@ class Engine:
             n_new = torch.tensor([len(s.req.prompt) for s in chunk])
             tokens = padded([s.req.prompt for s in chunk])
             logits = self.target.forward(slots, tokens, n_new, prefill=True, logits_at="last")
-            first = self._pick(chunk, logits)
-            if self.draft is not None:
-                self.draft.prefill(chunk, [s.req.prompt for s in chunk])
-            self.stats.prefill_tokens += int(n_new.sum())
+            running += self._first_tokens(chunk, logits, n_new, self.target.last_hidden)
             self.stats.prefill_passes += 1
             self.stats.prefill_seconds += time.perf_counter() - t0
-            for s, tok in zip(chunk, first):
-                if self._commit(s, [tok]):
-                    s.pending = [tok]
-                    running.append(s)
+        return running
+
+    def _first_tokens(self, chunk: list[Seq], logits: Tensor, n_new: Tensor, hidden: Tensor | None) -> list[Seq]:
+        """After a chunk's prefill (its last-position logits [B, V], the target's hidden states of its prompts
+        when kept): first tokens, the draft's prefill, the counts; returns the sequences still running."""
+        first = self._pick(chunk, logits)
+        if self.draft is not None:
+            self.draft.prefill(chunk, [s.req.prompt for s in chunk], hidden=hidden)
+        self.stats.prefill_tokens += int(n_new.sum())
+        running = []
+        for s, tok in zip(chunk, first):
+            if self._commit(s, [tok]):
+                s.pending = [tok]
+                running.append(s)
         return running
 
     def _pick(self, seqs: list[Seq], logits: Tensor) -> list[int]:
@@ -226,8 +237,12 @@ class Engine:
         return s.remaining > 0
 
     # -- one verification of a batch ----------------------------------------------------------
-    def _verify(self, seqs: list[Seq], between: Callable[[int], None] | None = None) -> list[Seq]:
-        """Target pass over [last, d1..dk] for each sequence; accept; roll caches back. Returns the unfinished."""
+    def _verify(self, seqs: list[Seq], between: Callable[[int], None] | None = None,
+                chunk: list[Seq] | None = None) -> tuple[list[Seq], list[Seq]]:
+        """Target pass over [last, d1..dk] for each sequence; accept; roll caches back. Returns the unfinished,
+        and of `chunk` (admitted sequences whose prompts ride in this pass's sweep: the fused pass) those
+        still running after their first token (the chunk is prefilled after the verification's layer work,
+        and its first tokens are taken after the verification's tokens are committed)."""
         k = self.k if self.draft is not None else 0
         t_start = time.perf_counter()
         slots = [s.slot for s in seqs]
@@ -236,7 +251,14 @@ class Engine:
         if k:
             tokens = torch.cat((tokens, torch.stack([s.drafted for s in seqs])), dim=1)
         n_new = torch.full((len(seqs),), k + 1, dtype=torch.long)
-        logits = self.target.forward(slots, tokens, n_new, between=between)  # [B, k+1, V]
+        if chunk:
+            c_slots = [s.slot for s in chunk]
+            self.target.kv.reset(c_slots)
+            c_new = torch.tensor([len(s.req.prompt) for s in chunk])
+            part = (c_slots, padded([s.req.prompt for s in chunk]), c_new)
+            logits, c_logits = self.target.forward(slots, tokens, n_new, between=between, chunk=part)
+        else:
+            logits = self.target.forward(slots, tokens, n_new, between=between)  # [B, k+1, V]
         sampling = [s.req.temperature > 0 for s in seqs]
         drafted = tokens[:, 1:]
         best = logits.argmax(-1)  # [B, k+1]: the target's own tokens, scanned once
@@ -270,11 +292,15 @@ class Engine:
             s.drafted, s.draft_probs = None, None
             if self._commit(s, new):
                 running.append(s)
+        joined = []
+        if chunk:
+            joined = self._first_tokens(chunk, c_logits, c_new, self.target.chunk_hidden)
+            self.stats.fused_passes += 1
         self.stats.slots += 1
         t_end = time.perf_counter()
         self.stats.slot_times.append(t_end - t_start)
         self.stats.slot_windows.append((t_start, t_end))
-        return running
+        return running, joined
 
     # -- the schedules --------------------------------------------------------------------------
     @torch.inference_mode()  # no autograd bookkeeping: ~8% per-op overhead on small models
@@ -283,12 +309,19 @@ class Engine:
             more: Callable[[], list[Request]] | None = None) -> EngineStats:
         """Generate every request; on_finish is called once per request, as soon as it is done.
         `more`, if given, is asked for further requests whenever slots are free and the queue is short
-        (a stream of work: the run ends when it has none and every sequence is done)."""
+        (a stream of work: the run ends when it has none and every sequence is done).
+
+        A fused plan (plan.fuse_prefill, one batch): a refill admits at most one prefill chunk; while the
+        batch has live sequences the chunk's prompts wait (their slots taken) and ride in the next
+        verification's sweep, and the sequences that did not end at their first token join the batch
+        when it ends, before the draft round that follows (planner/schedule.py `defer_prefill`)."""
         for r in requests:
             self.check(r)
         queue = deque(requests)
         groups: list[list[Seq]] = [[] for _ in range(self.num_batches)]
         free: list[list[int]] = [list(range(g * self.batch, (g + 1) * self.batch)) for g in range(self.num_batches)]
+        fused = self.plan.fuse_prefill
+        chunks: dict[int, list[Seq]] = {}  # batch -> admitted sequences whose prompts ride in its next verification
 
         def finish(s: Seq) -> None:
             st = s.stops
@@ -312,11 +345,14 @@ class Engine:
 
         def refill(g: int) -> int:
             """Admit queued requests into batch g's free slots, a prefill chunk at a time (the schedule's
-            admission rule); returns how many were admitted."""
+            admission rule); returns how many were admitted. Fused: one chunk, deferred to the next
+            verification while the batch is live (and none while a chunk already waits for it)."""
+            if g in chunks:
+                return 0
             if len(queue) < len(free[g]):
                 take_more()
             want = admit_count(len(free[g]), len(queue), self.plan.prefill_batch, bool(groups[g]),
-                               self.plan.decode_batch)
+                               self.plan.decode_batch, fused=fused)
             if want == 0:
                 return 0
             new = []
@@ -324,6 +360,9 @@ class Engine:
                 req = queue.popleft()
                 seed = zlib.crc32(f"{req.seed}:{req.id}".encode())  # per request: independent of batching
                 new.append(Seq(req, free[g].pop(0), generator=torch.Generator().manual_seed(seed)))
+            if defer_prefill(fused, bool(groups[g])):
+                chunks[g] = new
+                return want
             alive = self._prefill(new)
             for s in new:
                 if s not in alive:
@@ -332,9 +371,10 @@ class Engine:
             return want
 
         def verify(g: int, between: Callable[[int], None] | None = None) -> None:
-            running = self._verify(groups[g], between)
-            done = [s for s in groups[g] if s not in running]
-            groups[g] = running
+            chunk = chunks.pop(g, [])
+            running, joined = self._verify(groups[g], between, chunk)
+            done = [s for s in groups[g] if s not in running] + [s for s in chunk if s not in joined]
+            groups[g] = running + joined
             for s in done:
                 finish(s)
 
@@ -385,6 +425,8 @@ class Engine:
                 verify(g, interleave(pending[others[0]]) if others else None)
                 for b in others:  # what the layers did not absorb
                     drain(b)
+        if chunks:  # the schedule verifies a batch after every refill that deferred a chunk
+            raise AssertionError(f"prompts admitted but never prefilled (batches {sorted(chunks)})")
         self.stats.decode_seconds = time.perf_counter() - t_start - self.stats.prefill_seconds
         if disk is not None:  # this run's share (an engine may run several times)
             self.stats.disk_used_bytes += disk.used_bytes - disk_at_start[0]

@@ -19,6 +19,7 @@ class PassRecord:
     start: float
     end: float
     prefill: bool = False
+    fused: bool = False
 
 
 class Timeline:
@@ -33,9 +34,9 @@ class Timeline:
         self.enabled, self.max_spans = enabled, max_spans
 
     def add_pass(self, model: str, batch: int, query: float, keys: float, start: float, end: float,
-                 prefill: bool = False) -> None:
+                 prefill: bool = False, fused: bool = False) -> None:
         if self.enabled and len(self.passes) < self.max_spans:
-            self.passes.append(PassRecord(model, batch, query, keys, start - self.t0, end - self.t0, prefill))
+            self.passes.append(PassRecord(model, batch, query, keys, start - self.t0, end - self.t0, prefill, fused))
 
     def add(self, track: str, name: str, start: float, end: float) -> None:
         self.busy[track] = self.busy.get(track, 0.0) + (end - start)
