@@ -377,39 +377,45 @@ class CostModel(Durations):
 
     def fused_terms(self, knobs: Knobs) -> StepTerms:
         """A fused pass (Plan.fuse_prefill, planner/schedule.py `defer_prefill`): one verification whose weight
-        sweep also runs a prefill chunk. The runtime splits the chunk's prompts into one piece per micro-batch
-        and runs piece i on the device while micro-batch i attends on the CPU, so the chunk adds its work to
-        each resource (not the sweep: the weights and disk layers are read once) and 1/m of its device time
-        per layer to each dependency chain; the draft's prefill of the chunk runs after the pass, before the
-        draft round (serial)."""
+        sweep also runs a prefill chunk. Beside a GPU the runtime runs the chunk on a stream of its own below
+        the verification's, which never waits for it, so the chunk adds its work to each resource (not the
+        sweep: the weights and disk layers are read once) and nothing to the verification's dependency chains;
+        on a CPU-only machine the device's time is the sum anyway. The draft's prefill of the chunk runs after
+        the pass, before the draft round (serial)."""
         v = self.step_terms(knobs)
         work = self.chunk_work(knobs)
         dp = self.draft_prefill_work(knobs)
         busy = {r: f + work[r] if r in work else f for r, f in v.busy.items()}
         busy["d2h"] = busy["d2h"] + dp["d2h"]
-        m, L = max(1, min(knobs.micro_batches, knobs.decode_batch)), self.t.num_layers
-        piece = work["gpu"].const / max(1, min(m, knobs.prefill_batch))  # one piece, all layers
-        chain = tuple(c + piece for c in v.chain)
-        return StepTerms(busy, chain, v.serial_seconds + dp["gpu"], v.tokens_per_step, v.shared_device,
+        return StepTerms(busy, v.chain, v.serial_seconds + dp["gpu"], v.tokens_per_step, v.shared_device,
                          v.host_seconds, v.serial_overlap)
 
     def prefill_chunks(self, knobs: Knobs) -> int:
         return math.ceil(self.w.num_prompts / knobs.prefill_batch)
 
     # --- memory --------------------------------------------------------------------------------
+    def working_sets(self, knobs: Knobs) -> tuple[float, float]:
+        """(decode, prefill) device working sets in bytes: a verification's activations per micro-batch and
+        its logits, and a prefill chunk's activations per micro-chunk, per-layer KV and last-position logits.
+        One pass at a time holds the larger; a fused pass holds both (`memory_terms`)."""
+        t, act = self.t, self.act_bytes
+        # FFN intermediates: experts run one at a time, each on its share of the routed tokens.
+        ffn_width = (t.experts_per_token / t.num_experts if t.num_experts else 1) * t.intermediate_size
+        per_token_ws = act * (4 * t.hidden_size + t.q_dim + 2 * t.kv_dim + 2 * ffn_width)
+        decode_tokens = knobs.decode_batch * (knobs.draft_len + 1)
+        decode_ws = decode_tokens / knobs.micro_batches * per_token_ws + decode_tokens * t.vocab_size * LOGIT_BYTES
+        _, micro = self.prefill_split(knobs)
+        prefill_ws = (micro * per_token_ws + micro * t.kv_bytes_per_token_per_layer
+                      + knobs.prefill_batch * t.vocab_size * LOGIT_BYTES)
+        return decode_ws, prefill_ws
+
     def memory_terms(self, knobs: Knobs) -> dict[str, Linear]:
         """Peak bytes per tier as linear forms; capacities in `capacities()`."""
         t, d, b, k = self.t, self.d, knobs.decode_batch, knobs.draft_len
         L, nb = t.num_layers, knobs.num_batches
         act = self.act_bytes
-        # FFN intermediates: experts run one at a time, each on its share of the routed tokens.
-        ffn_width = (t.experts_per_token / t.num_experts if t.num_experts else 1) * t.intermediate_size
-        per_token_ws = act * (4 * t.hidden_size + t.q_dim + 2 * t.kv_dim + 2 * ffn_width)
-        decode_tokens = b * (k + 1)
-        decode_ws = decode_tokens / knobs.micro_batches * per_token_ws + decode_tokens * t.vocab_size * LOGIT_BYTES
+        decode_ws, prefill_ws = self.working_sets(knobs)
         n_micro, micro = self.prefill_split(knobs)
-        prefill_ws = (micro * per_token_ws + micro * t.kv_bytes_per_token_per_layer
-                      + knobs.prefill_batch * t.vocab_size * LOGIT_BYTES)
         # Hidden states of a chunk split into micro-chunks wait in pinned host memory (in and out).
         prefill_host = 2 * n_micro * micro * t.hidden_size * act if n_micro > 1 else 0.0
         kv_seq = self.ctx_max * t.kv_bytes_per_token  # one sequence at full length, all layers
@@ -483,17 +489,22 @@ class CostModel(Durations):
 
         - Each sequence holds its row one verification more than its rounds: the pass that prefills it.
         - A refill takes one chunk: rows wait for a whole chunk as in `_decode_steps` (speculation; offload-only
-          rows free a chunk at a time), and the batch runs on at most the rows one chunk per verification
-          keeps busy (bp x the rows' verifications per sequence).
+          rows free a chunk at a time, and the b % bp rows no whole chunk fits stay empty), and the batch runs
+          on at most the rows one chunk per verification keeps busy (bp x the rows' verifications per sequence).
         - The batch ramps up a chunk per verification from one chunk prefilled on its own, so the first
-          wave's rows start (chunks - 1) / 2 verifications late on average."""
+          wave's rows start up to chunks - 1 verifications late. Offload-only rows keep that lag to the end
+          (every sequence takes the same steps, and the last chunk's rows finish last); with speculation the
+          rounds' spread mixes the rows' finishing order, and the mean lag, (chunks - 1) / 2, is what stays."""
         n = self.w.num_prompts
         stats = self.rounds(k).shifted(1)
-        chunk = min(bp, refill_rows(b)) if k else 1
-        waiting = (chunk - 1) / 2 if n > b else 0.0
+        if k:
+            chunk = min(bp, refill_rows(b))
+            waiting = (chunk - 1) / 2 if n > b else 0.0
+        else:  # rows free a chunk at a time: the b % bp rows no whole chunk fits stay empty
+            waiting = float(b % bp) if n > b and bp <= refill_rows(b) else 0.0
         rows = max(1, round(min(b - waiting, bp * stats.mean_rounds)))
         first = math.ceil(min(b, n) / max(1, bp))
-        span = stats.makespan(n, rows) + (first - 1) / 2
+        span = stats.makespan(n, rows) + (first - 1) / (2 if k else 1)
         fluid = n * stats.mean_rounds / b
         return span, max(0.0, span - fluid)
 

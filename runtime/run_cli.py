@@ -481,7 +481,7 @@ def measured_report(plan: Plan, engine, stats, wall: float, sim, notes: list[str
         decode_tokens_per_s=tokens / decode,  # as the cost model and simulator define it
         slots=stats.slots, slot_seconds=decode / stats.slots if stats.slots else 0.0,
         slot_seconds_median=slot_times[len(slot_times) // 2] if slot_times else 0.0,
-        prefill_passes=stats.prefill_passes,
+        prefill_passes=stats.prefill_passes, fused_passes=stats.fused_passes,
         busy_fraction={r: v / wall for r, v in busy.items()},
         peak_mem_bytes=peak, capacity_bytes=caps or {"gpu": 0.0, "pinned": 0.0, "host": 0.0},
         acceptance=AcceptanceStats(plan.draft_len, rounds, acc.mean_tokens_per_round, useful,

@@ -3,6 +3,7 @@ sweep. Outputs are those of the unfused engine (and the target's own greedy ones
 planner/schedule.py's rule, and a fused forward computes exactly what two separate forwards compute."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import pytest
@@ -264,8 +265,24 @@ def test_the_cuda_code_path_on_the_cpu_with_events_faked(tiny, monkeypatch, devi
         def synchronize(self):
             waits.append(-1)
 
+    class Stream:  # orders work: here, where everything runs in line, only counted
+        def wait_stream(self, other):
+            waits.append(0)
+
+        def record_event(self):  # waited for by the copy stream (the weight buffer's next copy), not the host
+            waits.append(2)
+            return Event()
+
+    streams_entered = []
+
+    @contextlib.contextmanager
+    def stream(s):
+        streams_entered.append(s)
+        yield
+
     monkeypatch.setattr(torch.cuda, "Event", Event)
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: Stream())
+    monkeypatch.setattr(torch.cuda, "stream", stream)
     monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: self)
     monkeypatch.setattr(target_mod.Target, "_attend", lambda self, j, slots, q, k, v, n_new, prefill, writes,
                         spans=True, after_issue=None: self._attend_cuda(j, slots, q, k, v, n_new, prefill, writes,
@@ -276,6 +293,7 @@ def test_the_cuda_code_path_on_the_cpu_with_events_faked(tiny, monkeypatch, devi
     for fuse in (False, True):
         eng = Engine(plan_for("draft", fuse, micro=2), t_dir, drafts["draft"])
         eng.target.streams.cuda = True  # the layer loop's CUDA branch; the streamer keeps its CPU bookkeeping
+        eng.target.streams.chunk = Stream()  # the chunk's own stream
         kv = eng.target.kv
         if device_rows:  # slot 0 "on the device": its own cache, as TargetKV builds one on CUDA
             args = eng.target.args
@@ -299,3 +317,7 @@ def test_the_cuda_code_path_on_the_cpu_with_events_faked(tiny, monkeypatch, devi
     n_layers = eng.target.args.n_layers
     assert len(launched) == n_layers * stats.fused_passes and all(launched)  # inside a host attention
     assert waits.count(1) == waits.count(-1) > 0
+    # Every chunk stage ran inside the chunk stream's context, one launch and the rest per layer.
+    assert streams_entered and all(isinstance(x, Stream) for x in streams_entered)
+    assert len(streams_entered) == 2 * n_layers * stats.fused_passes
+    assert waits.count(2) == n_layers * stats.fused_passes  # each layer's buffer also waits for the chunk

@@ -8,10 +8,12 @@ Methods of `Simulation`; `VerifyPasses._verify_pass` calls them while it builds 
 - The pass (`_fused_layer`, `_fused_tail`): per streamed layer j, once its weights are on the device, the
   chunk's layer-j work (qkv, the prompt attention, o-proj/router/FFN on the gpu; its KV down on d2h;
   with micro-chunks the hidden states back from host memory on h2d, in up to `prefill_groups` groups as
-  a stand-alone chunk has them). On a GPU it is issued after the first micro-batch's qkv and before
-  that micro-batch's FFN (CUDA stream order: the FFN waits for it; it runs while the micro-batch's
-  attention runs on the CPU). On a CPU-only machine everything is one device: the chunk's layer after
-  the verification's, and the verification's next layer after the chunk's. The layer's buffer is
+  a stand-alone chunk has them). On a GPU it runs on a stream of its own (the runtime's chunk stream),
+  launched once the first micro-batch's qkv is issued, after the chunk's previous layer, at a lower
+  priority than the verification's work, which never waits for it: the chunk fills the GPU time the
+  verification leaves idle (while it attends on the CPU, while weights stream in), preemptible every
+  CHUNK_QUANTUM. On a CPU-only machine everything is one device: the chunk's layer after the
+  verification's, and the verification's next layer after the chunk's. The layer's buffer is
   released after both. No weight copy or disk read of its own; the routed experts the stream copies
   count the chunk's tokens too. Durations: `CostModel.prefill_terms` for a chunk of this size,
   split into the target's per-layer part, its LM head over the chunk's last positions, and the draft's
@@ -36,6 +38,9 @@ from ..trace_names import SPAN_DRAFT_PREFILL, SPAN_HIDDEN, SPAN_KV, SPAN_LM_HEAD
 from .engine import Task
 from .memory import fused_extra_bytes
 from .state import BULK, TARGET, _Batch, _Chunk, _Pass, _prio
+
+
+CHUNK_QUANTUM = 1e-3  # seconds: how soon a verification's kernel gets the GPU from a running chunk's kernels
 
 
 @dataclass(frozen=True)
@@ -115,7 +120,11 @@ class FusedPasses:
         eng, n, traced = self.eng, p.index, self._traced(p.index)
         prev_gpu, prev_out = state["gpu"], state["out"]
         tasks, comps = [], []
-        prio = _prio(TARGET, n, j, 0)
+        # Beside a GPU the chunk runs on a stream of its own below the verification (preemptible at
+        # CHUNK_QUANTUM: a GPU serves the higher-priority stream's blocks as the running kernel's retire); on a
+        # CPU-only machine it is the device's work in line with the verification's.
+        prio = _prio(TARGET, n, j, 0) if self.cpu_only else _prio(BULK, n, j, 0)
+        quantum = 0.0 if self.cpu_only else CHUNK_QUANTUM
         for g in range(fz.groups):
             first = None
             if fz.hidden_in > 0:
@@ -123,8 +132,8 @@ class FusedPasses:
                              layer=j, micro_batch=g, pass_index=n, traced=traced)
                 eng.depend(prev_out[g], first)
                 tasks.append(first)
-            comp = Task(SPAN_PREFILL, "gpu", self.gpu, fz.gpu, priority=prio, layer=j, micro_batch=g,
-                        pass_index=n, traced=traced)
+            comp = Task(SPAN_PREFILL, "gpu", self.gpu, fz.gpu, priority=prio, quantum=quantum, layer=j,
+                        micro_batch=g, pass_index=n, traced=traced)
             eng.depend(first if first is not None else prev_gpu[g], comp)
             for a in after:
                 eng.depend(a, comp)

@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-from ..costmodel import CPU_ONLY_PLACEMENT, LOGIT_BYTES, CostModel, Knobs
+from ..costmodel import CPU_ONLY_PLACEMENT, CostModel, Knobs
 from ..schema import Plan
 
 POOLS = ("gpu", "pinned", "host")
@@ -138,20 +138,9 @@ def finite_capacity(capacity: float) -> float:
 
 
 def working_sets(cm: CostModel, knobs: Knobs, chunk: int | None = None) -> tuple[float, float]:
-    """(decode, prefill) device working sets in bytes, as `CostModel.memory_terms` sizes them: a
-    verification's activations and logits per micro-batch, and a prefill chunk's (of `chunk` prompts,
-    default the plan's prefill batch) activations, per-layer KV and last-position logits. The cost model
-    holds the larger of the two (one pass at a time); a fused pass holds both."""
-    t = cm.t
-    act = cm.act_bytes
-    ffn_width = (t.experts_per_token / t.num_experts if t.num_experts else 1) * t.intermediate_size
-    per_token = act * (4 * t.hidden_size + t.q_dim + 2 * t.kv_dim + 2 * ffn_width)
-    tokens = knobs.decode_batch * (knobs.draft_len + 1)
-    decode = tokens / knobs.micro_batches * per_token + tokens * t.vocab_size * LOGIT_BYTES
-    bp = knobs.prefill_batch if chunk is None else max(1, chunk)
-    _, micro = cm.prefill_split(replace(knobs, prefill_batch=bp))
-    prefill = micro * per_token + micro * t.kv_bytes_per_token_per_layer + bp * t.vocab_size * LOGIT_BYTES
-    return decode, prefill
+    """(decode, prefill) device working sets in bytes (`CostModel.working_sets`), the prefill one for a chunk of
+    `chunk` prompts (default the plan's prefill batch)."""
+    return cm.working_sets(knobs if chunk is None else replace(knobs, prefill_batch=max(1, chunk)))
 
 
 def fused_extra_bytes(cm: CostModel, knobs: Knobs, placement: dict[str, float], chunk: int) -> float:

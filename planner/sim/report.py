@@ -129,6 +129,7 @@ FIGURES = (
     ("slots", "verifications (slots)", 1.0, ""),
     ("slot_seconds", "slot time (mean)", 1.0, "s"),
     ("prefill_passes", "prefill chunks", 1.0, ""),
+    ("fused_passes", "fused passes", 1.0, ""),
     ("acceptance.tokens_per_round", "tokens per round", 1.0, ""),
     ("busy_fraction.gpu", "busy gpu", 1.0, ""),
     ("busy_fraction.cpu", "busy cpu attention", 1.0, ""),
@@ -153,6 +154,7 @@ def figures(report: Report) -> dict[str, float]:
         "slots": float(report.slots),
         "slot_seconds": report.slot_seconds,
         "prefill_passes": float(report.prefill_passes),
+        "fused_passes": float(report.fused_passes),
         "acceptance.tokens_per_round": report.acceptance.tokens_per_round,
         "bound_fraction": report.bound_fraction,
     }

@@ -20,6 +20,8 @@ class Streams:
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
         self.copy = torch.cuda.Stream(device) if self.cuda else None  # host -> device weights
+        # A fused pass's prompt chunk (target.py): beside the verification, which never waits for it.
+        self.chunk = torch.cuda.Stream(device) if self.cuda else None
 
     def event(self) -> "torch.cuda.Event | None":
         if not self.cuda:
@@ -151,8 +153,8 @@ class LayerStreamer:
         want = range(len(lw.experts)) if experts is None else experts
         start = time.perf_counter()
         with torch.cuda.stream(self.streams.copy):
-            if b in self.free_event:
-                self.streams.copy.wait_event(self.free_event.pop(b))
+            for ev in self.free_event.pop(b, ()):
+                self.streams.copy.wait_event(ev)
             out = {"attn": lw.attn, "ffn": lw.ffn, "experts": list(lw.experts)}
             if not self.attn_res[j]:
                 for k, t in lw.attn.items():
@@ -226,19 +228,21 @@ class LayerStreamer:
         for j in list(self.buffer_of):
             self.release(j)
 
-    def _free_buffer(self, j: int) -> None:
+    def _free_buffer(self, j: int, after: tuple = ()) -> None:
         b = self.buffer_of.pop(j)
         self.ready.pop(j, None)
         self.pending.pop(j, None)
         ev = self.streams.event()
         if ev is not None:
-            self.free_event[b] = ev
+            self.free_event[b] = (ev, *after)
         self.free.append(b)
 
-    def release(self, j: int) -> None:
+    def release(self, j: int, after: tuple = ()) -> None:
+        """Layer j's compute is issued; its buffer takes a next copy once the compute stream, and the events
+        in `after` (other streams' work on the layer: a fused pass's chunk), are past it."""
         if not self.streamed(j) or j not in self.buffer_of:
             return
-        self._free_buffer(j)
+        self._free_buffer(j, after)
         if j in self.disk_src:  # the staging buffer is reusable once its copies to the GPU are done
             self.disk_src.pop(j)
             done = self.disk_done.pop(j, None)

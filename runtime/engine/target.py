@@ -246,8 +246,8 @@ class Target:
 
         `chunk` (the fused pass): (slots, prompts [Bp, Tp] right-padded, n_new) of empty slots, prefilled in
         the same sweep: each layer, once its weights are on the device, runs the rows above and then the
-        chunk's (on CUDA the chunk's device work is launched while the first micro-batch with host rows
-        attends on the CPU; a MoE layer's FFN, whose dispatch waits on the device, after the micro-batches). Its
+        chunk's (on CUDA on the chunk stream, launched while the first micro-batch with host rows attends on
+        the CPU; a MoE layer's FFN, whose dispatch waits on the device, after the micro-batches). Its
         keys/values go into its slots as a prefill's, in the micro-batches a prefill of it alone would use.
         Returns (the logits above, the chunk's logits at each prompt's last token [Bp, V]); with keep_hidden,
         `chunk_hidden` holds the chunk's final-norm hidden states as `last_hidden` holds the rows'.
@@ -260,6 +260,10 @@ class Target:
         if part is not None and set(part.slots) & set(slots):
             raise AssertionError("a fused pass's chunk shares slots with the rows it rides with")
         cuda = self.streams.cuda
+        # CUDA: the chunk's device work runs on a stream of its own, so the verification's kernels (on the
+        # compute stream) never queue behind it; the two meet at each layer's weight buffer (released after
+        # both) and before the LM heads.
+        side = self.streams.chunk if (cuda and part is not None) else None
         tokens_in = main.B * main.T + (part.B * part.T if part is not None else 0)
         few_tokens = tokens_in * a.top_k < a.n_experts if a.is_moe else False
         ahead = [] if few_tokens else None  # experts the copies issued ahead take (none: routed ones on use)
@@ -274,13 +278,15 @@ class Target:
                 todo = [lambda: self._chunk_attention(j, lw, part, o_chunk, writes),
                         lambda: self._chunk_ffn(j, lw, part, o_chunk)]
 
-            early = [cuda and bool(todo)]  # the chunk is still to be launched inside a host attention
+            early = [side is not None and bool(todo)]  # the chunk is still to be launched inside a host attention
 
             def launch_chunk() -> None:  # CUDA: while the first micro-batch with host rows attends on the CPU
                 early[0] = False
-                for _ in range(1 if a.is_moe else 2):
-                    if todo:
-                        todo.pop(0)()
+                side.wait_stream(torch.cuda.current_stream())  # the layer's weights, the chunk's inputs
+                with torch.cuda.stream(side):
+                    for _ in range(1 if a.is_moe else 2):
+                        if todo:
+                            todo.pop(0)()
 
             for i, lo, hi in main.micro():
                 xs = main.rows(lo, hi)
@@ -296,14 +302,24 @@ class Target:
                 xs = xs + self._ffn(j, lw, xs)
                 main.put(lo, hi, xs)
                 self.tl.add(TRACK_GPU, f"{SPAN_FFN} L{j} mb{i}", t0, time.perf_counter())
-            while todo:  # the CPU (and rows that did not attend on the host): after the micro-batches
+            after: tuple = ()
+            if side is not None and part is not None:  # the rest of the chunk's layer, on its stream
+                if early[0]:  # no micro-batch attended on the host: launched here
+                    side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    while todo:
+                        todo.pop(0)()
+                    after = (side.record_event(),)
+            while todo:  # the CPU: after the micro-batches
                 todo.pop(0)()
             self._finish_writes(writes)
-            self.streamer.release(j)
+            self.streamer.release(j, after)
             lw = None  # nothing holds layer j's weights now (a disk layer's converted copy can be reused)
             # The freed buffer takes the next streamed layer: past the last layers, the next pass's first
             # ones (a verification of the other batch, or a prefill), copied while a serial draft round runs.
             self.streamer.fill(ahead)
+        if side is not None:
+            torch.cuda.current_stream().wait_stream(side)  # the chunk's last layer, before its LM head
         self._on_device = {}
         self.kv.advance(slots, n_new.tolist())
         if part is not None:
