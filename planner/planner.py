@@ -278,17 +278,37 @@ class Planner:
         mem = self.cm.memory_terms(knobs)
         if not self._memory_possible(knobs, box, mem):
             return math.inf
-        terms = self.cm.step_terms(knobs)
-        gpu_mem = mem["gpu"]
         floor = self._disk_floor(mem, box)
         if not math.isfinite(floor):
             return math.inf
+        slot = self._step_lb(self.cm.step_terms(knobs), mem["gpu"], box, floor)
+        return self.steps_lb(knobs) * slot + self.prefill_lb(knobs)
+
+    def _step_lb(self, terms, gpu_mem: Linear, box, floor: float) -> float:
+        """Optimistic seconds of one step (a verification, or a fused pass) over the placements in `box`."""
         bounds = terms.bounds()
         resources = {r: f for r, f in bounds.items() if not r.startswith("chain")}
-        slot = max([self._resource_lb(resources, False, gpu_mem, box, floor)]
+        return max([self._resource_lb(resources, False, gpu_mem, box, floor)]
                    + [self._fixed(f, box).minimum() for r, f in bounds.items() if r.startswith("chain")]
                    ) + terms.serial_total
-        return self.steps_lb(knobs) * slot + self.prefill_lb(knobs)
+
+    def fused_job_lb(self, knobs: Knobs) -> float:
+        """Optimistic job seconds of fused knobs at their own prefill batch: its plain verifications, its fused
+        passes and its stand-alone chunks, each at its best placement (tighter than `lower_bound`, which
+        holds for every prefill batch)."""
+        cm = self.cm
+        box = self._placement_box(knobs)
+        mem = cm.memory_terms(knobs)
+        if not self._memory_possible(knobs, box, mem):
+            return math.inf
+        floor = self._disk_floor(mem, box)
+        if not math.isfinite(floor):
+            return math.inf
+        slots, _ = cm.decode_steps(knobs)
+        n_f = cm.fused_passes(knobs)
+        plain = self._step_lb(cm.step_terms(knobs), mem["gpu"], box, floor)
+        fused = self._step_lb(cm.fused_terms(knobs), mem["gpu"], box, floor)
+        return (slots - n_f) * plain + n_f * fused + cm.standalone_chunks(knobs) * self.prefill_seconds_lb(knobs)
 
     def steps_lb(self, knobs: Knobs) -> float:
         """Verifications of these decode knobs at least, whatever the prefill batch (fused plans: each
@@ -525,6 +545,8 @@ class Planner:
                         best_total * (1 - OPTIMALITY_GAP):
                     continue
                 if not self._memory_possible(k2, self._placement_box(k2)):
+                    continue
+                if k2.fuse_prefill and self.fused_job_lb(k2) >= best_total * (1 - OPTIMALITY_GAP):
                     continue
                 try:
                     cand = self.solve_placement(k2)
