@@ -377,18 +377,35 @@ class CostModel(Durations):
 
     def fused_terms(self, knobs: Knobs) -> StepTerms:
         """A fused pass (Plan.fuse_prefill, planner/schedule.py `defer_prefill`): one verification whose weight
-        sweep also runs a prefill chunk. Beside a GPU the runtime runs the chunk on a stream of its own below
-        the verification's, which never waits for it, so the chunk adds its work to each resource (not the
-        sweep: the weights and disk layers are read once) and nothing to the verification's dependency chains;
-        on a CPU-only machine the device's time is the sum anyway. The draft's prefill of the chunk runs after
-        the pass, before the draft round (serial)."""
+        sweep also runs a prefill chunk. Beside a GPU the runtime runs the chunk's layer on a stream of its own,
+        beside the verification's layer and before its next one, so the chunk adds its work to each resource
+        (not the sweep: the weights and disk layers are read once), the verification's chains stay, and one
+        more bound counts the weight buffers' coupling layer by layer (`_fused_layer_bound`); on a CPU-only
+        machine the device's time is the sum anyway. The draft's prefill of the chunk runs after the pass,
+        before the draft round (serial)."""
         v = self.step_terms(knobs)
         work = self.chunk_work(knobs)
         dp = self.draft_prefill_work(knobs)
         busy = {r: f + work[r] if r in work else f for r, f in v.busy.items()}
         busy["d2h"] = busy["d2h"] + dp["d2h"]
-        return StepTerms(busy, v.chain, v.serial_seconds + dp["gpu"], v.tokens_per_step, v.shared_device,
+        chain = v.chain
+        if not self.cpu_only and knobs.weight_buffers > 0:
+            chain = chain + (self._fused_layer_bound(knobs, busy["gpu"]),)
+        return StepTerms(busy, chain, v.serial_seconds + dp["gpu"], v.tokens_per_step, v.shared_device,
                          v.host_seconds, v.serial_overlap)
+
+    def _fused_layer_bound(self, knobs: Knobs, gpu: Linear) -> Linear:
+        """A fused pass, layer by layer: a layer's buffer frees only when its GPU work (the verification's and
+        the chunk's) is done, and with a few buffers the copies run at most that far ahead, so each layer takes
+        about the longer of its copy and its GPU work: the sweep is the sum over layers of that maximum, not the
+        larger of the two sums (which `busy` bounds). Written linear in the placement: a layer whose FFN
+        streams takes max(its FFN copy, the GPU work per layer), one whose FFN is resident the GPU work; the
+        attention's copy is left out (a lower bound)."""
+        t, L = self.t, self.t.num_layers
+        tokens = knobs.decode_batch * (knobs.draft_len + 1) + knobs.prefill_batch * self.w.prompt_len_tokens
+        copy = self.h2d_seconds(self.ffn_streamed_bytes(tokens))
+        per_layer = gpu.const / L
+        return Linear.of(L * max(copy, per_layer), ffn_gpu=L * (per_layer - max(copy, per_layer)))
 
     def prefill_chunks(self, knobs: Knobs) -> int:
         return math.ceil(self.w.num_prompts / knobs.prefill_batch)
@@ -500,8 +517,9 @@ class CostModel(Durations):
         if k:
             chunk = min(bp, refill_rows(b))
             waiting = (chunk - 1) / 2 if n > b else 0.0
-        else:  # rows free a chunk at a time: the b % bp rows no whole chunk fits stay empty
-            waiting = float(b % bp) if n > b and bp <= refill_rows(b) else 0.0
+        else:  # rows free a chunk at a time: the b % bp rows left over stay empty unless enough for a refill
+            rest = b % bp
+            waiting = float(rest) if n > b and rest < refill_rows(b) else 0.0
         rows = max(1, round(min(b - waiting, bp * stats.mean_rounds)))
         first = math.ceil(min(b, n) / max(1, bp))
         span = stats.makespan(n, rows) + (first - 1) / (2 if k else 1)

@@ -52,7 +52,11 @@ def test_a_fused_pass_adds_the_chunks_work_but_not_a_second_sweep(knobs):
     # The weights stream once: the fused pass's h2d is far below a verification's plus a stand-alone chunk's.
     assert f.busy["h2d"].at(AT) < v.busy["h2d"].at(AT) + 0.5 * cm.prefill_terms(knobs)["h2d"].at(AT)
     assert f.serial_seconds == pytest.approx(v.serial_seconds + dp["gpu"])
-    assert [c.at(AT) for c in f.chain] == [c.at(AT) for c in v.chain]
+    # The verification's chains, and one more: layer by layer the longer of a layer's FFN copy and its GPU work.
+    assert [c.at(AT) for c in f.chain[:-1]] == [c.at(AT) for c in v.chain] and len(f.chain) == len(v.chain) + 1
+    layers = f.chain[-1]
+    assert layers.at(AT) >= max(f.busy["gpu"].at(AT), v.busy["h2d"].at(AT) - 0.1 * v.busy["h2d"].at(AT)) * 0.99
+    assert layers.at({**AT, "ffn_gpu": 1.0}) == pytest.approx(f.busy["gpu"].const)
     fused_s, plain_s = cm.step_seconds(f, AT)[0], cm.step_seconds(v, AT)[0]
     assert plain_s < fused_s
 

@@ -269,6 +269,9 @@ def test_the_cuda_code_path_on_the_cpu_with_events_faked(tiny, monkeypatch, devi
         def wait_stream(self, other):
             waits.append(0)
 
+        def wait_event(self, ev):  # the compute stream waits for the chunk's previous layer
+            waits.append(3)
+
         def record_event(self):  # waited for by the copy stream (the weight buffer's next copy), not the host
             waits.append(2)
             return Event()
@@ -321,3 +324,4 @@ def test_the_cuda_code_path_on_the_cpu_with_events_faked(tiny, monkeypatch, devi
     assert streams_entered and all(isinstance(x, Stream) for x in streams_entered)
     assert len(streams_entered) == 2 * n_layers * stats.fused_passes
     assert waits.count(2) == n_layers * stats.fused_passes  # each layer's buffer also waits for the chunk
+    assert waits.count(3) == (n_layers - 1) * stats.fused_passes  # ... and so does the next layer

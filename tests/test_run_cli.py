@@ -175,3 +175,27 @@ def test_plan_the_simulator_rejects_is_refused_unless_forced(tmp_path):
 def test_run_help_shows_an_example():
     proc = cli("--help")
     assert "example:" in proc.stdout and "specoffload-run plan.yaml" in proc.stdout
+
+
+def test_a_fused_plan_runs_end_to_end_and_writes_what_the_unfused_one_does(tmp_path):
+    """specoffload-plan --fuse-prefill on (a batch smaller than the job, so refills ride in verifications),
+    then specoffload-run: the same outputs as the unfused plan's run (greedy and seeded sampling), and the
+    report counts the fused passes next to the plan's prediction of them."""
+    prompts = write_prompts(tmp_path / "in.jsonl")
+    outs = {}
+    for fuse in ("on", "off"):
+        d = tmp_path / fuse
+        d.mkdir()
+        plan = make_plan(d, "--policy", "serial-spec", "--batch", "4", "--fuse-prefill", fuse)
+        assert Plan.load(plan).fuse_prefill == (fuse == "on")
+        out, rep = d / "out.jsonl", d / "report.yaml"
+        assert run_main([str(plan), "--prompts", str(prompts), "--output", str(out), "--report", str(rep),
+                         "--quiet"]) == 0
+        outs[fuse] = {x["id"]: x["text"] for x in lines(out)}
+        report = Report.load(rep)
+        if fuse == "on":
+            assert report.fused_passes > 0 and report.prefill_passes == 1
+            assert report.predicted["fused_passes"] > 0
+        else:
+            assert report.fused_passes == 0 and report.prefill_passes > 1
+    assert len(outs["on"]) == 12 and outs["on"] == outs["off"]

@@ -9,10 +9,11 @@ Methods of `Simulation`; `VerifyPasses._verify_pass` calls them while it builds 
   chunk's layer-j work (qkv, the prompt attention, o-proj/router/FFN on the gpu; its KV down on d2h;
   with micro-chunks the hidden states back from host memory on h2d, in up to `prefill_groups` groups as
   a stand-alone chunk has them). On a GPU it runs on a stream of its own (the runtime's chunk stream),
-  launched once the first micro-batch's qkv is issued, after the chunk's previous layer, at a lower
-  priority than the verification's work, which never waits for it: the chunk fills the GPU time the
-  verification leaves idle (while it attends on the CPU, while weights stream in), preemptible every
-  CHUNK_QUANTUM. On a CPU-only machine everything is one device: the chunk's layer after the
+  launched once the first micro-batch's qkv is issued, after the chunk's previous layer, beside the
+  verification's layer j (whose FFN does not wait for it; the two share the GPU, preemptible every
+  CHUNK_QUANTUM) and ahead of the verification's layer j + 1 (same priority as layer j's work): it fills the
+  GPU time the verification leaves idle while it attends on the CPU, and the layer's weight buffer, freed
+  after both, is not held while the next layer runs (with two buffers that would stall the copies). On a CPU-only machine everything is one device: the chunk's layer after the
   verification's, and the verification's next layer after the chunk's. The layer's buffer is
   released after both. No weight copy or disk read of its own; the routed experts the stream copies
   count the chunk's tokens too. Durations: `CostModel.prefill_terms` for a chunk of this size,
@@ -120,10 +121,11 @@ class FusedPasses:
         eng, n, traced = self.eng, p.index, self._traced(p.index)
         prev_gpu, prev_out = state["gpu"], state["out"]
         tasks, comps = [], []
-        # Beside a GPU the chunk runs on a stream of its own below the verification (preemptible at
-        # CHUNK_QUANTUM: a GPU serves the higher-priority stream's blocks as the running kernel's retire); on a
-        # CPU-only machine it is the device's work in line with the verification's.
-        prio = _prio(TARGET, n, j, 0) if self.cpu_only else _prio(BULK, n, j, 0)
+        # Beside a GPU the chunk runs on a stream of its own, beside the verification's layer j (sharing the
+        # GPU: preemptible at CHUNK_QUANTUM) and before its layer j + 1 (the runtime's compute stream waits for
+        # the chunk's layer before the next one): its priority is layer j's. On a CPU-only machine it is the
+        # device's work in line with the verification's.
+        prio = _prio(TARGET, n, j, 0)
         quantum = 0.0 if self.cpu_only else CHUNK_QUANTUM
         for g in range(fz.groups):
             first = None

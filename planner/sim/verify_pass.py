@@ -117,8 +117,8 @@ class VerifyPasses:
                 F = Task(SPAN_FFN, "gpu", gpu, f, **where)
                 depend(last, F)
                 if fz is not None and not self.cpu_only and not comps:
-                    # The chunk's layer, launched on its own stream once the first micro-batch's qkv is issued;
-                    # it runs below the verification's work (fused_pass.py), which does not wait for it.
+                    # The chunk's layer, launched on its own stream once the first micro-batch's qkv is issued:
+                    # beside this layer's work (whose FFN does not wait for it), before the next layer's.
                     comps = self._fused_layer(fz, p, j, [Q], fstate)
                     layer_tasks += fstate["tasks"]
                 depend(F, release)
@@ -127,8 +127,9 @@ class VerifyPasses:
                 ffn_users.append(F)
                 prev[i] = F
             if fz is not None and self.cpu_only:  # one device: the chunk's layer after the verification's
-                comps = chunk_before = self._fused_layer(fz, p, j, ffn_users, fstate)
+                comps = self._fused_layer(fz, p, j, ffn_users, fstate)
                 layer_tasks += fstate["tasks"]
+            chunk_before = comps  # the next layer's work waits for the chunk's (the runtime's stream wait)
             for c in comps:
                 depend(c, release)
             attn_users += comps

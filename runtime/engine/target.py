@@ -260,17 +260,20 @@ class Target:
         if part is not None and set(part.slots) & set(slots):
             raise AssertionError("a fused pass's chunk shares slots with the rows it rides with")
         cuda = self.streams.cuda
-        # CUDA: the chunk's device work runs on a stream of its own, so the verification's kernels (on the
-        # compute stream) never queue behind it; the two meet at each layer's weight buffer (released after
-        # both) and before the LM heads.
+        # CUDA: the chunk's device work runs on a stream of its own, beside the verification's layer (whose
+        # kernels do not queue behind it); the compute stream waits for the chunk's layer before the next
+        # layer, each layer's weight buffer is released after both, and both meet before the LM heads.
         side = self.streams.chunk if (cuda and part is not None) else None
         tokens_in = main.B * main.T + (part.B * part.T if part is not None else 0)
         few_tokens = tokens_in * a.top_k < a.n_experts if a.is_moe else False
         ahead = [] if few_tokens else None  # experts the copies issued ahead take (none: routed ones on use)
         self.streamer.fill(ahead)  # every free weight buffer takes the next streamed layer, in sweep order
+        chunk_done: tuple = ()  # CUDA: the chunk's previous layer, which this layer's work waits for
         for j in range(a.n_layers):
             lw = self.streamer.get(j, ahead)
             self.streamer.fill(ahead)
+            for ev in chunk_done:  # so the chunk never holds a weight buffer while the next layer runs
+                torch.cuda.current_stream().wait_event(ev)
             writes: list = []  # prompt keys/values on their way to the host cache
             todo: list[Callable[[], None]] = []  # the chunk's stages of this layer still to run
             if part is not None:
@@ -309,7 +312,7 @@ class Target:
                 with torch.cuda.stream(side):
                     while todo:
                         todo.pop(0)()
-                    after = (side.record_event(),)
+                    after = chunk_done = (side.record_event(),)
             while todo:  # the CPU: after the micro-batches
                 todo.pop(0)()
             self._finish_writes(writes)
