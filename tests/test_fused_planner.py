@@ -169,3 +169,17 @@ def test_the_closed_form_agrees_with_the_simulation(draft):
     assert rep.fused_passes == round(p.prediction.fused_passes) and rep.prefill_passes == 1
     assert rep.total_seconds == pytest.approx(p.prediction.total_seconds, rel=0.03)
     assert rep.slots == pytest.approx(p.prediction.slots, rel=0.03)
+
+
+def test_offload_only_fused_steps_are_counted_exactly():
+    """Offload-only, every sequence 127 verifications after its prefill: 4096 prompts through 1024 rows in chunks
+    of 64 take 4 waves of 128 steps (127 rounds and the pass that prefills the row), plus the ramp's lag: the
+    last of the first 16 chunks starts 15 verifications late. The simulator counts the same."""
+    from specoffload.planner.sim.scenario import plan_at
+
+    work = Workload(prompt_len_tokens=512, gen_len_tokens=128, num_prompts=4096, acceptance=0.7)
+    cm = CostModel(GPU, MIXTRAL, None, work)
+    knobs = Knobs("offload-only", 1024, 64, 0, 2, "gpu", 1, 2, True)
+    assert cm.decode_steps(knobs)[0] == 4 * 128 + 15
+    rep = simulate(plan_at(GPU, MIXTRAL, None, work, knobs, AT), GPU).report
+    assert rep.slots == 4 * 128 + 15 and rep.fused_passes == 4096 // 64 - 1 and rep.prefill_passes == 1

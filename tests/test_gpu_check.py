@@ -45,8 +45,10 @@ def setup(gc, tmp_path_factory):
 def test_every_policy_plans_on_the_h200_24g_preset(setup):
     plans, said, _ = setup
     assert not said, said  # nothing was refused
-    assert set(plans) == {"specoffload", "offload-only", "serial-spec", "interleaved"}
+    assert set(plans) == {"specoffload", "offload-only", "serial-spec", "interleaved", "offload-only-fused"}
     assert plans["serial-spec"].policy == "serial-spec" and plans["interleaved"].policy == "interleaved"
+    fused = plans["offload-only-fused"]  # refills ride in verifications: the batch is a quarter of the job
+    assert fused.fuse_prefill and fused.decode_batch == 64 and fused.prediction.fused_passes > 0
 
 
 def test_offload_only_streams_every_layer(setup):

@@ -4,7 +4,9 @@ offload-only plan and against a Mistral-7B draft, on each spec-sheet hardware pr
 Predictions on spec-sheet figures (no measurement): every policy planned at its best knobs, end-to-end
 tokens/s (prefill included), 20000 prompts, 128 generated tokens, the acceptance given (per position).
 The eagle plan and the best offload-only plan are also simulated event by event (planner/sim, the
-same cost model; acceptance drawn per sequence, seed 0): "planned / simulated" in each cell.
+same cost model; acceptance drawn per sequence, seed 0): "planned / simulated" in each cell. Every
+policy may fuse its refill chunks into verifications (`--fuse-prefill auto`): "(fused)" and "prefill
+fused" mark the plans that do.
 
     python tools/bench_eagle.py [--acceptance 0.7] [--prompt-lens 77,512] [--num-prompts 20000] [--no-simulate]
 """
@@ -27,6 +29,11 @@ def best(profile, target, draft, w, policy):
     except PlanInfeasible:
         return None
     return r.plan
+
+
+def fused(plan) -> str:
+    """', prefill fused (bp N)' for a plan whose refill chunks ride in verifications, else ''."""
+    return f", prefill fused (bp {plan.prefill_batch})" if plan.fuse_prefill else ""
 
 
 def simulated(plan, prof) -> float:
@@ -69,8 +76,10 @@ def main(argv=None) -> int:
             ratio = tp(spec_e) / tp(off) if off and spec_e else float("nan")
             how = (f"{spec_e.policy}, b={spec_e.decode_batch}x{spec_e.num_batches}, k={spec_e.draft_len}, "
                    f"draft KV {spec_e.draft_kv}" + (f", {spec_e.disk_layers} layers on disk" if spec_e.disk_layers
-                                                     else "")) if spec_e else "infeasible"
+                                                     else "") + fused(spec_e)) if spec_e else "infeasible"
             off_cell, e_cell, gain = f"{tp(off):.0f}", f"{tp(spec_e):.0f}", f"{ratio:.2f}x"
+            if off is not None and off.fuse_prefill:
+                off_cell += " (fused)"
             if sim:
                 s_off, s_e = simulated(off, prof), simulated(spec_e, prof)
                 off_cell += f" / {s_off:.0f}"

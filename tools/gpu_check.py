@@ -142,6 +142,14 @@ def plans_for(profile, target, draft, work, say, eagle=None) -> dict:
             plan = plan_at(profile, target, None, work, knobs_from_plan(plan), placement,
                            notes=("offload-only with every layer streamed (gpu_check)",))
         plans[policy] = plan
+    # The fused prefill on the device (the chunk on its own CUDA stream): offload-only with a batch of a quarter
+    # of the job, so refill chunks ride in verifications.
+    try:
+        plan = make_plan(profile, target, None, work, policy="offload-only",
+                         fixed={"fuse_prefill": True, "decode_batch": max(1, work.num_prompts // 4)}).plan
+        plans["offload-only-fused"] = plan
+    except PlanInfeasible as exc:
+        say(f"offload-only-fused: no plan fits: {exc}")
     if eagle is not None:  # the best speculative plan: the head must run even where speculation would not pay
         best = None
         for policy in ("serial-spec", "interleaved"):
