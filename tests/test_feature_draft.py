@@ -188,6 +188,21 @@ def test_greedy_with_random_head_equals_target_greedy(tmp_path, targets, family,
     assert stats.sequences == len(PROMPTS)
 
 
+@pytest.mark.parametrize("family", ["llama", "mistral", "mixtral"])
+@pytest.mark.parametrize("draft_kv", ["gpu", "host"])
+def test_fused_prefill_with_random_head_equals_target_greedy(tmp_path, targets, family, draft_kv):
+    """The fused prefill (refill chunks in verifications; the head prefills each chunk from the chunk's own
+    hidden states) on random targets with a random head: the rejection path, 5 prompts through 2 rows in
+    chunks of 1, so every refill after the first is fused."""
+    head = write_random_head(tmp_path / "h", load_args(targets[family]), "eagle", seed=7)
+    n = 12
+    ref = target_greedy(targets[family], PROMPTS, n)
+    plan = make_plan("serial-spec", 2, 3, draft_kv, prefill=1, gen=n).replace(fuse_prefill=True)
+    eng, outs, stats = run(plan, targets[family], head, PROMPTS, n)
+    assert outs == ref
+    assert stats.sequences == len(PROMPTS) and stats.fused_passes >= 2 and stats.prefill_passes <= 2
+
+
 @pytest.fixture(scope="module")
 def tiny():
     target, _ = tiny_pair_paths()
