@@ -85,6 +85,12 @@ def grid_search(planner: Planner, policies: tuple[str, ...] = POLICIES, disk: bo
                            **({"disk": pre["disk"]} if "disk" in pre else {})}
                 chunk = np.max(np.stack(list(pre.values())), axis=0)
                 total = slots * slot + cm.prefill_chunks(kb) * chunk
+                if kb.fuse_prefill:  # chunks that ride in verifications: fused passes instead of sweeps of their own
+                    fused_terms = cm.fused_terms(kb)
+                    fused = np.max(np.stack([_eval(f, grid) for f in fused_terms.bounds().values()]), axis=0)
+                    n_f = cm.fused_passes(kb)
+                    total = ((slots - n_f) * slot + n_f * (fused + fused_terms.serial_total)
+                             + cm.standalone_chunks(kb) * chunk)
                 total = np.where(mem_ok, total, np.inf)
                 i = int(np.argmin(total))
                 if best is None or total[i] < best.total_seconds:

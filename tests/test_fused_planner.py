@@ -183,3 +183,18 @@ def test_offload_only_fused_steps_are_counted_exactly():
     assert cm.decode_steps(knobs)[0] == 4 * 128 + 15
     rep = simulate(plan_at(GPU, MIXTRAL, None, work, knobs, AT), GPU).report
     assert rep.slots == 4 * 128 + 15 and rep.fused_passes == 4096 // 64 - 1 and rep.prefill_passes == 1
+
+
+def test_the_planner_matches_the_exhaustive_grid_search_with_fused_plans():
+    """The grid search prices fused knobs as the planner does (fused passes, stand-alone chunks): on a job where
+    fusing wins, both pick a fused plan and agree within the planner's optimality gap."""
+    from specoffload.planner.gridsearch import grid_search
+    from specoffload.planner.planner import OPTIMALITY_GAP, Planner
+
+    work = Workload(prompt_len_tokens=512, gen_len_tokens=128, num_prompts=2000, acceptance=0.7)
+    fixed = {"decode_batch": 1024, "micro_batches": 8, "draft_len": 4, "draft_kv": "gpu"}
+    planned = Planner(GPU, MIXTRAL, EAGLE, work, fixed=fixed).plan("serial-spec").plan
+    grid = grid_search(Planner(GPU, MIXTRAL, EAGLE, work, fixed=fixed), policies=("serial-spec",))
+    assert planned.fuse_prefill and grid.knobs.fuse_prefill
+    got = planned.prediction.throughput_tokens_per_s
+    assert grid.throughput * (1 - OPTIMALITY_GAP) <= got <= grid.throughput * 1.05
