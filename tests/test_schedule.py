@@ -108,17 +108,20 @@ CASES = [  # policy, batch, k, prefill batch, prompts, generated tokens, accepta
     ("interleaved", 3, 1, 2, 4, 4, 0.0),
     ("serial-spec", 3, 2, 2, 7, 6, 0.0),
     ("offload-only", 2, 0, 1, 5, 3, 0.0),
+    ("serial-spec fused", 3, 2, 1, 7, 6, 1.0),  # fused prefill: refill chunks ride in verifications
+    ("offload-only fused", 2, 0, 1, 5, 3, 0.0),
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=[f"{c[0]}-b{c[1]}-k{c[2]}-n{c[4]}" for c in CASES])
+@pytest.mark.parametrize("case", CASES, ids=[f"{c[0].replace(' ', '-')}-b{c[1]}-k{c[2]}-n{c[4]}" for c in CASES])
 def test_engine_and_simulator_take_the_same_steps(case, one_torch_thread):
     from specoffload.planner.sim import simulate
     from specoffload.runtime.engine import Engine, Request
     from specoffload.runtime.tiny_pair import tiny_pair_paths
 
     policy, batch, k, prefill, n, gen, acc = case
-    plan = make_plan(policy, batch, k, prefill, n, gen, acc)
+    policy, fused = policy.split()[0], policy.endswith(" fused")
+    plan = make_plan(policy, batch, k, prefill, n, gen, acc).replace(fuse_prefill=fused)
     sim = simulate(plan, "cpu-2core")
     assert sim.ok, sim.problems
     target, draft = tiny_pair_paths()
@@ -133,8 +136,12 @@ def test_engine_and_simulator_take_the_same_steps(case, one_torch_thread):
     assert {g for op, g, _ in steps if op == VERIFY} == set(range(plan.num_batches))
     assert sum(m for op, _, m in steps if op == REFILL) == n
     assert (DRAFT in {op for op, *_ in steps}) == bool(k)
+    if fused:  # chunks rode in verifications: one sweep of its own at the start, the engine and simulator agree
+        assert eng.stats.fused_passes > 0 and eng.stats.prefill_passes == 1
+        assert eng.stats.fused_passes == sim.report.fused_passes
     # ... and a different plan's steps differ (the comparison can fail).
-    other = simulate(dataclasses.replace(plan, decode_batch=batch + 1), "cpu-2core")
+    other = simulate(dataclasses.replace(plan, **({"prefill_batch": prefill + 1} if fused else
+                                                  {"decode_batch": batch + 1})), "cpu-2core")
     assert other.schedule_log != steps
 
 

@@ -103,8 +103,8 @@ MUTATIONS: tuple[Mutation, ...] = (
       "    total, alive = 0.0, 1.0\n", ("tests/test_planner.py", "-k", "expected_tokens"),
       "the target's own token is not counted in a round"),
     # --- planner ----------------------------------------------------------------------------------
-    M("lp-drops-serial-part", "planner/planner.py", "objective_const=slots * terms.serial_total)",
-      "objective_const=0.0)", ("tests/test_planner.py", "-k", "closed_form or by_hand or worked_out"),
+    M("lp-drops-serial-part", "planner/planner.py", "const = (slots - fused_n) * terms.serial_total",
+      "const = 0.0", ("tests/test_planner.py", "-k", "closed_form or by_hand or worked_out"),
       "the LP's objective leaves out the serial part of a slot"),
     M("lp-ignores-memory", "planner/planner.py", "            if math.isfinite(self.caps[tier]):\n                at_most(",
       "            if False:\n                at_most(", ("tests/test_planner.py", "-k", "lp_matches_closed_form"),
