@@ -401,7 +401,7 @@ class CostModel(Durations):
         larger of the two sums (which `busy` bounds). Written linear in the placement: a layer whose FFN
         streams takes max(its FFN copy, the GPU work per layer), one whose FFN is resident the GPU work; the
         attention's copy is left out (a lower bound)."""
-        t, L = self.t, self.t.num_layers
+        L = self.t.num_layers
         tokens = knobs.decode_batch * (knobs.draft_len + 1) + knobs.prefill_batch * self.w.prompt_len_tokens
         copy = self.h2d_seconds(self.ffn_streamed_bytes(tokens))
         per_layer = gpu.const / L
