@@ -160,18 +160,15 @@ class FusedPasses:
             eng.depend(g, head)
         last = head
         tail = [head]
-        if fz.draft_gpu > 0:
-            draft = Task(SPAN_DRAFT_PREFILL, "gpu", self.gpu, fz.draft_gpu, priority=_prio(TARGET, n, self.L, 2),
-                         pass_index=n, traced=traced)
-            eng.depend(last, draft)
-            tail.append(draft)
-            last = draft
-        if fz.draft_d2h > 0:
-            down = Task(SPAN_KV, "d2h", self.d2h, fz.draft_d2h, priority=_prio(BULK, n, self.L, 0),
-                        pass_index=n, traced=traced)
-            eng.depend(last, down)
-            tail.append(down)
-            last = down
+        # The draft's prefill of the chunk, then its KV down to the host (draft KV on the host), in order.
+        for kind, resource, pool, seconds, prio in (
+                (SPAN_DRAFT_PREFILL, "gpu", self.gpu, fz.draft_gpu, _prio(TARGET, n, self.L, 2)),
+                (SPAN_KV, "d2h", self.d2h, fz.draft_d2h, _prio(BULK, n, self.L, 0))):
+            if seconds > 0:
+                task = Task(kind, resource, pool, seconds, priority=prio, pass_index=n, traced=traced)
+                eng.depend(last, task)
+                tail.append(task)
+                last = task
         eng.depend(last, end)
         for out in state["outs"]:
             eng.depend(out, end)

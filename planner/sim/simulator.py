@@ -51,10 +51,11 @@ Model (what the runtime is expected to do; durations all come from the CostModel
 - The fused prefill (`Plan.fuse_prefill`, one batch; fused_pass.py): a refill admits at most one chunk,
   and while the batch has live sequences the chunk gets no sweep of its own (`schedule.defer_prefill`):
   its rows hold their prompts' KV from admission, and it rides in the next verification's sweep, the
-  "fused pass". Per streamed layer, once copied: the first micro-batch's qkv, then the chunk's layer
-  (gpu; its KV down on d2h; hidden states through host memory as a stand-alone chunk's), then that
-  micro-batch's FFN (stream order), the buffer freed after both; on a CPU-only profile the chunk's
-  layer after the verification's. No weight copy or disk read of its own (the routed experts copied
+  "fused pass". Per streamed layer, once copied: after the first micro-batch's qkv, the chunk's layer
+  (gpu; its KV down on d2h; hidden states through host memory as a stand-alone chunk's) beside the
+  verification's layer, whose FFN does not wait for it, and before the next layer's work (the runtime's
+  chunk stream), the buffer freed after both; on a CPU-only profile the chunk's layer after the
+  verification's. No weight copy or disk read of its own (the routed experts copied
   count its tokens). After the verification's LM head: the chunk's LM head, the draft's prefill of it;
   then the pass ends and the chunk's sequences join with their first token, drafted in the next round.
   With nothing live the one chunk is prefilled at once on its own sweep, so a fused batch ramps up a
