@@ -272,15 +272,22 @@ class Planner:
             return fits_without or fits_with
         return all(f.minimum() <= cap * (1 + 1e-9) for f, cap in checks)
 
-    def lower_bound(self, knobs: Knobs) -> float:
-        """Optimistic job seconds for these decode knobs over every placement and prefill batch."""
+    def _bound_setup(self, knobs: Knobs) -> tuple[dict, dict[str, Linear], float] | None:
+        """(placement box, memory terms, least disk fraction) for bounding these knobs; None where no
+        placement fits (memory, or more disk than the box allows)."""
         box = self._placement_box(knobs)
         mem = self.cm.memory_terms(knobs)
         if not self._memory_possible(knobs, box, mem):
-            return math.inf
+            return None
         floor = self._disk_floor(mem, box)
-        if not math.isfinite(floor):
+        return (box, mem, floor) if math.isfinite(floor) else None
+
+    def lower_bound(self, knobs: Knobs) -> float:
+        """Optimistic job seconds for these decode knobs over every placement and prefill batch."""
+        setup = self._bound_setup(knobs)
+        if setup is None:
             return math.inf
+        box, mem, floor = setup
         slot = self._step_lb(self.cm.step_terms(knobs), mem["gpu"], box, floor)
         return self.steps_lb(knobs) * slot + self.prefill_lb(knobs)
 
@@ -297,13 +304,10 @@ class Planner:
         passes and its stand-alone chunks, each at its best placement (tighter than `lower_bound`, which
         holds for every prefill batch)."""
         cm = self.cm
-        box = self._placement_box(knobs)
-        mem = cm.memory_terms(knobs)
-        if not self._memory_possible(knobs, box, mem):
+        setup = self._bound_setup(knobs)
+        if setup is None:
             return math.inf
-        floor = self._disk_floor(mem, box)
-        if not math.isfinite(floor):
-            return math.inf
+        box, mem, floor = setup
         slots, _ = cm.decode_steps(knobs)
         n_f = cm.fused_passes(knobs)
         plain = self._step_lb(cm.step_terms(knobs), mem["gpu"], box, floor)
@@ -322,19 +326,14 @@ class Planner:
                knobs.micro_batches, knobs.draft_sub_batch, knobs.prefill_batch, knobs.draft_len, knobs.fuse_prefill)
         if key in self._prefill_cache:
             return self._prefill_cache[key]
-        box = self._placement_box(knobs)
-        mem = self.cm.memory_terms(knobs)
-        if not self._memory_possible(knobs, box, mem):
-            self._prefill_cache[key] = math.inf
-            return math.inf
-        terms = self.cm.prefill_terms(knobs)
-        gpu_mem = mem["gpu"]
-        floor = self._disk_floor(mem, box)
-        # A fused plan prefills one chunk on a sweep of its own at least; the others ride in verifications,
-        # which take at least a plain verification's time (steps_lb counts those).
-        chunks = 1 if knobs.fuse_prefill else self.cm.prefill_chunks(knobs)
-        value = (chunks * self._resource_lb(terms, self.cm.cpu_only, gpu_mem, box, floor)
-                 if math.isfinite(floor) else math.inf)
+        setup = self._bound_setup(knobs)
+        value = math.inf
+        if setup is not None:
+            box, mem, floor = setup
+            # A fused plan prefills one chunk on a sweep of its own at least; the others ride in verifications,
+            # which take at least a plain verification's time (steps_lb counts those).
+            chunks = 1 if knobs.fuse_prefill else self.cm.prefill_chunks(knobs)
+            value = chunks * self._resource_lb(self.cm.prefill_terms(knobs), self.cm.cpu_only, mem["gpu"], box, floor)
         self._prefill_cache[key] = value
         return value
 
