@@ -16,7 +16,7 @@ from specoffload.runtime.generate import generate
 from specoffload.runtime.model import Transformer
 from specoffload.runtime.tiny_pair import tiny_eagle_path, tiny_pair_paths, tiny_pair_tokenizer
 
-from test_engine import TEXTS, make_plan  # tests/ is on sys.path (pytest rootdir-relative imports)
+from test_engine import TEXTS, expected, make_plan  # tests/ is on sys.path (pytest rootdir-relative imports)
 
 # Mixed lengths: a few long requests keep the batch live while short ones free rows for the next chunks.
 MAX_TOKENS = [20, 5, 9, 3, 14, 6, 11, 4, 8, 12]
@@ -59,15 +59,6 @@ def run(kind: str, fuse: bool, tiny, temperature: float = 0.0, trace: bool = Fal
     return eng, outs, stats
 
 
-def cut(ref: list[int], n: int, eos: set[int]) -> list[int]:
-    out = []
-    for t in ref[:n]:
-        out.append(t)
-        if t in eos:
-            break
-    return out
-
-
 @pytest.mark.parametrize("kind,micro", [("offload-only", 1), ("draft", 1), ("draft", 2), ("eagle", 2)])
 def test_fused_outputs_equal_unfused_and_the_targets_greedy(tiny, reference, kind, micro):
     """Refills happen (10 requests, a batch of 4, chunks of 2, mixed lengths), fused and not; with two
@@ -76,7 +67,7 @@ def test_fused_outputs_equal_unfused_and_the_targets_greedy(tiny, reference, kin
     for fuse in (False, True):
         eng, outs, stats = run(kind, fuse, tiny, micro=micro)
         for i, n in enumerate(MAX_TOKENS):
-            assert outs[str(i)][0] == cut(reference[i], n, eng.eos), (kind, fuse, i)
+            assert outs[str(i)][0] == expected(reference[i], n, eng.eos), (kind, fuse, i)
         # Drafts depend only on each sequence's context (a feature draft: on the target's states of it, the
         # chunk's read from the fused pass), so every round accepts as many fused or not.
         results[fuse] = outs, (stats.acceptance.tried, stats.acceptance.accepted)
@@ -136,7 +127,7 @@ def test_a_newcomer_that_ends_at_its_first_token_finishes_after_the_fused_pass(t
         outs = {}
         stats = eng.run(reqs, lambda f: outs.__setitem__(f.request.id, f.tokens))
         for i, n in enumerate(lengths):
-            assert outs[str(i)] == cut(reference[i], n, eng.eos), (fuse, i)
+            assert outs[str(i)] == expected(reference[i], n, eng.eos), (fuse, i)
         assert stats.sequences == len(reqs) and stats.generated_tokens == sum(len(t) for t in outs.values())
         results[fuse] = (outs, stats)
     stats = results[True][1]
@@ -240,7 +231,7 @@ def test_cuda_fused_outputs_equal_unfused_and_the_targets_greedy(tiny, reference
         outs = {}
         stats = eng.run(reqs, lambda f: outs.__setitem__(f.request.id, f.tokens))
         for i, n in enumerate(MAX_TOKENS):
-            assert outs[str(i)] == cut(reference[i], n, eng.eos), (fuse, i)
+            assert outs[str(i)] == expected(reference[i], n, eng.eos), (fuse, i)
         assert (stats.fused_passes > 0) == fuse
         results[fuse] = outs
     assert results[True] == results[False]

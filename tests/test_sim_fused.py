@@ -36,23 +36,25 @@ def room(plan, profile=GPU_PROFILE):
     return profile.with_overrides({"gpu_mem_bytes": profile.gpu_mem_bytes + extra}, source="test"), extra
 
 
-@pytest.fixture(scope="module")
-def spec_runs():
-    """Mixtral + EAGLE head, serial-spec, host KV, 1024 prompts through a batch of 384: the batch never drains."""
-    work = Workload(prompt_len_tokens=512, gen_len_tokens=48, num_prompts=1024, acceptance=0.7)
-    knobs = Knobs("serial-spec", 384, BP, 4, 4, "gpu", 1, 2)
-    plan = plan_at(GPU_PROFILE, MIXTRAL, EAGLE, work, knobs, {"attn_gpu": 0.0, "ffn_gpu": 0.0, "kv_gpu": 0.0})
+def runs(draft, gen: int, prompts: int, knobs: Knobs):
+    """A 512-token job of `prompts` prompts -> `gen` tokens at these knobs, every layer streamed: (plan, profile
+    with room for the fused pass, that room, the unfused simulation, the fused one)."""
+    work = Workload(prompt_len_tokens=512, gen_len_tokens=gen, num_prompts=prompts, acceptance=0.7)
+    plan = plan_at(GPU_PROFILE, MIXTRAL, draft, work, knobs, {"attn_gpu": 0.0, "ffn_gpu": 0.0, "kv_gpu": 0.0})
     prof, extra = room(plan)
     return plan, prof, extra, simulate(plan, prof), simulate(fused(plan), prof)
 
 
 @pytest.fixture(scope="module")
+def spec_runs():
+    """Mixtral + EAGLE head, serial-spec, host KV, 1024 prompts through a batch of 384: the batch never drains."""
+    return runs(EAGLE, 48, 1024, Knobs("serial-spec", 384, BP, 4, 4, "gpu", 1, 2))
+
+
+@pytest.fixture(scope="module")
 def offload_runs():
-    work = Workload(prompt_len_tokens=512, gen_len_tokens=24, num_prompts=768, acceptance=0.7)
-    knobs = Knobs("offload-only", 256, BP, 0, 2, "gpu", 1, 2)
-    plan = plan_at(GPU_PROFILE, MIXTRAL, None, work, knobs, {"attn_gpu": 0.0, "ffn_gpu": 0.0, "kv_gpu": 0.0})
-    prof, _ = room(plan)
-    return plan, prof, simulate(plan, prof), simulate(fused(plan), prof)
+    plan, prof, _, plain, fz = runs(None, 24, 768, Knobs("offload-only", 256, BP, 0, 2, "gpu", 1, 2))
+    return plan, prof, plain, fz
 
 
 def refills(res):
