@@ -57,6 +57,7 @@ class _FusedFigures:
     lm_head: float  # the target's LM head over the chunk's last positions
     draft_gpu: float  # the draft's prefill of the chunk
     draft_d2h: float  # its KV down to the host (draft KV on the host)
+    extra_bytes: float  # device working set beyond what the plan counts (memory.fused_extra_bytes)
 
 
 class FusedPasses:
@@ -96,7 +97,8 @@ class FusedPasses:
             in_quantum=cm.h2d_seconds(chunk) if i_dur > cm.h2d_seconds(chunk) else 0.0,
             lm_head=lm,
             draft_gpu=max(0.0, spec["gpu"].at(at) - gpu_target),
-            draft_d2h=max(0.0, spec["d2h"].at(at) - base["d2h"].at(at)))
+            draft_d2h=max(0.0, spec["d2h"].at(at) - base["d2h"].at(at)),
+            extra_bytes=fused_extra_bytes(cm, self.knobs, self.placement, n))
         self._fused_cache[n] = got
         return got
 
@@ -106,13 +108,12 @@ class FusedPasses:
         p.chunk = chunk
         p.tokens += float(chunk.n_prompts * self.P)  # the routed experts the sweep copies count them too
         self._staging(chunk, True)
-        extra = fused_extra_bytes(self.cm, self.knobs, self.placement, chunk.n_prompts)
-        if extra > 0:
-            chunk.extra_bytes = extra
-            self._alloc("host" if self.cpu_only else "gpu", extra,
+        fz = self._fused_figures(chunk.n_prompts)
+        if fz.extra_bytes > 0:
+            chunk.extra_bytes = fz.extra_bytes
+            self._alloc("host" if self.cpu_only else "gpu", fz.extra_bytes,
                         f"fused pass working set: a prefill chunk of {chunk.n_prompts} prompts beside the "
                         f"verification (the plan holds the larger of the two only)")
-        fz = self._fused_figures(chunk.n_prompts)
         return fz, {"gpu": [None] * fz.groups, "out": [None] * fz.groups, "outs": [], "tasks": []}
 
     def _fused_layer(self, fz: _FusedFigures, p: _Pass, j: int, after: list[Task], state: dict) -> list[Task]:
